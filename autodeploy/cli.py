@@ -1,0 +1,121 @@
+"""The `autodeploy` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AutoDeployError
+
+DEMO_PROMPT = "What is the capital of France?"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--recipe", default=None, help="built-in recipe name or YAML path (default: default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted recipe overrides, e.g. transforms.match_rope.enabled=false model.dtype=bfloat16")
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+
+
+def _split_overrides(args) -> None:
+    """argparse puts a lone `key=value` in `model`; move it where it belongs."""
+    if args.model is not None and "=" in args.model:
+        args.overrides.insert(0, args.model)
+        args.model = None
+
+
+def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(text)["input_ids"]
+
+
+def _print_table(reports) -> None:
+    rows = [("transform", "stage", "matched", "nodes", "seconds")]
+    for r in reports:
+        matched = ", ".join(f"{k}={v}" for k, v in r.matched.items()) or ("-" if r.enabled else "disabled")
+        nodes = f"{r.nodes_before}->{r.nodes_after}" if r.enabled else ""
+        rows.append((r.name, r.stage, matched, nodes, f"{r.seconds:.2f}" if r.enabled else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+    for r in reports:
+        for w in r.warnings:
+            print(f"  warning: {w}")
+
+
+def cmd_optimize(args) -> int:
+    from .agreement import compare, load_hf_reference
+    from .loading import load_tokenizer
+    from .optimizer import optimize_model
+
+    _split_overrides(args)
+    opt = optimize_model(args.model, args.recipe, args.overrides, progress=not args.no_progress)
+    print(f"autodeploy optimize {opt.source.name}  ({opt.device}, {str(opt.ctx.dtype).removeprefix('torch.')})")
+    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in opt.seconds.items()))
+    _print_table(opt.reports)
+
+    report = {
+        "model": opt.source.name,
+        "transforms": [{"name": r.name, "enabled": r.enabled, "seconds": r.seconds, "matched": r.matched,
+                        "warnings": r.warnings} for r in opt.reports],
+        "check": None,
+    }
+    if opt.source.weight_files and args.max_tokens > 0:
+        tokenizer = load_tokenizer(opt.source)
+        prompt_ids = _chat_prompt_ids(tokenizer, args.prompt)
+        agreement = compare(opt, load_hf_reference(opt), prompt_ids, args.max_tokens)
+        print(f"\n  prompt     : {args.prompt}")
+        print(f"  HF eager   : {tokenizer.decode(agreement.hf_tokens, skip_special_tokens=True)!r}")
+        print(f"  autodeploy : {tokenizer.decode(agreement.ours_tokens, skip_special_tokens=True)!r}")
+        verdict = "identical" if agreement.tokens_equal else "DIFFER"
+        print(f"  agreement  : greedy tokens {verdict} ({len(agreement.ours_tokens)} tokens), "
+              f"max |logit diff| {agreement.max_abs_logit_diff:.2e} ({agreement.max_rel_logit_diff:.1e} of max logit)")
+        report["check"] = {"tokens_equal": agreement.tokens_equal,
+                           "max_abs_logit_diff": agreement.max_abs_logit_diff,
+                           "max_rel_logit_diff": agreement.max_rel_logit_diff}
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2))
+        print(f"  report written to {args.report}")
+    return 0 if report["check"] is None or report["check"]["tokens_equal"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autodeploy", description=__doc__ and "Make any HF causal LM fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("optimize", help="export a model, run a transform recipe, check it against HF eager",
+                       description="Export MODEL, run the recipe's transforms (table of what matched), then "
+                                   "answer one chat prompt with the optimized graph next to HF eager.")
+    _add_model_args(p)
+    p.add_argument("--report", default=None, help="write the report as JSON to this path")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="chat prompt for the agreement check")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate in the check (0 skips it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_optimize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AutoDeployError as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"autodeploy: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

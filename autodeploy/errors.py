@@ -1,0 +1,23 @@
+"""User-facing errors: the CLI prints them on one line and exits with code 2."""
+
+
+class AutoDeployError(Exception):
+    """A problem with the user's input (model, recipe, prompt), not a bug in autodeploy."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(AutoDeployError):
+    pass
+
+
+class UnsupportedModelError(AutoDeployError):
+    pass
+
+
+class RecipeError(AutoDeployError):
+    pass
+
+
+class WeightLoadingError(AutoDeployError):
+    pass

@@ -1,0 +1,74 @@
+"""Small FX helpers shared by transforms and the pipeline."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+def graph_modules(gm: GraphModule) -> Iterator[GraphModule]:
+    """`gm` and the GraphModules nested in it (export puts e.g. no_grad regions in submodules)."""
+    for module in gm.modules():
+        if isinstance(module, GraphModule):
+            yield module
+
+
+def is_op(node: Node, ops) -> bool:
+    """Whether `node` calls one of `ops` (an OpOverload, an OpOverloadPacket, or a collection)."""
+    if node.op != "call_function":
+        return False
+    if not isinstance(ops, (list, tuple, set, frozenset)):
+        ops = (ops,)
+    for op in ops:
+        if node.target is op:
+            return True
+        if isinstance(op, torch._ops.OpOverloadPacket) and getattr(node.target, "overloadpacket", None) is op:
+            return True
+    return False
+
+
+def count_nodes(gm: GraphModule) -> int:
+    return sum(len(m.graph.nodes) for m in graph_modules(gm))
+
+
+def finalize(gm: GraphModule) -> None:
+    """Drop dead code, lint, recompile: what every transform does after rewriting."""
+    for module in graph_modules(gm):
+        module.graph.eliminate_dead_code()
+        module.graph.lint()
+        module.recompile()
+    gm.delete_all_unused_submodules()
+
+
+def replace_with_call(gm: GraphModule, anchor: Node, target, args: tuple, kwargs: dict | None = None) -> Node:
+    """Insert `target(*args, **kwargs)` before `anchor`, reroute anchor's users to it, keep metadata."""
+    with gm.graph.inserting_before(anchor):
+        new = gm.graph.call_function(target, args, kwargs or {})
+    new.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    anchor.replace_all_uses_with(new)
+    return new
+
+
+def module_path(node: Node) -> str | None:
+    """The HF module (e.g. 'model.layers.3.self_attn') a node was traced from, if recorded."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path
+
+
+def get_submodule_or_none(model: torch.nn.Module, path: str | None, prefix: str = "") -> torch.nn.Module | None:
+    if path is None:
+        return None
+    path = path.removeprefix(prefix)
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def users_of(nodes: Iterable[Node]) -> set[Node]:
+    return {u for n in nodes for u in n.users}

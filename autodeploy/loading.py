@@ -1,0 +1,160 @@
+"""Find a model, read its config, and build it on the meta device (no weights in memory yet).
+
+Weights are streamed later by the `load_weights` transform, after the graph has been rewritten, so
+that sharding and quantization decide what each device loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelNotFoundError, UnsupportedModelError, WeightLoadingError
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: local folder, config, and (unless config-only) its safetensors files."""
+
+    name: str
+    path: Path
+    config: "object"
+    weight_files: list[Path] = field(default_factory=list)
+    trust_remote_code: bool = False
+
+
+def _download_from_hub(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as first_error:  # offline, unknown id, gated: try what is cached locally
+        try:
+            return Path(snapshot_download(model_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+        except Exception:
+            reason = str(first_error).strip().splitlines()[0] if str(first_error).strip() else type(first_error).__name__
+            raise ModelNotFoundError(
+                f"model '{model_id}' is neither a local folder nor reachable on the Hugging Face hub ({reason})"
+            ) from None
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A local folder for `model`: the default model when None, a path as is, else a hub id."""
+    if model is None:
+        from .default_model import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelNotFoundError(f"'{model}' is not a Hugging Face model folder (no config.json in it)")
+        return path
+    if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+        raise ModelNotFoundError(f"model folder '{model}' does not exist")
+    return _download_from_hub(str(model))
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    """Read config.json and check that it describes a causal LM that transformers can build."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:  # unknown model_type or remote code refused
+        raise UnsupportedModelError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    has_remote_lm = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (trust_remote_code and has_remote_lm):
+        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UnsupportedModelError(
+            f"{path.name} is a '{config.model_type}' model ({archs}), not a causal language model; "
+            "autodeploy optimizes models that AutoModelForCausalLM can build"
+        )
+    return config
+
+
+def find_weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, each opened once to reject corrupt headers early."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadingError(f"no *.safetensors weights in {path} (use --config-only for random weights)")
+    for f in files:
+        if not f.exists():
+            raise WeightLoadingError(f"weight file {f} named in the index is missing")
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:
+            raise WeightLoadingError(f"corrupt safetensors file {f}: {str(e).splitlines()[0]}") from None
+    return files
+
+
+def resolve_model(
+    model: str | os.PathLike | None, trust_remote_code: bool = False, config_only: bool = False
+) -> ModelSource:
+    path = resolve_model_path(model)
+    config = load_config(path, trust_remote_code)
+    files = [] if config_only else find_weight_files(path)
+    name = str(model) if model is not None else path.name
+    return ModelSource(name=name, path=path, config=config, weight_files=files, trust_remote_code=trust_remote_code)
+
+
+def resolve_dtype(dtype: str, config, device: torch.device) -> torch.dtype:
+    """'auto' means float32 on CPU (the reference setting) and the checkpoint's half type on GPU."""
+    if dtype != "auto":
+        try:
+            return getattr(torch, dtype)
+        except AttributeError:
+            raise UnsupportedModelError(f"unknown dtype '{dtype}'") from None
+    if device.type == "cpu":
+        return torch.float32
+    cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg_dtype, str):
+        cfg_dtype = getattr(torch, cfg_dtype, None)
+    return cfg_dtype if cfg_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """The HF model with parameters on the meta device; buffers (e.g. RoPE inv_freq) stay real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                source.config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=source.trust_remote_code,
+            )
+    except ValueError as e:
+        raise UnsupportedModelError(f"transformers cannot build {source.name}: {str(e).splitlines()[0]}") from None
+    model.tie_weights()  # tied embeddings become one parameter in the graph, loaded once
+    return model.eval()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
