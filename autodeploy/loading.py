@@ -63,7 +63,6 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 def load_config(path: Path, trust_remote_code: bool = False):
     """Read config.json and check that it describes a causal LM that transformers can build."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -72,13 +71,24 @@ def load_config(path: Path, trust_remote_code: bool = False):
     except (OSError, json.JSONDecodeError) as e:
         raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
     has_remote_lm = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (trust_remote_code and has_remote_lm):
+    if not (_is_causal_lm(config) or (trust_remote_code and has_remote_lm)):
         archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise UnsupportedModelError(
             f"{path.name} is a '{config.model_type}' model ({archs}), not a causal language model; "
             "autodeploy optimizes models that AutoModelForCausalLM can build"
         )
     return config
+
+
+def _is_causal_lm(config) -> bool:
+    """A causal-LM model type whose checkpoint (if it says) holds a causal-LM head, not e.g. BertModel."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    archs = getattr(config, "architectures", None) or []
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return not archs or any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def find_weight_files(path: Path) -> list[Path]:

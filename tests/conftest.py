@@ -1,0 +1,37 @@
+"""Shared fixtures: small checkpoints made on the fly, the embedded default model, offline hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    from autodeploy.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def save_tiny_checkpoint(path, config) -> None:
+    """Seeded random-weight HF checkpoint of `config` in `path` (config.json + safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    save_tiny_checkpoint(path, config)
+    return path

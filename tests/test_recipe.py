@@ -1,0 +1,74 @@
+"""Recipes: built-in default, extends, dotted overrides, and errors that name the bad key."""
+
+import pytest
+
+from autodeploy.errors import RecipeError
+from autodeploy.recipe import load_recipe
+from autodeploy.transforms import TRANSFORMS, Stage, Transform
+
+
+def test_default_recipe_loads_with_typed_sections():
+    recipe = load_recipe()
+    assert recipe.model.device == "auto"
+    assert "load_weights" in recipe.transforms
+    assert all(name in TRANSFORMS for name in recipe.transforms)
+
+
+def test_dotted_overrides_are_typed():
+    recipe = load_recipe(None, ["transforms.load_weights.seed=7", "model.dtype=bfloat16", "export.max_seq_len=128"])
+    assert recipe.transforms["load_weights"].seed == 7
+    assert recipe.model.dtype == "bfloat16"
+    assert recipe.export.max_seq_len == 128
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("transforms.load_weights.sed=1", "transforms.load_weights.sed"),
+        ("transforms.no_such_transform.enabled=false", "transforms.no_such_transform"),
+        ("modle.dtype=float32", "modle"),
+        ("export.max_seqlen=4", "export.max_seqlen"),
+    ],
+)
+def test_unknown_keys_are_named_with_the_valid_ones(override, named):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [override])
+    assert f"'{named}'" in str(err.value) and "valid keys" in str(err.value)
+
+
+def test_bad_value_type_is_an_error():
+    with pytest.raises(RecipeError, match="bad value"):
+        load_recipe(None, ["export.max_seq_len=lots"])
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(None, ["transforms.load_weights.enabled"])
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(RecipeError, match="default"):
+        load_recipe("no-such-recipe")
+
+
+def test_extends_merges_and_overrides(tmp_path):
+    (tmp_path / "mine.yaml").write_text("extends: default\nmodel:\n  dtype: float16\n")
+    recipe = load_recipe(tmp_path / "mine.yaml")
+    assert recipe.model.dtype == "float16"
+    assert list(recipe.transforms) == list(load_recipe().transforms)
+
+
+def test_self_extension_is_caught(tmp_path):
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "loop.yaml")
+
+
+def test_stage_order_is_checked(tmp_path, monkeypatch):
+    class LateFusion(Transform):
+        name, stage = "test_late_fusion", Stage.FUSION
+
+    monkeypatch.setitem(TRANSFORMS, LateFusion.name, LateFusion)
+    (tmp_path / "bad.yaml").write_text("transforms:\n  test_late_fusion: {}\n  load_weights: {}\n")
+    with pytest.raises(RecipeError, match="stages run in the order"):
+        load_recipe(tmp_path / "bad.yaml")
