@@ -161,7 +161,19 @@ def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementatio
     except ValueError as e:
         raise UnsupportedModelError(f"transformers cannot build {source.name}: {str(e).splitlines()[0]}") from None
     model.tie_weights()  # tied embeddings become one parameter in the graph, loaded once
+    _persistent_buffers_to_meta(model)
     return model.eval()
+
+
+def _persistent_buffers_to_meta(model: torch.nn.Module) -> None:
+    """Buffers saved in checkpoints (e.g. a router's score-correction bias) load like parameters.
+
+    Non-persistent buffers (RoPE inv_freq) are computed at init and stay real.
+    """
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and name not in module._non_persistent_buffers_set and buf.device.type != "meta":
+                module.register_buffer(name, buf.to("meta"), persistent=True)
 
 
 def load_tokenizer(source: ModelSource):

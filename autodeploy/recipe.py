@@ -70,6 +70,7 @@ def _load_raw(recipe: str | Path, relative_to: Path | None = None, seen: tuple =
         raise RecipeError(f"cannot parse recipe {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, DictConfig):
         raise RecipeError(f"recipe {path} must be a mapping")
+    _check_stage_order([n for n in (raw.get("transforms") or {}) if _is_known(n)])
     base_name = raw.pop("extends", None)
     if base_name is None:
         return raw
@@ -115,11 +116,18 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple =
 
     names = list((raw.get("transforms") or {}).keys())
     _check_keys("transforms.", names, sorted(TRANSFORMS))
-    for name in names:
+    # Each file lists its transforms in stage order (checked on load); merging a recipe with the one
+    # it extends appends new names, so the merged list is put back in stage order (stable).
+    for name in sorted(names, key=lambda n: TRANSFORMS[n].stage):
         cls = TRANSFORMS[name]
         result.transforms[name] = _typed(f"transforms.{name}", cls.config_cls, raw.transforms[name])
-    _check_stage_order(names)
     return result
+
+
+def _is_known(name: str) -> bool:
+    from autodeploy.transforms import TRANSFORMS
+
+    return name in TRANSFORMS
 
 
 def _check_stage_order(names: list[str]) -> None:

@@ -72,3 +72,13 @@ def test_stage_order_is_checked(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("transforms:\n  test_late_fusion: {}\n  load_weights: {}\n")
     with pytest.raises(RecipeError, match="stages run in the order"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_extending_recipe_transforms_fall_into_stage_order(tmp_path, monkeypatch):
+    class EarlyPattern(Transform):
+        name, stage = "test_early_pattern", Stage.PATTERN
+
+    monkeypatch.setitem(TRANSFORMS, EarlyPattern.name, EarlyPattern)
+    (tmp_path / "more.yaml").write_text("extends: default\ntransforms:\n  test_early_pattern: {}\n")
+    names = list(load_recipe(tmp_path / "more.yaml").transforms)
+    assert names.index("test_early_pattern") < names.index("load_weights")

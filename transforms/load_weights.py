@@ -67,7 +67,7 @@ def _random_like(param: torch.Tensor, name: str, dtype: torch.dtype, device: tor
         return torch.ones(shape, dtype=dtype, device=device)
     if param.dim() == 1:
         return torch.zeros(shape, dtype=dtype, device=device)
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(device=device, dtype=dtype)
+    return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02)
 
 
 @register
@@ -77,42 +77,75 @@ class LoadWeights(Transform):
     config_cls = LoadWeightsConfig
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        checkpoint = _open_checkpoint(ctx.source.weight_files) if ctx.source.weight_files else None
         aliases = _tied_aliases(ctx.meta_model)
-        gen = torch.Generator().manual_seed(self.config.seed)
-        loaded = random = moved = 0
-        missing = []
-        done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        for name, param in tensors:
+        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if t.device == _META]
+        source, counts = self._tensor_source(ctx, wanted, aliases)
+        gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
+        done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
+        for name, old in tensors:
+            if id(old) not in done:
+                done[id(old)] = self._materialize(name, old, source, ctx, gen, counts)
+            value = done[id(old)]
+            if isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
+                value = done[id(old)] = torch.nn.Parameter(value, requires_grad=False)
             owner, attr = _owner(gm, name)
-            is_param = isinstance(param, torch.nn.Parameter)
-            if id(param) in done:
-                value = done[id(param)]
-            elif param.device != _META:
-                value, moved = param.to(ctx.device), moved + 1  # real buffers, e.g. RoPE inv_freq
-            elif checkpoint is None:
-                value, random = _random_like(param, name, ctx.dtype, ctx.device, gen), random + 1
-            else:
-                key = _checkpoint_key(name.removeprefix(WRAPPER_PREFIX), checkpoint, aliases)
-                if key is None:
-                    missing.append(name.removeprefix(WRAPPER_PREFIX))
-                    continue
-                value = checkpoint[key].get_tensor(key)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise WeightLoadingError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
-                dtype = ctx.dtype if value.is_floating_point() else value.dtype
-                value, loaded = value.to(device=ctx.device, dtype=dtype), loaded + 1
-            if is_param and not isinstance(value, torch.nn.Parameter):
-                value = torch.nn.Parameter(value, requires_grad=False)
-            done[id(param)] = value
             setattr(owner, attr, value)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise WeightLoadingError(f"the checkpoint lacks {len(missing)} weights the model needs: {shown}")
         _retarget_devices(gm, ctx.device)
         ctx.weights_loaded = True
-        return {"loaded": loaded, "random_init": random, "moved": moved}
+        return counts
+
+    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]]):
+        """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert."""
+        if not ctx.source.weight_files:
+            return None, {"random_init": 0, "moved": 0}
+        checkpoint = _open_checkpoint(ctx.source.weight_files)
+        missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
+        if not missing:
+            return (lambda name: _read(checkpoint, name, aliases)), {"loaded": 0, "moved": 0}
+        state = _converted_by_transformers(ctx)
+        still_missing = [n for n in wanted if _checkpoint_key(n, state, aliases) is None]
+        if still_missing:
+            shown = ", ".join(still_missing[:5]) + (f" and {len(still_missing) - 5} more" if len(still_missing) > 5 else "")
+            raise WeightLoadingError(f"the checkpoint lacks {len(still_missing)} weights the model needs: {shown}")
+        return (lambda name: state[_checkpoint_key(name, state, aliases)]), {"converted": 0, "moved": 0}
+
+    @staticmethod
+    def _materialize(name, old, source, ctx: TransformContext, gen, counts: dict[str, int]) -> torch.Tensor:
+        if old.device != _META:  # buffers computed at init, e.g. RoPE inv_freq
+            counts["moved"] += 1
+            return old.to(ctx.device)
+        # Parameters take the model dtype; buffers keep the dtype the model gave them (e.g. fp32 biases).
+        dtype = ctx.dtype if isinstance(old, torch.nn.Parameter) and old.is_floating_point() else old.dtype
+        if source is None:
+            counts["random_init"] += 1
+            return _random_like(old, name, dtype, ctx.device, gen)
+        value = source(name.removeprefix(WRAPPER_PREFIX))
+        if tuple(value.shape) != tuple(old.shape):
+            raise WeightLoadingError(f"{name}: checkpoint shape {tuple(value.shape)} != model {tuple(old.shape)}")
+        key = "loaded" if "loaded" in counts else "converted"
+        counts[key] += 1
+        return value.to(device=ctx.device, dtype=dtype)
+
+
+def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]]) -> torch.Tensor:
+    key = _checkpoint_key(name, checkpoint, aliases)
+    return checkpoint[key].get_tensor(key)
+
+
+def _converted_by_transformers(ctx: TransformContext) -> dict[str, torch.Tensor]:
+    """The checkpoint as transformers loads it (renamed keys, merged experts), on CPU.
+
+    Used only when checkpoint names differ from the model's (e.g. per-expert MoE weights that
+    transformers 5 fuses into 3D tensors): it materializes the whole model once, so sharded loading
+    of such checkpoints needs a streamed converter instead.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ctx.source.path, dtype=ctx.dtype, trust_remote_code=ctx.source.trust_remote_code
+    )
+    return dict(model.state_dict(keep_vars=False))
 
 
 def _owner(gm: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

@@ -69,4 +69,17 @@ def export_causal_lm(model: nn.Module, max_batch_size: int = 256, max_seq_len: i
         raise UnsupportedModelError(f"torch.export failed for {type(model).__name__}: {first}") from e
     gm = program.module()
     _drop_metadata_asserts(gm)
+    _reject_dataless_constants(gm)
     return gm
+
+
+def _reject_dataless_constants(gm: GraphModule) -> None:
+    """Tensors the model created during export on meta have no data: fail loudly, not with garbage."""
+    for path, module in gm.named_modules():
+        known = {id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))}
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta and id(value) not in known:
+                raise UnsupportedModelError(
+                    f"the model creates a constant tensor during its forward ({path or 'root'}.{attr}); "
+                    "exported on the meta device it has no data: add an export patch for it"
+                )

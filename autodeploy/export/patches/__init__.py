@@ -36,3 +36,7 @@ def apply_export_patches(model: nn.Module):
             if p.applies():
                 stack.enter_context(p.patch(model))
         yield
+
+
+from . import moe_experts  # noqa: E402,F401  (registers the MoE experts patch)
+from . import list_index  # noqa: E402,F401  (registers the list-index patch)
