@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate in the check (0 skips it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_optimize)
+
+    from .model_zoo_ci.cli import register as register_zoo
+
+    register_zoo(sub)
     return parser
 
 

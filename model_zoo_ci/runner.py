@@ -1,0 +1,209 @@
+"""Run zoo entries through the real pipeline and compare each with HF transformers on the same weights.
+
+Per entry: build the HF model from the tiny config (float32, seeded) and save it as a checkpoint;
+`optimize_model` on that folder (export, pattern transforms, load_weights, ...); then logits and a
+short greedy generation against the HF model. Each stage is caught on its own, so one broken
+architecture shows up as a row with a failed stage instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .zoo import ZooEntry
+
+# Report columns, in pipeline order. Transform stages fold into them: everything before weight
+# loading is "patterns", weight loading is "load", everything after it is "cache".
+STAGES = ("build", "export", "patterns", "load", "cache", "generate")
+_TRANSFORM_COLUMN = {
+    "pattern": "patterns", "sharding": "patterns", "quantization": "patterns",
+    "weight_loading": "load", "fusion": "cache", "cache": "cache", "compile": "cache",
+}
+OK, FAILED, MISMATCH, SKIPPED, NOT_APPLICABLE = "ok", "failed", "mismatch", "skipped", "n/a"
+
+
+@dataclass
+class StageResult:
+    status: str = SKIPPED
+    detail: str = ""  # first error line, or what did not match
+    seconds: float = 0.0
+
+
+@dataclass
+class EntryResult:
+    name: str
+    hub_id: str
+    ci: bool
+    note: str = ""
+    architecture: str = ""
+    stages: dict[str, StageResult] = field(default_factory=lambda: {s: StageResult() for s in STAGES})
+    matched: dict[str, dict[str, int]] = field(default_factory=dict)  # transform -> kind -> count
+    expected: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tokens_equal: bool | None = None
+    hf_tokens: list[int] = field(default_factory=list)
+    ours_tokens: list[int] = field(default_factory=list)
+    max_abs_logit_diff: float | None = None
+    max_rel_logit_diff: float | None = None
+    tolerance: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(s.status in (OK, NOT_APPLICABLE) for s in self.stages.values())
+
+    def first_failure(self) -> tuple[str, StageResult] | None:
+        for name, stage in self.stages.items():
+            if stage.status not in (OK, NOT_APPLICABLE, SKIPPED):
+                return name, stage
+        return None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def failing_stage(error: BaseException) -> str:
+    """Which report column an exception out of `optimize_model` belongs to, from its traceback.
+
+    The innermost pipeline frame decides: `run_transforms` knows the transform it was running
+    (its local `name`), `export_causal_lm` is export, and model resolution counts as export too.
+    """
+    from autodeploy.transforms import TRANSFORMS
+
+    stage = "export"
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_name == "run_transforms" and frame.f_locals.get("name") in TRANSFORMS:
+            stage = _TRANSFORM_COLUMN[TRANSFORMS[frame.f_locals["name"]].stage.name.lower()]
+    return stage
+
+
+def build_checkpoint(entry: ZooEntry, folder: Path) -> torch.nn.Module:
+    """The seeded float32 HF model for `entry`, saved to `folder` as safetensors; returns the model."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    fields = dict(entry.config)
+    config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    torch.manual_seed(entry.seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=entry.attn_implementation,
+                                             dtype=torch.float32).eval()
+    save_kwargs = {}
+    if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
+        save_kwargs["save_original_format"] = entry.checkpoint_format == "hub"
+    model.save_pretrained(folder, **save_kwargs)
+    return model
+
+
+def _check_expectations(entry: ZooEntry, result: EntryResult) -> StageResult:
+    misses = []
+    for transform, kinds in entry.expect.items():
+        for kind, want in kinds.items():
+            got = result.matched.get(transform, {}).get(kind)
+            if got != want:
+                misses.append(f"{transform}.{kind} {got if got is not None else 'not run'}/{want}")
+    return StageResult(MISMATCH if misses else OK, "; ".join(misses))
+
+
+def _record_transforms(opt, entry: ZooEntry, result: EntryResult) -> None:
+    """Stage statuses and seconds from the transform reports of a successful optimize run."""
+    from autodeploy.transforms import TRANSFORMS
+
+    result.stages["export"] = StageResult(OK, seconds=opt.seconds.get("load", 0.0) + opt.seconds.get("export", 0.0))
+    columns_run = set()
+    for report in opt.reports:
+        column = _TRANSFORM_COLUMN[TRANSFORMS[report.name].stage.name.lower()]
+        columns_run.add(column)
+        result.stages[column].status = OK
+        result.stages[column].seconds += report.seconds
+        if report.enabled:
+            result.matched[report.name] = dict(report.matched)
+        result.warnings.extend(report.warnings)
+    patterns = _check_expectations(entry, result)
+    patterns.seconds = result.stages["patterns"].seconds
+    result.stages["patterns"] = patterns
+    if "cache" not in columns_run:
+        result.stages["cache"] = StageResult(NOT_APPLICABLE, "the recipe has no cache stage")
+
+
+def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult:
+    from autodeploy.agreement import compare
+
+    agreement = compare(opt, hf_model, list(entry.prompt), entry.max_new_tokens)
+    result.hf_tokens, result.ours_tokens = agreement.hf_tokens, agreement.ours_tokens
+    result.tokens_equal = agreement.tokens_equal
+    result.max_abs_logit_diff = agreement.max_abs_logit_diff
+    result.max_rel_logit_diff = agreement.max_rel_logit_diff
+    problems = []
+    if not agreement.tokens_equal:
+        problems.append(f"greedy tokens differ: HF {agreement.hf_tokens} vs ours {agreement.ours_tokens}")
+    if not agreement.max_rel_logit_diff <= entry.tolerance:
+        problems.append(f"logit diff {agreement.max_rel_logit_diff:.1e} of max logit > {entry.tolerance:.0e}")
+    return StageResult(MISMATCH if problems else OK, "; ".join(problems))
+
+
+def run_entry(entry: ZooEntry, extra_overrides: list[str] | tuple = ()) -> EntryResult:
+    """One zoo entry through every stage; never raises for a model problem."""
+    from autodeploy.optimizer import optimize_model
+
+    result = EntryResult(name=entry.name, hub_id=entry.hub_id, ci=entry.ci, note=entry.note,
+                         expected=entry.expect, tolerance=entry.tolerance)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"zoo-{entry.name}-") as folder:
+        try:
+            hf_model = build_checkpoint(entry, Path(folder))
+            result.architecture = type(hf_model).__name__
+            result.stages["build"] = StageResult(OK, seconds=time.perf_counter() - start)
+        except Exception as e:
+            result.stages["build"] = StageResult(FAILED, first_line(e), time.perf_counter() - start)
+            result.seconds = time.perf_counter() - start
+            return result
+
+        overrides = ["model.device=cpu", "model.dtype=float32",
+                     f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra_overrides]
+        stage_start = time.perf_counter()
+        try:
+            opt = optimize_model(folder, recipe=str(entry.recipe), overrides=overrides, progress=False)
+        except Exception as e:
+            stage = failing_stage(e)
+            for done in STAGES[1:STAGES.index(stage)]:
+                result.stages[done].status = OK
+            result.stages[stage] = StageResult(FAILED, first_line(e), time.perf_counter() - stage_start)
+            result.seconds = time.perf_counter() - start
+            return result
+        _record_transforms(opt, entry, result)
+
+        stage_start = time.perf_counter()
+        try:
+            result.stages["generate"] = _compare(opt, hf_model, entry, result)
+        except Exception as e:
+            result.stages["generate"] = StageResult(FAILED, first_line(e))
+        result.stages["generate"].seconds = time.perf_counter() - stage_start
+        del opt, hf_model
+    gc.collect()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_zoo(
+    entries: list[ZooEntry],
+    extra_overrides: list[str] | tuple = (),
+    on_result: Callable[[EntryResult], None] | None = None,
+) -> list[EntryResult]:
+    """Run every entry in order; `on_result` sees each result as soon as it is done."""
+    results = []
+    for entry in entries:
+        result = run_entry(entry, extra_overrides)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
