@@ -1,0 +1,15 @@
+"""Canonical custom ops, `torch.ops.autodeploy.*`. Importing this package registers all of them.
+
+Each op has a plain-torch reference implementation (the ground truth; runs on CPU) and a fake
+implementation for export / meta-device shape propagation.
+
+Registration happens only under the package's installed name. With the repository root on sys.path
+(`python -m pytest` from the root) this folder is also importable as a top-level `kernels`, and
+transformers imports any `kernels` it finds to probe for the hub-kernels package: registering
+again there would replace the ops under existing graphs' feet (new OpOverload objects).
+"""
+
+if __name__ == "autodeploy.kernels":
+    from . import attention, gated_act, linear, rms_norm, rope  # noqa: F401
+    from . import moe  # noqa: E402,F401  (routed experts of MoE blocks)
+    from . import cached_attention  # noqa: E402,F401  (paged attention over packed batches)

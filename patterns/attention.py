@@ -1,0 +1,146 @@
+"""Recognise HF attention in both `sdpa` and `eager` form.
+
+sdpa:  aten.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask, scale=...)
+eager: matmul(q, repeat_kv(k).transpose(2, 3)) * scale [-> cap * tanh(. / cap)] + mask
+       -> softmax(-1, fp32) -> .to(q.dtype) -> dropout(p=0) -> matmul(., repeat_kv(v))
+
+Both give the un-repeated k/v (GQA stays visible), the scale, and the eager soft cap. The mask is not
+interpreted: whether the attention is causal and which sliding window it has is module-level
+knowledge the transform reads from the HF module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from autodeploy.graph_utils import is_op
+
+from .helpers import advance, bind_args, binary_operands, is_last_dim, sole_user, split_scalar, strip, val
+
+aten = torch.ops.aten
+
+
+@dataclass
+class AttentionMatch:
+    output: Node  # [b, n_heads, s, d_v], HF's layout before the output transpose
+    q: Node  # [b, n_heads, s, d]
+    k: Node  # [b, n_kv_heads, s, d], repeat_kv stripped
+    v: Node  # [b, n_kv_heads, s, d_v], repeat_kv stripped
+    scale: float
+    logit_cap: float | None  # from the graph: eager only (HF's sdpa path refuses soft caps)
+    form: str  # "sdpa" or "eager"
+
+
+def strip_repeat_kv(node: Node) -> Node:
+    """HF's repeat_kv: x[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d) -> x.
+
+    Returns `node` unchanged when it is not a repeat (n_rep == 1 makes repeat_kv the identity).
+    """
+    reshape = strip(node)
+    if not is_op(reshape, (aten.reshape, aten.view, aten._unsafe_view)):
+        return node
+    expand = strip(reshape.args[0])
+    if not is_op(expand, aten.expand):
+        return node
+    unsqueeze = strip(expand.args[0])
+    if not is_op(unsqueeze, aten.unsqueeze) or unsqueeze.args[1] != 2:
+        return node
+    source = unsqueeze.args[0]
+    src, expanded, out = (val(n).shape for n in (source, expand, reshape))
+    # Only the inserted dim 2 is expanded, and the reshape folds it into the head dim.
+    is_repeat = (
+        len(src) == 4
+        and (expanded[:2], expanded[3:]) == (src[:2], src[2:])
+        and (out[0], out[1], out[2:]) == (src[0], src[1] * expanded[2], src[2:])
+    )
+    return source if is_repeat else node
+
+
+def _gqa_compatible(q: Node, k: Node, v: Node) -> bool:
+    shapes = [val(n).shape for n in (q, k, v)]
+    if any(len(s) != 4 for s in shapes):
+        return False
+    (_, n_heads, _, _), (_, n_kv, _, _), (_, n_kv_v, _, _) = shapes
+    return n_kv == n_kv_v and n_heads % n_kv == 0
+
+
+def match_sdpa(node: Node) -> AttentionMatch | None:
+    """Anchor: aten.scaled_dot_product_attention without dropout, with a mask or is_causal."""
+    if not is_op(node, aten.scaled_dot_product_attention):
+        return None
+    args = bind_args(node)
+    if args["dropout_p"] != 0 or (args["attn_mask"] is None and not args["is_causal"]):
+        return None
+    q, k, v = args["query"], args["key"], args["value"]
+    if not args["enable_gqa"]:
+        k, v = strip_repeat_kv(k), strip_repeat_kv(v)
+    if not _gqa_compatible(q, k, v):
+        return None
+    scale = args["scale"] if args["scale"] is not None else val(q).shape[-1] ** -0.5
+    return AttentionMatch(node, q, k, v, float(scale), None, "sdpa")
+
+
+def _as_division(node: Node) -> tuple[Node, float] | None:
+    """x / c or x * c' (c = 1 / c') -> (x, c)."""
+    split = split_scalar(node, (aten.div, aten.mul))
+    if split is None or split[1] == 0:
+        return None
+    tensor, const = split
+    return tensor, const if is_op(node, aten.div) else 1.0 / const
+
+
+def _parse_scores(node: Node) -> tuple[Node, Node, float, float | None] | None:
+    """[cap * tanh(.../ cap)] of [scaled] matmul(q, k^T) -> (q, repeated k, scale, cap)."""
+    node = strip(node)
+    cap = None
+    capped = split_scalar(node, aten.mul)
+    if capped is not None and is_op(strip(capped[0]), aten.tanh):
+        divided = _as_division(strip(strip(capped[0]).args[0]))
+        if divided is None or abs(divided[1] - capped[1]) > 1e-6 * abs(capped[1]):
+            return None
+        node, cap = strip(divided[0]), capped[1]
+    scale = 1.0
+    scaled = _as_division(node)
+    if scaled is not None:
+        node, scale = strip(scaled[0]), 1.0 / scaled[1]
+    if not is_op(node, aten.matmul):
+        return None
+    q, k_t = node.args[0], strip(node.args[1])
+    if not is_op(k_t, aten.transpose) or val(k_t) is None or val(k_t).dim() != 4:
+        return None
+    if {d % 4 for d in k_t.args[1:3]} != {2, 3}:
+        return None
+    return q, k_t.args[0], scale, cap
+
+
+def match_eager(node: Node) -> AttentionMatch | None:
+    """Anchor: softmax over the last dim of (scores + mask) whose probabilities feed matmul(., v).
+
+    The mask add is required: without one the attention is not causal, and the canonical op is.
+    """
+    if not is_op(node, (aten.softmax, aten._softmax)) or not is_last_dim(node.args[1], node):
+        return None
+    probs = advance(node)
+    out = sole_user(probs)
+    if out is None or not is_op(out, aten.matmul) or out.args[0] is not probs:
+        return None
+    operands = binary_operands(strip(node.args[0]), aten.add)
+    if operands is None:
+        return None
+    for scores in operands:
+        parsed = _parse_scores(scores) if isinstance(scores, Node) else None
+        if parsed is not None:
+            q, k_rep, scale, cap = parsed
+            k, v = strip_repeat_kv(k_rep), strip_repeat_kv(out.args[1])
+            if not _gqa_compatible(q, k, v):
+                return None
+            return AttentionMatch(out, q, k, v, scale, cap, "eager")
+    return None
+
+
+def match_attention(node: Node) -> AttentionMatch | None:
+    """Either form, anchored on its distinctive op (sdpa, or the softmax of eager attention)."""
+    return match_sdpa(node) or match_eager(node)

@@ -1,0 +1,68 @@
+"""match_attention: HF attention (sdpa or eager form) -> autodeploy::attention.
+
+The graph gives q, un-repeated k/v and the scale. The HF mask is dropped (the canonical op is causal
+by definition), so what the mask encoded is read from the HF attention module instead: whether it is
+causal at all (`is_causal`; non-causal modules are left alone) and its sliding window. The scale
+and the soft cap come from the graph, which is what the model computes (HF's sdpa path refuses a
+soft cap, so only the eager form has one).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.graph_utils import get_submodule_or_none, module_path
+from autodeploy.patterns.attention import AttentionMatch, match_attention
+
+from ._rewrite import replace_matches
+from .registry import Stage, Transform, TransformContext, register
+
+
+def _layer_index(module: nn.Module | None, path: str | None) -> int | None:
+    index = getattr(module, "layer_idx", None)
+    if index is None and path is not None:
+        found = re.search(r"\.(\d+)\.", path)
+        index = int(found.group(1)) if found else None
+    return index
+
+
+def sliding_window(module: nn.Module | None, path: str | None, config) -> int | None:
+    """The window of the attention at `path`: the module's own attribute (Qwen2/3, Gemma 2/3), else
+    the config's layer_types (per-layer), else config.sliding_window (Mistral, Phi-3)."""
+    if module is not None and hasattr(module, "sliding_window"):
+        return module.sliding_window
+    layer_types = getattr(config, "layer_types", None)
+    index = _layer_index(module, path)
+    if layer_types and index is not None:
+        return config.sliding_window if layer_types[index] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+@register
+class MatchAttention(Transform):
+    name = "match_attention"
+    stage = Stage.PATTERN
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        config = ctx.source.config.get_text_config()
+
+        def operands(match: AttentionMatch) -> tuple | None:
+            path = module_path(match.output)
+            hf_attention = get_submodule_or_none(ctx.meta_model, path, prefix=WRAPPER_PREFIX)
+            if not getattr(hf_attention, "is_causal", True):
+                return None
+            window = sliding_window(hf_attention, path, config)
+            return match.q, match.k, match.v, match.scale, window, match.logit_cap
+
+        count = replace_matches(gm, match_attention, torch.ops.autodeploy.attention.default, operands)
+        return {"attention": count}
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        return {"attention": ctx.source.config.get_text_config().num_hidden_layers}
