@@ -11,10 +11,10 @@ demo: setup
 	$(VENV)/bin/autodeploy optimize
 
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-all: setup
-	$(PY) -m pytest -q -m ""
+	$(VENV)/bin/pytest -q -m ""
 
 zoo: setup
 	$(VENV)/bin/autodeploy zoo --report reports/zoo

@@ -51,7 +51,7 @@ def _tokenizer_or_none(source):
 def _print_table(reports) -> None:
     rows = [("transform", "stage", "matched", "nodes", "seconds")]
     for r in reports:
-        matched = ", ".join(f"{k}={v}" for k, v in r.matched.items()) or ("-" if r.enabled else "disabled")
+        matched = ", ".join(f"{k}={v}" for k, v in r.matched.items() if v) or ("none" if r.enabled else "disabled")
         nodes = f"{r.nodes_before}->{r.nodes_after}" if r.enabled else ""
         rows.append((r.name, r.stage, matched, nodes, f"{r.seconds:.2f}" if r.enabled else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -125,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may follow options (argparse alone would refuse them there).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides.extend(extra)
     try:
         return args.func(args)
     except AutoDeployError as e:
