@@ -1,3 +1,14 @@
 """autodeploy: export any HF causal LM, rewrite its graph with transforms, run it fast."""
 
 __version__ = "0.1.0"
+
+_LAZY = {"LLM": "autodeploy.llm", "SamplingParams": "autodeploy.llm", "RequestOutput": "autodeploy.llm"}
+
+
+def __getattr__(name: str):
+    """`from autodeploy import LLM, SamplingParams` without importing torch for every CLI call."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'autodeploy' has no attribute '{name}'")

@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_optimize)
 
+    from .cli_generate import register as register_generate
     from .model_zoo_ci.cli import register as register_zoo
 
+    register_generate(sub)
     register_zoo(sub)
     return parser
 

@@ -17,6 +17,8 @@ from .export import export_causal_lm
 from .loading import ModelSource, build_meta_model, resolve_device, resolve_dtype, resolve_model
 from .pipeline import run_transforms
 from .recipe import Recipe, load_recipe
+from .runtime.executor import ModelExecutor
+from .runtime.kv_cache import kv_cache_of
 
 
 @dataclass
@@ -39,6 +41,8 @@ class OptimizedModel:
         """Logits for a padded-free batch `input_ids[b, s]` (positions default to 0..s-1)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if kv_cache_of(self.gm) is not None:  # packed-batch interface: prefill each row through the cache
+            return ModelExecutor(self.gm).full_logits(input_ids, position_ids)
         return self.gm(input_ids.to(self.device), position_ids.to(self.device))
 
 

@@ -1,4 +1,5 @@
-"""match_linear: aten.linear -> autodeploy::linear, the op later quantization/sharding swap.
+"""match_linear: linear layers (aten.linear, and the matmul forms of patterns/linear.py) ->
+autodeploy::linear, the op later quantization/sharding swap.
 
 Runs after the other pattern transforms in a recipe (they also accept autodeploy::linear, so the
 order is a convention, not a requirement).
@@ -8,12 +9,31 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
+from transformers.pytorch_utils import Conv1D
 
-from autodeploy.patterns.linear import match_linear
+from autodeploy.patterns.helpers import insert_call
+from autodeploy.patterns.linear import LinearMatch, match_linear
 
 from ._rewrite import replace_matches
 from .registry import Stage, Transform, TransformContext, register
+
+# Modules that compute one linear layer each: nn.Linear (FalconLinear is one) and GPT-2's Conv1D.
+LINEAR_MODULES = (nn.Linear, Conv1D)
+
+
+def _operands(match: LinearMatch) -> tuple[Node, Node, Node | None]:
+    """(x, weight [out, in], bias); a weight stored [in, out] gets a transpose in the graph.
+
+    The parameter keeps its checkpoint layout, so weight loading stays a plain copy; a later stage
+    may fold the transpose into the stored weight.
+    """
+    weight = match.weight
+    if match.transposed:
+        graph = match.output.graph
+        with graph.inserting_before(match.output):
+            weight = insert_call(graph, torch.ops.aten.t.default, (weight,))
+    return match.x, weight, match.bias
 
 
 @register
@@ -22,10 +42,7 @@ class MatchLinear(Transform):
     stage = Stage.PATTERN
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        count = replace_matches(
-            gm, match_linear, torch.ops.autodeploy.linear.default, lambda m: (m.x, m.weight, m.bias)
-        )
-        return {"linear": count}
+        return {"linear": replace_matches(gm, match_linear, torch.ops.autodeploy.linear.default, _operands)}
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        return {"linear": sum(isinstance(m, nn.Linear) for m in ctx.meta_model.modules())}
+        return {"linear": sum(isinstance(m, LINEAR_MODULES) for m in ctx.meta_model.modules())}

@@ -1,0 +1,164 @@
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, streaming, and chat.
+
+`LLM(model=None, recipe=None, overrides=(), **kwargs)` optimizes the model with the recipe (which
+must include `insert_kv_cache`) and starts an engine on the result. Settings come in two kinds:
+  - runtime settings as keywords: max_batch_size, max_num_tokens, max_seq_len, seed (EngineSettings);
+  - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
+    or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
+`LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
+Requests from every entry point share one engine, so they batch together; each consumer steps the
+engine when it has nothing to read and outputs are routed to the request they belong to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from dataclasses import fields
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
+
+from .errors import RecipeError
+from .runtime.engine import Engine, EngineSettings
+from .runtime.outputs import RequestOutput
+from .runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .optimizer import OptimizedModel
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+def chat_prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _eos_ids(source, tokenizer) -> set[int]:
+    """EOS ids from the generation config (may be several) and the tokenizer."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        eos = GenerationConfig.from_pretrained(source.path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, recipe=None, *, overrides: Sequence[str] = (),
+                 progress: bool = False, **kwargs):
+        from .optimizer import optimize_model
+
+        runtime_keys = {f.name for f in fields(EngineSettings)}
+        unknown = [k for k in kwargs if k not in runtime_keys and "." not in k]
+        if unknown:
+            raise TypeError(f"unknown LLM arguments {unknown}: use {sorted(runtime_keys)} or dotted recipe keys")
+        overrides = list(overrides) + [f"{k}={v}" for k, v in kwargs.items() if "." in k]
+        settings = EngineSettings(**{k: v for k, v in kwargs.items() if k in runtime_keys})
+        self._start(optimize_model(model, recipe, overrides, progress=progress), settings)
+
+    @classmethod
+    def from_optimized(cls, model: OptimizedModel, **settings) -> "LLM":
+        """An LLM over an already optimized model (its recipe must have included insert_kv_cache)."""
+        llm = cls.__new__(cls)
+        llm._start(model, EngineSettings(**settings))
+        return llm
+
+    def _start(self, model: OptimizedModel, settings: EngineSettings) -> None:
+        from .loading import load_tokenizer
+        from .runtime.kv_cache import kv_cache_of
+
+        if kv_cache_of(model.gm) is None:
+            raise RecipeError("LLM needs a recipe with the insert_kv_cache transform (enabled)")
+        export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
+        settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
+        if settings.max_num_tokens > export_max:
+            raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+        self.model = model
+        self.tokenizer = load_tokenizer(model.source)
+        config = model.source.config.get_text_config()
+        self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
+                             settings, getattr(config, "max_position_embeddings", None))
+        self._queues: dict[str, deque[RequestOutput]] = {}
+
+    # --- requests -----------------------------------------------------------------------------
+    def _submit(self, prompt: Prompt, params: SamplingParams | None) -> str:
+        params = params if params is not None else SamplingParams()
+        if isinstance(prompt, str):
+            request_id = self.engine.add_request(self.tokenizer(prompt)["input_ids"], params, prompt=prompt)
+        else:
+            request_id = self.engine.add_request(list(prompt), params)
+        self._queues[request_id] = deque()
+        return request_id
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            queue = self._queues.get(out.request_id)
+            if queue is not None:  # else its consumer has gone (aborted stream)
+                queue.append(out)
+
+    def _next(self, request_id: str) -> RequestOutput:
+        queue = self._queues[request_id]
+        while not queue:
+            self._step()
+        out = queue.popleft()
+        if out.finished:
+            del self._queues[request_id]
+        return out
+
+    # --- entry points -------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Final outputs, one per prompt and in order (a prompt is a string or a list of token ids)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [self._submit(p, sp) for p, sp in zip(prompts, params)]
+        finals = {}
+        for request_id in ids:
+            out = self._next(request_id)
+            while not out.finished:
+                out = self._next(request_id)
+            finals[request_id] = out
+        return [finals[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request as it goes; `delta_text` is the new text of each."""
+        request_id = self._submit(prompt, sampling_params)
+        try:
+            while True:
+                out = self._next(request_id)
+                yield out
+                if out.finished:
+                    return
+        finally:  # a consumer that stops early aborts its request
+            if request_id in self._queues:
+                self.engine.abort(request_id)
+                self._queues.pop(request_id)
+
+    async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                             streaming: bool = True) -> AsyncIterator[RequestOutput]:
+        """Async version of `stream` (every output) or, with streaming=False, just the final output.
+
+        Each engine step yields to the event loop, so concurrent requests batch together."""
+        for out in self.stream(prompt, sampling_params):
+            if streaming or out.finished:
+                yield out
+            await asyncio.sleep(0)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {'role', 'content'}) or to several."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([chat_prompt_ids(self.tokenizer, c) for c in conversations], sampling_params)

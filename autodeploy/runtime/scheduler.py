@@ -1,0 +1,110 @@
+"""In-flight batching: which sequences run how many tokens this step.
+
+Every step packs, under a token budget (`max_num_tokens`) and a cap on sequences holding cache
+(`max_batch_size`):
+  1. running sequences, oldest first: one token for a decode, the next chunk for a long prompt;
+  2. then waiting requests, first come first served, each with as much of its prompt as fits
+     (chunked prefill), as long as blocks remain.
+When a running sequence needs a block and none is free, the newest running sequence that is not
+yet placed in this step is preempted (its blocks freed, to be recomputed later) - possibly the
+sequence itself. Older requests therefore always make progress, and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # run tokens [seq.num_computed, seq.num_computed + num_tokens)
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so the step samples a new one."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int):
+        if max_batch_size < 1 or max_num_tokens < 1:
+            raise ValueError("max_batch_size and max_num_tokens must be >= 1")
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order, hence arrival order
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_tokens
+        placed: set[Sequence] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_pending, budget)
+            if not self._make_room(seq, seq.num_computed + n, placed, out):
+                continue
+            out.chunks.append(ScheduledChunk(seq, n))
+            placed.add(seq)
+            budget -= n
+        if not out.preempted:  # admitting while evicting would only thrash
+            budget = self._admit(budget, out)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, placed: set[Sequence], out: SchedulerOutput) -> bool:
+        """Grow `seq` to `num_tokens`, preempting the newest unplaced running sequences as needed."""
+        while not self.blocks.grow(seq.block_ids, num_tokens):
+            victim = next(s for s in reversed(self.running) if s not in placed)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            n = min(seq.num_pending, budget)
+            if not self.blocks.grow(seq.block_ids, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop the cache, keep the tokens, go back to the queue's head."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_ids)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take `seq` out of the queues (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_ids)
+        seq.status = Status.FINISHED

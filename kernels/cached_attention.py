@@ -1,0 +1,109 @@
+"""Paged attention over a packed batch: `torch.ops.autodeploy.cached_attention` (+ a Triton backend).
+
+After the `insert_kv_cache` transform, one forward holds the new tokens of many sequences in one
+dimension (prefill chunks and single decode tokens mixed). Every other op is token-wise; this op is
+the one that knows where sequences start and end. It first writes the new keys/values into the
+paged cache through `slot_mapping`, then lets each query token attend, causally, over its
+sequence's whole cached context (earlier steps' tokens and this step's), found via `block_tables`.
+
+Layout (HF layout after the transpose, batch dim 1 because the batch is packed):
+  q            [1, n_heads, T, d]        k, v  [1, n_kv_heads, T, d]   (T = all new tokens)
+  k/v_cache    [num_blocks, block_size, n_kv_heads, d]
+  cu_seqlens   int32 [B + 1]   new-token offsets of each sequence in T
+  seq_lens     int32 [B]       each sequence's context length including this step's tokens
+  block_tables int32 [B, max_blocks]   cache blocks of each sequence, in order
+  slot_mapping int64 [T]       flat cache slot (block * block_size + offset) of each new token
+Query token i of sequence b (local index j) sits at context position seq_lens[b] - q_len_b + j and
+sees keys at positions <= that one (and, with a sliding window W, > that one - W, as in HF).
+Output: [1, n_heads, T, d], like the canonical `attention` op it replaces.
+
+`cached_attention` is the plain-torch reference (ground truth, CPU); `cached_attention_triton`
+has the same signature and semantics and is selected by the transform's `backend` setting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MUTATES = ("k_cache", "v_cache")
+
+
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatter this step's keys/values ([1, n_kv, T, d]) into their cache slots."""
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new[0].transpose(0, 1).to(cache.dtype))
+
+
+def allowed_keys(q_pos: Tensor, num_keys: int, sliding_window: int | None) -> Tensor:
+    """Mask [len(q_pos), num_keys]: causal, and inside the sliding window when there is one."""
+    k_pos = torch.arange(num_keys, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None:
+        allowed &= q_pos[:, None] - k_pos[None, :] < sliding_window
+    return allowed
+
+
+def _check(q: Tensor, k: Tensor, k_cache: Tensor) -> None:
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError(f"cached_attention takes a packed batch (batch dim 1), got q {tuple(q.shape)}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != k_cache.shape[2]:
+        raise ValueError(f"head counts do not fit: q {q.shape[1]}, k {k.shape[1]}, cache {k_cache.shape[2]}")
+
+
+@torch.library.custom_op("autodeploy::cached_attention", mutates_args=_MUTATES)
+def cached_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
+    scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
+) -> Tensor:
+    """Reference: write the cache, then per sequence gather its context and attend in float32."""
+    _check(q, k, k_cache)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    n_heads, n_kv, block_size = q.shape[1], k.shape[1], k_cache.shape[1]
+    out = torch.empty_like(q)
+    starts, lens = cu_seqlens.tolist(), seq_lens.tolist()
+    for b, ctx in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        blocks = block_tables[b, : -(-ctx // block_size)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).float()  # [n_kv, ctx, d]
+        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).float()
+        keys = keys.repeat_interleave(n_heads // n_kv, dim=0)
+        values = values.repeat_interleave(n_heads // n_kv, dim=0)
+        scores = q[0, :, start:end].float() @ keys.transpose(1, 2) * scale  # [n_heads, q_len, ctx]
+        if logit_cap is not None:
+            scores = logit_cap * torch.tanh(scores / logit_cap)
+        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        scores = scores.masked_fill(~allowed_keys(q_pos, ctx, sliding_window), float("-inf"))
+        out[0, :, start:end] = (scores.softmax(-1) @ values).to(q.dtype)
+    return out
+
+
+@torch.library.custom_op("autodeploy::cached_attention_triton", mutates_args=_MUTATES)
+def cached_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
+    scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
+) -> Tensor:
+    """Triton backend (same contract). The kernel module is imported on first use, because
+    `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
+    from .triton_cached_attention import paged_attention
+
+    _check(q, k, k_cache)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap)
+
+
+def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
+          block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
+          logit_cap: float | None = None) -> Tensor:
+    return torch.empty_like(q)
+
+
+cached_attention.register_fake(_fake)
+cached_attention_triton.register_fake(_fake)
+
+CACHED_ATTENTION_BACKENDS = {
+    "torch": torch.ops.autodeploy.cached_attention.default,
+    "triton": torch.ops.autodeploy.cached_attention_triton.default,
+}

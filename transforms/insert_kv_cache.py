@@ -1,0 +1,116 @@
+"""insert_kv_cache: canonical attention -> paged cached attention; caches and metadata become inputs.
+
+The exported graph computes logits for a padded batch and recomputes everything every step. This
+rewrite gives it the packed ("flattened") interface of autodeploy/runtime/kv_cache.py: batch dim 1,
+all scheduled tokens of all sequences along the sequence dim, plus the metadata that tells the one
+non-token-wise op, attention, where sequences start and which cache blocks hold their past. The
+cache is allocated here, once, after the weights are loaded, so its size can come from the memory
+that is actually left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.graph import CodeGen
+
+from autodeploy.graph_utils import is_op, replace_with_call
+from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
+from autodeploy.runtime.kv_cache import (
+    KV_CACHE_KEY, METADATA_INPUTS, KVCachePool, LayerCacheShape, free_memory_bytes,
+)
+
+from .registry import Stage, Transform, TransformConfig, TransformContext, register
+
+
+@dataclass
+class InsertKVCacheConfig(TransformConfig):
+    block_size: int = 32  # tokens per cache block
+    dtype: str = "auto"  # cache dtype; auto = the model's dtype
+    num_blocks: int = 0  # explicit pool size; 0 = size it from free memory
+    # Share of the free memory the cache takes; None = 0.9 on GPU, 0.1 on CPU (the host runs
+    # everything else too, and CPU runs are tests and demos).
+    free_memory_fraction: float | None = None
+    backend: str = "auto"  # torch | triton; auto = triton on CUDA, torch elsewhere
+
+
+def _backend(name: str, device: torch.device):
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name not in CACHED_ATTENTION_BACKENDS:
+        raise ValueError(f"unknown cached attention backend '{name}' ({', '.join(CACHED_ATTENTION_BACKENDS)})")
+    return CACHED_ATTENTION_BACKENDS[name]
+
+
+def _cache_dtype(name: str, ctx: TransformContext) -> torch.dtype:
+    return ctx.dtype if name == "auto" else getattr(torch, name)
+
+
+def _num_blocks(cfg: InsertKVCacheConfig, bytes_per_block: int, device: torch.device) -> int:
+    if cfg.num_blocks > 0:
+        return cfg.num_blocks
+    fraction = cfg.free_memory_fraction
+    if fraction is None:
+        fraction = 0.9 if device.type == "cuda" else 0.1
+    blocks = int(free_memory_bytes(device) * fraction) // bytes_per_block
+    if blocks < 1:
+        raise MemoryError(f"no memory left for even one KV cache block ({bytes_per_block} bytes)")
+    return blocks
+
+
+def _layer_shape(attn: Node) -> LayerCacheShape:
+    k, v = attn.args[1].meta["val"], attn.args[2].meta["val"]
+    return LayerCacheShape(n_kv_heads=k.shape[1], k_head_dim=k.shape[3], v_head_dim=v.shape[3])
+
+
+def _packed_interface(gm: GraphModule, num_layers: int) -> tuple[dict[str, Node], list[tuple[Node, Node]]]:
+    """Switch to flat positional calling and add the metadata and cache placeholders."""
+    graph = gm.graph
+    graph._codegen = CodeGen()
+    gm.validate_inputs = False  # export's pre-hook checks calls against the old pytree input spec
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    while isinstance(result, (tuple, list)) and len(result) == 1:  # export's pytree output: ((logits,),)
+        result = result[0]
+    output.args = (result,)
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        names = list(METADATA_INPUTS) + [f"{kind}_cache_{i}" for i in range(num_layers) for kind in ("k", "v")]
+        nodes = []
+        for name in reversed(names):  # inserting right after `last` each time: reverse keeps the order
+            nodes.insert(0, graph.placeholder(name))
+    meta = dict(zip(METADATA_INPUTS, nodes))
+    caches = nodes[len(METADATA_INPUTS):]
+    return meta, list(zip(caches[0::2], caches[1::2]))
+
+
+@register
+class InsertKVCache(Transform):
+    name = "insert_kv_cache"
+    stage = Stage.CACHE
+    config_cls = InsertKVCacheConfig
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        attention = [n for n in gm.graph.nodes if is_op(n, torch.ops.autodeploy.attention)]
+        if not attention:
+            return {"cached_attention": 0}
+        cfg = self.config
+        shapes = [_layer_shape(n) for n in attention]
+        dtype = _cache_dtype(cfg.dtype, ctx)
+        num_blocks = _num_blocks(cfg, KVCachePool.bytes_per_block(shapes, cfg.block_size, dtype), ctx.device)
+        op = _backend(cfg.backend, ctx.device)
+
+        meta, caches = _packed_interface(gm, len(attention))
+        for node, (k_cache, v_cache) in zip(attention, caches):
+            q, k, v, scale, *rest = node.args
+            sliding_window = rest[0] if len(rest) > 0 else node.kwargs.get("sliding_window")
+            logit_cap = rest[1] if len(rest) > 1 else node.kwargs.get("logit_cap")
+            args = (q, k, v, k_cache, v_cache, *meta.values(), scale, sliding_window, logit_cap)
+            replace_with_call(gm, node, op, args)
+        gm.meta[KV_CACHE_KEY] = KVCachePool.allocate(shapes, cfg.block_size, num_blocks, dtype, ctx.device)
+        return {"cached_attention": len(attention), "cache_blocks": num_blocks}
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        return {"cached_attention": ctx.source.config.get_text_config().num_hidden_layers}
