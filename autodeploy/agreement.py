@@ -52,13 +52,32 @@ def eos_token_ids(hf_model) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
+def runtime_greedy_tokens(opt: OptimizedModel, prompt_ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy tokens from the in-flight runtime (paged KV cache), cut after the first EOS."""
+    from .llm import LLM
+    from .runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    tokens = LLM.from_optimized(opt).generate([list(prompt_ids)], params)[0].token_ids
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
 @torch.inference_mode()
 def compare(opt: OptimizedModel, hf_model, prompt_ids: list[int], max_new_tokens: int) -> Agreement:
-    """Greedy continuation from both; logits of both over HF's full sequence."""
+    """Greedy continuation from both (ours through the runtime when the graph has a KV cache);
+    logits of both over HF's full sequence."""
+    from .runtime.kv_cache import kv_cache_of
+
     prompt = torch.tensor([prompt_ids], device=opt.device)
     eos = eos_token_ids(hf_model)
     hf_tokens = greedy_tokens(lambda ids: hf_model(ids, use_cache=False).logits, prompt, max_new_tokens, eos)
-    ours_tokens = greedy_tokens(opt.logits, prompt, max_new_tokens, eos)
+    if kv_cache_of(opt.gm) is not None:
+        ours_tokens = runtime_greedy_tokens(opt, prompt_ids, max_new_tokens, eos)
+    else:
+        ours_tokens = greedy_tokens(opt.logits, prompt, max_new_tokens, eos)
     full = torch.tensor([prompt_ids + hf_tokens], device=opt.device)
     ref = hf_model(full, use_cache=False).logits.float()
     diff = (opt.logits(full).float() - ref).abs().max().item()

@@ -39,15 +39,6 @@ def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def _tokenizer_or_none(source):
-    from .loading import load_tokenizer
-
-    try:
-        return load_tokenizer(source)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 def _print_table(reports) -> None:
     rows = [("transform", "stage", "matched", "nodes", "seconds")]
     for r in reports:
@@ -66,6 +57,7 @@ def _print_table(reports) -> None:
 
 def cmd_optimize(args) -> int:
     from .agreement import compare, load_hf_reference
+    from .loading import load_tokenizer_or_none
     from .optimizer import optimize_model
 
     _split_overrides(args)
@@ -81,7 +73,7 @@ def cmd_optimize(args) -> int:
         "check": None,
     }
     if opt.source.weight_files and args.max_tokens > 0:
-        tokenizer = _tokenizer_or_none(opt.source)
+        tokenizer = load_tokenizer_or_none(opt.source)
         if tokenizer is None:  # a bare checkpoint: check on token ids alone
             prompt_ids, decode = list(range(1, 9)), str
         else:

@@ -44,7 +44,7 @@ def _eos_ids(source, tokenizer) -> set[int]:
     """EOS ids from the generation config (may be several) and the tokenizer."""
     from transformers import GenerationConfig
 
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
     try:
         eos = GenerationConfig.from_pretrained(source.path).eos_token_id
     except OSError:  # no generation_config.json
@@ -74,7 +74,7 @@ class LLM:
         return llm
 
     def _start(self, model: OptimizedModel, settings: EngineSettings) -> None:
-        from .loading import load_tokenizer
+        from .loading import load_tokenizer_or_none
         from .runtime.kv_cache import kv_cache_of
 
         if kv_cache_of(model.gm) is None:
@@ -84,7 +84,7 @@ class LLM:
         if settings.max_num_tokens > export_max:
             raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
         self.model = model
-        self.tokenizer = load_tokenizer(model.source)
+        self.tokenizer = load_tokenizer_or_none(model.source)
         config = model.source.config.get_text_config()
         self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
                              settings, getattr(config, "max_position_embeddings", None))
@@ -94,6 +94,8 @@ class LLM:
     def _submit(self, prompt: Prompt, params: SamplingParams | None) -> str:
         params = params if params is not None else SamplingParams()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model.source.name} has no tokenizer: pass prompts as lists of token ids")
             request_id = self.engine.add_request(self.tokenizer(prompt)["input_ids"], params, prompt=prompt)
         else:
             request_id = self.engine.add_request(list(prompt), params)

@@ -180,3 +180,11 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+
+
+def load_tokenizer_or_none(source: ModelSource):
+    """The tokenizer, or None for a bare checkpoint (then prompts are token ids and text is empty)."""
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError, TypeError):
+        return None

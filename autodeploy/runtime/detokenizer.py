@@ -21,6 +21,8 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)  # tokens before this are already emitted
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # a checkpoint without tokenizer files: token ids only
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
