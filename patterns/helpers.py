@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
-from torch.fx import GraphModule, Node
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import tree_leaves, tree_map
 
 import autodeploy.kernels  # noqa: F401  (registers torch.ops.autodeploy.*, used in LINEAR_OPS)
 from autodeploy.graph_utils import graph_modules, is_op
@@ -121,6 +123,22 @@ def is_last_dim(dim: int, node: Node) -> bool:
     """Whether `dim` indexes the last dimension of `node`'s tensor."""
     ndim = val(node).dim()
     return dim % ndim == ndim - 1
+
+
+def insert_call(graph: Graph, target, args: tuple) -> Node:
+    """`graph.call_function(target, args)` at the current insertion point, with its FakeTensor in meta.
+
+    Matchers read shapes and dtypes from meta["val"]; a node a transform inserts without one (e.g.
+    cos/sin derived from complex frequencies) would be opaque to every matcher that runs after it.
+    """
+    node = graph.call_function(target, args)
+    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, args)
+    known = all(val(a) is not None for a in tree_leaves(args) if isinstance(a, Node))
+    mode = detect_fake_mode(tree_leaves(fake_args)) if known else None
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fake_args)
+    return node
 
 
 def find_matches(gm: GraphModule, matcher: Callable[[Node], M | None]) -> Iterator[tuple[GraphModule, M]]:

@@ -6,11 +6,19 @@ Anchored on the rotation, which no other common subgraph produces:
 then forward to mul(rotated, sin) and add(mul(x, cos), .). cos/sin are whatever graph tensors are
 multiplied in (RoPE scaling variants only change how those are computed). Partial rotary works
 because x is then the rotary slice of the head.
+
+Two forms compute the pairwise rotation without a rotation node; they have no x/cos/sin tensors of
+the canonical op's layout in the graph, so their matches say what to build them from:
+  complex      (DeepSeek-V2, Meta's Llama):
+      view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * freqs_cis).flatten(-2)    -> ComplexRopeMatch
+  split pairs  (DeepSeek-V3, rope_interleave):  with x1, x2 = x[..., 0::2], x[..., 1::2]
+      cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)                               -> SplitPairsRopeMatch
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import Node
@@ -21,6 +29,7 @@ from .helpers import bind_args, binary_operands, is_last_dim, same_tensor, val
 
 aten = torch.ops.aten
 _TO_END = 2**62  # slice ends at or past this (HF writes `x[..., h:]`, export stores INT64_MAX)
+_RESHAPES = (aten.flatten, aten.view, aten.reshape, aten._unsafe_view)
 
 
 @dataclass
@@ -30,6 +39,34 @@ class RopeMatch:
     cos: Node
     sin: Node
     interleaved: bool
+
+
+@dataclass
+class ComplexRopeMatch:
+    """x's adjacent pairs as complex numbers times freqs_cis = e^{i theta} (times a scale, e.g. yarn's).
+
+    That is the interleaved rotation with cos/sin = real/imaginary part of freqs_cis, each repeated
+    twice along the last dim.
+    """
+
+    output: Node
+    x: Node  # real, [..., d]
+    freqs_cis: Node  # complex, [..., d/2] broadcastable against x's pairs
+
+
+@dataclass
+class SplitPairsRopeMatch:
+    """The interleaved rotation written on x's even/odd slices, output in rotate-half layout.
+
+    Equals rotate-half RoPE applied to cat([even, odd], -1) with cos/sin = cat([cos, cos], -1),
+    which is how DeepSeek-V3's original code computed it (de-interleave, then rotate_half).
+    """
+
+    output: Node
+    even: Node  # x[..., 0::2]
+    odd: Node  # x[..., 1::2]
+    cos: Node  # [..., d/2]
+    sin: Node
 
 
 def _slice(node: Node, source: Node | None = None) -> tuple[Node, int, int, int] | None:
@@ -47,7 +84,7 @@ def _slice(node: Node, source: Node | None = None) -> tuple[Node, int, int, int]
 
 def _halves_source(cat: Node) -> Node | None:
     """cat([-x[..., h:], x[..., :h]], -1) with h = d / 2 -> x."""
-    if not is_op(cat, aten.cat) or len(cat.args[0]) != 2 or not is_last_dim(bind_args(cat)["dim"], cat):
+    if not is_op(cat, aten.cat) or not _is_last_dim_cat(cat):
         return None
     neg, low = cat.args[0]
     if not is_op(neg, aten.neg):
@@ -63,25 +100,38 @@ def _halves_source(cat: Node) -> Node | None:
     return x
 
 
+def _strided_pairs_source(even: Any, odd: Any) -> Node | None:
+    """x[..., 0::2] and x[..., 1::2] of one x -> x."""
+    if not isinstance(even, Node) or not isinstance(odd, Node):
+        return None
+    even_slice = _slice(even)
+    if even_slice is None:
+        return None
+    x = even_slice[0]
+    odd_slice = _slice(odd, x)
+    size = val(x).shape[-1]
+    if odd_slice is None or even_slice[1:] != (0, size, 2) or odd_slice[1:] != (1, size, 2):
+        return None
+    return x
+
+
+def _is_last_dim_cat(node: Node) -> bool:
+    """cat or stack of two tensors along the last dim."""
+    return len(node.args[0]) == 2 and is_last_dim(bind_args(node)["dim"], node)
+
+
 def _pairs_source(flat: Node) -> Node | None:
     """stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2) -> x."""
-    if not is_op(flat, (aten.flatten, aten.view, aten.reshape, aten._unsafe_view)):
+    if not is_op(flat, _RESHAPES):
         return None
     stack = flat.args[0]
-    if not is_op(stack, aten.stack) or len(stack.args[0]) != 2 or not is_last_dim(bind_args(stack)["dim"], stack):
+    if not is_op(stack, aten.stack) or not _is_last_dim_cat(stack):
         return None
     neg, even = stack.args[0]
     if not is_op(neg, aten.neg):
         return None
-    odd = _slice(neg.args[0])
-    if odd is None:
-        return None
-    x = odd[0]
-    even = _slice(even, x)
-    size = val(x).shape[-1]
-    if even is None or odd[1:] != (1, size, 2) or even[1:] != (0, size, 2):
-        return None
-    return x if val(flat).shape == val(x).shape else None
+    x = _strided_pairs_source(even, neg.args[0])
+    return x if x is not None and val(flat).shape == val(x).shape else None
 
 
 def _product_with(x_like: Node, mul: Node) -> Node | None:
@@ -95,7 +145,21 @@ def _product_with(x_like: Node, mul: Node) -> Node | None:
     return None
 
 
-def match_rope(node: Node) -> RopeMatch | None:
+def _unscaled_operands(node: Any, op) -> tuple[Any, Any] | None:
+    """(a, b) of add(a, b) / sub(a, b) with alpha 1 (op picks which), else None."""
+    operands = binary_operands(node, op) if isinstance(node, Node) else None
+    if operands is None or len(node.args) > 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    return operands
+
+
+def _factor_orders(mul: Any) -> list[tuple[Any, Any]]:
+    """Both orders of mul's operands ([] when `mul` is no mul), for matching commutative products."""
+    operands = binary_operands(mul, aten.mul) if isinstance(mul, Node) else None
+    return [operands, operands[::-1]] if operands is not None else []
+
+
+def _rotation_rope(node: Node) -> RopeMatch | None:
     """Anchor: a rotation node (see module doc); returns the whole x * cos + rotate(x) * sin."""
     interleaved = False
     source = _halves_source(node)
@@ -108,15 +172,89 @@ def match_rope(node: Node) -> RopeMatch | None:
         if sin is None:
             continue
         for add in sin_mul.users:
-            operands = binary_operands(add, aten.add)
-            if operands is None or len(add.args) > 2 or add.kwargs.get("alpha", 1) != 1:
+            operands = _unscaled_operands(add, aten.add)
+            if operands is None:
                 continue
             cos_mul = operands[1] if operands[0] is sin_mul else operands[0]
-            if not isinstance(cos_mul, Node) or not is_op(cos_mul, aten.mul):
-                continue
-            for x, cos in (cos_mul.args, cos_mul.args[::-1]):
+            for x, cos in _factor_orders(cos_mul):
                 if same_tensor(x, source) and isinstance(cos, Node):
                     out = val(add)
                     if out.shape == val(x).shape and out.dtype == val(x).dtype:
                         return RopeMatch(add, x, cos, sin, interleaved)
+    return None
+
+
+def _complex_pairs_source(pairs: Any) -> Node | None:
+    """view_as_complex(x.reshape(..., d/2, 2)) -> x."""
+    if not isinstance(pairs, Node) or not is_op(pairs, aten.view_as_complex) or not is_op(pairs.args[0], _RESHAPES):
+        return None
+    x = pairs.args[0].args[0]
+    shape = val(x).shape
+    return x if tuple(val(pairs.args[0]).shape) == (*shape[:-1], shape[-1] // 2, 2) else None
+
+
+def _is_complex(node: Any) -> bool:
+    return val(node) is not None and val(node).is_complex()
+
+
+def _complex_rope(flat: Node) -> ComplexRopeMatch | None:
+    """Anchor: view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * freqs_cis).flatten(-2).
+
+    Anchored on the last node: the matched subgraph is erased on replacement, and nodes after the
+    anchor are still to be visited.
+    """
+    if not is_op(flat, _RESHAPES) or not is_op(flat.args[0], aten.view_as_real):
+        return None
+    product = flat.args[0].args[0]
+    for pairs, freqs in _factor_orders(product):
+        x = _complex_pairs_source(pairs)
+        if x is None or not _is_complex(freqs):
+            continue
+        pairs_shape = val(pairs).shape
+        if val(product).shape == pairs_shape and val(freqs).shape[-1] == pairs_shape[-1]:
+            out = val(flat)
+            if out.shape == val(x).shape and out.dtype == val(x).dtype:
+                return ComplexRopeMatch(flat, x, freqs)
+    return None
+
+
+def _products(node: Any, op) -> set[frozenset] | None:
+    """op(a * b, c * d) with alpha 1 -> {{a, b}, {c, d}}: the factors, order-free."""
+    operands = _unscaled_operands(node, op)
+    if operands is None or not all(_factor_orders(t) for t in operands):
+        return None
+    return {frozenset(t.args[:2]) for t in operands}
+
+
+def _split_pairs_rope(cat: Node) -> SplitPairsRopeMatch | None:
+    """Anchor: cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1) (see module doc)."""
+    if not is_op(cat, aten.cat) or not _is_last_dim_cat(cat):
+        return None
+    difference, total = cat.args[0]
+    operands = _unscaled_operands(difference, aten.sub)
+    total = _products(total, aten.add)
+    if operands is None or total is None:
+        return None
+    for even, cos in _factor_orders(operands[0]):
+        for odd, sin in _factor_orders(operands[1]):
+            x = _strided_pairs_source(even, odd)
+            if x is None or total != {frozenset((odd, cos)), frozenset((even, sin))}:
+                continue
+            half = val(x).shape[-1] // 2
+            halves = all(isinstance(t, Node) and val(t).shape[-1] == half for t in (cos, sin))
+            out = val(cat)
+            if halves and out.shape == val(x).shape and out.dtype == val(x).dtype:
+                return SplitPairsRopeMatch(cat, even, odd, cos, sin)
+    return None
+
+
+AnyRopeMatch = RopeMatch | ComplexRopeMatch | SplitPairsRopeMatch
+
+
+def match_rope(node: Node) -> AnyRopeMatch | None:
+    """Any form of the module doc, each anchored on the node that identifies it."""
+    for form in (_rotation_rope, _complex_rope, _split_pairs_rope):
+        match = form(node)
+        if match is not None:
+            return match
     return None

@@ -1,8 +1,9 @@
 """Pattern transforms end to end on tiny random-weight HF models, against HF eager on the same weights.
 
 Each config keeps its family's distinguishing features (llama3 rope scaling, sliding windows,
-attention bias, q/k norms, soft caps and Gemma's norms, Phi-3's fused projections), because those are
-what the matchers must see through.
+attention bias, q/k norms, soft caps and Gemma's norms, Phi-3's fused projections, GPT-2's Conv1D and
+Falcon's matmul linears, DeepSeek-V2's complex-number rope with yarn scaling), because those are what
+the matchers must see through.
 """
 
 from __future__ import annotations
@@ -43,7 +44,29 @@ CONFIGS = {
     "phi3": lambda: transformers.Phi3Config(
         **{**_SMALL, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1, eos_token_id=2
     ),
+    "gpt2": lambda: transformers.GPT2Config(  # Conv1D projections: addmm with [in, out] weights
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, activation_function="gelu_new",
+    ),
+    "falcon": lambda: transformers.FalconConfig(  # FalconLinear: x @ W.T + b
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        parallel_attn=True, bias=True, alibi=False, new_decoder_architecture=False, max_position_embeddings=256,
+    ),
+    "deepseek_v2": lambda: transformers.DeepseekV2Config(  # MLA, complex rope, MoE with a shared expert
+        **{**_SMALL, "num_key_value_heads": 4}, moe_intermediate_size=32, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+        topk_method="greedy", rope_scaling={  # mscale != mscale_all_dim: freqs_cis has magnitude 1.04, not 1
+            "type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 32,
+            "beta_slow": 1, "original_max_position_embeddings": 64,
+        },
+    ),
 }
+
+# Canonical ops per layer: Llama-shaped families have all three; the others say what they have.
+_LLAMA_LAYER = {"attention": 1, "rope": 2, "gated_mlp": 1}
+PER_LAYER = {"gpt2": {"attention": 1}, "falcon": {"attention": 1, "rope": 2}}
+# Linears computed with F.linear outside any nn.Linear module, which match_linear's expected() counts.
+UNCOUNTED_LINEARS = {"deepseek_v2": 1}  # the MoE router of the one MoE layer
 
 # (family, attn_implementation); Gemma 2 refuses sdpa at construction, see `_build`.
 CASES = [(f, "sdpa") for f in CONFIGS] + [("llama3", "eager"), ("gemma2", "eager"), ("phi3", "eager")]
@@ -71,8 +94,21 @@ def _eager_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tens
         model.config._attn_implementation = implementation
 
 
-def _count(gm, op) -> int:
-    return sum(is_op(n, op) for m in graph_modules(gm) for n in m.graph.nodes)
+_ATEN = torch.ops.aten
+# What the pattern transforms replace; any of these left means a layer was missed.
+LEFTOVER_OPS = (
+    _ATEN.scaled_dot_product_attention, _ATEN.softmax, _ATEN._softmax, _ATEN.rsqrt, _ATEN.linear,
+    _ATEN.matmul, _ATEN.mm, _ATEN.addmm, _ATEN.view_as_complex,
+)
+
+
+def _in_router(node: torch.fx.Node) -> bool:
+    """Traced inside a MoE router module, whose softmax is routing, not attention."""
+    return any(str(cls).endswith("Router") for _, cls in node.meta.get("nn_module_stack", {}).values())
+
+
+def _leftovers(gm) -> list[str]:
+    return [n.name for m in graph_modules(gm) for n in m.graph.nodes if is_op(n, LEFTOVER_OPS) and not _in_router(n)]
 
 
 def _export_and_match(model, config) -> tuple[torch.fx.GraphModule, dict[str, int], dict[str, int]]:
@@ -104,14 +140,13 @@ def test_pattern_transforms_match_hf_eager(family: str, attn_implementation: str
     model, config = _build(family, attn_implementation)
     gm, matched, expected = _export_and_match(model, config)
 
-    layers = config.num_hidden_layers
-    assert matched["attention"] == layers
-    assert matched["rope"] == 2 * layers
-    assert matched["gated_mlp"] == layers
-    assert matched == expected  # norms (incl. q/k and Gemma's four per layer) and linears, all found
-    aten = torch.ops.aten
-    leftovers = (aten.scaled_dot_product_attention, aten.softmax, aten._softmax, aten.rsqrt, aten.linear)
-    assert _count(gm, leftovers) == 0
+    per_layer = PER_LAYER.get(family, _LLAMA_LAYER)
+    for kind in _LLAMA_LAYER:
+        assert matched[kind] == per_layer.get(kind, 0) * config.num_hidden_layers, kind
+    # norms (incl. q/k and Gemma's four per layer) and linears (Conv1D and FalconLinear too), all found
+    expected["linear"] += UNCOUNTED_LINEARS.get(family, 0)
+    assert {kind: matched[kind] for kind in expected} == expected
+    assert _leftovers(gm) == []
 
     got, want = _logits(gm, model, config)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())

@@ -17,16 +17,21 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rope
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb as deepseek_v2_rope
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave as deepseek_v3_rope
+from transformers.models.falcon.modeling_falcon import FalconLinear
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm, eager_attention_forward
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb as llama_rope
 from transformers.models.llama.modeling_llama import repeat_kv
 from transformers.models.phi3.modeling_phi3 import Phi3MLP
+from transformers.pytorch_utils import Conv1D
 
 from autodeploy.graph_utils import finalize, graph_modules, is_op
 from autodeploy.transforms import TRANSFORMS, TransformContext
 
 ops = torch.ops.autodeploy
+aten = torch.ops.aten
 B, H, H_KV, S, D = 2, 4, 2, 7, 16
 _CONFIG = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="silu")
 
@@ -104,10 +109,18 @@ def _partial_rope(self, q, k, cos, sin):
     return torch.cat((q_rot, q_pass), -1), torch.cat((k_rot, k_pass), -1)
 
 
-ROPE_CASES = {
+def _complex_rope(self, q, k, cos, sin):
+    """DeepSeek-V2 / Meta Llama: pairs of q, k as complex numbers times freqs_cis (scaled, as yarn does)."""
+    freqs_cis = torch.complex(cos[..., ::2], sin[..., ::2]) * 0.7
+    return deepseek_v2_rope(q, k, freqs_cis)
+
+
+ROPE_CASES = {  # fn, interleaved (the canonical op's form; the cos/sin inputs are in that layout), rotary dim
     "llama": (lambda self, q, k, c, s: llama_rope(q, k, c, s), False, D),
     "cohere": (lambda self, q, k, c, s: cohere_rope(q, k, c, s), True, D),
     "partial": (_partial_rope, False, D // 2),
+    "complex": (_complex_rope, True, D),
+    "split_pairs": (lambda self, q, k, c, s: deepseek_v3_rope(q, k, c, s), False, D),  # DeepSeek-V3
 }
 
 
@@ -135,6 +148,16 @@ def test_rope_with_uneven_split_is_not_matched() -> None:
 
     cos, sin = _cos_sin(D, False)
     inputs = (torch.randn(B, H, S, D), cos[:, None], sin[:, None])
+    assert rewrite(Fn(not_rope), inputs, "match_rope")[1] == {"rope": 0}
+
+
+def test_rope_split_pairs_with_wrong_sign_is_not_matched() -> None:
+    def not_rope(self, x, cos, sin):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+    freqs = torch.randn(B, 1, S, D // 2)
+    inputs = (torch.randn(B, H, S, D), freqs.cos(), freqs.sin())
     assert rewrite(Fn(not_rope), inputs, "match_rope")[1] == {"rope": 0}
 
 
@@ -274,3 +297,37 @@ def test_linear_with_and_without_bias() -> None:
     assert matched == {"linear": 2} and _count(gm, torch.ops.aten.linear) == 0
     biases = [n.args[2] for n in gm.graph.nodes if is_op(n, ops.linear)]
     assert biases[0] is not None and biases[1] is None
+
+
+def _linears(gm) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if is_op(n, ops.linear)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_as_matmul_with_transposed_weight(bias: bool) -> None:
+    """Falcon's FalconLinear: x @ self.weight.T (+ self.bias)."""
+    module = Fn(lambda self, x: self.proj(x), proj=FalconLinear(32, 48, bias=bias))
+    gm, matched = rewrite(module, (torch.randn(B, S, 32),), "match_linear")
+    assert matched == {"linear": 1} and _count(gm, (aten.matmul, aten.numpy_T, aten.add)) == 0
+    ((_, weight, b),) = [n.args for n in _linears(gm)]
+    assert weight.op == "get_attr" and (b is not None) is bias
+
+
+@pytest.mark.parametrize("shape", [(B, S, 32), (B * S, 32)], ids=["3d", "2d"])
+def test_linear_as_addmm_with_in_out_weight(shape: tuple[int, ...]) -> None:
+    """GPT-2's Conv1D: addmm(bias, x.view(-1, in), weight[in, out]).view(..., out)."""
+    proj = Conv1D(48, 32)
+    proj.bias.data = torch.randn(48)
+    gm, matched = rewrite(Fn(lambda self, x: self.proj(x), proj=proj), (torch.randn(shape),), "match_linear")
+    assert matched == {"linear": 1} and _count(gm, aten.addmm) == 0
+    ((x, weight, b),) = [n.args for n in _linears(gm)]
+    assert x.op == "placeholder"  # the linear takes x in its own shape: the 2-D view is gone
+    assert is_op(weight, aten.t) and weight.args[0].op == "get_attr" and b.op == "get_attr"
+
+
+def test_matmul_without_a_weight_parameter_is_not_matched() -> None:
+    holder = nn.Module()
+    holder.register_buffer("table", torch.randn(48, 32))
+    module = Fn(lambda self, x, y: x @ y.T + x @ self.holder.table.T, holder=holder)
+    inputs = (torch.randn(B, S, 32), torch.randn(48, 32))
+    assert rewrite(module, inputs, "match_linear")[1] == {"linear": 0}

@@ -21,8 +21,8 @@ aten = torch.ops.aten
 
 def _repeated_part(parts: Node, index: int) -> Node:
     """Real (0) or imaginary (1) part of view_as_real(freqs_cis), each element repeated twice."""
-    graph = parts.graph
-    return insert_call(graph, aten.repeat_interleave.self_int, (insert_call(graph, aten.select.int, (parts, -1, index)), 2, -1))
+    part = insert_call(parts.graph, aten.select.int, (parts, -1, index))
+    return insert_call(parts.graph, aten.repeat_interleave.self_int, (part, 2, -1))
 
 
 def _complex_operands(match: ComplexRopeMatch) -> tuple[Node, Node, Node, bool]:
