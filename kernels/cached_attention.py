@@ -44,6 +44,11 @@ def allowed_keys(q_pos: Tensor, num_keys: int, sliding_window: int | None) -> Te
     return allowed
 
 
+def _output_like(q: Tensor, v: Tensor) -> Tensor:
+    """[1, n_heads, T, d_v]: the value head dim may differ from q/k's (DeepSeek MLA)."""
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
 def _check(q: Tensor, k: Tensor, k_cache: Tensor) -> None:
     if q.shape[0] != 1 or k.shape[0] != 1:
         raise ValueError(f"cached_attention takes a packed batch (batch dim 1), got q {tuple(q.shape)}")
@@ -61,7 +66,7 @@ def cached_attention(
     _check(q, k, k_cache)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     n_heads, n_kv, block_size = q.shape[1], k.shape[1], k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = _output_like(q, v)
     starts, lens = cu_seqlens.tolist(), seq_lens.tolist()
     for b, ctx in enumerate(lens):
         start, end = starts[b], starts[b + 1]
@@ -97,7 +102,7 @@ def cached_attention_triton(
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
           block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
           logit_cap: float | None = None) -> Tensor:
-    return torch.empty_like(q)
+    return _output_like(q, v)
 
 
 cached_attention.register_fake(_fake)

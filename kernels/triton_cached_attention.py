@@ -22,9 +22,10 @@ BLOCK_N = 32
 def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
-    stride_cb, stride_cs, stride_ch, stride_cd, stride_bt,
+    stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     num_seqs, page_size, scale, sliding_window, logit_cap,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -42,6 +43,8 @@ def _paged_attention_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < q_len
         d_valid = offs_d < HEAD_DIM
+        offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim may differ from q/k's (MLA)
+        dv_valid = offs_dv < V_DIM
         q_pos = ctx - q_len + offs_m
         q_ptrs = q_ptr + head * stride_qh + (q_start + offs_m)[:, None] * stride_qt + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
@@ -54,16 +57,18 @@ def _paged_attention_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for n_start in range(key_begin, key_end, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             n_valid = offs_n < key_end
             block = tl.load(block_tables_ptr + b * stride_bt + offs_n // page_size, mask=n_valid, other=0)
-            kv_offs = (block.to(tl.int64) * stride_cb + (offs_n % page_size) * stride_cs + kv_head * stride_ch)[:, None] \
+            row = block.to(tl.int64)
+            k_offs = (row * stride_cb + (offs_n % page_size) * stride_cs + kv_head * stride_ch)[:, None] \
                 + offs_d[None, :] * stride_cd
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+            v_offs = (row * stride_vb + (offs_n % page_size) * stride_vs + kv_head * stride_vh)[:, None] \
+                + offs_dv[None, :] * stride_vd
+            k = tl.load(k_cache_ptr + k_offs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs, mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
 
             s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale
             if HAS_CAP:
@@ -82,8 +87,8 @@ def _paged_attention_kernel(
             m_i = m_new
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + head * stride_oh + (q_start + offs_m)[:, None] * stride_ot + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+        o_ptrs = out_ptr + head * stride_oh + (q_start + offs_m)[:, None] * stride_ot + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dv_valid[None, :])
 
 
 def paged_attention(
@@ -95,16 +100,18 @@ def paged_attention(
     _, n_heads, num_tokens, head_dim = q.shape
     n_kv = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
-    out = torch.empty_like(q)
+    v_dim = v_cache.shape[3]
+    out = q.new_empty(1, n_heads, num_tokens, v_dim)
     if num_tokens == 0:
         return out
     grid = (num_tokens // BLOCK_M + num_seqs, n_heads)
     _paged_attention_kernel[grid](
         q, out, k_cache, v_cache, cu_seqlens, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
-        *k_cache.stride(), block_tables.stride(0),
+        *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         num_seqs, k_cache.shape[1], scale, sliding_window or 0, logit_cap or 0.0,
         GROUP=n_heads // n_kv, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_B=triton.next_power_of_2(num_seqs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -25,13 +25,14 @@ def dense_attention(q, k, v, scale, sliding_window=None, logit_cap=None):
     return s.softmax(-1) @ v
 
 
-def packed_case(seqs, n_heads, n_kv, head_dim, num_blocks=64, seed=0):
+def packed_case(seqs, n_heads, n_kv, head_dim, num_blocks=64, seed=0, v_head_dim=None):
     """Random packed batch: `seqs` is a list of (cached_len, new_len); blocks are handed out shuffled.
 
     Returns op arguments plus each sequence's full k/v and queries for a dense check."""
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.zeros(num_blocks, BLOCK_SIZE, n_kv, head_dim)
-    v_cache = torch.zeros_like(k_cache)
+    v_head_dim = v_head_dim or head_dim
+    v_cache = torch.zeros(num_blocks, BLOCK_SIZE, n_kv, v_head_dim)
     free = torch.randperm(num_blocks, generator=g).tolist()
     max_blocks = max(-(-(c + n) // BLOCK_SIZE) for c, n in seqs)
     block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
@@ -42,12 +43,12 @@ def packed_case(seqs, n_heads, n_kv, head_dim, num_blocks=64, seed=0):
         blocks = [free.pop() for _ in range(-(-total // BLOCK_SIZE))]
         block_tables[b, : len(blocks)] = torch.tensor(blocks)
         k_all = torch.randn(n_kv, total, head_dim, generator=g)
-        v_all = torch.randn(n_kv, total, head_dim, generator=g)
+        v_all = torch.randn(n_kv, total, v_head_dim, generator=g)
         q_new = torch.randn(n_heads, new, head_dim, generator=g)
         pos_slots = [blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(total)]
         for p in range(cached):  # earlier steps already wrote these
             k_cache.view(-1, n_kv, head_dim)[pos_slots[p]] = k_all[:, p]
-            v_cache.view(-1, n_kv, head_dim)[pos_slots[p]] = v_all[:, p]
+            v_cache.view(-1, n_kv, v_head_dim)[pos_slots[p]] = v_all[:, p]
         slots += pos_slots[cached:]
         qs.append(q_new), ks.append(k_all[:, cached:]), vs.append(v_all[:, cached:])
         full.append((q_new, k_all, v_all))
@@ -102,6 +103,18 @@ def test_triton_window_and_cap(sliding_window, logit_cap):
     ref_args = tuple(a.clone() for a in args)
     want = torch.ops.autodeploy.cached_attention(*ref_args, 0.125, sliding_window, logit_cap)
     got = torch.ops.autodeploy.cached_attention_triton(*args, 0.125, sliding_window, logit_cap)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_value_head_dim_may_differ_from_query_head_dim():
+    """DeepSeek's MLA attends with q/k head dim 48 and v head dim 32 (zoo config)."""
+    args, full = packed_case(MIXED, n_heads=4, n_kv=4, head_dim=48, v_head_dim=32, seed=5)
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, 0.2)
+    cu = args[5].tolist()
+    for b, (q, k, v) in enumerate(full):
+        torch.testing.assert_close(want[0, :, cu[b]:cu[b + 1]], dense_attention(q, k, v, 0.2), atol=1e-5, rtol=1e-5)
+    got = torch.ops.autodeploy.cached_attention_triton(*args, 0.2)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
