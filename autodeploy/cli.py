@@ -109,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_optimize)
 
+    from .cli_bench import register as register_bench
     from .cli_generate import register as register_generate
     from .model_zoo_ci.cli import register as register_zoo
 
     register_generate(sub)
+    register_bench(sub)
     register_zoo(sub)
     return parser
 

@@ -13,6 +13,7 @@ from torch.fx import GraphModule
 
 from .batch import Chunk
 from .block_manager import BlockManager
+from .cuda_graphs import DEFAULT_BATCH_SIZES, buckets_to_capture
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
 from .outputs import RequestOutput
@@ -29,6 +30,8 @@ class EngineSettings:
     max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = min(2048, export.max_seq_len)
     max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
     seed: int | None = None  # seed of the generator shared by unseeded sampling requests
+    # Decode batch sizes captured as CUDA graphs (CUDA only); () = always eager.
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
 
 
 @dataclass(eq=False)
@@ -45,13 +48,20 @@ class Engine:
                  model_max_len: int | None = None):
         self.executor = ModelExecutor(gm)
         pool = self.executor.pool
-        self.blocks = BlockManager(pool.num_blocks, pool.block_size)
+        graph_sizes = buckets_to_capture(tuple(settings.cuda_graph_batch_sizes), settings.max_batch_size,
+                                         settings.max_num_tokens)
+        use_graphs = self.executor.device.type == "cuda" and bool(graph_sizes) and pool.num_blocks > 1
+        num_blocks = pool.num_blocks - 1 if use_graphs else pool.num_blocks  # the last: graphs' scratch block
+        self.blocks = BlockManager(num_blocks, pool.block_size)
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens)
         self.sampler = Sampler(settings.seed)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.cache_tokens = pool.num_blocks * pool.block_size
+        self.cache_tokens = num_blocks * pool.block_size
         self.max_seq_len = min(settings.max_seq_len or model_max_len or self.cache_tokens, self.cache_tokens)
+        if use_graphs:
+            self.executor.capture_decode_graphs(graph_sizes, self.blocks.blocks_for(self.max_seq_len),
+                                                scratch_block=num_blocks)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -98,13 +108,14 @@ class Engine:
         self.num_preemptions += len(plan.preempted)
         if not plan.chunks:
             return outputs
-        batch = self.executor.pack([
+        logits = self.executor.last_token_logits([
             Chunk(c.seq.token_ids(c.seq.num_computed, c.seq.num_computed + c.num_tokens), c.seq.num_computed,
                   c.seq.block_ids)
             for c in plan.chunks
         ])
         sampling = [i for i, c in enumerate(plan.chunks) if c.completes]
-        logits = self.executor.forward(batch)[batch.last_token_rows[sampling]]
+        if len(sampling) < len(plan.chunks):  # a prompt chunk that does not reach its end samples nothing
+            logits = logits[sampling]
         for c in plan.chunks:
             c.seq.num_computed += c.num_tokens
         seqs = [plan.chunks[i].seq for i in sampling]

@@ -1,0 +1,71 @@
+"""The device side of a benchmark: synchronized clocks, copy bandwidth, weight bytes, versions.
+
+Batch-1 decode reads every weight once per token, so its ceiling is weight bytes over memory
+bandwidth. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+counting the bytes read plus the bytes written, median of several timed repeats.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """perf_counter after all queued device work has finished."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def elapsed(fn, device: torch.device) -> float:
+    """Seconds `fn` takes on the device: CUDA events (no host launch or sync overhead), else a clock."""
+    if device.type != "cuda":
+        start = now(device)
+        fn()
+        return now(device) - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20) -> float:
+    """Bytes per second of `dst.copy_(src)` for an `nbytes` buffer, read + write counted."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()  # never zeros
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = sorted(elapsed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def describe(device: torch.device) -> dict:
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "python": platform.python_version()}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

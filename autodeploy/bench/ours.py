@@ -1,0 +1,48 @@
+"""Our side of a benchmark: an engine over the optimized model, driven request by request.
+
+The engine is built directly (not through `LLM`) so that a config folder without a tokenizer
+works; everything else is the in-flight runtime as users run it: requests are submitted at once,
+every step is scheduled, packed, run (decode steps through CUDA graphs when captured), sampled
+greedily on the device and detokenized.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from autodeploy.optimizer import OptimizedModel
+from autodeploy.runtime.engine import Engine, EngineSettings
+from autodeploy.runtime.sampling_params import SamplingParams
+
+from .device import now
+from .metrics import Run
+from .tokenizer import bench_tokenizer
+
+
+def make_engine(opt: OptimizedModel, settings: EngineSettings) -> Engine:
+    settings.max_num_tokens = settings.max_num_tokens or min(2048, opt.recipe.export.max_seq_len)
+    config = opt.source.config.get_text_config()
+    return Engine(opt.gm, bench_tokenizer(opt.source), set(), settings,
+                  getattr(config, "max_position_embeddings", None))
+
+
+def run(engine: Engine, prompts: list[list[int]], output_lens: list[int],
+        after_step: Callable[[], None] | None = None) -> Run:
+    """Submit every request at once, step until all are done; timestamps of every output token."""
+    device = engine.executor.device
+    start = now(device)
+    index = {engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)): i
+             for i, (p, n) in enumerate(zip(prompts, output_lens))}
+    times: list[list[float]] = [[] for _ in prompts]
+    left = len(index)
+    while left:
+        outputs = engine.step()
+        t = now(device) - start
+        for out in outputs:
+            if out.finish_reason == "error":
+                raise ValueError(f"request {out.request_id} failed: {out.error}")
+            times[index[out.request_id]] += [t] * len(out.delta_token_ids)
+            left -= out.finished
+        if after_step is not None:
+            after_step()
+    return Run(times, now(device) - start)

@@ -1,0 +1,39 @@
+"""The benchmark's table on stdout (the JSON file holds everything)."""
+
+from __future__ import annotations
+
+REFERENCE = "hf"  # speed-ups are against HF eager, measured in the same run
+
+
+def _row(runner: str, m: dict, ref: dict | None) -> tuple[str, ...]:
+    speedup = f"{m['output_tok_s'] / ref['output_tok_s']:.2f}x" if ref else ""
+    return (runner, f"{m['output_tok_s']:.1f}", f"{m['decode_tok_s_per_seq']:.1f}", f"{m['ttft_ms']['p50']:.1f}",
+            f"{m['itl_ms']['p50']:.2f}/{m['itl_ms']['p90']:.2f}/{m['itl_ms']['p99']:.2f}", speedup)
+
+
+def print_report(result: dict) -> None:
+    print(f"autodeploy bench {result['model']}  ({result['device']}, {result['dtype']}, torch {result['torch']}, "
+          f"transformers {result['transformers']}, triton {result['triton']})")
+    if "weights_note" in result:
+        print(f"  note: {result['weights_note']}")
+    print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), weights "
+          f"{result['weight_bytes'] / 1e9:.2f} GB -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
+    print(f"  build {result['build_s']['total']:.1f} s; engine start (graph capture) "
+          + ", ".join(f"{k} {v['start_s']:.1f} s" for k, v in result["engine"].items()))
+    header = ("runner", "output tok/s", "tok/s/seq", "TTFT p50 ms", "ITL p50/p90/p99 ms", "vs HF eager")
+    for w in result["workloads"]:
+        print(f"\n  {w['name']}  ({w['requests']} requests, {w['output_tokens']} output tokens)")
+        rows = [header]
+        for runner, by_workload in result["results"].items():
+            ref = result["results"].get(REFERENCE, {}).get(w["name"])
+            rows.append(_row(runner, by_workload[w["name"]], ref))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for row in rows:
+            print("    " + "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
+    for runner, by_workload in result.get("profile", {}).items():
+        for name, prof in by_workload.items():
+            unit = "device_ms_per_step" if "device_ms_per_step" in prof else "cpu_ms_per_step"
+            print(f"\n  profile {runner}, {name}: {prof['wall_ms_per_step']:.2f} ms/step wall, "
+                  f"{prof[unit]:.2f} {unit.replace('_', ' ')}")
+            for e in prof["top"][:10]:
+                print(f"    {e['ms_per_step']:8.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}")

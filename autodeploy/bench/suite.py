@@ -1,0 +1,114 @@
+"""One benchmark run: the ceiling, the HF peers, then autodeploy, over the same workloads.
+
+Order matters on one GPU: the copy bandwidth first (an idle device), then each HF peer (built,
+measured on every workload, freed), then our model - last, because the KV cache takes most of
+the memory that is free when it is built. Every runner gets warm-up passes (compilation,
+autotuning, allocator growth) before its timed passes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+from dataclasses import dataclass, field
+
+import torch
+
+from autodeploy.loading import resolve_device, resolve_dtype, resolve_model
+from autodeploy.optimizer import optimize_model
+from autodeploy.recipe import load_recipe
+from autodeploy.runtime.cuda_graphs import DEFAULT_BATCH_SIZES
+from autodeploy.runtime.engine import EngineSettings
+
+from . import hf, ours
+from .device import copy_bandwidth, describe, now, weight_bytes
+from .metrics import Run, summarize
+from .profile import decode_profile
+from .workload import Workload, random_prompts
+
+GRAPH_MODES = {"on": [True], "off": [False], "both": [True, False]}
+
+
+@dataclass
+class BenchConfig:
+    model: str | None
+    workloads: list[Workload]
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)  # hf | hf-compile
+    cuda_graphs: str = "on"  # on | off | both
+    warmup: int = 1
+    repeats: int = 3
+    max_batch_size: int | None = None  # default: the largest latency batch, at least 64
+    max_num_tokens: int | None = None
+    seed: int = 0
+    profile_steps: int = 0  # > 0: profile that many decode steps per latency workload
+
+
+def _timed(passes: int, warmup: int, one_pass) -> list[Run]:
+    for _ in range(warmup):
+        one_pass()
+    return [one_pass() for _ in range(passes)]
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()  # compiled HF forwards hold their model and CUDA graph pools
+        torch.cuda.empty_cache()
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    recipe = load_recipe(cfg.recipe, cfg.overrides)
+    source = resolve_model(cfg.model, recipe.model.trust_remote_code, recipe.model.config_only)
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, source.config, device)
+    vocab = source.config.get_text_config().vocab_size
+    prompts = [random_prompts(w, vocab, cfg.seed + i) for i, w in enumerate(cfg.workloads)]
+    lens = [[r.output_len for r in w.requests] for w in cfg.workloads]
+    max_batch = cfg.max_batch_size or max([64] + [len(w.requests) for w in cfg.workloads if w.mode == "latency"])
+    result = {
+        "model": source.name, "date": datetime.date.today().isoformat(), **describe(device),
+        "dtype": str(dtype).removeprefix("torch."), "config_only": not source.weight_files,
+        "max_batch_size": max_batch, "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "workloads": [{"name": w.name, "mode": w.mode, "requests": len(w.requests),
+                       "output_tokens": w.output_tokens} for w in cfg.workloads],
+        "results": {},  # runner -> workload name -> metrics
+    }
+    if not source.weight_files and cfg.baselines:
+        result["weights_note"] = ("random weights from the config; the HF peers' random weights differ from "
+                                  "ours (same seed, different init order) - speed does not depend on values")
+    result["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+
+    for name in cfg.baselines:
+        model = hf.build_hf_model(source, dtype, device, cfg.seed)
+        result["results"][name] = {
+            w.name: summarize(_timed(cfg.repeats, cfg.warmup, lambda: hf.run(model, p, n, max_batch, name)))
+            for w, p, n in zip(cfg.workloads, prompts, lens)}
+        del model
+        _free_device_memory()
+
+    start = now(device)
+    opt = optimize_model(cfg.model, recipe, progress=False)
+    result["build_s"] = {**opt.seconds, "total": now(device) - start}
+    result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
+    result["weight_bytes"] = weight_bytes(opt.gm)
+    result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes"]
+    for graphs in GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False]:
+        settings = EngineSettings(max_batch_size=max_batch, max_num_tokens=cfg.max_num_tokens or 0,
+                                  cuda_graph_batch_sizes=DEFAULT_BATCH_SIZES if graphs else ())
+        start = now(device)
+        engine = ours.make_engine(opt, settings)
+        runner = "autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy"
+        captured = engine.executor.graphs.sizes if engine.executor.graphs is not None else []
+        result.setdefault("engine", {})[runner] = {"start_s": now(device) - start, "cuda_graph_sizes": captured}
+        result["results"][runner] = {
+            w.name: summarize(_timed(cfg.repeats, cfg.warmup, lambda: ours.run(engine, p, n)))
+            for w, p, n in zip(cfg.workloads, prompts, lens)}
+        if cfg.profile_steps:
+            result.setdefault("profile", {})[runner] = {
+                w.name: decode_profile(engine, p, cfg.profile_steps)
+                for w, p in zip(cfg.workloads, prompts) if w.mode == "latency"}
+        del engine
+        _free_device_memory()
+    return result

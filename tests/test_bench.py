@@ -1,0 +1,113 @@
+"""`autodeploy bench` on a tiny random model (CPU), and CUDA-graph decode against eager (GPU)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from autodeploy.bench.metrics import Run, percentile, summarize
+from autodeploy.bench.workload import parse_range, random_lengths
+from autodeploy.cli_bench import register
+from autodeploy.runtime.cuda_graphs import buckets_to_capture
+
+SMALL_CACHE = "transforms.insert_kv_cache.num_blocks=64"
+
+
+def bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_latency_mode_with_hf_baseline(tiny_llama_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "--batch", "1,3", "--input-len", "12",
+                  "--output-len", "6", "--baseline", "hf", "--repeats", "2", "--profile", "2",
+                  "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("device", "torch", "transformers", "copy_bandwidth_GBps", "weight_bytes", "ceiling_batch1_tok_s",
+                "build_s", "engine", "date"):
+        assert key in result
+    names = [w["name"] for w in result["workloads"]]
+    assert names == ["latency b=1 in=12 out=6", "latency b=3 in=12 out=6"]
+    for runner in ("hf", "autodeploy"):
+        for name in names:
+            m = result["results"][runner][name]
+            assert m["output_tok_s"] > 0 and m["runs"] == 2
+            assert set(m["itl_ms"]) == {"mean", "p50", "p90", "p99"} and set(m["ttft_ms"]) == set(m["itl_ms"])
+    assert result["profile"]["autodeploy"][names[0]]["top"]
+
+
+def test_throughput_mode_config_only(tiny_llama_dir, tmp_path):
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps([[5, 3], {"input_len": 20, "output_len": 7}, [33, 1]]))
+    out = tmp_path / "bench.json"
+    assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "--config-only", "--lengths-file",
+                  str(lengths), "--max-batch-size", "2", "--max-num-tokens", "24", "--repeats", "1",
+                  "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config_only"] and result["max_batch_size"] == 2
+    (workload,) = result["workloads"]
+    assert workload["mode"] == "throughput" and workload["output_tokens"] == 11
+    assert result["results"]["autodeploy"][workload["name"]]["output_tok_s"] > 0
+
+
+def test_metrics_and_workloads():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+    m = summarize([Run([[0.5, 0.6, 0.8], [0.5, 0.7]], wall_s=1.0)])
+    assert m["output_tok_s"] == 5 and m["ttft_ms"]["p50"] == 500
+    assert m["itl_ms"]["mean"] == pytest.approx(500 / 3)
+    assert parse_range("3,9") == (3, 9) and parse_range("4") == (4, 4)
+    with pytest.raises(ValueError):
+        parse_range("9,3")
+    w = random_lengths(20, (2, 5), (1, 3), seed=1)
+    assert all(2 <= r.input_len <= 5 and 1 <= r.output_len <= 3 for r in w.requests)
+
+
+def test_buckets_to_capture():
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert buckets_to_capture(sizes, max_batch_size=48, max_num_tokens=2048) == [1, 2, 4, 8, 16, 32, 64]
+    assert buckets_to_capture(sizes, max_batch_size=64, max_num_tokens=16) == [1, 2, 4, 8, 16]
+    assert buckets_to_capture((), 64, 2048) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager(tiny_llama_dir, tmp_path):
+    """Same greedy tokens with and without graphs: batches of 1..5 sequences (padded buckets), prompts
+    of different lengths across block boundaries, requests finishing at different steps."""
+    import shutil
+
+    from autodeploy import LLM, SamplingParams
+    from autodeploy.bench.tokenizer import synthetic_tokenizer
+    from autodeploy.optimizer import optimize_model
+
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    synthetic_tokenizer(256).save_pretrained(model_dir)  # LLM needs a tokenizer; the checkpoint has none
+    opt = optimize_model(model_dir, overrides=["model.device=cuda", "model.dtype=float32",
+                                                    "transforms.insert_kv_cache.num_blocks=64",
+                                                    "transforms.insert_kv_cache.block_size=8"], progress=False)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 9, 17, 8, 30)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 20, 7, 25, 16)]
+
+    def tokens(**settings):
+        llm = LLM.from_optimized(opt, max_batch_size=8, **settings)
+        outs = [[o.token_ids for o in llm.generate(prompts[:k], params[:k])] for k in (1, 5)]
+        return outs, llm.engine.executor.graphs
+
+    graphed, graphs = tokens(cuda_graph_batch_sizes=(1, 2, 4, 8))
+    assert graphs is not None and graphs.sizes == [1, 2, 4, 8]
+    eager, none = tokens(cuda_graph_batch_sizes=())
+    assert none is None
+    assert graphed == eager
