@@ -93,9 +93,14 @@ def cached_attention_triton(
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
     from .triton_cached_attention import paged_attention
+    from .triton_decode_attention import decode_attention, write_kv_cache as triton_write_kv_cache
 
     _check(q, k, k_cache)
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    if q.shape[2] == seq_lens.shape[0]:
+        # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
+        # T == B decides it from shapes alone - fixed when a CUDA graph is captured.
+        return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap)
     return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap)
 
 

@@ -1,0 +1,63 @@
+"""Triton act(gate) * up (the `gated_act` backend), reading gate and up as strided row views.
+
+After `fuse_shared_input_linears` the gate and up projections are one linear whose output
+[..., 2I] is sliced into two views with row stride 2I; the kernel reads them in place, so the
+fused projection's output never needs a copy. Separate, contiguous gate and up work the same way.
+The activation is rounded to the input dtype before the product, as the eager `act(gate) * up` does.
+Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gated_act import ACTIVATIONS
+from .triton_layout import as_rows
+
+BLOCK = 1024
+_ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+assert set(_ACTIVATION_IDS) == set(ACTIVATIONS), "every canonical activation needs a Triton branch"
+
+
+@triton.jit
+def _gated_act_kernel(
+    gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols,
+    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    gate = tl.load(gate_ptr + row * stride_g + cols, mask=valid, other=0.0)
+    up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
+    g = gate.to(tl.float32)
+    if ACTIVATION == 0:
+        act = g * tl.sigmoid(g)
+    elif ACTIVATION == 1:
+        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACTIVATION == 2:  # tanh(z) = 2 * sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = g * tl.sigmoid(2.0 * z)  # 0.5 * g * (1 + tanh(z))
+    else:
+        act = tl.maximum(g, 0.0)
+    act = act.to(gate.dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+
+def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.gated_act`, for gate and up of one shape and dtype."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        return ACTIVATIONS[activation](gate) * up  # broadcasting / mixed dtypes: not a fused case
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    gate2, up2, out2 = as_rows(gate), as_rows(up), out.view(-1, gate.shape[-1])
+    n_rows, n_cols = out2.shape
+    if out.numel() == 0:
+        return out
+    _gated_act_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
+        gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols,
+        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=BLOCK,
+    )
+    return out
+

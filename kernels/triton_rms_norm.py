@@ -1,0 +1,73 @@
+"""Triton RMSNorm, with an optional fused residual add (backends of `rms_norm` and `fused_add_rms_norm`).
+
+One program per row: the row is read once, its sum of squares reduced in float32, and the result
+written once; with a residual, the sum x + residual is also written, so the add costs no extra pass.
+Rounding follows the reference step by step (the sum and the normalized row are rounded to x's
+dtype where the model rounds them), so in float32 the result equals the reference up to the order
+of the reduction. Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_layout import as_rows
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr,
+    stride_x, stride_r, stride_o, stride_s, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_r + cols, mask=valid, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded like the model's add
+        tl.store(sum_out_ptr + row * stride_s + cols, x, mask=valid)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = xf * rstd
+    if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
+        normed = normed.to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(normed, x + residual); without a residual the second result is the first (nothing to add)."""
+    x2 = as_rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, x.shape[-1])
+    residual2 = as_rows(residual) if residual is not None else x2
+    added = torch.empty_like(out) if residual is not None else out
+    added2 = added.view(-1, x.shape[-1])
+    n_rows, n_cols = x2.shape
+    if n_rows == 0:
+        return out, added
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(n_rows,)](
+        x2, residual2, weight.contiguous(), out2, added2,
+        x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
+        HAS_RESIDUAL=residual is not None,
+        ROUND_NORMED=torch.promote_types(x.dtype, weight.dtype) == x.dtype,
+        BLOCK=block, num_warps=min(max(block // 512, 1), 8),
+    )
+    return out, added
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.rms_norm`."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `torch.ops.autodeploy.fused_add_rms_norm`: (normed, x + residual)."""
+    return _launch(x, residual, weight, eps)

@@ -1,0 +1,81 @@
+"""Triton RoPE (the `rope` backend): rotate-half or interleaved, out of place or in place.
+
+x is any strided [b, h, s, d] tensor (q or k straight after the head transpose, which is not
+contiguous, or a slice of a fused qkv projection); cos/sin broadcast against it by stride 0. One
+program rotates a block of heads of one token: with (first, second) the pair an element is rotated
+with ((i, i + d/2) for rotate-half, (2i, 2i + 1) for interleaved), both forms are
+  out[first]  = x[first]  * cos[first]  - x[second] * sin[first]
+  out[second] = x[second] * cos[second] + x[first]  * sin[second]
+Each program loads both elements of its pairs before it stores them, so `out` may be x itself.
+Math in float32, rounded once to x's dtype. Imported lazily (`triton.jit` fixes interpreter mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_H = 4
+
+
+@triton.jit
+def _at(ptr, b, h, s, dim, s_b, s_h, s_s, s_d):
+    """Pointers to elements `dim` of heads h (a column) of token (b, s)."""
+    return ptr + b * s_b + h * s_h + s * s_s + dim[None, :] * s_d
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    sx_b, sx_h, sx_s, sx_d, sc_b, sc_h, sc_s, sc_d, ss_b, ss_h, ss_s, ss_d, so_b, so_h, so_s, so_d,
+    n_heads, seq_len,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    s = (token % seq_len).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        first = 2 * pairs
+        second = first + 1
+    else:
+        first = pairs
+        second = pairs + HALF
+    mask = (heads < n_heads)[:, None] & (pairs < HALF)[None, :]
+    h = heads[:, None].to(tl.int64)
+    x1 = tl.load(_at(x_ptr, b, h, s, first, sx_b, sx_h, sx_s, sx_d), mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(_at(x_ptr, b, h, s, second, sx_b, sx_h, sx_s, sx_d), mask=mask, other=0.0).to(tl.float32)
+    cos1 = tl.load(_at(cos_ptr, b, h, s, first, sc_b, sc_h, sc_s, sc_d), mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(_at(cos_ptr, b, h, s, second, sc_b, sc_h, sc_s, sc_d), mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(_at(sin_ptr, b, h, s, first, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(_at(sin_ptr, b, h, s, second, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(_at(out_ptr, b, h, s, first, so_b, so_h, so_s, so_d), (x1 * cos1 - x2 * sin1).to(dtype), mask=mask)
+    tl.store(_at(out_ptr, b, h, s, second, so_b, so_h, so_s, so_d), (x2 * cos2 + x1 * sin2).to(dtype), mask=mask)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A view of t with leading unit dims up to rank 4 (never a copy: `out` must stay aliased)."""
+    return t[(None,) * (4 - t.dim())]
+
+
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.rope` for x of rank <= 4; `out=x` rotates in place."""
+    if x.dim() > 4:
+        raise ValueError(f"rope kernel takes x of rank <= 4, got {tuple(x.shape)}")
+    out = torch.empty_like(x) if out is None else out
+    x4, o4 = _as_4d(x), _as_4d(out)
+    cos4, sin4 = (_as_4d(t).expand(x4.shape) for t in (cos, sin))
+    batch, n_heads, seq_len, head_dim = x4.shape
+    if x.numel() == 0:
+        return out
+    _rope_kernel[(batch * seq_len, triton.cdiv(n_heads, BLOCK_H))](
+        x4, cos4, sin4, o4, *x4.stride(), *cos4.stride(), *sin4.stride(), *o4.stride(), n_heads, seq_len,
+        HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_H=BLOCK_H,
+        INTERLEAVED=interleaved,
+    )
+    return out

@@ -1,0 +1,143 @@
+"""Fusion-stage transforms: cleanup_noops, fuse_shared_input_linears, fuse_add_rms_norm,
+select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters and
+logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel modules are first imported
+
+import pytest
+import torch
+from torch import nn
+
+from autodeploy.graph_utils import finalize
+from autodeploy.optimizer import optimize_model
+from autodeploy.transforms import TRANSFORMS
+from autodeploy.transforms.fuse_select_backends import resolve_backend
+
+from runtime_helpers import NO_CACHE
+
+FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "select_backends"]
+UNFUSED = [f"transforms.{name}.enabled=false" for name in FUSIONS]
+TRITON = [f"transforms.select_backends.backends.{op}=triton" for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope")]
+linear = torch.ops.autodeploy.linear.default
+
+
+def cpu(dtype: str) -> list[str]:
+    return ["model.device=cpu", f"model.dtype={dtype}"]
+
+
+def matched(opt, name: str) -> dict[str, int]:
+    return next(r.matched for r in opt.reports if r.name == name)
+
+
+@pytest.fixture(scope="module")
+def unfused(tiny_llama_dir):
+    return optimize_model(tiny_llama_dir, overrides=cpu("float32") + [NO_CACHE] + UNFUSED, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_llama_dir):
+    return optimize_model(tiny_llama_dir, overrides=cpu("float32") + [NO_CACHE], progress=False)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def test_reports_on_tiny_llama(fused):
+    assert matched(fused, "fuse_shared_input_linears") == {"qkv": 2, "gate_up": 2, "other": 0}
+    assert matched(fused, "fuse_add_rms_norm") == {"fused_add_rms_norm": 4}  # every norm but the first
+    assert matched(fused, "cleanup_noops")["alias"] == 1 and matched(fused, "cleanup_noops")["cast"] > 0
+    assert matched(fused, "select_backends")["rms_norm_torch"] == 1  # auto on CPU: the references
+    assert all(not r.warnings for r in fused.reports)
+    fused.gm.graph.lint()
+
+
+def test_fused_parameters_replace_the_old_ones(fused, unfused):
+    before, after = dict(unfused.gm.named_parameters()), dict(fused.gm.named_parameters())
+    assert not {n.split(".")[-2] for n in after} & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    prefix = "model.model.layers.0."
+    qkv = [before[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
+    torch.testing.assert_close(after[f"{prefix}self_attn.q_k_v_proj.weight"], torch.cat(qkv), rtol=0, atol=0)
+    assert after[f"{prefix}mlp.gate_up_proj.weight"].shape == (256, 64)
+    assert sum(p.numel() for p in after.values()) == sum(p.numel() for p in before.values())
+
+
+def test_fused_logits_equal_unfused(fused, unfused, ids):
+    torch.testing.assert_close(fused.logits(ids), unfused.logits(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backends_with_kv_cache(tiny_llama_dir, unfused, ids):
+    """The whole default recipe with every Triton backend (interpreted) and the paged cache."""
+    opt = optimize_model(tiny_llama_dir, overrides=cpu("float32") + TRITON + ["transforms.insert_kv_cache.num_blocks=16"],
+                         progress=False)
+    assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 4
+    torch.testing.assert_close(opt.logits(ids), unfused.logits(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_fused_logits_close_to_unfused(tiny_llama_dir, ids):
+    """bf16 exports carry real casts around the norms; the fusions must still find every site."""
+    a = optimize_model(tiny_llama_dir, overrides=cpu("bfloat16") + [NO_CACHE], progress=False)
+    b = optimize_model(tiny_llama_dir, overrides=cpu("bfloat16") + [NO_CACHE] + UNFUSED, progress=False)
+    assert matched(a, "fuse_add_rms_norm") == {"fused_add_rms_norm": 4}
+    assert matched(a, "fuse_shared_input_linears")["qkv"] == 2
+    got, want = a.logits(ids).double(), b.logits(ids).double()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+class Projections(nn.Module):
+    """Three readers of x: two with bias (fusable together), one without; one more reads a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 4), nn.Linear(8, 6), nn.Linear(8, 5, bias=False)
+        self.tied, self.head = nn.Linear(8, 3, bias=False), nn.Linear(8, 3, bias=False)
+        self.head.weight = self.tied.weight
+
+    def forward(self, x):
+        outs = [linear(x, m.weight, m.bias) for m in (self.a, self.b, self.c, self.tied)]
+        return [*outs, linear(x, self.head.weight)]
+
+
+def test_shared_input_linears_group_by_bias_and_skip_tied_weights():
+    gm = torch.fx.symbolic_trace(Projections())
+    x = torch.randn(3, 8)
+    want = gm(x)
+    counts = TRANSFORMS["fuse_shared_input_linears"]().apply(gm, None)
+    finalize(gm)
+    assert counts == {"qkv": 0, "gate_up": 0, "other": 1}
+    assert sorted(n for n, _ in gm.named_parameters() if "_proj" in n) == ["a_b_proj.bias", "a_b_proj.weight"]
+    for g, w in zip(gm(x), want):
+        torch.testing.assert_close(g, w)
+
+
+class Noops(nn.Module):
+    def forward(self, x):
+        y = x.to(torch.float32).reshape(x.shape).contiguous()  # three no-ops on a float32 input
+        kept = x.t().contiguous().to(torch.float16)  # a real copy and a real cast
+        return torch.ops.aten.alias(y) + 1, kept
+
+
+def test_cleanup_noops_keeps_real_copies_and_casts():
+    gm = torch.export.export(Noops(), (torch.randn(4, 6),)).module()
+    counts = TRANSFORMS["cleanup_noops"]().apply(gm, None)
+    finalize(gm)
+    assert counts["alias"] == 1 and counts["cast"] == 1 and counts["view"] >= 1 and counts["contiguous"] <= 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("_to_copy" in str(t) or "to.dtype" in str(t) for t in targets)  # the float16 cast stays
+    x = torch.randn(4, 6)
+    y, kept = gm(x)
+    torch.testing.assert_close(y, x + 1)
+    assert kept.dtype == torch.float16 and kept.shape == (6, 4)
+
+
+def test_resolve_backend():
+    cuda, host = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("rope", "auto", cuda) == "triton" and resolve_backend("rope", "auto", host) == "torch"
+    assert resolve_backend("attention", "auto", cuda) == "torch"  # no Triton backend (yet)
+    with pytest.raises(ValueError, match="no backend 'cuda'"):
+        resolve_backend("rms_norm", "cuda", host)
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        resolve_backend("softmax", "torch", host)

@@ -1,0 +1,137 @@
+"""Triton backends (interpreter on CPU) against the canonical torch references.
+
+Every check draws fresh random inputs and poisons the buffers the kernel allocates (NaN), so an
+element the kernel never writes fails the comparison. Shapes include odd widths and token counts.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel modules are first imported
+
+import itertools
+
+import pytest
+import torch
+
+import autodeploy.kernels  # noqa: F401
+
+ops = torch.ops.autodeploy
+HIDDEN = [77, 576, 4096]
+TOKENS = [1, 7, 33]
+DTYPES = [torch.float32, torch.bfloat16]
+_seed = itertools.count()
+
+
+def randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(next(_seed))).to(dtype)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fresh outputs come back full of NaN instead of whatever memory held."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+def assert_matches(backend, reference, *args):
+    """backend(*args) against the reference: elementwise in float32; in bf16 by relative error norm
+    against the reference in float64 (the kernels round differently from eager bf16 ops, and the
+    CPU interpreter's bf16 conversions are not the GPU's)."""
+    got = backend(*args)
+    low_precision = any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args)
+    if low_precision:
+        args = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    want = reference(*args)
+    for g, w in zip(got, want) if isinstance(got, tuple) else [(got, want)]:
+        assert not g.isnan().any(), "unwritten (poisoned) output elements"
+        if low_precision:
+            assert ((g.double() - w).norm() / w.norm()).item() < 1e-2
+        else:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_rms_norm(hidden, tokens, dtype, poisoned):
+    x, w = randn(2, tokens, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    assert_matches(ops.rms_norm_triton, ops.rms_norm, x, w, 1e-6)
+
+
+def test_rms_norm_float32_weight_on_bf16(poisoned):
+    """Gemma's form: a float32 weight expression scales the unrounded normalized row."""
+    x, w = randn(5, 576, dtype=torch.bfloat16), 1 + randn(576)
+    assert_matches(ops.rms_norm_triton, ops.rms_norm, x, w, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_fused_add_rms_norm(hidden, tokens, dtype, poisoned):
+    x, residual, w = randn(tokens, hidden, dtype=dtype), randn(tokens, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    assert_matches(ops.fused_add_rms_norm_triton, ops.fused_add_rms_norm, x, residual, w, 1e-5)
+
+
+def test_fused_add_rms_norm_reference_is_add_then_norm():
+    x, residual, w = randn(3, 64), randn(3, 64), randn(64)
+    normed, added = ops.fused_add_rms_norm(x, residual, w, 1e-6)
+    torch.testing.assert_close(added, x + residual)
+    torch.testing.assert_close(normed, ops.rms_norm(x + residual, w, 1e-6))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("inter", HIDDEN)
+def test_gated_act_on_fused_gate_up(inter, tokens, dtype, activation, poisoned):
+    """gate and up are the two halves of one [..., 2I] projection output, read as strided views."""
+    gate, up = randn(tokens, 2 * inter, dtype=dtype).chunk(2, dim=-1)
+    assert_matches(ops.gated_act_triton, ops.gated_act, gate, up, activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_act_on_separate_tensors(dtype, poisoned):
+    gate, up = randn(2, 7, 576, dtype=dtype), randn(2, 7, 576, dtype=dtype)
+    assert_matches(ops.gated_act_triton, ops.gated_act, gate, up, "silu")
+
+
+def rope_inputs(tokens: int, n_heads: int, head_dim: int, dtype: torch.dtype, fused_qkv: bool):
+    """q as the model has it: [1, h, s, d] after the head transpose (not contiguous), optionally
+    sliced out of a fused qkv projection; cos/sin [1, 1, s, d] broadcast over heads."""
+    width = n_heads * head_dim
+    projection = randn(1, tokens, 3 * width if fused_qkv else width, dtype=dtype)
+    q = projection[..., :width].view(1, tokens, n_heads, head_dim).transpose(1, 2)
+    cos, sin = randn(1, 1, tokens, head_dim, dtype=dtype), randn(1, 1, tokens, head_dim, dtype=dtype)
+    return q, cos, sin
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("n_heads,head_dim,fused_qkv", [(9, 64, True), (3, 128, False), (32, 128, True), (5, 32, False)])
+def test_rope(n_heads, head_dim, fused_qkv, tokens, dtype, interleaved, poisoned):
+    q, cos, sin = rope_inputs(tokens, n_heads, head_dim, dtype, fused_qkv)
+    assert_matches(ops.rope_triton, ops.rope, q, cos, sin, interleaved)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_in_place(interleaved):
+    from autodeploy.kernels.triton_rope import rope
+
+    q, cos, sin = rope_inputs(7, 9, 64, torch.float32, fused_qkv=True)
+    want = ops.rope(q, cos, sin, interleaved)
+    got = rope(q, cos, sin, interleaved, out=q)
+    assert got is q
+    torch.testing.assert_close(q, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fake_impls_give_reference_shapes():
+    """Backends share the canonical op's fake impl: export and shape propagation see the same op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(3, 64), torch.empty(64)
+        normed, added = ops.fused_add_rms_norm_triton(x, x, w, 1e-6)
+        assert normed.shape == added.shape == x.shape
+        assert ops.gated_act_triton(x, x, "silu").shape == x.shape
