@@ -22,11 +22,11 @@ import torch
 from .zoo import ZooEntry
 
 # Report columns, in pipeline order. Transform stages fold into them: everything before weight
-# loading is "patterns", weight loading is "load", everything after it is "cache".
-STAGES = ("build", "export", "patterns", "load", "cache", "generate")
+# loading is "patterns", weight loading is "load", the fusion stage "fusion", everything after it "cache".
+STAGES = ("build", "export", "patterns", "load", "fusion", "cache", "generate")
 _TRANSFORM_COLUMN = {
     "pattern": "patterns", "sharding": "patterns", "quantization": "patterns",
-    "weight_loading": "load", "fusion": "cache", "cache": "cache", "compile": "cache",
+    "weight_loading": "load", "fusion": "fusion", "cache": "cache", "compile": "cache",
 }
 OK, FAILED, MISMATCH, SKIPPED, NOT_APPLICABLE = "ok", "failed", "mismatch", "skipped", "n/a"
 
@@ -131,8 +131,9 @@ def _record_transforms(opt, entry: ZooEntry, result: EntryResult) -> None:
     patterns = _check_expectations(entry, result)
     patterns.seconds = result.stages["patterns"].seconds
     result.stages["patterns"] = patterns
-    if "cache" not in columns_run:
-        result.stages["cache"] = StageResult(NOT_APPLICABLE, "the recipe has no cache stage")
+    for column, stage in (("fusion", "fusion"), ("cache", "cache")):
+        if column not in columns_run:
+            result.stages[column] = StageResult(NOT_APPLICABLE, f"the recipe has no {stage} stage")
 
 
 def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult:
