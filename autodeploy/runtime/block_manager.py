@@ -27,10 +27,12 @@ class BlockManager:
 
     def grow(self, block_ids: list[int], num_tokens: int) -> bool:
         """Extend `block_ids` in place to hold `num_tokens`; False (and no change) if blocks run out."""
-        missing = self.blocks_for(num_tokens) - len(block_ids)
+        missing = -(-num_tokens // self.block_size) - len(block_ids)
+        if missing <= 0:  # the common decode step: the last block still has room
+            return True
         if missing > len(self._free):
             return False
-        block_ids.extend(self._free.popleft() for _ in range(max(missing, 0)))
+        block_ids.extend(self._free.popleft() for _ in range(missing))
         return True
 
     def free(self, block_ids: list[int]) -> None:

@@ -47,18 +47,33 @@ class DecodeGraphs:
         self.device = device
         self.max_blocks_per_seq = max_blocks_per_seq
         self._pad = Chunk([0], 0, [scratch_block])  # a one-token sequence living in the scratch block
-        n = max(sizes)
-        self._static = PackedBatch(
-            input_ids=torch.zeros(1, n, dtype=torch.long, device=device),
-            position_ids=torch.zeros(1, n, dtype=torch.long, device=device),
-            cu_seqlens=torch.zeros(n + 1, dtype=torch.int32, device=device),
-            seq_lens=torch.zeros(n, dtype=torch.int32, device=device),
-            block_tables=torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device),
-            slot_mapping=torch.zeros(n, dtype=torch.long, device=device),
-        )
+        self._alloc_buffers(max(sizes))
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._capture(forward, sorted(sizes, reverse=True))
+
+    def _alloc_buffers(self, n: int) -> None:
+        """Static device inputs for up to n rows, and pinned host mirrors, so that a step's metadata
+        goes over in three asynchronous copies: [input_ids | position_ids | slot_mapping] (int64),
+        [cu_seqlens | seq_lens] (int32) and the used corner of the block table. Reusing the host
+        mirrors each step is safe because every step ends in a host sync (the sampler's .tolist())
+        after the replay that read them."""
+        device, pin = self.device, self.device.type == "cuda"
+        self._dev64 = torch.zeros(3 * n, dtype=torch.long, device=device)
+        self._dev32 = torch.zeros(2 * n + 1, dtype=torch.int32, device=device)
+        self._static = PackedBatch(
+            input_ids=self._dev64[:n].view(1, n),
+            position_ids=self._dev64[n:2 * n].view(1, n),
+            cu_seqlens=self._dev32[:n + 1],
+            seq_lens=self._dev32[n + 1:],
+            block_tables=torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=device),
+            slot_mapping=self._dev64[2 * n:],
+        )
+        self._host64 = torch.zeros(3, n, dtype=torch.long, pin_memory=pin)
+        self._host32 = torch.zeros(2 * n + 1, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+        self._np64, self._np32, self._np_tables = self._host64.numpy(), self._host32.numpy(), self._host_tables.numpy()
+        self._np32[:n + 1] = range(n + 1)  # decode steps: one token per sequence, always
 
     @property
     def sizes(self) -> list[int]:
@@ -70,12 +85,32 @@ class DecodeGraphs:
                            s.seq_lens[:size], s.block_tables[:size], s.slot_mapping[:size])
 
     def _load(self, chunks: list[Chunk], size: int) -> None:
-        """Pack `chunks` padded to `size` rows on the host and copy them into the static buffers."""
-        host = pack(chunks + [self._pad] * (size - len(chunks)), self.block_size, torch.device("cpu"))
-        view = self._view(size)
-        for name in ("input_ids", "position_ids", "cu_seqlens", "seq_lens", "slot_mapping"):
-            getattr(view, name).copy_(getattr(host, name), non_blocking=True)
-        view.block_tables[:, :host.block_tables.shape[1]].copy_(host.block_tables, non_blocking=True)
+        """Write `chunks` (one token each) padded to `size` rows into the pinned host mirrors and
+        copy them into the static buffers (3 host->device copies). Padding rows are one-token
+        sequences in the scratch block (context 1, slot scratch_block * block_size)."""
+        n, bs, count = self._static.seq_lens.shape[0], self.block_size, len(chunks)
+        starts = [c.start for c in chunks]
+        pad_block = self._pad.block_ids[0]
+        tables = [c.block_ids for c in chunks]
+        width = max(map(len, tables)) if chunks else 1
+        h64, h32 = self._np64, self._np32
+        h64[0, :count] = [c.token_ids[0] for c in chunks]
+        h64[1, :count] = starts
+        h64[2, :count] = [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)]
+        h32[n + 1:n + 1 + count] = [p + 1 for p in starts]
+        if size > count:
+            h64[0:2, count:size] = 0
+            h64[2, count:size] = pad_block * bs
+            h32[n + 1 + count:n + 1 + size] = 1
+        grid = self._np_tables[:size * width].reshape(size, width)
+        grid[:] = 0
+        for row, t in zip(grid, tables):
+            row[:len(t)] = t
+        grid[count:, 0] = pad_block
+        self._dev64.copy_(self._host64.view(-1), non_blocking=True)  # a few KiB: whole buffers stay contiguous
+        self._dev32.copy_(self._host32, non_blocking=True)
+        self._static.block_tables[:size, :width].copy_(self._host_tables[:size * width].view(size, width),
+                                                        non_blocking=True)
 
     @torch.inference_mode()
     def _capture(self, forward: Forward, sizes: list[int]) -> None:

@@ -1,0 +1,33 @@
+"""Decode attention on the GPU, Llama-3.1-8B shape (32 heads / 8 KV heads, d 128, bf16, 32-token
+pages): the general paged kernel vs the decode kernel, and index_copy_ vs the Triton KV write.
+Median of triton.testing.do_bench (CUDA events), per layer call."""
+
+import torch
+import triton
+
+import autodeploy.kernels  # noqa: F401
+from autodeploy.kernels.cached_attention import write_kv_cache as index_copy_write
+from autodeploy.kernels.triton_cached_attention import paged_attention
+from autodeploy.kernels.triton_decode_attention import decode_attention, write_kv_cache
+
+dev, dt, page = "cuda", torch.bfloat16, 32
+print(f"{'batch':>5} {'ctx':>5} {'paged us':>9} {'decode us':>9} {'idxcopy us':>10} {'kvwrite us':>10} {'rel err':>8}")
+for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
+    blocks = -(-ctx // page)
+    kc = torch.randn(batch * blocks + 1, page, 8, 128, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(batch * blocks, device=dev).to(torch.int32).view(batch, blocks)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    q = torch.randn(1, 32, batch, 128, device=dev, dtype=dt)
+    k = torch.randn(1, 8, batch, 128, device=dev, dtype=dt)
+    slots = (tables[:, -1].long() * page + (ctx - 1) % page)
+    a = paged_attention(q, kc, vc, cu, lens, tables, 128 ** -0.5)
+    b = decode_attention(q, kc, vc, lens, tables, 128 ** -0.5)
+    err = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    t = [triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3 for f in (
+        lambda: paged_attention(q, kc, vc, cu, lens, tables, 128 ** -0.5),
+        lambda: decode_attention(q, kc, vc, lens, tables, 128 ** -0.5),
+        lambda: index_copy_write(k, k, kc, vc, slots),
+        lambda: write_kv_cache(k, k, kc, vc, slots))]
+    print(f"{batch:>5} {ctx:>5} {t[0]:>9.1f} {t[1]:>9.1f} {t[2]:>10.1f} {t[3]:>10.1f} {err:>8.1e}")
