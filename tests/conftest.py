@@ -8,6 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton kernels run in the interpreter on CPU machines and compiled on GPUs. `triton.jit` reads this
+# when a kernel module is first imported, so it is set once here, before any test module loads.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir():

@@ -1,10 +1,6 @@
 """cached_attention: the reference against dense causal attention, and the Triton backend
 (interpreter on CPU) against the reference, on mixed prefill/decode packed batches."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel module is first imported
-
 import pytest
 import torch
 

@@ -2,14 +2,9 @@
 reference `cached_attention`: steps where every sequence runs one token (T == B), GQA groups 1/4/8,
 head dims 64/128, contexts crossing cache-block boundaries, split-K and single-pass, window and cap."""
 
-import os
-
 import pytest
 import torch
 
-# The interpreter on CPU machines; compiled kernels on CUDA ones (set before test_cached_attention's
-# setdefault and before the Triton kernel modules are first imported).
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 import autodeploy.kernels  # noqa: F401

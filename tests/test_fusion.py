@@ -2,10 +2,6 @@
 select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters and
 logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel modules are first imported
-
 import pytest
 import torch
 from torch import nn

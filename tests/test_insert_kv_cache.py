@@ -1,10 +1,6 @@
 """insert_kv_cache on a tiny Llama: the packed interface, cache sizing, and logits equal to the
 uncached graph through both cached-attention backends."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel module is first imported
-
 import pytest
 import torch
 
