@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,19 +162,36 @@ def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementatio
     except ValueError as e:
         raise UnsupportedModelError(f"transformers cannot build {source.name}: {str(e).splitlines()[0]}") from None
     model.tie_weights()  # tied embeddings become one parameter in the graph, loaded once
-    _persistent_buffers_to_meta(model)
+    _buffers_to_meta(model)
     return model.eval()
 
 
-def _persistent_buffers_to_meta(model: torch.nn.Module) -> None:
-    """Buffers saved in checkpoints (e.g. a router's score-correction bias) load like parameters.
+_INIT_BUFFERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
-    Non-persistent buffers (RoPE inv_freq) are computed at init and stay real.
+
+def initial_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Values of the non-persistent buffers `build_meta_model` computed at init (RoPE inv_freq, ...)."""
+    return _INIT_BUFFERS.get(model, {})
+
+
+def _buffers_to_meta(model: torch.nn.Module) -> None:
+    """Every buffer goes to meta, so the whole forward traces on one device.
+
+    HF code that mixes a real buffer with meta activations either fails (a CPU buffer times meta
+    positions) or moves it to meta inside the forward, where export keeps a data-less copy. Persistent
+    buffers (e.g. a router's score-correction bias) load from the checkpoint like parameters;
+    non-persistent ones are computed at init, so their values are kept for `load_weights`.
     """
-    for module in model.modules():
+    values = {}
+    for path, module in model.named_modules():
         for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and name not in module._non_persistent_buffers_set and buf.device.type != "meta":
-                module.register_buffer(name, buf.to("meta"), persistent=True)
+            if buf is None or buf.is_meta:
+                continue
+            persistent = name not in module._non_persistent_buffers_set
+            if not persistent:
+                values[f"{path}.{name}" if path else name] = buf
+            module.register_buffer(name, buf.to("meta"), persistent=persistent)
+    _INIT_BUFFERS[model] = values
 
 
 def load_tokenizer(source: ModelSource):

@@ -6,8 +6,7 @@ from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-from autodeploy.errors import UnsupportedModelError
-from autodeploy.export import example_inputs, export_causal_lm
+from autodeploy.export import dataless_constants, example_inputs, export_causal_lm
 from autodeploy.export.patches.list_index import _as_slice
 
 
@@ -64,6 +63,7 @@ def test_progression_list_index_exports_without_constants():
     assert gm(*example_inputs(2, 5)).shape == (2, 5, 3)
 
 
-def test_unrecoverable_constant_is_a_clear_error():
-    with pytest.raises(UnsupportedModelError, match="constant tensor"):
-        _export_meta(_ListIndexed([4, 0]))
+def test_unrecoverable_constant_is_found():
+    gm = _export_meta(_ListIndexed([4, 0]))
+    assert len(dataless_constants(gm)) == 1
+    assert dataless_constants(_export_meta(_ListIndexed([0, 2]))) == []

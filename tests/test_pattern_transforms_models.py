@@ -102,13 +102,16 @@ LEFTOVER_OPS = (
 )
 
 
-def _in_router(node: torch.fx.Node) -> bool:
-    """Traced inside a MoE router module, whose softmax is routing, not attention."""
-    return any(str(cls).endswith("Router") for _, cls in node.meta.get("nn_module_stack", {}).values())
+def _in_router_or_rotary(node: torch.fx.Node) -> bool:
+    """Traced inside a MoE router (its softmax is routing, not attention) or a rotary embedding (its
+    matmul computes the frequencies; transformers 5.17 traces it outside the no-grad submodule)."""
+    classes = [str(cls) for _, cls in node.meta.get("nn_module_stack", {}).values()]
+    return any(c.endswith("Router") or "RotaryEmbedding" in c for c in classes)
 
 
 def _leftovers(gm) -> list[str]:
-    return [n.name for m in graph_modules(gm) for n in m.graph.nodes if is_op(n, LEFTOVER_OPS) and not _in_router(n)]
+    return [n.name for m in graph_modules(gm) for n in m.graph.nodes
+            if is_op(n, LEFTOVER_OPS) and not _in_router_or_rotary(n)]
 
 
 def _export_and_match(model, config) -> tuple[torch.fx.GraphModule, dict[str, int], dict[str, int]]:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.errors import WeightLoadingError
-from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.errors import UnsupportedModelError, WeightLoadingError
+from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
+from autodeploy.loading import initial_buffers
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -78,19 +79,26 @@ class LoadWeights(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         aliases = _tied_aliases(ctx.meta_model)
+        computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if t.device == _META]
+        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if n.removeprefix(WRAPPER_PREFIX) not in computed]
         source, counts = self._tensor_source(ctx, wanted, aliases)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
             if id(old) not in done:
-                done[id(old)] = self._materialize(name, old, source, ctx, gen, counts)
+                done[id(old)] = self._materialize(name, old, source, computed, ctx, gen, counts)
             value = done[id(old)]
             if isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
                 value = done[id(old)] = torch.nn.Parameter(value, requires_grad=False)
             owner, attr = _owner(gm, name)
             setattr(owner, attr, value)
+        constants = dataless_constants(gm)
+        if constants:
+            raise UnsupportedModelError(
+                f"the model creates a constant tensor in its forward ({constants[0]}); exported on the meta "
+                "device it has no data: add an export patch for it"
+            )
         _retarget_devices(gm, ctx.device)
         ctx.weights_loaded = True
         return counts
@@ -111,10 +119,10 @@ class LoadWeights(Transform):
         return (lambda name: state[_checkpoint_key(name, state, aliases)]), {"converted": 0, "moved": 0}
 
     @staticmethod
-    def _materialize(name, old, source, ctx: TransformContext, gen, counts: dict[str, int]) -> torch.Tensor:
-        if old.device != _META:  # buffers computed at init, e.g. RoPE inv_freq
+    def _materialize(name, old, source, computed: dict, ctx: TransformContext, gen, counts: dict[str, int]):
+        if name.removeprefix(WRAPPER_PREFIX) in computed:  # buffers computed at init, e.g. RoPE inv_freq
             counts["moved"] += 1
-            return old.to(ctx.device)
+            return computed[name.removeprefix(WRAPPER_PREFIX)].to(ctx.device)
         # Parameters take the model dtype; buffers keep the dtype the model gave them (e.g. fp32 biases).
         dtype = ctx.dtype if isinstance(old, torch.nn.Parameter) and old.is_floating_point() else old.dtype
         if source is None:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from ..errors import UnsupportedModelError
+from ..graph_utils import graph_modules
 from .patches import apply_export_patches
 
 # The wrapper holds the HF model under this attribute, so graph parameter names carry this prefix.
@@ -35,13 +36,21 @@ def example_inputs(batch: int, seq: int, device: torch.device | str = "meta") ->
     return input_ids, position_ids
 
 
-def _drop_metadata_asserts(gm: GraphModule) -> None:
-    """export pins every cast's device (meta here) with `_assert_tensor_metadata`; those go."""
-    for module in gm.modules():
-        if not isinstance(module, GraphModule):
-            continue
+def _drop_inference_noops(gm: GraphModule) -> None:
+    """Drop nodes that mean nothing for inference but pin things down.
+
+    export pins every cast's device (meta here) with `_assert_tensor_metadata`, and marks lifted
+    constants with the in-place `detach_`, which dead-code elimination must keep; both go, so a
+    subgraph a pattern replaces (e.g. HF's mask) can die with its constants.
+    """
+    for module in graph_modules(gm):
         for node in list(module.graph.nodes):
-            if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            if node.op != "call_function":
+                continue
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                module.graph.erase_node(node)
+            elif node.target is torch.ops.aten.detach_.default:
+                node.replace_all_uses_with(node.args[0])
                 module.graph.erase_node(node)
         module.recompile()
 
@@ -68,18 +77,29 @@ def export_causal_lm(model: nn.Module, max_batch_size: int = 256, max_seq_len: i
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"torch.export failed for {type(model).__name__}: {first}") from e
     gm = program.module()
-    _drop_metadata_asserts(gm)
-    _reject_dataless_constants(gm)
+    _drop_inference_noops(gm)
     return gm
 
 
-def _reject_dataless_constants(gm: GraphModule) -> None:
-    """Tensors the model created during export on meta have no data: fail loudly, not with garbage."""
-    for path, module in gm.named_modules():
-        known = {id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))}
-        for attr, value in vars(module).items():
+def dataless_constants(gm: GraphModule) -> list[str]:
+    """Tensor constants the graph still reads that have no data.
+
+    A tensor the model creates inside its forward (e.g. `torch.tensor(0.0, device=x.device)` in HF's
+    mask code) is exported on meta as a constant without data. Many die with the subgraph a pattern
+    replaces (the attention mask), so this is checked when weights load, not at export.
+    """
+    found = []
+    for module in graph_modules(gm):
+        known = {id(t) for t in list(module.parameters()) + list(module.buffers())}
+        for node in module.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            value = getattr(module, node.target, None) if "." not in node.target else _resolve(module, node.target)
             if isinstance(value, torch.Tensor) and value.is_meta and id(value) not in known:
-                raise UnsupportedModelError(
-                    f"the model creates a constant tensor during its forward ({path or 'root'}.{attr}); "
-                    "exported on the meta device it has no data: add an export patch for it"
-                )
+                found.append(node.target)
+    return found
+
+
+def _resolve(module: nn.Module, target: str):
+    path, _, attr = target.rpartition(".")
+    return getattr(module.get_submodule(path), attr, None)
