@@ -147,7 +147,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    """The HF model with parameters on the meta device; buffers (e.g. RoPE inv_freq) stay real."""
+    """The HF model entirely on the meta device (values of init-computed buffers are kept aside)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
