@@ -19,6 +19,16 @@ from torch._ops import OpOverload
 BACKENDS: dict[str, dict[str, OpOverload]] = {"attention": {"torch": torch.ops.autodeploy.attention.default}}
 
 
+def pick_backend(what: str, available: dict, choice: str, device: torch.device) -> str:
+    """The backend `choice` means among `available`: `auto` is Triton on CUDA (compiled there) and the
+    torch reference elsewhere (on CPU Triton only interprets); an unknown name fails listing the valid."""
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and "triton" in available else "torch"
+    if choice not in available:
+        raise ValueError(f"{what} has no backend '{choice}' ({', '.join(available)}, auto)")
+    return choice
+
+
 def _lazy(module: str, function: str) -> Callable:
     def call(*args):
         return getattr(importlib.import_module(f".{module}", __package__), function)(*args)

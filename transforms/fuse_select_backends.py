@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.graph_utils import graph_modules
-from autodeploy.kernels.triton_backends import BACKENDS
+from autodeploy.kernels.triton_backends import BACKENDS, pick_backend
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -29,12 +29,7 @@ def resolve_backend(op: str, choice: str, device: torch.device) -> str:
     """The backend `choice` means for `op` on `device`; unknown names fail with the valid ones."""
     if op not in BACKENDS:
         raise ValueError(f"select_backends: unknown op '{op}' (ops with backends: {', '.join(BACKENDS)})")
-    available = BACKENDS[op]
-    if choice == "auto":
-        return "triton" if device.type == "cuda" and "triton" in available else "torch"
-    if choice not in available:
-        raise ValueError(f"select_backends: op '{op}' has no backend '{choice}' ({', '.join(available)}, auto)")
-    return choice
+    return pick_backend(f"select_backends: op '{op}'", BACKENDS[op], choice, device)
 
 
 @register

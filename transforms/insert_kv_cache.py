@@ -18,6 +18,7 @@ from torch.fx.graph import CodeGen
 
 from autodeploy.graph_utils import is_op, replace_with_call
 from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
+from autodeploy.kernels.triton_backends import pick_backend
 from autodeploy.runtime.kv_cache import (
     KV_CACHE_KEY, METADATA_INPUTS, KVCachePool, LayerCacheShape, free_memory_bytes,
 )
@@ -37,11 +38,7 @@ class InsertKVCacheConfig(TransformConfig):
 
 
 def _backend(name: str, device: torch.device):
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name not in CACHED_ATTENTION_BACKENDS:
-        raise ValueError(f"unknown cached attention backend '{name}' ({', '.join(CACHED_ATTENTION_BACKENDS)})")
-    return CACHED_ATTENTION_BACKENDS[name]
+    return CACHED_ATTENTION_BACKENDS[pick_backend("cached attention", CACHED_ATTENTION_BACKENDS, name, device)]
 
 
 def _cache_dtype(name: str, ctx: TransformContext) -> torch.dtype:
