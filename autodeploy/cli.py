@@ -33,9 +33,11 @@ def _split_overrides(args) -> None:
 
 
 def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """One user turn through the chat template, or the plain text where the tokenizer has none."""
+    from .llm import chat_prompt_ids
+
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text)["input_ids"]
 
 

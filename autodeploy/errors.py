@@ -15,8 +15,8 @@ class UnsupportedModelError(AutoDeployError):
     pass
 
 
-class RecipeError(AutoDeployError):
-    pass
+class RecipeError(AutoDeployError, ValueError):
+    """A bad recipe key or value (also a ValueError, for API callers)."""
 
 
 class WeightLoadingError(AutoDeployError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -68,7 +68,3 @@ def get_submodule_or_none(model: torch.nn.Module, path: str | None, prefix: str 
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def users_of(nodes: Iterable[Node]) -> set[Node]:
-    return {u for n in nodes for u in n.users}

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch._ops import OpOverload
 
+from autodeploy.errors import RecipeError
+
 # canonical op name -> backend name -> op. "torch" is the canonical op itself (the reference).
 BACKENDS: dict[str, dict[str, OpOverload]] = {"attention": {"torch": torch.ops.autodeploy.attention.default}}
 
@@ -25,7 +27,7 @@ def pick_backend(what: str, available: dict, choice: str, device: torch.device) 
     if choice == "auto":
         return "triton" if device.type == "cuda" and "triton" in available else "torch"
     if choice not in available:
-        raise ValueError(f"{what} has no backend '{choice}' ({', '.join(available)}, auto)")
+        raise RecipeError(f"{what} has no backend '{choice}' ({', '.join(available)}, auto)")
     return choice
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import graph_modules
 from autodeploy.kernels.triton_backends import BACKENDS, pick_backend
 
@@ -28,7 +29,7 @@ class SelectBackendsConfig(TransformConfig):
 def resolve_backend(op: str, choice: str, device: torch.device) -> str:
     """The backend `choice` means for `op` on `device`; unknown names fail with the valid ones."""
     if op not in BACKENDS:
-        raise ValueError(f"select_backends: unknown op '{op}' (ops with backends: {', '.join(BACKENDS)})")
+        raise RecipeError(f"select_backends: unknown op '{op}' (ops with backends: {', '.join(BACKENDS)})")
     return pick_backend(f"select_backends: op '{op}'", BACKENDS[op], choice, device)
 
 

@@ -100,7 +100,6 @@ class LoadWeights(Transform):
                 "device it has no data: add an export patch for it"
             )
         _retarget_devices(gm, ctx.device)
-        ctx.weights_loaded = True
         return counts
 
     def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]]):

@@ -38,7 +38,6 @@ class TransformContext:
     meta_model: torch.nn.Module  # the HF model on meta: module attributes (sliding_window, scaling, ...)
     device: torch.device
     dtype: torch.dtype
-    weights_loaded: bool = False
 
 
 @dataclass
