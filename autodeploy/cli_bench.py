@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--baseline", action="append", default=[], choices=BASELINES,
                    help="also measure HF transformers eager (hf) or static cache + torch.compile (hf-compile)")
     p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
-                   help="decode through CUDA graphs (CUDA only; both = measure with and without)")
+                   help="steps through CUDA graphs (CUDA only; both = measure with and without)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per runner and workload (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     p.add_argument("--max-batch-size", type=int, default=None,

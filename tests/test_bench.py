@@ -106,8 +106,9 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, tmp_path):
         outs = [[o.token_ids for o in llm.generate(prompts[:k], params[:k])] for k in (1, 5)]
         return outs, llm.engine.executor.graphs
 
-    graphed, graphs = tokens(cuda_graph_batch_sizes=(1, 2, 4, 8))
+    graphed, graphs = tokens(cuda_graph_batch_sizes=(1, 2, 4, 8), cuda_graph_prefill_tokens=(16, 32, 64))
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8]
-    eager, none = tokens(cuda_graph_batch_sizes=())
+    assert [(b.tokens, b.seqs) for b in graphs.buckets if not b.decode] == [(16, 8), (32, 9), (64, 9)]
+    eager, none = tokens(cuda_graph_batch_sizes=(), cuda_graph_prefill_tokens=())
     assert none is None
     assert graphed == eager

@@ -61,3 +61,35 @@ def test_packed_prefill_then_decodes_equal_full_logits(base):
     full_a, full_b = base.logits(torch.tensor([a])), base.logits(torch.tensor([b]))
     torch.testing.assert_close(logits[:6], full_b[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[6], full_a[0, 8], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_steps_padded_to_graph_buckets_keep_their_logits(base, backend):
+    """A step laid out into a CUDA-graph bucket's static buffers (padding sequences in the scratch
+    block, a placeholder token fed from the previous step's samples) gives the logits of the
+    same step run unpadded. CPU buffers, no capture: this checks the padding, not the graph."""
+    from autodeploy.runtime.batch import Chunk
+    from autodeploy.runtime.cuda_graphs import Bucket, StepGraphs
+
+    cached = with_cache(base, num_blocks=16, block_size=4, backend=backend)
+    ex = ModelExecutor(cached.gm, max_batch_size=4)
+    graphs = StepGraphs.__new__(StepGraphs)
+    graphs.block_size, graphs.device, graphs.scratch_block, graphs.max_blocks_per_seq = 4, ex.device, 15, 8
+    graphs._alloc_buffers(rows=32, seqs=16)
+    rng = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(0, 256, (n,), generator=rng).tolist() for n in (9, 6))
+    ex.forward(ex.pack([Chunk(a[:8], 0, [0, 1])]))  # a's prompt but its last token
+    ex.remember(torch.tensor([7, a[8]]))  # a's last token arrives as row 1 of the "previous" samples
+    step = [Chunk(b, 0, [2, 3]), Chunk([-1], 8, [0, 1, 4], feed_row=1)]
+    want = ex._last_token_logits(ex.pack([Chunk(b, 0, [2, 3]), Chunk(a[8:], 8, [0, 1, 4])]))
+    for bucket in (Bucket(7, 2), Bucket(16, 3), Bucket(16, 8), Bucket(9, 9)):
+        if not bucket.holds(7, 2):
+            assert bucket == Bucket(9, 9)  # a decode bucket takes only all-decode steps
+            continue
+        graphs._load(step, bucket)
+        got = ex._last_token_logits(graphs._view(bucket))
+        torch.testing.assert_close(got[:2], want, atol=1e-5, rtol=1e-5)
+    decode = [Chunk([-1], 8, [0, 1, 4], feed_row=1)]
+    graphs._load(decode, Bucket(4, 4))  # three one-token padding sequences
+    torch.testing.assert_close(ex._last_token_logits(graphs._view(Bucket(4, 4)))[:1], want[1:],
+                               atol=1e-5, rtol=1e-5)

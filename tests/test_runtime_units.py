@@ -129,7 +129,7 @@ def test_sampler_greedy_seeded_and_reproducible():
 
     def draw(params, n=20):
         gens = [sampler.generator_for(p, logits.device) for p in params]
-        return [sampler.sample(logits, params, gens) for _ in range(n)]
+        return [sampler.sample(logits, params, gens).tolist() for _ in range(n)]
 
     a = draw([greedy, seeded, top1, seeded])
     b = draw([seeded, greedy, seeded, top1])  # same seed, other batch neighbours and rows
@@ -144,7 +144,7 @@ def test_sampler_top_k_never_leaves_the_top_k():
     logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(2))
     allowed = set(logits[0].topk(5).indices.tolist())
     params = [SamplingParams(temperature=2.0, top_k=5)]
-    assert {sampler.sample(logits, params, [None])[0] for _ in range(200)} <= allowed
+    assert {sampler.sample(logits, params, [None])[0].item() for _ in range(200)} <= allowed
 
 
 def test_sampling_params_validation():
@@ -184,33 +184,3 @@ def test_incremental_detokenizer_matches_full_decode():
     pieces = [detok.add(t) for t in output]
     assert "".join(pieces) == tok.decode(output)
     assert "\ufffd" not in "".join(pieces)
-
-
-def test_decode_graph_buffers_match_pack():
-    """DecodeGraphs._load (pinned mirrors, vectorised) fills the static inputs exactly as `pack`
-    would for the same decode chunks padded with scratch-block rows."""
-    import random
-
-    import torch
-
-    from autodeploy.runtime.batch import Chunk, pack
-    from autodeploy.runtime.cuda_graphs import DecodeGraphs
-
-    graphs = DecodeGraphs.__new__(DecodeGraphs)  # no capture: CPU buffers only
-    graphs.block_size, graphs.device, graphs.max_blocks_per_seq = 32, torch.device("cpu"), 10
-    graphs._pad = Chunk([0], 0, [99])
-    graphs._alloc_buffers(16)
-    rng = random.Random(0)
-    for _ in range(20):
-        count = rng.randint(0, 16)
-        size = next(s for s in (1, 2, 4, 8, 16) if s >= max(count, 1))
-        chunks = []
-        for _ in range(count):
-            start = rng.randint(0, 300)
-            chunks.append(Chunk([rng.randint(0, 1000)], start, rng.sample(range(90), start // 32 + 1)))
-        graphs._load(chunks, size)
-        want = pack(chunks + [graphs._pad] * (size - count), 32, torch.device("cpu"))
-        got = graphs._view(size)
-        for name in ("input_ids", "position_ids", "cu_seqlens", "seq_lens", "slot_mapping"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), name
-        assert torch.equal(got.block_tables[:, :want.block_tables.shape[1]], want.block_tables)

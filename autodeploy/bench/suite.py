@@ -17,7 +17,7 @@ import torch
 from autodeploy.loading import resolve_device, resolve_dtype, resolve_model
 from autodeploy.optimizer import optimize_model
 from autodeploy.recipe import load_recipe
-from autodeploy.runtime.cuda_graphs import DEFAULT_BATCH_SIZES
+from autodeploy.runtime.cuda_graphs import DEFAULT_BATCH_SIZES, DEFAULT_PREFILL_TOKENS
 from autodeploy.runtime.engine import EngineSettings
 
 from . import hf, ours
@@ -96,12 +96,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes"]
     for graphs in GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False]:
         settings = EngineSettings(max_batch_size=max_batch, max_num_tokens=cfg.max_num_tokens or 0,
-                                  cuda_graph_batch_sizes=DEFAULT_BATCH_SIZES if graphs else ())
+                                  cuda_graph_batch_sizes=DEFAULT_BATCH_SIZES if graphs else (),
+                                  cuda_graph_prefill_tokens=DEFAULT_PREFILL_TOKENS if graphs else ())
         start = now(device)
         engine = ours.make_engine(opt, settings)
         runner = "autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy"
-        captured = engine.executor.graphs.sizes if engine.executor.graphs is not None else []
-        result.setdefault("engine", {})[runner] = {"start_s": now(device) - start, "cuda_graph_sizes": captured}
+        graphs_ = engine.executor.graphs
+        captured = [[b.tokens, b.seqs] for b in graphs_.buckets] if graphs_ is not None else []
+        result.setdefault("engine", {})[runner] = {"start_s": now(device) - start, "cuda_graph_buckets": captured}
         result["results"][runner] = {
             w.name: summarize(_timed(cfg.repeats, cfg.warmup, lambda: ours.run(engine, p, n)))
             for w, p, n in zip(cfg.workloads, prompts, lens)}

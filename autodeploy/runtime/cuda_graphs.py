@@ -1,31 +1,37 @@
-"""CUDA graphs for decode steps: one captured forward per batch-size bucket, replayed every step.
+"""CUDA graphs for whole steps: one captured forward per shape bucket, replayed every step.
 
-An eager decode step of the cached graph is hundreds of small kernel launches, each behind Python
-dispatch (FX code, custom-op wrappers); at batch 1 the GPU mostly waits for the host. A step in
-which every sequence decodes has a shape fixed by the batch size alone (T = B), so we capture the
-forward once per bucket (1, 2, 4, ..., 256 by default) and replay it: one launch per step.
+An eager step of the cached graph is hundreds of small kernel launches, each behind Python
+dispatch (FX code, custom-op wrappers): at batch 1 the GPU mostly waits for the host, and a
+128-token prefill spends ~30 ms launching. So each step shape in a small set of buckets is
+captured once and replayed: one launch per step.
 
-Each bucket's graph reads its inputs from static buffers (shared by all buckets: a bucket uses the
-first rows), so a step packs on the host, copies into those buffers and replays. A batch of n
-sequences runs in the smallest bucket >= n; the padding rows are one-token sequences whose K/V go
-to a scratch block that the block manager never hands out, so they cannot touch a real sequence's
-cache, and their logits are dropped. The block-table buffer is as wide as the longest sequence the
-engine admits (max blocks per sequence); the attention kernel reads only the blocks a sequence's
-length covers, so stale entries past a row's width are harmless. Prefill and mixed steps (shapes
-vary with the prompts) run eagerly.
+A bucket is (tokens T, sequences B):
+  - decode buckets (B, B) for the batch sizes (1, 2, 4, ..., 256 by default): every sequence
+    runs one token. T == B also picks the decode attention kernel, fixed at capture.
+  - prefill buckets (T, min(max_batch_size + 1, T // 2)) for token counts (32 ... 2048): prompt
+    chunks, mixed with decodes. B < T keeps them off the decode kernel, and the + 1 leaves room
+    for the padding sequence.
+A step runs in the smallest bucket that holds it (batch.py pads it), or eagerly if none does.
+
+Each graph reads static input buffers, shared by all buckets (a bucket uses their first rows), and
+outputs the logits at each sequence's last token. A step lays its batch out on the host, copies it
+into pinned mirrors (two, used in turn: the copy of step n may still be queued while step n + 1 is
+laid out) and from there into the static buffers in three asynchronous copies, then replays.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .batch import Chunk, PackedBatch, pack
+from .batch import Chunk, HostLayout, PackedBatch, lay_out, padding
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
 
-Forward = Callable[[PackedBatch], torch.Tensor]  # packed batch -> logits [T, vocab]
+Forward = Callable[[PackedBatch], torch.Tensor]  # packed batch -> logits at the last tokens [B, vocab]
 
 
 def buckets_to_capture(batch_sizes: tuple[int, ...], max_batch_size: int, max_num_tokens: int) -> list[int]:
@@ -36,92 +42,91 @@ def buckets_to_capture(batch_sizes: tuple[int, ...], max_batch_size: int, max_nu
     return [s for s in sizes if s < max_batch_size] + covering[:1]
 
 
-class DecodeGraphs:
-    """Captured decode forwards for each bucket size, and the static buffers they read."""
+@dataclass(frozen=True, order=True)
+class Bucket:
+    tokens: int
+    seqs: int
 
-    def __init__(self, forward: Forward, block_size: int, device: torch.device, sizes: list[int],
+    @property
+    def decode(self) -> bool:
+        return self.tokens == self.seqs
+
+    def holds(self, num_tokens: int, num_seqs: int) -> bool:
+        """Whether a step of this size pads to the bucket (see batch.padding): a decode bucket
+        takes only all-decode steps; a prefill bucket needs a spare sequence to pad tokens."""
+        if self.decode:
+            return num_tokens == num_seqs <= self.seqs
+        return num_tokens <= self.tokens and num_seqs <= self.seqs and (
+            num_tokens == self.tokens or num_seqs < self.seqs)
+
+
+def plan_buckets(decode_sizes: list[int], prefill_tokens: tuple[int, ...], max_batch_size: int,
+                 max_num_tokens: int) -> list[Bucket]:
+    decode = [Bucket(s, s) for s in decode_sizes]
+    prefill = [Bucket(t, min(max_batch_size + 1, t // 2)) for t in sorted(set(prefill_tokens))
+               if t <= max_num_tokens and t // 2 >= 2]
+    return sorted(set(decode + prefill))
+
+
+class StepGraphs:
+    """Captured forwards for each bucket, and the static buffers they read."""
+
+    def __init__(self, forward: Forward, block_size: int, device: torch.device, buckets: list[Bucket],
                  max_blocks_per_seq: int, scratch_block: int):
-        if not sizes:
-            raise ValueError("no CUDA graph batch sizes to capture")
+        if not buckets:
+            raise ValueError("no CUDA graph buckets to capture")
         self.block_size = block_size
         self.device = device
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self._pad = Chunk([0], 0, [scratch_block])  # a one-token sequence living in the scratch block
-        self._alloc_buffers(max(sizes))
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
-        self._capture(forward, sorted(sizes, reverse=True))
+        self.scratch_block = scratch_block
+        self.max_rows = max(b.tokens for b in buckets)
+        self.max_blocks_per_seq = max(max_blocks_per_seq, -(-self.max_rows // block_size))
+        self._alloc_buffers(self.max_rows, max(b.seqs for b in buckets))
+        self._graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[Bucket, torch.Tensor] = {}
+        self._capture(forward, sorted(buckets, reverse=True))
 
-    def _alloc_buffers(self, n: int) -> None:
-        """Static device inputs for up to n rows, and pinned host mirrors, so that a step's metadata
-        goes over in three asynchronous copies: [input_ids | position_ids | slot_mapping] (int64),
-        [cu_seqlens | seq_lens] (int32) and the used corner of the block table. Reusing the host
-        mirrors each step is safe because every step ends in a host sync (the sampler's .tolist())
-        after the replay that read them."""
-        device, pin = self.device, self.device.type == "cuda"
-        self._dev64 = torch.zeros(3 * n, dtype=torch.long, device=device)
-        self._dev32 = torch.zeros(2 * n + 1, dtype=torch.int32, device=device)
-        self._static = PackedBatch(
-            input_ids=self._dev64[:n].view(1, n),
-            position_ids=self._dev64[n:2 * n].view(1, n),
-            cu_seqlens=self._dev32[:n + 1],
-            seq_lens=self._dev32[n + 1:],
-            block_tables=torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=device),
-            slot_mapping=self._dev64[2 * n:],
-        )
-        self._host64 = torch.zeros(3, n, dtype=torch.long, pin_memory=pin)
-        self._host32 = torch.zeros(2 * n + 1, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
-        self._np64, self._np32, self._np_tables = self._host64.numpy(), self._host32.numpy(), self._host_tables.numpy()
-        self._np32[:n + 1] = range(n + 1)  # decode steps: one token per sequence, always
+    def _alloc_buffers(self, rows: int, seqs: int) -> None:
+        device = self.device
+        self._dev_rows = torch.zeros(4, rows, dtype=torch.long, device=device)
+        self._dev_seqs = torch.zeros(2 * seqs + 1, dtype=torch.int32, device=device)
+        self._dev_tables = torch.zeros(seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._mirrors = [_PinnedMirror(rows, seqs, self.max_blocks_per_seq, device) for _ in range(2)]
+        self._turn = 0
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return sorted(self._graphs)
 
     @property
     def sizes(self) -> list[int]:
-        return sorted(self._graphs)
+        """The decode batch sizes captured."""
+        return [b.seqs for b in self.buckets if b.decode]
 
-    def _view(self, size: int) -> PackedBatch:
-        s = self._static
-        return PackedBatch(s.input_ids[:, :size], s.position_ids[:, :size], s.cu_seqlens[:size + 1],
-                           s.seq_lens[:size], s.block_tables[:size], s.slot_mapping[:size])
+    def _view(self, bucket: Bucket) -> PackedBatch:
+        t, b, seqs = bucket.tokens, bucket.seqs, (self._dev_seqs.shape[0] - 1) // 2
+        rows = self._dev_rows
+        return PackedBatch(rows[0:1, :t], rows[1:2, :t], self._dev_seqs[:b + 1], self._dev_seqs[seqs + 1:seqs + 1 + b],
+                           self._dev_tables[:b], rows[2, :t], rows[3, :t])
 
-    def _load(self, chunks: list[Chunk], size: int) -> None:
-        """Write `chunks` (one token each) padded to `size` rows into the pinned host mirrors and
-        copy them into the static buffers (3 host->device copies). Padding rows are one-token
-        sequences in the scratch block (context 1, slot scratch_block * block_size)."""
-        n, bs, count = self._static.seq_lens.shape[0], self.block_size, len(chunks)
-        starts = [c.start for c in chunks]
-        pad_block = self._pad.block_ids[0]
-        tables = [c.block_ids for c in chunks]
-        width = max(map(len, tables)) if chunks else 1
-        h64, h32 = self._np64, self._np32
-        h64[0, :count] = [c.token_ids[0] for c in chunks]
-        h64[1, :count] = starts
-        h64[2, :count] = [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)]
-        h32[n + 1:n + 1 + count] = [p + 1 for p in starts]
-        if size > count:
-            h64[0:2, count:size] = 0
-            h64[2, count:size] = pad_block * bs
-            h32[n + 1 + count:n + 1 + size] = 1
-        grid = self._np_tables[:size * width].reshape(size, width)
-        grid[:] = 0
-        for row, t in zip(grid, tables):
-            row[:len(t)] = t
-        grid[count:, 0] = pad_block
-        self._dev64.copy_(self._host64.view(-1), non_blocking=True)  # a few KiB: whole buffers stay contiguous
-        self._dev32.copy_(self._host32, non_blocking=True)
-        self._static.block_tables[:size, :width].copy_(self._host_tables[:size * width].view(size, width),
-                                                        non_blocking=True)
+    def _load(self, chunks: list[Chunk], bucket: Bucket) -> None:
+        """Lay `chunks` out padded to `bucket` and copy them into the static buffers."""
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        pads = padding(bucket.tokens - num_tokens, bucket.seqs - len(chunks), self.scratch_block, self.block_size)
+        layout = lay_out(chunks + pads, self.block_size)
+        mirror = self._mirrors[self._turn]
+        self._turn ^= 1
+        mirror.send(layout, self._dev_rows, self._dev_seqs, self._dev_tables)
 
     @torch.inference_mode()
-    def _capture(self, forward: Forward, sizes: list[int]) -> None:
+    def _capture(self, forward: Forward, buckets: list[Bucket]) -> None:
         """Largest bucket first, all in one memory pool, so smaller graphs reuse its memory.
 
         Each bucket runs twice on a side stream before capture (Triton compiles and autotunes
         there, cuBLAS picks its kernels), as CUDA graph capture requires."""
         pool = torch.cuda.graph_pool_handle()
-        for size in sizes:
-            self._load([], size)  # every row a padding row: the capture writes only the scratch block
-            view = self._view(size)
+        for bucket in buckets:
+            self._load([], bucket)  # all padding: the capture writes only the scratch block
+            view = self._view(bucket)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -130,22 +135,49 @@ class DecodeGraphs:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[size] = forward(view)
-            self._graphs[size] = graph
+                self._logits[bucket] = forward(view)
+            self._graphs[bucket] = graph
         torch.cuda.synchronize(self.device)
 
-    def bucket_for(self, chunks: list[Chunk]) -> int | None:
-        """The bucket that runs this step, or None when it must run eagerly (not all-decode, too
-        many sequences, or a block table wider than the buffer)."""
-        if any(len(c.token_ids) != 1 for c in chunks):
-            return None
+    def bucket_for(self, chunks: list[Chunk]) -> Bucket | None:
+        """The smallest bucket that runs this step, or None when it must run eagerly."""
         if max(len(c.block_ids) for c in chunks) > self.max_blocks_per_seq:
             return None
-        return next((s for s in self.sizes if s >= len(chunks)), None)
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        return next((b for b in self.buckets if b.holds(num_tokens, len(chunks))), None)
 
-    def run(self, chunks: list[Chunk], size: int) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], bucket: Bucket) -> torch.Tensor:
         """Next-token logits [len(chunks), vocab]: a view of the graph's output, valid until the
         next replay."""
-        self._load(chunks, size)
-        self._graphs[size].replay()
-        return self._logits[size][:len(chunks)]
+        self._load(chunks, bucket)
+        self._graphs[bucket].replay()
+        return self._logits[bucket][:len(chunks)]
+
+
+class _PinnedMirror:
+    """Pinned host copies of the static buffers, so that a step's inputs go over asynchronously.
+    `send` waits until this mirror's previous copies have left before overwriting it."""
+
+    def __init__(self, rows: int, seqs: int, width: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.rows = torch.zeros(4, rows, dtype=torch.long, pin_memory=pin)
+        self.seqs = torch.zeros(2 * seqs + 1, dtype=torch.int32, pin_memory=pin)
+        self.tables = torch.zeros(seqs * width, dtype=torch.int32, pin_memory=pin)
+        self._sent = torch.cuda.Event() if pin else None
+
+    def send(self, layout: HostLayout, dev_rows: torch.Tensor, dev_seqs: torch.Tensor,
+             dev_tables: torch.Tensor) -> None:
+        if self._sent is not None:
+            self._sent.synchronize()
+        t, capacity = layout.num_tokens, (dev_seqs.shape[0] - 1) // 2
+        b, width = layout.tables.shape
+        self.rows.numpy()[:, :t] = layout.rows
+        seqs = self.seqs.numpy()
+        seqs[:b + 1] = layout.seqs[:b + 1]
+        seqs[capacity + 1:capacity + 1 + b] = layout.seqs[b + 1:]
+        self.tables.numpy()[:b * width] = layout.tables.reshape(-1)
+        dev_rows.copy_(self.rows, non_blocking=True)  # a few KiB: whole buffers stay contiguous
+        dev_seqs.copy_(self.seqs, non_blocking=True)
+        dev_tables[:b, :width].copy_(self.tables[:b * width].view(b, width), non_blocking=True)
+        if self._sent is not None:
+            self._sent.record()

@@ -1,7 +1,12 @@
 """The engine loop: schedule, pack, run the cached graph, sample, detokenize, stop, report.
 
-Single-threaded and synchronous: `step()` does one forward for everything scheduled and returns
-the outputs of the requests that moved. Callers (autodeploy.llm) drive it and route the outputs.
+Single-threaded, but the host and the device overlap: `step()` launches step n (forward and
+sampling stay on the device; the tokens head for pinned host memory) and only then reads the
+tokens of step n - 1, detokenizes them and checks the stop conditions while step n runs. Step n
+was scheduled before step n - 1's tokens were known, so their places hold PENDING and the device
+feeds them in (executor.py). The price: a request that stops on a token (EOS, stop string) has
+already been scheduled for one more step, whose token is dropped. Length limits are known ahead
+and cost nothing. Callers (autodeploy.llm) drive `step()` and route the outputs.
 """
 
 from __future__ import annotations
@@ -9,18 +14,19 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
 from torch.fx import GraphModule
 
 from .batch import Chunk
 from .block_manager import BlockManager
-from .cuda_graphs import DEFAULT_BATCH_SIZES, buckets_to_capture
+from .cuda_graphs import DEFAULT_BATCH_SIZES, DEFAULT_PREFILL_TOKENS, buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
 from .outputs import RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Sequence
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import PENDING, Sequence, Status
 from .stopping import find_stop_string, held_back, is_stop_token
 
 
@@ -30,8 +36,9 @@ class EngineSettings:
     max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = min(2048, export.max_seq_len)
     max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
     seed: int | None = None  # seed of the generator shared by unseeded sampling requests
-    # Decode batch sizes captured as CUDA graphs (CUDA only); () = always eager.
+    # CUDA graphs (CUDA only): decode batch sizes and prefill token counts captured; () = none.
     cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    cuda_graph_prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
 
 
 @dataclass(eq=False)
@@ -41,16 +48,28 @@ class _Request:
     text: str = ""
     shown_chars: int = 0
     shown_tokens: int = 0
+    resolved: int = 0  # output tokens the host has read (the rest are PENDING)
+
+
+@dataclass
+class _Launched:
+    """A step on its way: which output slot each sampled row fills, and the tokens' host copy."""
+
+    slots: list[tuple[_Request, int]]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 class Engine:
     def __init__(self, gm: GraphModule, tokenizer, eos_ids: set[int], settings: EngineSettings,
                  model_max_len: int | None = None):
-        self.executor = ModelExecutor(gm)
+        self.executor = ModelExecutor(gm, settings.max_batch_size)
         pool = self.executor.pool
         graph_sizes = buckets_to_capture(tuple(settings.cuda_graph_batch_sizes), settings.max_batch_size,
                                          settings.max_num_tokens)
-        use_graphs = self.executor.device.type == "cuda" and bool(graph_sizes) and pool.num_blocks > 1
+        buckets = plan_buckets(graph_sizes, tuple(settings.cuda_graph_prefill_tokens), settings.max_batch_size,
+                               settings.max_num_tokens)
+        use_graphs = self.executor.device.type == "cuda" and bool(buckets) and pool.num_blocks > 1
         num_blocks = pool.num_blocks - 1 if use_graphs else pool.num_blocks  # the last: graphs' scratch block
         self.blocks = BlockManager(num_blocks, pool.block_size)
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens)
@@ -60,10 +79,11 @@ class Engine:
         self.cache_tokens = num_blocks * pool.block_size
         self.max_seq_len = min(settings.max_seq_len or model_max_len or self.cache_tokens, self.cache_tokens)
         if use_graphs:
-            self.executor.capture_decode_graphs(graph_sizes, self.blocks.blocks_for(self.max_seq_len),
-                                                scratch_block=num_blocks)
+            self.executor.capture_graphs(buckets, self.blocks.blocks_for(self.max_seq_len),
+                                         scratch_block=num_blocks)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []
+        self._in_flight: _Launched | None = None
         self._ids = itertools.count()
         self.num_preemptions = 0  # how often the cache ran out (each one costs a recompute)
 
@@ -102,31 +122,64 @@ class Engine:
             self._pending.append(self._output(req, finished=True))
 
     def step(self) -> list[RequestOutput]:
-        """One forward over everything scheduled; outputs of requests that got a token or ended."""
+        """Launch the next forward, then report the requests the previous one moved (they got a
+        token or ended)."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
-        if not plan.chunks:
-            return outputs
-        logits = self.executor.last_token_logits([
-            Chunk(c.seq.token_ids(c.seq.num_computed, c.seq.num_computed + c.num_tokens), c.seq.num_computed,
-                  c.seq.block_ids)
-            for c in plan.chunks
-        ])
-        sampling = [i for i, c in enumerate(plan.chunks) if c.completes]
-        if len(sampling) < len(plan.chunks):  # a prompt chunk that does not reach its end samples nothing
-            logits = logits[sampling]
-        for c in plan.chunks:
-            c.seq.num_computed += c.num_tokens
-        seqs = [plan.chunks[i].seq for i in sampling]
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(seqs, tokens):
-            outputs.append(self._append(self._requests[seq.request_id], token))
+        launched = self._launch(plan.chunks) if plan.chunks else None
+        if self._in_flight is not None:
+            outputs += self._collect(self._in_flight)
+        self._in_flight = launched
         return outputs
 
-    def _append(self, req: _Request, token: int) -> RequestOutput:
+    def _launch(self, chunks: list[ScheduledChunk]) -> _Launched:
+        packed = []
+        for c in chunks:
+            seq, start, end = c.seq, c.seq.num_computed, c.seq.num_computed + c.num_tokens
+            fed = end == seq.num_tokens and seq.output_ids and seq.output_ids[-1] == PENDING
+            packed.append(Chunk(seq.token_ids(start, end), start, seq.block_ids, feed_row=seq.feed_row if fed else -1))
+        logits = self.executor.last_token_logits(packed)
+        sampling = [i for i, c in enumerate(chunks) if c.completes]
+        if len(sampling) < len(chunks):  # a prompt chunk that does not reach its end samples nothing
+            logits = logits[sampling]
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+        seqs = [chunks[i].seq for i in sampling]
+        slots = []
+        if seqs:
+            tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            self.executor.remember(tokens)
+        else:
+            tokens = torch.empty(0, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            seq.output_ids.append(PENDING)
+            seq.feed_row = row
+            seq.final = len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len
+            slots.append((self._requests[seq.request_id], len(seq.output_ids) - 1))
+        if tokens.device.type != "cuda":
+            return _Launched(slots, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(slots, host, ready)
+
+    def _collect(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for them) and move its requests on."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        outputs = []
+        for (req, index), token in zip(launched.slots, launched.tokens.tolist()):
+            if req.seq.status is Status.FINISHED:  # stopped or aborted after this step was launched
+                continue
+            req.seq.output_ids[index] = token
+            req.resolved = index + 1
+            outputs.append(self._accept(req, token))
+        return outputs
+
+    def _accept(self, req: _Request, token: int) -> RequestOutput:
         seq, params = req.seq, req.seq.params
-        seq.output_ids.append(token)
         reason = None
         if is_stop_token(params, token, self.eos_ids):
             reason = "stop"
@@ -136,13 +189,15 @@ class Engine:
             cut = find_stop_string(req.text, len(new), params.stop, params.include_stop_str_in_output) if new else None
             if cut is not None:
                 req.text, reason = req.text[:cut], "stop"
-        if reason is None and (len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_len):
+        if reason is None and (req.resolved >= params.max_tokens
+                               or len(seq.prompt_ids) + req.resolved >= self.max_seq_len):
             reason = "length"
         if reason is not None:
             self._finish(req, reason)
         return self._output(req, finished=reason is not None)
 
     def _finish(self, req: _Request, reason: str) -> None:
+        del req.seq.output_ids[req.resolved:]  # tokens still in flight are dropped
         req.seq.finish_reason = reason
         self.scheduler.finish(req.seq)
         del self._requests[req.seq.request_id]
@@ -153,8 +208,8 @@ class Engine:
         visible = req.text if finished else req.text[:len(req.text) - held_back(req.text, seq.params.stop)]
         out = RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids, text=visible,
-            token_ids=list(seq.output_ids), finished=finished, finish_reason=seq.finish_reason, error=seq.error,
-            delta_text=visible[req.shown_chars:], delta_token_ids=seq.output_ids[req.shown_tokens:],
+            token_ids=seq.output_ids[:req.resolved], finished=finished, finish_reason=seq.finish_reason, error=seq.error,
+            delta_text=visible[req.shown_chars:], delta_token_ids=seq.output_ids[req.shown_tokens:req.resolved],
         )
-        req.shown_chars, req.shown_tokens = len(visible), len(seq.output_ids)
+        req.shown_chars, req.shown_tokens = len(visible), req.resolved
         return out

@@ -1,25 +1,32 @@
-"""Runs the cached graph: packed batch in, logits out (decode steps through CUDA graphs when captured)."""
+"""Runs the cached graph: packed batch in, logits out (through CUDA graphs when a bucket holds the step).
+
+Nothing here waits for the device. The tokens a step samples stay on the device (`remember`), and
+the next step takes its placeholder tokens from there (`Chunk.feed_row`), so the engine can lay
+out step n + 1 while step n runs.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch.fx import GraphModule
 
 from .batch import Chunk, PackedBatch, pack
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import Bucket, StepGraphs
 from .kv_cache import KVCachePool, kv_cache_of
 
 
 class ModelExecutor:
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, max_batch_size: int = 256):
         pool = kv_cache_of(gm)
         if pool is None:
             raise ValueError("the graph has no KV cache: add the insert_kv_cache transform to the recipe")
         self.gm = gm
         self.pool: KVCachePool = pool
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
+        self._sampled = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -33,30 +40,43 @@ class ModelExecutor:
         """Logits [T, vocab] for every token of the packed batch."""
         return self.gm(*batch.graph_args(), *self.pool.graph_inputs())[0]
 
-    def capture_decode_graphs(self, sizes: list[int], max_blocks_per_seq: int, scratch_block: int) -> None:
-        """Capture decode forwards for these batch sizes (CUDA only; see cuda_graphs.py).
+    @torch.inference_mode()
+    def _last_token_logits(self, batch: PackedBatch) -> torch.Tensor:
+        """Logits [B, vocab] at each sequence's last token, placeholder tokens fed from the device."""
+        if batch.feed is not None:
+            fed = self._sampled[batch.feed.clamp(min=0)]
+            batch = replace(batch, input_ids=torch.where(batch.feed >= 0, fed, batch.input_ids[0])[None])
+        logits = self.forward(batch)
+        if batch.input_ids.shape[1] == batch.seq_lens.shape[0]:  # one token per sequence
+            return logits
+        return logits[batch.last_token_rows]
 
-        `scratch_block` is the cache block padding rows write to: the caller must never hand it
-        to a sequence. A graph that cannot be captured (an op that syncs with the host, such as
-        the torch attention backend) leaves the executor eager, with a warning."""
-        if self.device.type != "cuda" or not sizes:
+    def remember(self, tokens: torch.Tensor) -> None:
+        """Keep this step's sampled tokens [n] on the device for the next step's `feed_row`s."""
+        self._sampled[:tokens.shape[0]].copy_(tokens)
+
+    def capture_graphs(self, buckets: list[Bucket], max_blocks_per_seq: int, scratch_block: int) -> None:
+        """Capture the step forward for these buckets (CUDA only; see cuda_graphs.py).
+
+        `scratch_block` is the cache block padding writes to: the caller must never hand it to a
+        sequence. A graph that cannot be captured (an op that syncs with the host, such as the
+        torch attention backend) leaves the executor eager, with a warning."""
+        if self.device.type != "cuda" or not buckets:
             return
         try:
-            self.graphs = DecodeGraphs(self.forward, self.pool.block_size, self.device, sizes,
-                                       max_blocks_per_seq, scratch_block)
+            self.graphs = StepGraphs(self._last_token_logits, self.pool.block_size, self.device, buckets,
+                                     max_blocks_per_seq, scratch_block)
         except RuntimeError as e:
-            warnings.warn(f"CUDA graph capture failed, decode runs eagerly: {str(e).splitlines()[0]}")
+            warnings.warn(f"CUDA graph capture failed, steps run eagerly: {str(e).splitlines()[0]}")
             self.graphs = None
 
-    @torch.inference_mode()
     def last_token_logits(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits [len(chunks), vocab] at each chunk's last token: replayed from a CUDA graph when
-        the step is all-decode and fits a bucket, else one eager forward."""
-        size = self.graphs.bucket_for(chunks) if self.graphs is not None else None
-        if size is not None:
-            return self.graphs.run(chunks, size)
-        batch = self.pack(chunks)
-        return self.forward(batch)[batch.last_token_rows]
+        a bucket holds the step, else one eager forward. Asynchronous."""
+        bucket = self.graphs.bucket_for(chunks) if self.graphs is not None else None
+        if bucket is not None:
+            return self.graphs.run(chunks, bucket)
+        return self._last_token_logits(self.pack(chunks))
 
     @torch.inference_mode()
     def full_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,8 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int]:
-        """Next token for each row of `logits` [B, V]."""
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Next token for each row of `logits` [B, V], as a device tensor [B] (no host sync)."""
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
@@ -65,4 +65,4 @@ class Sampler:
             for j, i in enumerate(rows):
                 gen = generators[i] or self._shared_generator(device)
                 tokens[i] = index[j, torch.multinomial(probs[j], 1, generator=gen)]
-        return tokens.tolist()
+        return tokens

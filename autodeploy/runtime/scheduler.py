@@ -57,7 +57,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or seq.final:  # preempted in this loop, or out of length
                 continue
             n = min(seq.num_pending, budget)
             if not self._make_room(seq, seq.num_computed + n, placed, out):
@@ -72,7 +72,7 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, placed: set[Sequence], out: SchedulerOutput) -> bool:
         """Grow `seq` to `num_tokens`, preempting the newest unplaced running sequences as needed."""
         while not self.blocks.grow(seq.block_ids, num_tokens):
-            victim = next(s for s in reversed(self.running) if s not in placed)
+            victim = next(s for s in reversed(self.running) if s not in placed and not s.final)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is seq:

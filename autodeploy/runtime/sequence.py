@@ -10,6 +10,9 @@ import torch
 from .sampling_params import SamplingParams
 
 
+PENDING = -1  # an output token sampled on the device that the host has not read yet
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -37,6 +40,9 @@ class Sequence:
     num_computed: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None  # stop | length | abort | error
+    # Asynchronous steps: the last output token may still be on the device (PENDING on the host).
+    feed_row: int = -1  # row of that token among the last step's samples
+    final: bool = False  # that token is the last one the length limits allow: schedule no more
     error: str | None = None
 
     @property
