@@ -31,3 +31,26 @@ for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
         lambda: index_copy_write(k, k, kc, vc, slots),
         lambda: write_kv_cache(k, k, kc, vc, slots))]
     print(f"{batch:>5} {ctx:>5} {t[0]:>9.1f} {t[1]:>9.1f} {t[2]:>10.1f} {t[3]:>10.1f} {err:>8.1e}")
+
+# Sweep of the decode kernel's knobs, timed inside a CUDA graph (device time, no launch cost):
+# the shapes of a decode step at batch 1 / 64 and contexts up to a 4096-token prompt.
+print(f"\nsweep (do_bench_cudagraph, us per layer call; default splits = {{b1: 16, b64: 1}})")
+print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'block_n':>7} {'warps':>5} {'us':>7}")
+for batch, ctx in [(1, 256), (1, 4224), (64, 256), (64, 1024)]:
+    blocks = -(-ctx // page)
+    kc = torch.randn(batch * blocks + 1, page, 8, 128, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(batch * blocks, device=dev).to(torch.int32).view(batch, blocks)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(1, 32, batch, 128, device=dev, dtype=dt)
+    ref = decode_attention(q, kc, vc, lens, tables, 128 ** -0.5).float()
+    for splits in ((4, 8, 16, 32) if batch == 1 else (1, 2, 4)):
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                def call():
+                    return decode_attention(q, kc, vc, lens, tables, 128 ** -0.5, num_splits=splits,
+                                            block_n=block_n, num_warps=warps)
+                err = ((call().float() - ref).norm() / ref.norm()).item()
+                us = triton.testing.do_bench_cudagraph(call, rep=50) * 1e3
+                print(f"{batch:>5} {ctx:>5} {splits:>6} {block_n:>7} {warps:>5} {us:>7.1f}"
+                      + ("" if err < 1e-2 else f"  WRONG rel err {err:.1e}"))

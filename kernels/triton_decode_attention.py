@@ -190,10 +190,12 @@ def _num_splits(num_seqs: int, n_kv: int, device: torch.device) -> int:
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
-    logit_cap: float | None = None, num_splits: int | None = None,
+    logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
-    over the paged cache, which already holds this step's k/v."""
+    over the paged cache, which already holds this step's k/v. `num_splits`, `block_n` and
+    `num_warps` override the defaults (benchmarks/decode_attention_bench.py sweeps them)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
     v_dim = v_cache.shape[3]
@@ -214,9 +216,9 @@ def decode_attention(
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         k_cache.shape[1], scale, sliding_window or 0, logit_cap or 0.0,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=BLOCK_N,
+        V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, n_heads)](
