@@ -1,0 +1,73 @@
+"""Triton kernel for skinny linears (a few rows: decode at small batch), the `linear_triton` backend.
+
+With one to a few rows, y = x @ W.T only streams W: the time is W's bytes over memory bandwidth.
+cuBLAS reaches that for the large MLP matrices but loses 10-20 % on the smaller ones (q/k/v, o,
+down) and adds a split-K reduce kernel. This kernel gives each program BLOCK_N output columns and
+walks the whole of K (no split, no second kernel); the rows (padded to 16 for tl.dot) ride along
+for free. Anything with more rows than SKINNY_ROWS goes to torch (cuBLAS), so prefill is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+SKINNY_ROWS = 16
+BLOCK_N = 32
+BLOCK_K = 512
+NUM_WARPS = 4
+NUM_STAGES = 5
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_valid = offs_n < N
+    m_valid = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                    mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                  num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias) for at most SKINNY_ROWS rows of x. The knobs are for
+    benchmarks/linear_bench.py, which sweeps them."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The backend: the skinny kernel for a few rows of a half-precision linear, else torch."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= SKINNY_ROWS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
