@@ -29,6 +29,15 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return probs / probs.sum(-1, keepdim=True), index
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax; on CUDA a split kernel (torch's takes ~45 us for one 128k-entry row)."""
+    if logits.is_cuda:
+        from autodeploy.kernels.triton_argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     """Picks the next token of every row; greedy rows take the argmax and use no randomness."""
 
@@ -51,7 +60,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> torch.Tensor:
         """Next token for each row of `logits` [B, V], as a device tensor [B] (no host sync)."""
-        tokens = logits.argmax(dim=-1)
+        tokens = _argmax(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             device = logits.device
