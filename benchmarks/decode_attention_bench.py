@@ -11,15 +11,21 @@ from autodeploy.kernels.triton_cached_attention import paged_attention
 from autodeploy.kernels.triton_decode_attention import decode_attention, write_kv_cache
 
 dev, dt, page = "cuda", torch.bfloat16, 32
-print(f"{'batch':>5} {'ctx':>5} {'paged us':>9} {'decode us':>9} {'idxcopy us':>10} {'kvwrite us':>10} {'rel err':>8}")
-for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
+
+
+def decode_inputs(batch: int, ctx: int):
+    """A paged cache of `batch` sequences of `ctx` tokens (shuffled blocks) and one query per sequence."""
     blocks = -(-ctx // page)
     kc = torch.randn(batch * blocks + 1, page, 8, 128, device=dev, dtype=dt)
-    vc = torch.randn_like(kc)
     tables = torch.randperm(batch * blocks, device=dev).to(torch.int32).view(batch, blocks)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    return torch.randn(1, 32, batch, 128, device=dev, dtype=dt), kc, torch.randn_like(kc), tables, lens
+
+
+print(f"{'batch':>5} {'ctx':>5} {'paged us':>9} {'decode us':>9} {'idxcopy us':>10} {'kvwrite us':>10} {'rel err':>8}")
+for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
+    q, kc, vc, tables, lens = decode_inputs(batch, ctx)
     cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
-    q = torch.randn(1, 32, batch, 128, device=dev, dtype=dt)
     k = torch.randn(1, 8, batch, 128, device=dev, dtype=dt)
     slots = (tables[:, -1].long() * page + (ctx - 1) % page)
     a = paged_attention(q, kc, vc, cu, lens, tables, 128 ** -0.5)
@@ -34,15 +40,10 @@ for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
 
 # Sweep of the decode kernel's knobs, timed inside a CUDA graph (device time, no launch cost):
 # the shapes of a decode step at batch 1 / 64 and contexts up to a 4096-token prompt.
-print(f"\nsweep (do_bench_cudagraph, us per layer call; default splits = {{b1: 16, b64: 1}})")
+print("\nsweep (do_bench_cudagraph, us per layer call; default splits: 32 at batch 1, 1 at batch 64)")
 print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'block_n':>7} {'warps':>5} {'us':>7}")
 for batch, ctx in [(1, 256), (1, 4224), (64, 256), (64, 1024)]:
-    blocks = -(-ctx // page)
-    kc = torch.randn(batch * blocks + 1, page, 8, 128, device=dev, dtype=dt)
-    vc = torch.randn_like(kc)
-    tables = torch.randperm(batch * blocks, device=dev).to(torch.int32).view(batch, blocks)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(1, 32, batch, 128, device=dev, dtype=dt)
+    q, kc, vc, tables, lens = decode_inputs(batch, ctx)
     ref = decode_attention(q, kc, vc, lens, tables, 128 ** -0.5).float()
     for splits in ((4, 8, 16, 32) if batch == 1 else (1, 2, 4)):
         for block_n in (32, 64, 128):
