@@ -36,10 +36,13 @@ def cmd_bench(args) -> int:
         workloads = _workloads(args)
     except ValueError as e:
         raise BenchArgumentError(str(e)) from None
+    if args.peers_only and not args.baseline:
+        raise BenchArgumentError("--peers-only measures the --baseline peers alone: name at least one")
     cfg = BenchConfig(model=args.model, workloads=workloads, recipe=args.recipe, overrides=args.overrides,
                       baselines=args.baseline, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
                       repeats=args.repeats, max_batch_size=args.max_batch_size,
-                      max_num_tokens=args.max_num_tokens, seed=args.seed, profile_steps=args.profile)
+                      max_num_tokens=args.max_num_tokens, seed=args.seed, profile_steps=args.profile,
+                      peers_only=args.peers_only)
     result = run_bench(cfg)
     print_report(result)
     if args.json:
@@ -73,6 +76,9 @@ def register(subparsers) -> None:
     thr.add_argument("--lengths-file", default=None, help='JSON list of [input_len, output_len] pairs')
     p.add_argument("--baseline", action="append", default=[], choices=BASELINES,
                    help="also measure HF transformers eager (hf) or static cache + torch.compile (hf-compile)")
+    p.add_argument("--peers-only", action="store_true",
+                   help="measure only the --baseline peers, not autodeploy (same workload and seed: for a peer too "
+                        "slow to share one device call, e.g. HF eager on a 512-request throughput workload)")
     p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
                    help="steps through CUDA graphs (CUDA only; both = measure with and without)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per runner and workload (default 1)")

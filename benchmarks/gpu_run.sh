@@ -4,7 +4,8 @@
 # BENCH_OVERRIDES: extra recipe overrides for stage 1 (e.g. to switch a transform off).
 # Stages: 1 = 8B bench (HF eager peer, profile), 2 = LLM(...) startup, 3 = GPU tests,
 #         4 = HF static cache + compile peer at batch 1, 5 = decode after a 4096-token prompt,
-#         6 = offline throughput (512 requests, HF eager static batches as the peer),
+#         6 = offline throughput (512 requests), 10 = its HF eager peer (static batches of 64) alone:
+#             the peer takes ~7 min, too long to share one 10-minute device call with the rest,
 #         7 = decode attention kernel timings and knob sweep, 8 = skinny linear kernel vs cuBLAS sweep,
 #         9 = batch 1 with cuBLAS for every linear (the skinny kernel off). Default: 1 2 3.
 set -o pipefail
@@ -23,11 +24,14 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
      | grep -v USDT | tee "$OUT/bench_8b_compile.log" ;;
 5) timeout 150 autodeploy bench $CFG --config-only --batch 1 --input-len 4096 --output-len 128 --repeats 2 \
      --json "$OUT/bench_8b_4096.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_4096.log" ;;
-6) timeout 420 autodeploy bench $CFG --config-only --num-requests 512 --input-len-range 64,1024 \
-     --output-len-range 64,512 --baseline hf --warmup 0 --repeats 1 --json "$OUT/bench_8b_throughput.json" 2>&1 \
+6) timeout 200 autodeploy bench $CFG --config-only --num-requests 512 --input-len-range 64,1024 \
+     --output-len-range 64,512 --warmup 0 --repeats 1 --json "$OUT/bench_8b_throughput.json" 2>&1 \
      | grep -v USDT | tee "$OUT/bench_8b_throughput.log" ;;
 7) timeout 240 python3 benchmarks/decode_attention_bench.py 2>&1 | tee "$OUT/decode_attention.log" ;;
 8) timeout 240 python3 benchmarks/linear_bench.py 2>&1 | tee "$OUT/linear.log" ;;
 9) timeout 150 autodeploy bench $CFG --config-only --batch 1 --input-len 128 --output-len 128 --repeats 2 \
      transforms.select_backends.backends.linear=torch 2>&1 | grep -v USDT | tee "$OUT/bench_8b_cublas.log" ;;
+10) timeout 570 autodeploy bench $CFG --config-only --num-requests 512 --input-len-range 64,1024 \
+     --output-len-range 64,512 --baseline hf --peers-only --warmup 0 --repeats 1 \
+     --json "$OUT/bench_8b_throughput_hf.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_throughput_hf.log" ;;
 esac; done

@@ -62,6 +62,18 @@ def test_throughput_mode_config_only(tiny_llama_dir, tmp_path):
     assert result["results"]["autodeploy"][workload["name"]]["output_tok_s"] > 0
 
 
+def test_peers_only_measures_the_baselines_alone(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench([str(tiny_llama_dir), "model.device=cpu", "--config-only", "--num-requests", "3",
+                  "--input-len-range", "4,9", "--output-len-range", "2,4", "--baseline", "hf", "--peers-only",
+                  "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["results"]) == ["hf"] and "weight_bytes" not in result
+    assert "peers only" in capsys.readouterr().out
+    with pytest.raises(Exception, match="--peers-only"):
+        bench([str(tiny_llama_dir), "model.device=cpu", "--peers-only"])
+
+
 def test_metrics_and_workloads():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
     m = summarize([Run([[0.5, 0.6, 0.8], [0.5, 0.7]], wall_s=1.0)])

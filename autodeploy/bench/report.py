@@ -16,10 +16,13 @@ def print_report(result: dict) -> None:
           f"transformers {result['transformers']}, triton {result['triton']})")
     if "weights_note" in result:
         print(f"  note: {result['weights_note']}")
-    print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), weights "
-          f"{result['weight_bytes'] / 1e9:.2f} GB -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
-    print(f"  build {result['build_s']['total']:.1f} s; engine start (graph capture) "
-          + ", ".join(f"{k} {v['start_s']:.1f} s" for k, v in result["engine"].items()))
+    if "weight_bytes" in result:  # our model was built (not --peers-only)
+        print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), weights "
+              f"{result['weight_bytes'] / 1e9:.2f} GB -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
+        print(f"  build {result['build_s']['total']:.1f} s; engine start (graph capture) "
+              + ", ".join(f"{k} {v['start_s']:.1f} s" for k, v in result["engine"].items()))
+    else:
+        print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write); peers only")
     header = ("runner", "output tok/s", "tok/s/seq", "TTFT p50 ms", "ITL p50/p90/p99 ms", "vs HF eager")
     for w in result["workloads"]:
         print(f"\n  {w['name']}  ({w['requests']} requests, {w['output_tokens']} output tokens)")

@@ -43,6 +43,7 @@ class BenchConfig:
     max_num_tokens: int | None = None
     seed: int = 0
     profile_steps: int = 0  # > 0: profile that many decode steps per latency workload
+    peers_only: bool = False  # measure the baselines alone (a peer too slow to share a run with ours)
 
 
 def _timed(passes: int, warmup: int, one_pass) -> list[Run]:
@@ -87,6 +88,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             for w, p, n in zip(cfg.workloads, prompts, lens)}
         del model
         _free_device_memory()
+    if cfg.peers_only:
+        return result
 
     start = now(device)
     opt = optimize_model(cfg.model, recipe, progress=False)
