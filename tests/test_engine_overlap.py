@@ -85,3 +85,20 @@ def test_abort_while_a_step_is_in_flight(opt):
     assert final.token_ids == alone(opt, PROMPTS[0], params)[:len(final.token_ids)]
     assert outs[keeper][-1].token_ids == alone(opt, PROMPTS[1], params)
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_logprobs_of_generated_tokens_match_the_full_forward(opt):
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    eng = engine(opt)
+    asked, plain = eng.add_request(PROMPTS[0], params), eng.add_request(PROMPTS[1], SamplingParams(max_tokens=2))
+    outs = drain(eng)
+    final = outs[asked][-1]
+    assert outs[plain][-1].logprobs is None and len(final.logprobs) == len(final.token_ids) == 6
+    ref = torch.log_softmax(opt.logits(torch.tensor([PROMPTS[0] + final.token_ids]))[0].float(), dim=-1)
+    for i, (token, entry) in enumerate(zip(final.token_ids, final.logprobs)):
+        row = ref[len(PROMPTS[0]) - 1 + i]
+        assert len(entry) == 3 and max(entry, key=entry.get) == token  # greedy: the chosen one is the top 1
+        for t, v in zip(*row.topk(3)[::-1]):
+            assert entry[int(t)] == pytest.approx(float(v), abs=1e-4)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)

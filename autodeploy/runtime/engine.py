@@ -49,6 +49,30 @@ class _Request:
     shown_chars: int = 0
     shown_tokens: int = 0
     resolved: int = 0  # output tokens the host has read (the rest are PENDING)
+    logprobs: list[dict[int, float]] | None = None  # per resolved token, when the request asks
+
+
+@dataclass
+class _StepLogprobs:
+    """A step's log-probabilities (raw distribution): the sampled tokens' [n], the top k's values and ids [n, k]."""
+
+    chosen: torch.Tensor
+    values: torch.Tensor
+    ids: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> "_StepLogprobs":
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(k, dim=-1)
+        return cls(logprobs.gather(1, tokens[:, None])[:, 0], values, ids)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy into pinned host memory (the step's event says when it has landed)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 @dataclass
@@ -58,6 +82,7 @@ class _Launched:
     slots: list[tuple[_Request, int]]
     tokens: torch.Tensor
     ready: torch.cuda.Event | None
+    logprobs: _StepLogprobs | None = None
 
 
 class Engine:
@@ -101,7 +126,8 @@ class Engine:
             self._pending.append(self._output(_Request(seq, None), finished=True))
             return request_id
         self._requests[request_id] = _Request(
-            seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.skip_special_tokens))
+            seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.skip_special_tokens),
+            logprobs=[] if params.logprobs is not None else None)
         self.scheduler.add(seq)
         return request_id
 
@@ -146,10 +172,13 @@ class Engine:
         for c in chunks:
             c.seq.num_computed += c.num_tokens
         seqs = [chunks[i].seq for i in sampling]
-        slots = []
+        slots, logprobs = [], None
         if seqs:
             tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             self.executor.remember(tokens)
+            k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+            if k is not None:
+                logprobs = _StepLogprobs.of(logits, tokens, k)
         else:
             tokens = torch.empty(0, dtype=torch.long)
         for row, seq in enumerate(seqs):
@@ -157,24 +186,31 @@ class Engine:
             seq.feed_row = row
             seq.final = len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len
             slots.append((self._requests[seq.request_id], len(seq.output_ids) - 1))
-        if tokens.device.type != "cuda":
-            return _Launched(slots, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return _Launched(slots, host, ready)
+        if logprobs is not None:
+            logprobs = _StepLogprobs(_to_host(logprobs.chosen), _to_host(logprobs.values), _to_host(logprobs.ids))
+        host, ready = _to_host(tokens), None
+        if tokens.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(slots, host, ready, logprobs)
 
     def _collect(self, launched: _Launched) -> list[RequestOutput]:
         """Read a launched step's tokens (waiting for them) and move its requests on."""
         if launched.ready is not None:
             launched.ready.synchronize()
         outputs = []
-        for (req, index), token in zip(launched.slots, launched.tokens.tolist()):
+        lp = launched.logprobs
+        chosen, values, ids = (lp.chosen.tolist(), lp.values.tolist(), lp.ids.tolist()) if lp else ([], [], [])
+        for row, ((req, index), token) in enumerate(zip(launched.slots, launched.tokens.tolist())):
             if req.seq.status is Status.FINISHED:  # stopped or aborted after this step was launched
                 continue
             req.seq.output_ids[index] = token
             req.resolved = index + 1
+            k = req.seq.params.logprobs
+            if k is not None:
+                entry = dict(zip(ids[row][:k], values[row][:k]))
+                entry[token] = chosen[row]
+                req.logprobs.append(entry)
             outputs.append(self._accept(req, token))
         return outputs
 
@@ -210,6 +246,7 @@ class Engine:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids, text=visible,
             token_ids=seq.output_ids[:req.resolved], finished=finished, finish_reason=seq.finish_reason, error=seq.error,
             delta_text=visible[req.shown_chars:], delta_token_ids=seq.output_ids[req.shown_tokens:req.resolved],
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
         )
         req.shown_chars, req.shown_tokens = len(visible), req.resolved
         return out

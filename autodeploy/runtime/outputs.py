@@ -21,3 +21,5 @@ class RequestOutput:
     error: str | None = None
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # with SamplingParams(logprobs=k): one {token id: log-probability} per entry of token_ids
+    logprobs: list[dict[int, float]] | None = None
