@@ -15,7 +15,8 @@ chosen tokens, first divergence steps and the flatness of the distributions are 
 Which path produces which numbers:
   - our tokens: `LLM.generate` over all prompts at once (paged-KV runtime; decode steps replay CUDA
     graphs on CUDA), so the real decode path chose them;
-  - our logprobs: the runtime exposes no per-step logits, so they come from `OptimizedModel.logits`
+  - our logprobs of our own tokens: the runtime's decode path (`SamplingParams(logprobs=0)`); our
+    full distributions (to judge HF's tokens, and our own decode path) come from `OptimizedModel.logits`
     (the executor's `full_logits`: each sequence teacher-forced as one prefill through the cached
     graph, i.e. the prefill kernels);
   - HF tokens: eager greedy with HF's own KV cache, as `generate` decodes (EOS ignored);
@@ -104,6 +105,11 @@ def gen_logprobs(logits: Logits, prompt: list[int], tokens: list[int], device: t
         return torch.log_softmax(out.float(), dim=-1)
 
 
+def picked(logprobs: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """logprobs [n, vocab] at each position's token [n]."""
+    return logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
+
+
 @dataclass
 class Judged:
     """One side's greedy tokens judged by the other side's distribution on the same contexts."""
@@ -115,13 +121,13 @@ class Judged:
     failures: list[dict] = field(default_factory=list)  # chosen tokens outside the judge's top-k
 
     def add(self, prompt: int, tokens: list[int], producer: torch.Tensor, judge: torch.Tensor, top_k: int) -> None:
-        t = torch.tensor(tokens, device=judge.device)[:, None]
-        chosen = judge.gather(1, t)[:, 0]
+        """producer: the producing side's logprob of each chosen token [n]; judge: the judge's [n, vocab]."""
+        chosen = picked(judge, tokens)
         ranks = (judge > chosen[:, None]).sum(dim=1).tolist()
         self.positions += len(tokens)
         self.argmax_mismatches += sum(r > 0 for r in ranks)
         self.ranks += ranks
-        self.abs_logprob_diffs += (producer.gather(1, t)[:, 0] - chosen).abs().tolist()
+        self.abs_logprob_diffs += (producer.to(chosen.device) - chosen).abs().tolist()
         self.failures += [{"prompt": prompt, "step": s, "token": tokens[s], "rank": r}
                           for s, r in enumerate(ranks) if r >= top_k]
 
@@ -215,13 +221,14 @@ def run(args: argparse.Namespace) -> dict:
                                              progress=False)
         llm = LLM.from_optimized(opt, max_batch_size=len(prompts))
         lap("optimize")
-        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
         outs = llm.generate(prompts, params)
         bad = [o for o in outs if len(o.token_ids) != args.new_tokens]
         if bad:
             raise RuntimeError(f"{bad[0].request_id} ended after {len(bad[0].token_ids)} tokens: "
                                f"{bad[0].finish_reason} {bad[0].error or ''}")
         ours_tokens = [[int(t) for t in o.token_ids] for o in outs]  # plain ints whatever the runtime hands
+        ours_decode_lps = [torch.tensor([e[t] for t, e in zip(o.token_ids, o.logprobs)]) for o in outs]
         lap("ours_generate")
 
     # Cross checks (the verdict), and each side's decode-path tokens judged by its own one-forward
@@ -230,12 +237,12 @@ def run(args: argparse.Namespace) -> dict:
     for i, prompt in enumerate(prompts):
         ours_lp = gen_logprobs(opt.logits, prompt, ours_tokens[i], device)
         hf_lp = gen_logprobs(hf_forward, prompt, ours_tokens[i], device)
-        on_ours.add(i, ours_tokens[i], ours_lp, hf_lp, args.top_k)
-        ours_self.add(i, ours_tokens[i], ours_lp, ours_lp, args.top_k)
+        on_ours.add(i, ours_tokens[i], ours_decode_lps[i], hf_lp, args.top_k)
+        ours_self.add(i, ours_tokens[i], ours_decode_lps[i], ours_lp, args.top_k)
         ours_lp = gen_logprobs(opt.logits, prompt, hf_tokens[i], device)
         hf_lp = gen_logprobs(hf_forward, prompt, hf_tokens[i], device)
-        on_hf.add(i, hf_tokens[i], hf_lp, ours_lp, args.top_k)
-        hf_self.add(i, hf_tokens[i], hf_decode_lps[i], hf_lp, args.top_k)
+        on_hf.add(i, hf_tokens[i], picked(hf_lp, hf_tokens[i]), ours_lp, args.top_k)
+        hf_self.add(i, hf_tokens[i], picked(hf_decode_lps[i], hf_tokens[i]), hf_lp, args.top_k)
         hf_ref.append(hf_lp)
     lap("logprobs")
 
@@ -259,7 +266,9 @@ def run(args: argparse.Namespace) -> dict:
         "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
         "cuda_graph_sizes": captured_graph_sizes(llm),
         "paths": {"ours_tokens": "LLM.generate: paged-KV runtime, prompts batched (decode CUDA graphs on CUDA)",
-                  "ours_logprobs": "OptimizedModel.logits (executor.full_logits): teacher-forced prefill, cached graph",
+                  "ours_logprobs": "of our own tokens: the runtime's decode path (SamplingParams(logprobs=0)); "
+                                   "judging HF's tokens: OptimizedModel.logits (executor.full_logits), "
+                                   "teacher-forced prefill through the cached graph",
                   "hf_tokens": "HF eager greedy with its KV cache (DynamicCache), as generate decodes",
                   "hf_logprobs": "HF eager, one forward over prompt + tokens"},
         "on_ours_sequences": on_ours.summary(),  # our tokens judged by HF
@@ -290,7 +299,9 @@ def describe(r: dict) -> str:
         side("HF tokens, judged by ours ", r["on_hf_sequences"], "our"),
         "  first divergence step per prompt: "
         + " ".join("-" if s is None else str(s) for s in r["first_divergence_step"]),
-        side("our tokens, judged by ours", r["ours_self"], "our", "our decode vs prefill path"),
+        side("our tokens, judged by ours", r["ours_self"], "our",
+             f"|dlogprob| max {r['ours_self']['max_abs_logprob_diff']:.3g} mean "
+             f"{r['ours_self']['mean_abs_logprob_diff']:.3g} (our decode vs prefill path)"),
         side("HF tokens, judged by HF   ", r["hf_self"], "HF") + "  (HF's KV cache vs one forward: noise floor)",
         f"  HF distributions: mean entropy {d['mean_entropy_nats']:.2f} nats (log V {d['log_vocab']:.2f}), "
         f"median top1-top2 margin {d['median_top1_top2_margin']:.3g}",

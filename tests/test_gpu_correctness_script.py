@@ -50,7 +50,8 @@ def test_judged_flags_tokens_outside_top_k():
     producer = judge.clone()
     producer[2, 4] += 0.5
     judged = gpu_correctness.Judged()
-    judged.add(prompt=0, tokens=[0, 1, 4], producer=producer, judge=judge, top_k=2)
+    producer_chosen = gpu_correctness.picked(producer, [0, 1, 4])  # the producer's logprob of its tokens
+    judged.add(prompt=0, tokens=[0, 1, 4], producer=producer_chosen, judge=judge, top_k=2)
     s = judged.summary()
     assert (s["positions"], s["argmax_mismatches"], s["top_k_failures"], s["max_rank"]) == (3, 2, 1, 4)
     assert s["failures"] == [{"prompt": 0, "step": 2, "token": 4, "rank": 4}]
