@@ -66,6 +66,9 @@ class _StepLogprobs:
         values, ids = logprobs.topk(k, dim=-1)
         return cls(logprobs.gather(1, tokens[:, None])[:, 0], values, ids)
 
+    def to_host(self) -> "_StepLogprobs":
+        return _StepLogprobs(_to_host(self.chosen), _to_host(self.values), _to_host(self.ids))
+
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """An asynchronous copy into pinned host memory (the step's event says when it has landed)."""
@@ -178,7 +181,7 @@ class Engine:
             self.executor.remember(tokens)
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
             if k is not None:
-                logprobs = _StepLogprobs.of(logits, tokens, k)
+                logprobs = _StepLogprobs.of(logits, tokens, k).to_host()
         else:
             tokens = torch.empty(0, dtype=torch.long)
         for row, seq in enumerate(seqs):
@@ -186,8 +189,6 @@ class Engine:
             seq.feed_row = row
             seq.final = len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len
             slots.append((self._requests[seq.request_id], len(seq.output_ids) - 1))
-        if logprobs is not None:
-            logprobs = _StepLogprobs(_to_host(logprobs.chosen), _to_host(logprobs.values), _to_host(logprobs.ids))
         host, ready = _to_host(tokens), None
         if tokens.device.type == "cuda":
             ready = torch.cuda.Event()
