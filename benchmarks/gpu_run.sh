@@ -7,7 +7,8 @@
 #         6 = offline throughput (512 requests), 10 = its HF eager peer (static batches of 64) alone:
 #             the peer takes ~7 min, too long to share one 10-minute device call with the rest,
 #         7 = decode attention kernel timings and knob sweep, 8 = skinny linear kernel vs cuBLAS sweep,
-#         9 = batch 1 with cuBLAS for every linear (the skinny kernel off). Default: 1 2 3.
+#         9 = batch 1 with cuBLAS for every linear (the skinny kernel off),
+#         11 = batch 1 with programmatic dependent launch off, then on (AUTODEPLOY_PDL A/B). Default: 1 2 3.
 set -o pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -34,4 +35,6 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
 10) timeout 570 autodeploy bench $CFG --config-only --num-requests 512 --input-len-range 64,1024 \
      --output-len-range 64,512 --baseline hf --peers-only --warmup 0 --repeats 1 \
      --json "$OUT/bench_8b_throughput_hf.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_throughput_hf.log" ;;
+11) for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 150 autodeploy bench $CFG --config-only --batch 1 --input-len 128 \
+     --output-len 128 --repeats 2 --json "$OUT/bench_8b_pdl$pdl.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_pdl$pdl.log"; done ;;
 esac; done

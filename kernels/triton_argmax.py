@@ -12,11 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import pdl_launch, wait_for_inputs
+
 BLOCK = 4096
 
 
 @triton.jit
-def _slice_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, num_slices, BLOCK: tl.constexpr):
+def _slice_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, stride_x, num_slices, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)
     offs = part * BLOCK + tl.arange(0, BLOCK)
@@ -35,5 +39,6 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     slices = triton.cdiv(vocab, BLOCK)
     vals = torch.empty(rows, slices, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, slices, dtype=torch.long, device=logits.device)
-    _slice_argmax_kernel[(rows, slices)](logits, vals, idx, vocab, logits.stride(0), slices, BLOCK=BLOCK)
+    _slice_argmax_kernel[(rows, slices)](logits, vals, idx, vocab, logits.stride(0), slices, BLOCK=BLOCK,
+                                        **pdl_launch(logits.device))
     return idx.gather(1, vals.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import pdl_launch, wait_for_inputs
+
 BLOCK_M = 16
 BLOCK_N = 32
 
@@ -27,8 +29,9 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     pid = tl.program_id(0)
     head = tl.program_id(1)
     seqs = tl.arange(0, BLOCK_B)
@@ -114,6 +117,6 @@ def paged_attention(
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_B=triton.next_power_of_2(num_seqs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **pdl_launch(q.device),
     )
     return out

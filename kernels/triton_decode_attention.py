@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import pdl_launch, wait_for_inputs
+
 BLOCK_N = 32  # with 4 warps, best or within 10 % of it in BENCHMARKS.md's sweep (batch 1 and 64)
 MAX_SPLITS = 32
 
@@ -36,8 +38,9 @@ def _kv_write_kernel(
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     page_size, n_kv,
     K_DIM: tl.constexpr, BLOCK_K: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     block = slot // page_size
@@ -69,7 +72,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
         *k_cache.stride(), *v_cache.stride(), k_cache.shape[1], n_kv,
         K_DIM=k_dim, BLOCK_K=triton.next_power_of_2(k_dim), V_DIM=v_dim, BLOCK_V=triton.next_power_of_2(v_dim),
-        BLOCK_H=triton.next_power_of_2(n_kv),
+        BLOCK_H=triton.next_power_of_2(n_kv), **pdl_launch(k.device),
     )
 
 
@@ -81,8 +84,9 @@ def _decode_attention_kernel(
     page_size, scale, sliding_window, logit_cap,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -147,8 +151,9 @@ def _decode_attention_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, stride_oh, stride_ot, stride_od,
-    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     n_heads = tl.num_programs(1)
@@ -218,11 +223,11 @@ def decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **pdl_launch(q.device),
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, n_heads)](
             out, part_acc, part_ml, out.stride(1), out.stride(2), out.stride(3),
-            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits,
+            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, **pdl_launch(q.device),
         )
     return out

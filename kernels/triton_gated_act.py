@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .gated_act import ACTIVATIONS
 from .triton_layout import as_rows
+from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
 _ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -24,8 +25,9 @@ assert set(_ACTIVATION_IDS) == set(ACTIVATIONS), "every canonical activation nee
 @triton.jit
 def _gated_act_kernel(
     gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols,
-    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
@@ -57,7 +59,7 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
         return out
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
         gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols,
-        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=BLOCK,
+        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=BLOCK, **pdl_launch(gate.device),
     )
     return out
 

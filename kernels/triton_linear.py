@@ -9,33 +9,45 @@ for free. Anything with more rows than SKINNY_ROWS goes to torch (cuBLAS), so pr
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 SKINNY_ROWS = 16
 BLOCK_N = 32
 BLOCK_K = 512
 NUM_WARPS = 4
 NUM_STAGES = 5
+# With PDL: weight tiles each program asks L2 for before it waits for the previous kernel.
+PREFETCH_TILES = int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
 
 
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_TILES: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
     m_valid = offs_m < M
+    w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
+    # Weights never depend on the previous kernel: pull the first tiles into L2 while it finishes.
+    lines = tl.arange(0, BLOCK_K // 64)[None, :] * 64  # one address per 128-byte line (2-byte weights)
+    for t in tl.static_range(PREFETCH_TILES):
+        prefetch_l2(w_rows + tl.minimum(t * BLOCK_K + lines, K - 1))
+    wait_for_inputs(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_valid[:, None] & k_valid[None, :], other=0.0)
         acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
@@ -57,10 +69,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    launch = pdl_launch(x.device)
+    launch["PREFETCH_TILES"] = PREFETCH_TILES if launch["USE_PDL"] else 0
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 

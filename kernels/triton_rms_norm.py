@@ -14,14 +14,16 @@ import triton
 import triton.language as tl
 
 from .triton_layout import as_rows
+from .triton_pdl import pdl_launch, wait_for_inputs
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr,
     stride_x, stride_r, stride_o, stride_s, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < n_cols
@@ -31,7 +33,7 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded like the model's add
         tl.store(sum_out_ptr + row * stride_s + cols, x, mask=valid)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)  # as the model computes it (torch.rsqrt)
     normed = xf * rstd
     if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
         normed = normed.to(x.dtype).to(tl.float32)
@@ -56,7 +58,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=torch.promote_types(x.dtype, weight.dtype) == x.dtype,
-        BLOCK=block, num_warps=min(max(block // 512, 1), 8),
+        BLOCK=block, num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),
     )
     return out, added
 
