@@ -7,7 +7,9 @@ with ((i, i + d/2) for rotate-half, (2i, 2i + 1) for interleaved), both forms ar
   out[first]  = x[first]  * cos[first]  - x[second] * sin[first]
   out[second] = x[second] * cos[second] + x[first]  * sin[second]
 Each program loads both elements of its pairs before it stores them, so `out` may be x itself.
-Math in float32, rounded once to x's dtype. Imported lazily (`triton.jit` fixes interpreter mode).
+Math in float32; when x and cos are both half precision, each product is rounded to x's dtype before
+the sum, as the eager `x * cos + rotate(x) * sin` rounds (HF's own numbers, not just close to them).
+Imported lazily (`triton.jit` fixes interpreter mode).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_H = 4
 
@@ -26,12 +30,22 @@ def _at(ptr, b, h, s, dim, s_b, s_h, s_s, s_d):
 
 
 @triton.jit
+def _rounded(x, dtype, ROUND: tl.constexpr):
+    """x (float32) rounded to `dtype` and back when ROUND, else x."""
+    if ROUND:
+        x = x.to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr,
     sx_b, sx_h, sx_s, sx_d, sc_b, sc_h, sc_s, sc_d, ss_b, ss_h, ss_s, ss_d, so_b, so_h, so_s, so_d,
     n_heads, seq_len,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ROUND_PRODUCTS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(USE_PDL)
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
     s = (token % seq_len).to(tl.int64)
@@ -52,8 +66,10 @@ def _rope_kernel(
     sin1 = tl.load(_at(sin_ptr, b, h, s, first, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(_at(sin_ptr, b, h, s, second, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    tl.store(_at(out_ptr, b, h, s, first, so_b, so_h, so_s, so_d), (x1 * cos1 - x2 * sin1).to(dtype), mask=mask)
-    tl.store(_at(out_ptr, b, h, s, second, so_b, so_h, so_s, so_d), (x2 * cos2 + x1 * sin2).to(dtype), mask=mask)
+    first_out = _rounded(x1 * cos1, dtype, ROUND_PRODUCTS) - _rounded(x2 * sin1, dtype, ROUND_PRODUCTS)
+    second_out = _rounded(x2 * cos2, dtype, ROUND_PRODUCTS) + _rounded(x1 * sin2, dtype, ROUND_PRODUCTS)
+    tl.store(_at(out_ptr, b, h, s, first, so_b, so_h, so_s, so_d), first_out.to(dtype), mask=mask)
+    tl.store(_at(out_ptr, b, h, s, second, so_b, so_h, so_s, so_d), second_out.to(dtype), mask=mask)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -76,6 +92,7 @@ def rope(
     _rope_kernel[(batch * seq_len, triton.cdiv(n_heads, BLOCK_H))](
         x4, cos4, sin4, o4, *x4.stride(), *cos4.stride(), *sin4.stride(), *o4.stride(), n_heads, seq_len,
         HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_H=BLOCK_H,
-        INTERLEAVED=interleaved,
+        INTERLEAVED=interleaved, ROUND_PRODUCTS=torch.promote_types(x.dtype, cos.dtype) == x.dtype and x.element_size() < 4,
+        **pdl_launch(x.device),
     )
     return out
