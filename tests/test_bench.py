@@ -124,11 +124,3 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, tmp_path):
     eager, none = tokens(cuda_graph_batch_sizes=(), cuda_graph_prefill_tokens=())
     assert none is None
     assert graphed == eager
-
-
-def test_busy_time_is_the_union_of_kernel_intervals():
-    from autodeploy.bench.profile import busy_us
-
-    # overlapping (PDL), nested, touching and disjoint intervals, out of order
-    assert busy_us([(5.0, 9.0), (0.0, 4.0), (3.0, 6.0), (4.5, 5.0), (9.0, 10.0), (20.0, 21.5)]) == 11.5
-    assert busy_us([]) == 0.0

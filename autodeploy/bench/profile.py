@@ -2,10 +2,7 @@
 
 The requests' prefill steps are skipped (profiler schedule `wait`), then `steps` decode steps are
 recorded; the table lists the ops/kernels with the most device time (host time on CPU) per step,
-next to the wall time per step, so the gap between them is the host's share. Summed kernel times
-overcount where kernels overlap (programmatic dependent launch starts a kernel, which then waits,
-while its predecessor runs), so the GPU's busy time per step (the union of kernel intervals) is
-reported too.
+next to the wall time per step, so the gap between them is the host's share.
 """
 
 from __future__ import annotations
@@ -18,16 +15,6 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from autodeploy.runtime.engine import Engine
 
 from . import ours
-
-
-def busy_us(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of (start, end) intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top: int = 15) -> dict:
@@ -53,12 +40,7 @@ def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top
     total_us = sum(getattr(e, key) for e in events)
     profiled = stamps[wait + 1:wait + 1 + steps]  # stamps[i] ends step i; the active steps
     wall_ms = (profiled[-1] - stamps[wait]) / len(profiled) * 1e3
-    extra = {}
-    if on_gpu:
-        kernels = [e.time_range for e in prof.events() if e.device_type == DeviceType.CUDA]
-        extra["busy_ms_per_step"] = busy_us([(r.start, r.end) for r in kernels]) / steps / 1e3
     return {
-        **extra,
         "batch": len(prompts),
         "steps": steps,
         "wall_ms_per_step": wall_ms,

@@ -36,8 +36,7 @@ def print_report(result: dict) -> None:
     for runner, by_workload in result.get("profile", {}).items():
         for name, prof in by_workload.items():
             unit = "device_ms_per_step" if "device_ms_per_step" in prof else "cpu_ms_per_step"
-            busy = f", {prof['busy_ms_per_step']:.2f} ms busy" if "busy_ms_per_step" in prof else ""
             print(f"\n  profile {runner}, {name}: {prof['wall_ms_per_step']:.2f} ms/step wall, "
-                  f"{prof[unit]:.2f} {unit.replace('_', ' ')} (kernels summed){busy}")
+                  f"{prof[unit]:.2f} {unit.replace('_', ' ')}")
             for e in prof["top"][:10]:
                 print(f"    {e['ms_per_step']:8.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}")
