@@ -2,7 +2,10 @@
 
 The requests' prefill steps are skipped (profiler schedule `wait`), then `steps` decode steps are
 recorded; the table lists the ops/kernels with the most device time (host time on CPU) per step,
-next to the wall time per step, so the gap between them is the host's share.
+next to the wall time per step, so the gap between them is the host's share. With programmatic
+dependent launch (kernels/triton_pdl.py) a kernel starts, and waits, while its predecessor runs, so
+each kernel's time includes some of its predecessor's and the sum exceeds the step: the table then
+ranks kernels but no longer splits the step.
 """
 
 from __future__ import annotations

@@ -37,6 +37,6 @@ def print_report(result: dict) -> None:
         for name, prof in by_workload.items():
             unit = "device_ms_per_step" if "device_ms_per_step" in prof else "cpu_ms_per_step"
             print(f"\n  profile {runner}, {name}: {prof['wall_ms_per_step']:.2f} ms/step wall, "
-                  f"{prof[unit]:.2f} {unit.replace('_', ' ')}")
+                  f"{prof[unit]:.2f} {unit.replace('_', ' ')} (kernels summed: overlapping kernels count twice)")
             for e in prof["top"][:10]:
                 print(f"    {e['ms_per_step']:8.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}")
