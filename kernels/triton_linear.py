@@ -23,15 +23,16 @@ BLOCK_N = 32
 BLOCK_K = 512
 NUM_WARPS = 4
 NUM_STAGES = 5
-# With PDL: weight tiles each program asks L2 for before it waits for the previous kernel.
-PREFETCH_TILES = int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
+# With PDL: how many 512-column tiles of its weight rows each program asks L2 for before it waits for
+# the previous kernel (BENCHMARKS.md: 2 of 2/4/6/8 was fastest).
+PREFETCH_K = 512 * int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
 
 
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_TILES: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -39,9 +40,8 @@ def _skinny_linear_kernel(
     m_valid = offs_m < M
     w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
     # Weights never depend on the previous kernel: pull the first tiles into L2 while it finishes.
-    lines = tl.arange(0, BLOCK_K // 64)[None, :] * 64  # one address per 128-byte line (2-byte weights)
-    for t in tl.static_range(PREFETCH_TILES):
-        prefetch_l2(w_rows + tl.minimum(t * BLOCK_K + lines, K - 1))
+    if PREFETCH_K > 0:  # one address per 128-byte line (2-byte weights)
+        prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 64)[None, :] * 64, K - 1))
     wait_for_inputs(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -60,8 +60,8 @@ def _skinny_linear_kernel(
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                   num_stages: int = NUM_STAGES) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T (+ bias) for at most SKINNY_ROWS rows of x. The knobs are for
-    benchmarks/linear_bench.py, which sweeps them."""
+    """x [..., K] @ weight [N, K].T (+ bias), all rows of x in one tile (meant for a few: see `linear`).
+    The knobs are for benchmarks/linear_bench.py, which sweeps them."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -70,10 +70,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     launch = pdl_launch(x.device)
-    launch["PREFETCH_TILES"] = PREFETCH_TILES if launch["USE_PDL"] else 0
+    prefetch = min(triton.next_power_of_2(PREFETCH_K), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
+    launch["PREFETCH_K"] = prefetch if prefetch >= 64 else 0
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
