@@ -9,8 +9,11 @@ Both sides run the same weights: with --config-only the HF model is built from c
 seeded random init and saved as safetensors to a temporary folder that autodeploy then loads.
 Both greedy-decode every prompt for --new-tokens tokens (EOS ignored), and each side's sequence is
 judged by the other: wherever a side's greedy token differs from the other's argmax on the same
-context, it must be in the other's top-k. That rule is the pass/fail; |logprob| differences of the
-chosen tokens, first divergence steps and the flatness of the distributions are reported with it.
+context, it must be in the other's top-k. That rule, at every position of both sequences (each
+teacher-forced through the judge), is the pass/fail. Also reported: the narrower reading, only where
+the two greedy decodes first part (the one position where both sides chose from the same context
+without teacher forcing), |logprob| differences of the chosen tokens and the flatness of the
+distributions.
 
 Which path produces which numbers:
   - our tokens: `LLM.generate` over all prompts at once (paged-KV runtime; decode steps replay CUDA
@@ -158,6 +161,20 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
+def at_first_divergence(ours: list[list[int]], hf: list[list[int]], on_ours: "Judged", on_hf: "Judged",
+                        new_tokens: int) -> list[dict]:
+    """Where each prompt's two greedy decodes first part: the rank of each side's token in the other's
+    distribution (the judged ranks are in prompt order, new_tokens per prompt)."""
+    out = []
+    for i, (a, b) in enumerate(zip(ours, hf)):
+        step = first_divergence(a, b)
+        if step is not None:
+            at = i * new_tokens + step
+            out.append({"prompt": i, "step": step, "ours_rank_in_hf": on_ours.ranks[at],
+                        "hf_rank_in_ours": on_hf.ranks[at]})
+    return out
+
+
 def flatness(logprobs: list[torch.Tensor]) -> dict:
     """How peaked the reference distributions are: with near-flat ones (random init) argmax and
     top-k agreement are weak evidence and the logprob differences carry the information."""
@@ -257,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
         notes.append(f"HF fails the same top-{args.top_k} rule against itself {len(hf_self.failures)} times "
                      "(its KV-cache decode tokens vs its one-forward logprobs): the rule is at bf16 noise level here")
     failures = len(on_ours.failures) + len(on_hf.failures)
+    parting = at_first_divergence(ours_tokens, list(hf_tokens), on_ours, on_hf, args.new_tokens)
     return {
         "model": source.name, "config_only": args.config_only, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -274,6 +292,9 @@ def run(args: argparse.Namespace) -> dict:
         "on_ours_sequences": on_ours.summary(),  # our tokens judged by HF
         "on_hf_sequences": on_hf.summary(),  # HF's tokens judged by ours
         "first_divergence_step": [first_divergence(a, b) for a, b in zip(ours_tokens, hf_tokens)],
+        "at_first_divergence": parting,  # the narrower reading of the rule
+        "first_divergence_passed": all(max(p["ours_rank_in_hf"], p["hf_rank_in_ours"]) < args.top_k
+                                       for p in parting),
         "ours_self": ours_self.summary(),  # our decode-path tokens judged by our prefill-path logprobs
         "hf_self": hf_self.summary(),  # HF's KV-cache tokens and logprobs vs its one-forward logprobs
         "hf_distribution": dist, "notes": notes,
@@ -299,6 +320,9 @@ def describe(r: dict) -> str:
         side("HF tokens, judged by ours ", r["on_hf_sequences"], "our"),
         "  first divergence step per prompt: "
         + " ".join("-" if s is None else str(s) for s in r["first_divergence_step"]),
+        "  there, rank of our token in HF's / of HF's in ours: "
+        + (" ".join(f"{p['ours_rank_in_hf']}/{p['hf_rank_in_ours']}" for p in r["at_first_divergence"]) or "-")
+        + f"  ({'within' if r['first_divergence_passed'] else 'NOT within'} top-{r['top_k']})",
         side("our tokens, judged by ours", r["ours_self"], "our",
              f"|dlogprob| max {r['ours_self']['max_abs_logprob_diff']:.3g} mean "
              f"{r['ours_self']['mean_abs_logprob_diff']:.3g} (our decode vs prefill path)"),

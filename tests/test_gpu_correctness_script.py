@@ -41,6 +41,7 @@ def test_tiny_llama_float32_cpu(tmp_path):
         assert s["argmax_mismatches"] == 0  # float32: same weights, same tokens, decode path == one forward
         assert s["max_abs_logprob_diff"] < 1e-4
     assert r["ours_tokens"] == r["hf_tokens"] and r["first_divergence_step"] == [None] * 8
+    assert r["at_first_divergence"] == [] and r["first_divergence_passed"]
     assert r["notes"]  # std-0.02 init on 64 dims: near-flat distributions, said so
     assert not any(workdir.iterdir())  # the saved checkpoint is deleted
 
@@ -56,3 +57,12 @@ def test_judged_flags_tokens_outside_top_k():
     assert (s["positions"], s["argmax_mismatches"], s["top_k_failures"], s["max_rank"]) == (3, 2, 1, 4)
     assert s["failures"] == [{"prompt": 0, "step": 2, "token": 4, "rank": 4}]
     assert abs(s["max_abs_logprob_diff"] - 0.5) < 1e-6
+
+
+def test_ranks_where_the_decodes_first_part():
+    on_ours, on_hf = gpu_correctness.Judged(), gpu_correctness.Judged()
+    on_ours.ranks, on_hf.ranks = [0, 0, 1, 7, 0, 0, 0, 0], [0, 0, 2, 0, 0, 0, 0, 0]  # 2 prompts x 4 tokens
+    parting = gpu_correctness.at_first_divergence([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 9], [5, 6, 7, 8]],
+                                                  on_ours, on_hf, new_tokens=4)
+    # prompt 0 parts at step 2 (the later rank-7 position is after the parting); prompt 1 never parts
+    assert parting == [{"prompt": 0, "step": 2, "ours_rank_in_hf": 1, "hf_rank_in_ours": 2}]
