@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per runner and workload (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help="engine sequences in flight (default: the largest --batch, at least 64)")
+                   help="engine sequences in flight (default: the largest --batch, at least the recipe's runtime.max_batch_size, 64)")
     p.add_argument("--max-num-tokens", type=int, default=None, help="engine tokens per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths, and of the HF peer's random weights")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",

@@ -2,7 +2,9 @@
 
 `LLM(model=None, recipe=None, overrides=(), **kwargs)` optimizes the model with the recipe (which
 must include `insert_kv_cache`) and starts an engine on the result. Settings come in two kinds:
-  - runtime settings as keywords: max_batch_size, max_num_tokens, max_seq_len, seed (EngineSettings);
+  - runtime settings (EngineSettings: max_batch_size, max_num_tokens, max_seq_len, seed,
+    cuda_graph_batch_sizes, cuda_graph_prefill_tokens): the recipe's `runtime` section, overridden by
+    keywords of the same names;
   - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
     or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
 `LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
@@ -15,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 from .errors import RecipeError
-from .runtime.engine import Engine, EngineSettings
+from .runtime.engine import Engine
+from .runtime.settings import EngineSettings
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SamplingParams
 
@@ -63,20 +66,22 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM arguments {unknown}: use {sorted(runtime_keys)} or dotted recipe keys")
         overrides = list(overrides) + [f"{k}={v}" for k, v in kwargs.items() if "." in k]
-        settings = EngineSettings(**{k: v for k, v in kwargs.items() if k in runtime_keys})
-        self._start(optimize_model(model, recipe, overrides, progress=progress), settings)
+        self._start(optimize_model(model, recipe, overrides, progress=progress),
+                    {k: v for k, v in kwargs.items() if k in runtime_keys})
 
     @classmethod
     def from_optimized(cls, model: OptimizedModel, **settings) -> "LLM":
         """An LLM over an already optimized model (its recipe must have included insert_kv_cache)."""
         llm = cls.__new__(cls)
-        llm._start(model, EngineSettings(**settings))
+        llm._start(model, settings)
         return llm
 
-    def _start(self, model: OptimizedModel, settings: EngineSettings) -> None:
+    def _start(self, model: OptimizedModel, overrides: dict) -> None:
+        """Start the engine with the recipe's runtime section, `overrides` (keyword settings) on top."""
         from .loading import load_tokenizer_or_none
         from .runtime.kv_cache import kv_cache_of
 
+        settings = replace(model.recipe.runtime, **overrides)
         if kv_cache_of(model.gm) is None:
             raise RecipeError("LLM needs a recipe with the insert_kv_cache transform (enabled)")
         export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound

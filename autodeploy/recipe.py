@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
+from .runtime.settings import EngineSettings
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "default"
@@ -35,17 +36,11 @@ class Recipe:
     model: ModelSettings = field(default_factory=ModelSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     transforms: dict = field(default_factory=dict)  # name -> config object, in recipe order
-
-    def to_dict(self) -> dict:
-        return {
-            "model": OmegaConf.to_container(OmegaConf.structured(self.model)),
-            "export": OmegaConf.to_container(OmegaConf.structured(self.export)),
-            "transforms": {n: OmegaConf.to_container(OmegaConf.structured(c)) for n, c in self.transforms.items()},
-        }
+    runtime: EngineSettings = field(default_factory=EngineSettings)  # what LLM(...) / the engine start with
 
 
-_SECTIONS = {"model": ModelSettings, "export": ExportSettings}
-_TOP_KEYS = ["extends", "model", "export", "transforms"]
+_SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings}
+_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime"]
 
 
 def _recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:

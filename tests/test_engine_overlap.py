@@ -6,7 +6,8 @@ import torch
 
 from autodeploy.bench.tokenizer import synthetic_tokenizer
 from autodeploy.optimizer import optimize_model
-from autodeploy.runtime.engine import Engine, EngineSettings
+from autodeploy.runtime.engine import Engine
+from autodeploy.runtime.settings import EngineSettings
 from autodeploy.runtime.sampling_params import SamplingParams
 from autodeploy.runtime.sequence import PENDING
 

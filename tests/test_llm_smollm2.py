@@ -79,6 +79,19 @@ def test_one_by_one_equals_batch(llm, batched):
         assert alone.token_ids == together.token_ids and alone.text == together.text, prompt
 
 
+def test_runtime_settings_come_from_the_recipe_and_keywords_override_them(base):
+    from dataclasses import replace
+
+    cached = with_cache(base, num_blocks=16, block_size=16)
+    runtime = replace(cached.recipe.runtime, max_batch_size=3, max_num_tokens=40)
+    model = replace(cached, recipe=replace(cached.recipe, runtime=runtime))
+    from_recipe = LLM.from_optimized(model).engine.scheduler
+    assert (from_recipe.max_batch_size, from_recipe.max_num_tokens) == (3, 40)
+    overridden = LLM.from_optimized(model, max_batch_size=5).engine.scheduler
+    assert (overridden.max_batch_size, overridden.max_num_tokens) == (5, 40)
+    assert model.recipe.runtime == runtime  # the recipe itself is left as it was
+
+
 def test_tiny_pool_preempts_recomputes_and_rejects_overlong_prompt(base, batched):
     # 12 blocks of 16 tokens = 192 tokens for 8 requests that need ~330: preemption is unavoidable.
     tiny = LLM.from_optimized(with_cache(base, num_blocks=12, block_size=16), max_batch_size=8, max_num_tokens=64)

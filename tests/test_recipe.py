@@ -14,6 +14,16 @@ def test_default_recipe_loads_with_typed_sections():
     assert all(name in TRANSFORMS for name in recipe.transforms)
 
 
+def test_runtime_section_defaults_and_typed_overrides():
+    from autodeploy.runtime.settings import EngineSettings
+
+    assert load_recipe().runtime == EngineSettings()  # the YAML's runtime section spells out the defaults
+    recipe = load_recipe(None, ["runtime.cuda_graph_batch_sizes=[1,4]", "runtime.max_batch_size=8",
+                                "runtime.cuda_graph_prefill_tokens=[]", "runtime.seed=3"])
+    assert recipe.runtime == EngineSettings(max_batch_size=8, seed=3, cuda_graph_batch_sizes=(1, 4),
+                                            cuda_graph_prefill_tokens=())
+
+
 def test_dotted_overrides_are_typed():
     recipe = load_recipe(None, ["transforms.load_weights.seed=7", "model.dtype=bfloat16", "export.max_seq_len=128"])
     assert recipe.transforms["load_weights"].seed == 7
@@ -28,6 +38,7 @@ def test_dotted_overrides_are_typed():
         ("transforms.no_such_transform.enabled=false", "transforms.no_such_transform"),
         ("modle.dtype=float32", "modle"),
         ("export.max_seqlen=4", "export.max_seqlen"),
+        ("runtime.max_batch=4", "runtime.max_batch"),
     ],
 )
 def test_unknown_keys_are_named_with_the_valid_ones(override, named):

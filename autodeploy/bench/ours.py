@@ -12,7 +12,8 @@ import time
 from typing import Callable
 
 from autodeploy.optimizer import OptimizedModel
-from autodeploy.runtime.engine import Engine, EngineSettings
+from autodeploy.runtime.engine import Engine
+from autodeploy.runtime.settings import EngineSettings
 from autodeploy.runtime.sampling_params import SamplingParams
 
 from .device import now

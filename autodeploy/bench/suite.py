@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import datetime
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from autodeploy.loading import resolve_device, resolve_dtype, resolve_model
 from autodeploy.optimizer import optimize_model
 from autodeploy.recipe import load_recipe
-from autodeploy.runtime.cuda_graphs import DEFAULT_BATCH_SIZES, DEFAULT_PREFILL_TOKENS
-from autodeploy.runtime.engine import EngineSettings
 
 from . import hf, ours
 from .device import copy_bandwidth, describe, now, weight_bytes
@@ -39,7 +37,7 @@ class BenchConfig:
     cuda_graphs: str = "on"  # on | off | both
     warmup: int = 1
     repeats: int = 3
-    max_batch_size: int | None = None  # default: the largest latency batch, at least 64
+    max_batch_size: int | None = None  # default: the largest latency batch, at least runtime.max_batch_size
     max_num_tokens: int | None = None
     seed: int = 0
     profile_steps: int = 0  # > 0: profile that many decode steps per latency workload
@@ -67,7 +65,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     vocab = source.config.get_text_config().vocab_size
     prompts = [random_prompts(w, vocab, cfg.seed + i) for i, w in enumerate(cfg.workloads)]
     lens = [[r.output_len for r in w.requests] for w in cfg.workloads]
-    max_batch = cfg.max_batch_size or max([64] + [len(w.requests) for w in cfg.workloads if w.mode == "latency"])
+    max_batch = cfg.max_batch_size or max([recipe.runtime.max_batch_size]
+                                          + [len(w.requests) for w in cfg.workloads if w.mode == "latency"])
     result = {
         "model": source.name, "date": datetime.date.today().isoformat(), **describe(device),
         "dtype": str(dtype).removeprefix("torch."), "config_only": not source.weight_files,
@@ -98,9 +97,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["weight_bytes"] = weight_bytes(opt.gm)
     result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes"]
     for graphs in GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False]:
-        settings = EngineSettings(max_batch_size=max_batch, max_num_tokens=cfg.max_num_tokens or 0,
-                                  cuda_graph_batch_sizes=DEFAULT_BATCH_SIZES if graphs else (),
-                                  cuda_graph_prefill_tokens=DEFAULT_PREFILL_TOKENS if graphs else ())
+        runtime = recipe.runtime
+        settings = replace(runtime, max_batch_size=max_batch, max_num_tokens=cfg.max_num_tokens or runtime.max_num_tokens,
+                           cuda_graph_batch_sizes=runtime.cuda_graph_batch_sizes if graphs else (),
+                           cuda_graph_prefill_tokens=runtime.cuda_graph_prefill_tokens if graphs else ())
         start = now(device)
         engine = ours.make_engine(opt, settings)
         runner = "autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy"

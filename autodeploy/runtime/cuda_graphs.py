@@ -28,9 +28,6 @@ import torch
 
 from .batch import Chunk, HostLayout, PackedBatch, lay_out, padding
 
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DEFAULT_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
-
 Forward = Callable[[PackedBatch], torch.Tensor]  # packed batch -> logits at the last tokens [B, vocab]
 
 

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from .batch import Chunk
 from .block_manager import BlockManager
-from .cuda_graphs import DEFAULT_BATCH_SIZES, DEFAULT_PREFILL_TOKENS, buckets_to_capture, plan_buckets
+from .cuda_graphs import buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
 from .outputs import RequestOutput
@@ -27,18 +27,8 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import PENDING, Sequence, Status
+from .settings import EngineSettings
 from .stopping import find_stop_string, held_back, is_stop_token
-
-
-@dataclass
-class EngineSettings:
-    max_batch_size: int = 64  # sequences holding KV cache at once
-    max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = min(2048, export.max_seq_len)
-    max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
-    seed: int | None = None  # seed of the generator shared by unseeded sampling requests
-    # CUDA graphs (CUDA only): decode batch sizes and prefill token counts captured; () = none.
-    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
-    cuda_graph_prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
 
 
 @dataclass(eq=False)

@@ -1,0 +1,22 @@
+"""Runtime settings: the recipe's `runtime` section, which `LLM(...)` keywords override.
+
+Plain data with no torch import, so the recipe loader can type-check the section without the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass
+class EngineSettings:
+    max_batch_size: int = 64  # sequences holding KV cache at once
+    max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = min(2048, export.max_seq_len)
+    max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
+    seed: int | None = None  # seed of the generator shared by unseeded sampling requests
+    # CUDA graphs (CUDA only): decode batch sizes and prefill token counts captured; () = none.
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    cuda_graph_prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
