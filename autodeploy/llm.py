@@ -158,11 +158,16 @@ class LLM:
                              streaming: bool = True) -> AsyncIterator[RequestOutput]:
         """Async version of `stream` (every output) or, with streaming=False, just the final output.
 
-        Each engine step yields to the event loop, so concurrent requests batch together."""
-        for out in self.stream(prompt, sampling_params):
-            if streaming or out.finished:
-                yield out
-            await asyncio.sleep(0)
+        Each engine step yields to the event loop, so concurrent requests batch together. Closing it
+        early (`aclose`, e.g. a server whose client went away) aborts the request at once."""
+        outputs = self.stream(prompt, sampling_params)
+        try:
+            for out in outputs:
+                if streaming or out.finished:
+                    yield out
+                await asyncio.sleep(0)
+        finally:
+            outputs.close()
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
