@@ -157,11 +157,13 @@ def create_app(llm: LLM, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        params = sampling(req, req.max_completion_tokens or req.max_tokens)
         try:
             prompt = chat_prompt_ids(llm.tokenizer, req.messages)
         except Exception as e:  # no tokenizer or chat template, or messages the template rejects
             raise ApiError(400, f"cannot apply the chat template: {e}") from None
+        # as OpenAI's chat: without a limit the reply may fill the rest of the context
+        params = sampling(req, req.max_completion_tokens or req.max_tokens
+                          or max(1, llm.engine.max_seq_len - len(prompt)))
         if req.stream:
             head = header("chat.completion.chunk")
 

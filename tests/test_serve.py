@@ -79,6 +79,9 @@ def test_chat_completion_and_stream(client, llm):
     events = _events(client.post("/v1/chat/completions", json={**body, "stream": True}))
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == want
+    unlimited = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0}).json()
+    assert unlimited["choices"][0]["finish_reason"] == "stop"  # no max tokens: up to EOS, not 16 tokens
+    assert unlimited["choices"][0]["message"]["content"].startswith(want)
 
 
 @pytest.mark.parametrize("path, body, status, says", [
