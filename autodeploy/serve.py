@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from .llm import LLM, chat_prompt_ids
+from .llm import LLM, as_prompt_list, chat_prompt_ids
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SamplingParams
 
@@ -137,8 +137,7 @@ def create_app(llm: LLM, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         params = sampling(req, req.max_tokens)
-        prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
-            else req.prompt
+        prompts = as_prompt_list(req.prompt)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ApiError(400, "prompt is empty")
         if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):

@@ -215,6 +215,7 @@ def decode_attention(
     else:
         part_acc = part_ml = out  # unused
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
+    pdl = pdl_launch(q.device)
     _decode_attention_kernel[(num_seqs, n_kv, splits)](
         q, out, part_acc, part_ml, k_cache, v_cache, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
@@ -223,11 +224,11 @@ def decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **pdl_launch(q.device),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **pdl,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, n_heads)](
             out, part_acc, part_ml, out.stride(1), out.stride(2), out.stride(3),
-            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, **pdl_launch(q.device),
+            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, **pdl,
         )
     return out
