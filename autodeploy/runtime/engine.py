@@ -23,6 +23,7 @@ from .cuda_graphs import buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
 from .outputs import RequestOutput
+from .prefix_cache import PrefixCache, PrefixCacheStats
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
@@ -90,7 +91,10 @@ class Engine:
         use_graphs = self.executor.device.type == "cuda" and bool(buckets) and pool.num_blocks > 1
         num_blocks = pool.num_blocks - 1 if use_graphs else pool.num_blocks  # the last: graphs' scratch block
         self.blocks = BlockManager(num_blocks, pool.block_size)
-        self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens)
+        self.prefix_cache = (PrefixCache(self.blocks, salt=str(pool.k_caches[0].dtype))
+                             if settings.enable_prefix_caching else None)
+        self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens, self.prefix_cache,
+                                   settings.max_prefill_tokens_with_decodes)
         self.sampler = Sampler(settings.seed)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -104,6 +108,7 @@ class Engine:
         self._in_flight: _Launched | None = None
         self._ids = itertools.count()
         self.num_preemptions = 0  # how often the cache ran out (each one costs a recompute)
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (not taken from the cache)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
@@ -140,6 +145,18 @@ class Engine:
             self._finish(req, "abort")
             self._pending.append(self._output(req, finished=True))
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the cached blocks no request holds (e.g. after new weights); how many were dropped."""
+        return self.blocks.reset_prefix_cache()
+
+    def stats(self) -> dict[str, float]:
+        """Counters for monitoring: cache blocks, prefix-cache hits, preemptions."""
+        cache = self.prefix_cache.stats if self.prefix_cache is not None else PrefixCacheStats()
+        return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
+                "cached_blocks": self.blocks.num_cached, "prefix_cache_queried_tokens": cache.queried_tokens,
+                "prefix_cache_hit_tokens": cache.hit_tokens, "prefix_cache_hit_rate": cache.hit_rate,
+                "prompt_tokens_computed": self.num_prompt_tokens_computed, "num_preemptions": self.num_preemptions}
+
     def step(self) -> list[RequestOutput]:
         """Launch the next forward, then report the requests the previous one moved (they got a
         token or ended)."""
@@ -158,6 +175,7 @@ class Engine:
             seq, start, end = c.seq, c.seq.num_computed, c.seq.num_computed + c.num_tokens
             fed = end == seq.num_tokens and seq.output_ids and seq.output_ids[-1] == PENDING
             packed.append(Chunk(seq.token_ids(start, end), start, seq.block_ids, feed_row=seq.feed_row if fed else -1))
+            self.num_prompt_tokens_computed += max(min(end, len(seq.prompt_ids)) - start, 0)
         logits = self.executor.last_token_logits(packed)
         sampling = [i for i, c in enumerate(chunks) if c.completes]
         if len(sampling) < len(chunks):  # a prompt chunk that does not reach its end samples nothing
@@ -238,6 +256,7 @@ class Engine:
             token_ids=seq.output_ids[:req.resolved], finished=finished, finish_reason=seq.finish_reason, error=seq.error,
             delta_text=visible[req.shown_chars:], delta_token_ids=seq.output_ids[req.shown_tokens:req.resolved],
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
         req.shown_chars, req.shown_tokens = len(visible), req.resolved
         return out

@@ -23,3 +23,4 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     # with SamplingParams(logprobs=k): one {token id: log-probability} per entry of token_ids
     logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)

@@ -26,7 +26,8 @@ class Sequence:
     `num_computed` counts the leading tokens whose K/V sit in the cache. Everything after it is
     what the next step(s) must run: a whole prompt (in chunks when long), or the one token sampled
     last step. Preemption frees the blocks and resets `num_computed` to 0, keeping the generated
-    tokens, so readmission recomputes prompt + output and continues where it stopped.
+    tokens, so readmission recomputes prompt + output and continues where it stopped (or takes
+    them back from the prefix cache when they are still there).
     """
 
     request_id: str
@@ -44,6 +45,11 @@ class Sequence:
     feed_row: int = -1  # row of that token among the last step's samples
     final: bool = False  # that token is the last one the length limits allow: schedule no more
     error: str | None = None
+    # Prefix caching (prefix_cache.py): hashes of the full blocks of known tokens, how many of
+    # `block_ids` carry theirs, and how many prompt tokens the first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
+    num_cached_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:
