@@ -3,8 +3,8 @@
 `LLM(model=None, recipe=None, overrides=(), **kwargs)` optimizes the model with the recipe (which
 must include `insert_kv_cache`) and starts an engine on the result. Settings come in two kinds:
   - runtime settings (EngineSettings: max_batch_size, max_num_tokens, max_seq_len, seed,
-    cuda_graph_batch_sizes, cuda_graph_prefill_tokens): the recipe's `runtime` section, overridden by
-    keywords of the same names;
+    enable_prefix_caching, max_prefill_tokens_with_decodes, cuda_graph_batch_sizes,
+    cuda_graph_prefill_tokens): the recipe's `runtime` section, overridden by keywords of the same names;
   - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
     or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
 `LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
@@ -128,6 +128,10 @@ class LLM:
         if out.finished:
             del self._queues[request_id]
         return out
+
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request in flight holds; how many were dropped."""
+        return self.engine.reset_prefix_cache()
 
     # --- entry points -------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -30,6 +30,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
+        self.num_evictions = 0  # cached blocks given out for new content
 
     @property
     def num_free(self) -> int:
@@ -43,6 +44,9 @@ class BlockManager:
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._hash_of
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -74,6 +78,7 @@ class BlockManager:
         digest = self._hash_of.pop(block, None)
         if digest is not None:  # evicted: its content is about to change
             del self._block_of[digest]
+            self.num_evictions += 1
         self._refs[block] = 1
         return block
 

@@ -153,7 +153,8 @@ class Engine:
         """Counters for monitoring: cache blocks, prefix-cache hits, preemptions."""
         cache = self.prefix_cache.stats if self.prefix_cache is not None else PrefixCacheStats()
         return {"num_blocks": self.blocks.num_blocks, "free_blocks": self.blocks.num_free,
-                "cached_blocks": self.blocks.num_cached, "prefix_cache_queried_tokens": cache.queried_tokens,
+                "cached_blocks": self.blocks.num_cached, "evicted_blocks": self.blocks.num_evictions,
+                "prefix_cache_queried_tokens": cache.queried_tokens,
                 "prefix_cache_hit_tokens": cache.hit_tokens, "prefix_cache_hit_rate": cache.hit_rate,
                 "prompt_tokens_computed": self.num_prompt_tokens_computed, "num_preemptions": self.num_preemptions}
 
