@@ -18,6 +18,8 @@ class BenchArgumentError(AutoDeployError):
 def _workloads(args) -> list:
     from .bench import workload
 
+    if args.shared_prefix is not None:
+        return [workload.shared_prefix(args.num_requests or 8, args.shared_prefix, args.input_len, args.output_len)]
     if args.num_requests is not None or args.lengths_file is not None:
         if args.lengths_file is not None:
             return [workload.from_file(args.lengths_file)]
@@ -42,7 +44,8 @@ def cmd_bench(args) -> int:
                       baselines=args.baseline, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
                       repeats=args.repeats, max_batch_size=args.max_batch_size,
                       max_num_tokens=args.max_num_tokens, seed=args.seed, profile_steps=args.profile,
-                      peers_only=args.peers_only)
+                      peers_only=args.peers_only,
+                      prefix_caching="off" if args.enable_prefix_caching is False else "auto")
     result = run_bench(cfg)
     print_report(result)
     if args.json:
@@ -56,6 +59,7 @@ def register(subparsers) -> None:
     """Add `bench` to autodeploy's subcommands."""
     from .bench.hf import BASELINES
     from .cli import _add_model_args
+    from .cli_generate import add_prefix_caching_arg
 
     p = subparsers.add_parser(
         "bench", help="latency / throughput benchmark with HF peers and the bandwidth ceiling",
@@ -74,6 +78,11 @@ def register(subparsers) -> None:
     thr.add_argument("--input-len-range", default="32,512", help="a,b: prompt lengths drawn uniformly (default 32,512)")
     thr.add_argument("--output-len-range", default="32,256", help="c,d: output lengths (default 32,256)")
     thr.add_argument("--lengths-file", default=None, help='JSON list of [input_len, output_len] pairs')
+    pre = p.add_argument_group("shared-prefix mode")
+    pre.add_argument("--shared-prefix", type=int, default=None, metavar="P",
+                     help="--num-requests N (default 8) requests that share a P-token prefix, seen before they "
+                          "arrive, then --input-len tokens each; measured with prefix caching on and off")
+    add_prefix_caching_arg(p)
     p.add_argument("--baseline", action="append", default=[], choices=BASELINES,
                    help="also measure HF transformers eager (hf) or static cache + torch.compile (hf-compile)")
     p.add_argument("--peers-only", action="store_true",

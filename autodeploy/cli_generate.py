@@ -27,6 +27,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-batch-size", type=int, default=None, help="sequences in flight at once")
     r.add_argument("--max-num-tokens", type=int, default=None, help="tokens per forward pass")
     r.add_argument("--max-seq-len", type=int, default=None, help="prompt + output tokens per request")
+    add_prefix_caching_arg(r)
+
+
+def add_prefix_caching_arg(group) -> None:
+    group.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                       help="recompute every prompt in full (default: reuse the KV blocks of prefixes seen before)")
 
 
 def _sampling_params(args):
@@ -41,7 +47,7 @@ def _load(args):
     from .llm import LLM
 
     _split_overrides(args)
-    runtime = {k: getattr(args, k) for k in ("max_batch_size", "max_num_tokens", "max_seq_len")
+    runtime = {k: getattr(args, k) for k in ("max_batch_size", "max_num_tokens", "max_seq_len", "enable_prefix_caching")
                if getattr(args, k) is not None}
     print(f"[autodeploy] optimizing {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
     return LLM(args.model, args.recipe, overrides=args.overrides, **runtime)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autodeploy.bench.metrics import Run, percentile, summarize
-from autodeploy.bench.workload import parse_range, random_lengths
+from autodeploy.bench.workload import parse_range, random_lengths, random_prompts, shared_prefix
 from autodeploy.cli_bench import register
 from autodeploy.runtime.cuda_graphs import buckets_to_capture
 
@@ -74,6 +74,19 @@ def test_peers_only_measures_the_baselines_alone(tiny_llama_dir, tmp_path, capsy
         bench([str(tiny_llama_dir), "model.device=cpu", "--peers-only"])
 
 
+def test_shared_prefix_mode_measures_prefix_caching_on_and_off(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "--shared-prefix", "40", "--num-requests", "3",
+                  "--input-len", "5", "--output-len", "2", "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (workload,) = result["workloads"]
+    assert workload["mode"] == "shared-prefix" and workload["requests"] == 3
+    on, off = (result["engine"][r]["stats"] for r in ("autodeploy", "autodeploy-no-prefix-cache"))
+    assert on["prefix_cache_hit_tokens"] >= 3 * 32 and off["prefix_cache_hit_tokens"] == 0
+    assert on["prompt_tokens_computed"] < off["prompt_tokens_computed"]
+    assert "autodeploy-no-prefix-cache" in capsys.readouterr().out
+
+
 def test_metrics_and_workloads():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
     m = summarize([Run([[0.5, 0.6, 0.8], [0.5, 0.7]], wall_s=1.0)])
@@ -84,6 +97,10 @@ def test_metrics_and_workloads():
         parse_range("9,3")
     w = random_lengths(20, (2, 5), (1, 3), seed=1)
     assert all(2 <= r.input_len <= 5 and 1 <= r.output_len <= 3 for r in w.requests)
+    a, b = random_prompts(shared_prefix(2, 6, 3, 1), vocab_size=1000)
+    assert a[:6] == b[:6] and len(a) == len(b) == 9 and a[6:] != b[6:]
+    with pytest.raises(ValueError):
+        shared_prefix(2, 0, 3, 1)
 
 
 def test_buckets_to_capture():

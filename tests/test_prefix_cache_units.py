@@ -1,6 +1,8 @@
 """Prefix caching and decode-aware chunking without a model: block references, hashing, eviction,
 and what the scheduler computes."""
 
+import argparse
+
 import pytest
 
 from autodeploy.runtime.block_manager import BlockManager
@@ -145,3 +147,21 @@ def test_decode_aware_chunking_bounds_prompt_tokens_next_to_decodes(cap, chunks)
     sched.finish(decode)
     out = run_step(sched)  # no decode left: the whole budget goes to the prompt
     assert [c.num_tokens for c in out.chunks] == [21]
+
+
+def test_cli_commands_take_no_enable_prefix_caching():
+    from autodeploy.bench.suite import BenchConfig, _prefix_caching_modes
+    from autodeploy.bench.workload import latency, shared_prefix
+    from autodeploy.cli_bench import register as register_bench
+    from autodeploy.cli_generate import register
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register(sub), register_bench(sub)
+    for command in (["generate", "--prompt", "x"], ["chat"], ["serve"], ["bench"]):
+        assert parser.parse_args(command).enable_prefix_caching is None  # the recipe decides
+        assert parser.parse_args(command + ["--no-enable-prefix-caching"]).enable_prefix_caching is False
+    shared, plain = [shared_prefix(2, 8, 4, 1)], [latency(1, 4, 1)]
+    assert _prefix_caching_modes(BenchConfig(None, shared), default=True) == [True, False]
+    assert _prefix_caching_modes(BenchConfig(None, plain), default=False) == [False]
+    assert _prefix_caching_modes(BenchConfig(None, shared, prefix_caching="off"), default=True) == [False]

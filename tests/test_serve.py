@@ -60,6 +60,14 @@ def test_completion_equals_generate_and_streams_the_same_text(client, llm):
     assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client, llm):
+    body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, "temperature": 0}
+    first, second = (client.post("/v1/chat/completions", json=body).json()["usage"] for _ in range(2))
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert first["prompt_tokens"] == second["prompt_tokens"] > cached > 0 and cached % 16 == 0
+    assert cached == (second["prompt_tokens"] - 1) // 16 * 16  # all of the prompt's full blocks but the last token's
+
+
 def test_several_prompts_and_token_ids(client, llm):
     ids = llm.tokenizer("1, 2, 3,")["input_ids"]
     got = client.post("/v1/completions", json={"prompt": ["Hello", "1, 2, 3,"], "max_tokens": 4,

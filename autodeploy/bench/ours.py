@@ -29,13 +29,26 @@ def make_engine(opt: OptimizedModel, settings: EngineSettings) -> Engine:
 
 
 def run(engine: Engine, prompts: list[list[int]], output_lens: list[int],
-        after_step: Callable[[], None] | None = None) -> Run:
-    """Submit every request at once, step until all are done; timestamps of every output token."""
+        after_step: Callable[[], None] | None = None, warm_prefix: list[int] | None = None) -> Run:
+    """Submit every request at once, step until all are done; timestamps of every output token.
+
+    Each pass starts with an empty prefix cache (the same prompts again would find theirs cached);
+    `warm_prefix` is then run first, untimed, as a request of its own (a system prompt seen before)."""
+    engine.reset_prefix_cache()
+    if warm_prefix:
+        _drain(engine, {engine.add_request(warm_prefix, SamplingParams(max_tokens=1, ignore_eos=True)): 0}, [[]])
     device = engine.executor.device
     start = now(device)
     index = {engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)): i
              for i, (p, n) in enumerate(zip(prompts, output_lens))}
     times: list[list[float]] = [[] for _ in prompts]
+    _drain(engine, index, times, start, after_step)
+    return Run(times, now(device) - start)
+
+
+def _drain(engine: Engine, index: dict[str, int], times: list[list[float]], start: float = 0.0,
+           after_step: Callable[[], None] | None = None) -> None:
+    """Step until the requests of `index` (id -> row of `times`) end, stamping each output token."""
     left = len(index)
     while left:
         outputs = engine.step()
@@ -47,4 +60,3 @@ def run(engine: Engine, prompts: list[list[int]], output_lens: list[int],
             left -= out.finished
         if after_step is not None:
             after_step()
-    return Run(times, now(device) - start)

@@ -42,6 +42,13 @@ class BenchConfig:
     seed: int = 0
     profile_steps: int = 0  # > 0: profile that many decode steps per latency workload
     peers_only: bool = False  # measure the baselines alone (a peer too slow to share a run with ours)
+    prefix_caching: str = "auto"  # on | off | both; auto: both for a shared-prefix workload, else the recipe's
+
+
+def _prefix_caching_modes(cfg: BenchConfig, default: bool) -> list[bool]:
+    if cfg.prefix_caching == "auto":
+        return [True, False] if any(w.mode == "shared-prefix" for w in cfg.workloads) else [default]
+    return GRAPH_MODES[cfg.prefix_caching]
 
 
 def _timed(passes: int, warmup: int, one_pass) -> list[Run]:
@@ -96,20 +103,26 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
     result["weight_bytes"] = weight_bytes(opt.gm)
     result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes"]
-    for graphs in GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False]:
-        runtime = recipe.runtime
+    runtime = recipe.runtime
+    modes = [(g, c) for g in (GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False])
+             for c in _prefix_caching_modes(cfg, runtime.enable_prefix_caching)]
+    for graphs, caching in modes:
         settings = replace(runtime, max_batch_size=max_batch, max_num_tokens=cfg.max_num_tokens or runtime.max_num_tokens,
                            cuda_graph_batch_sizes=runtime.cuda_graph_batch_sizes if graphs else (),
-                           cuda_graph_prefill_tokens=runtime.cuda_graph_prefill_tokens if graphs else ())
+                           cuda_graph_prefill_tokens=runtime.cuda_graph_prefill_tokens if graphs else (),
+                           enable_prefix_caching=caching)
         start = now(device)
         engine = ours.make_engine(opt, settings)
-        runner = "autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy"
+        runner = ("autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy") + (
+            "" if caching else "-no-prefix-cache")
         graphs_ = engine.executor.graphs
         captured = [[b.tokens, b.seqs] for b in graphs_.buckets] if graphs_ is not None else []
         result.setdefault("engine", {})[runner] = {"start_s": now(device) - start, "cuda_graph_buckets": captured}
         result["results"][runner] = {
-            w.name: summarize(_timed(cfg.repeats, cfg.warmup, lambda: ours.run(engine, p, n)))
+            w.name: summarize(_timed(cfg.repeats, cfg.warmup,
+                                     lambda: ours.run(engine, p, n, warm_prefix=p[0][:w.prefix_len])))
             for w, p, n in zip(cfg.workloads, prompts, lens)}
+        result["engine"][runner]["stats"] = engine.stats()
         if cfg.profile_steps:
             result.setdefault("profile", {})[runner] = {
                 w.name: decode_profile(engine, p, cfg.profile_steps)

@@ -1,7 +1,9 @@
 """What a benchmark asks for: request shapes and the random prompts that fill them.
 
 Latency mode: B identical requests (I prompt tokens, exactly O new ones). Offline-throughput mode:
-N requests with lengths drawn uniformly from ranges (seeded), or read from a JSON file. Prompts are
+N requests with lengths drawn uniformly from ranges (seeded), or read from a JSON file. Shared-prefix
+mode: N requests whose prompts start with the same P tokens (a system prompt, few-shot examples),
+then I tokens of their own; the prefix was seen before they arrive. Prompts are
 random token ids: speed does not depend on the text, and every request ignores EOS so it produces
 exactly its output length.
 """
@@ -24,7 +26,8 @@ class Request:
 class Workload:
     name: str  # e.g. "latency b=1 in=128 out=128"
     requests: list[Request]
-    mode: str  # latency | throughput
+    mode: str  # latency | throughput | shared-prefix
+    prefix_len: int = 0  # leading prompt tokens every request shares (counted in input_len)
 
     @property
     def output_tokens(self) -> int:
@@ -36,6 +39,13 @@ def latency(batch: int, input_len: int, output_len: int) -> Workload:
         raise ValueError("--batch, --input-len and --output-len must be >= 1")
     return Workload(f"latency b={batch} in={input_len} out={output_len}",
                     [Request(input_len, output_len)] * batch, "latency")
+
+
+def shared_prefix(num_requests: int, prefix_len: int, input_len: int, output_len: int) -> Workload:
+    if min(num_requests, prefix_len, input_len, output_len) < 1:
+        raise ValueError("--num-requests, --shared-prefix, --input-len and --output-len must be >= 1")
+    return Workload(f"shared-prefix n={num_requests} prefix={prefix_len} in={input_len} out={output_len}",
+                    [Request(prefix_len + input_len, output_len)] * num_requests, "shared-prefix", prefix_len)
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -67,4 +77,5 @@ def from_file(path: str | Path) -> Workload:
 
 def random_prompts(workload: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(r.input_len)] for r in workload.requests]
+    prefix = [rng.randrange(vocab_size) for _ in range(workload.prefix_len)]
+    return [prefix + [rng.randrange(vocab_size) for _ in range(r.input_len - len(prefix))] for r in workload.requests]
