@@ -80,7 +80,7 @@ class _Launched:
 
 class Engine:
     def __init__(self, gm: GraphModule, tokenizer, eos_ids: set[int], settings: EngineSettings,
-                 model_max_len: int | None = None):
+                 model_max_len: int | None = None, vocab_size: int | None = None):
         self.executor = ModelExecutor(gm, settings.max_batch_size)
         pool = self.executor.pool
         graph_sizes = buckets_to_capture(tuple(settings.cuda_graph_batch_sizes), settings.max_batch_size,
@@ -94,6 +94,7 @@ class Engine:
         self.sampler = Sampler(settings.seed)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.vocab_size = vocab_size  # token ids past it would index out of the embedding: refused
         self.cache_tokens = num_blocks * pool.block_size
         self.max_seq_len = min(settings.max_seq_len or model_max_len or self.cache_tokens, self.cache_tokens)
         if use_graphs:
@@ -132,6 +133,10 @@ class Engine:
             return (f"prompt has {n} tokens, more than max_seq_len {self.max_seq_len} "
                     f"(the KV cache holds {self.cache_tokens} tokens: {self.blocks.num_blocks} blocks of "
                     f"{self.blocks.block_size})")
+        if self.vocab_size is not None:
+            bad = [t for t in seq.prompt_ids + list(seq.params.stop_token_ids) if not 0 <= t < self.vocab_size]
+            if bad:
+                return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return None
 
     def abort(self, request_id: str) -> None:
@@ -211,7 +216,12 @@ class Engine:
         if is_stop_token(params, token, self.eos_ids):
             reason = "stop"
         else:
-            new = req.detokenizer.add(token)
+            try:
+                new = req.detokenizer.add(token)
+            except Exception as e:  # one request's text failing must not end the step of the others
+                seq.error = f"detokenization failed: {e}"
+                self._finish(req, "error")
+                return self._output(req, finished=True)
             req.text += new
             cut = find_stop_string(req.text, len(new), params.stop, params.include_stop_str_in_output) if new else None
             if cut is not None:
