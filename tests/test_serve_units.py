@@ -1,6 +1,7 @@
 """The serving pieces that need no model: SamplingParams' checks, the LLM keyword map, tool-call
 parsing, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
 
+import contextlib
 import json
 import math
 
@@ -113,3 +114,36 @@ def test_gate_key_body_bound_and_request_id(gated):
     assert health.status_code == 200  # open without the key
     assert odd_id.json()["id"] != "bad id\x7f" and odd_id.headers["x-request-id"] == odd_id.json()["id"]
     assert ("/v1/echo", 401) in counted and ("/v1/echo", 413) in counted and ("/health", 200) in counted
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--port", "99999"], "--port 99999: must be in 1..65535"),
+    (["--port", "0"], "--port 0"),
+    (["--port", "abc"], "invalid int value"),
+    (["--max-waiting", "-1"], "--max-waiting -1"),
+    (["--drain-timeout", "-5"], "--drain-timeout"),
+    (["--max-batch-size", "0"], "--max-batch-size 0"),
+    (["--host", "no.such.host.invalid"], "--host no.such.host.invalid"),
+])
+def test_serve_flags_fail_in_one_line_before_the_model_loads(monkeypatch, capsys, argv, says):
+    from autodeploy import cli, cli_generate
+
+    monkeypatch.setattr(cli_generate, "_load", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) if "invalid int" in says else contextlib.nullcontext():
+        assert cli.main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_serve_finds_a_port_in_use_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    from autodeploy import cli, cli_generate
+
+    monkeypatch.setattr(cli_generate, "_load", lambda args: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
