@@ -18,10 +18,10 @@ from autodeploy.optimizer import optimize_model
 from runtime_helpers import NO_CACHE, with_cache
 
 
-def smollm2_llm(model_dir, **settings) -> LLM:
+def smollm2_llm(model_dir, num_blocks: int = 32, **settings) -> LLM:
     """SmolLM2 float32 on the CPU with a small cache (max_seq_len 96 unless given)."""
     base = optimize_model(model_dir, overrides=["model.device=cpu", "model.dtype=float32", NO_CACHE], progress=False)
-    return LLM.from_optimized(with_cache(base, num_blocks=32, block_size=16),
+    return LLM.from_optimized(with_cache(base, num_blocks=num_blocks, block_size=16),
                               **{"max_batch_size": 4, "max_seq_len": 96, **settings})
 
 

@@ -290,3 +290,15 @@ def test_fuzz_hostile_requests_never_break_the_server(server, client):
         streamer.join(120)
     assert len(seen) >= 150 and texts and all(t == solo for t in texts), (len(seen), set(texts), solo)
     _wait_idle(server)
+
+
+def test_bench_url_drives_concurrent_streaming_clients(server, tmp_path):
+    from autodeploy.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--url", server.url, "--concurrency", "3", "--num-requests", "6", "--input-len", "5",
+                 "--output-len", "4", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["completed"] == 6 and s["errors"] == 0 and s["output_tokens"] == 24
+    assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"] and s["output_tok_s"] > 0
+    _wait_idle(server)
