@@ -167,7 +167,11 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
                 stop=req.stop or [], stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs)
+                include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                min_tokens=req.min_tokens or 0,
+                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -185,6 +189,12 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
         if out.finish_reason != "error":
             return None
         return ApiError(ERROR_STATUS.get(out.error, 400), out.error or "the request failed")
+
+    async def echo_of(prompt: str | list[int]) -> str:
+        """The prompt as text, for `echo` (token ids decode; without a tokenizer there is no text)."""
+        if isinstance(prompt, str) or tokenizer is None:
+            return prompt if isinstance(prompt, str) else ""
+        return await off_loop(tokenizer.decode, prompt)
 
     def decode_one(token_id: int) -> str:
         return tokenizer.decode([token_id]) if tokenizer is not None else ""
@@ -279,8 +289,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
         ids = [await prompt_ids(p) for p in prompts]
         params = sampling(req, req.max_tokens, max(map(len, ids)),
                           req.logprobs if req.logprobs is not None or best_of == req.n else 0)
-        echoes = [(p if isinstance(p, str) else await off_loop(tokenizer.decode, p)) if req.echo else ""
-                  for p in prompts] if tokenizer is not None or not req.echo else [""] * len(prompts)
+        echoes = [await echo_of(p) for p in prompts] if req.echo else [""] * len(prompts)
         streams = launch(request, ids, params, best_of)
         prompt_tokens = sum(map(len, ids))
 

@@ -155,7 +155,11 @@ def test_tools_accepted_streamed_or_not(client):
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2**70}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 96}, 400, "max_seq_len"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "invalid literal"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 1}}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, 400, "stop"),
     ("/v1/completions", {"prompt": [5, 49152]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": [-1]}, 400, "vocabulary"),
@@ -188,31 +192,42 @@ def test_other_statuses_in_openai_shape(server):
     assert echoed.headers["x-request-id"] == "trace-42"
 
 
-def test_health_answers_under_load_and_leaving_clients_abort(server, client):
+def test_health_answers_during_long_steps_and_leaving_clients_abort(server, client, llm, monkeypatch):
+    """Every engine step made to last 1 s: were steps on the event loop, most /health calls would wait
+    for one (this measures the isolation, not the shared machine's load; test_serve_load.py has the
+    200 ms figure under real load)."""
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(1.0)
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
     streams = []
 
     def stream_one(i: int) -> None:
-        out = client.completions.create(model=NAME, prompt=f"Count to {i}:", max_tokens=32, temperature=0,
+        out = client.completions.create(model=NAME, prompt=f"Count to {i}:", max_tokens=6, temperature=0,
                                         stream=True, extra_body={"ignore_eos": True})
         streams.append("".join(c.choices[0].text for c in out))
 
-    threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     latencies = []
-    for _ in range(20):
+    for _ in range(12):
         start = time.perf_counter()
         assert httpx.get(server.url + "/health", timeout=5).status_code == 200
         latencies.append(time.perf_counter() - start)
-        time.sleep(0.05)
+        time.sleep(0.13)
     with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
         httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 80, "ignore_eos": True},
                    timeout=0.5)
     for t in threads:
         t.join(120)
-    assert len(streams) == 4
-    assert sorted(latencies)[int(0.9 * len(latencies))] < 0.2, latencies
+    assert len(streams) == 3
+    assert sorted(latencies)[int(0.9 * len(latencies))] < 0.5, latencies
+    monkeypatch.undo()
     _wait_idle(server)  # the abandoned request was aborted: nothing runs on, no block is held
 
 
@@ -302,3 +317,51 @@ def test_bench_url_drives_concurrent_streaming_clients(server, tmp_path):
     assert s["completed"] == 6 and s["errors"] == 0 and s["output_tokens"] == 24
     assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"] and s["output_tok_s"] > 0
     _wait_idle(server)
+
+
+def _hf_greedy_with_processors(model_dir, prompt_ids: list[int], max_tokens: int, eos: set[int], presence=0.0,
+                               frequency=0.0, repetition=1.0, bias=None, min_tokens=0) -> list[int]:
+    """HF transformers eager on the same weights, the penalties written out plainly, token by token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out: list[int] = []
+    while len(out) < max_tokens:
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt_ids + out])).logits[0, -1].float()
+        for t in set(prompt_ids) | set(out):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        if len(out) < min_tokens:
+            logits[list(eos)] = float("-inf")
+        out.append(int(logits.argmax()))
+        if out[-1] in eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("extra", [
+    {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "logit_bias": "no Paris"},
+    {"min_tokens": 12},
+])
+def test_penalties_logit_bias_and_min_tokens_match_hf_eager(server, llm, default_model_dir, extra):
+    prompt = llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    paris = llm.tokenizer(" Paris")["input_ids"][0]
+    bias = {paris: -100.0} if extra.get("logit_bias") else None
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, **extra,
+            **({"logit_bias": {str(paris): -100}} if bias else {})}
+    got = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    want = _hf_greedy_with_processors(default_model_dir, prompt, 16, llm.engine.eos_ids, bias=bias,
+                                      presence=extra.get("presence_penalty", 0.0),
+                                      frequency=extra.get("frequency_penalty", 0.0),
+                                      repetition=extra.get("repetition_penalty", 1.0),
+                                      min_tokens=extra.get("min_tokens", 0))
+    assert got["text"] == llm.tokenizer.decode(want, skip_special_tokens=True)
+    plain = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 16, "temperature": 0},
+                       timeout=60).json()["choices"][0]
+    assert plain["text"] != got["text"]  # the processors changed the answer: the check can fail

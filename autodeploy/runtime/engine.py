@@ -22,6 +22,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
+from .logits_processors import LogitsProcessors
 from .outputs import RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -92,6 +93,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, pool.block_size)
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens)
         self.sampler = Sampler(settings.seed)
+        self.processors = LogitsProcessors(eos_ids)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size  # token ids past it would index out of the embedding: refused
@@ -134,7 +136,8 @@ class Engine:
                     f"(the KV cache holds {self.cache_tokens} tokens: {self.blocks.num_blocks} blocks of "
                     f"{self.blocks.block_size})")
         if self.vocab_size is not None:
-            bad = [t for t in seq.prompt_ids + list(seq.params.stop_token_ids) if not 0 <= t < self.vocab_size]
+            named = seq.prompt_ids + list(seq.params.stop_token_ids) + list(seq.params.logit_bias or ())
+            bad = [t for t in named if not 0 <= t < self.vocab_size]
             if bad:
                 return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         return None
@@ -172,7 +175,9 @@ class Engine:
         seqs = [chunks[i].seq for i in sampling]
         slots, logprobs = [], None
         if seqs:
-            tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            tokens = self.sampler.sample(self.processors.apply(logits, seqs), [s.params for s in seqs],
+                                         [s.generator for s in seqs])
+            self.processors.record(seqs, tokens)
             self.executor.remember(tokens)
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
             if k is not None:
@@ -236,6 +241,7 @@ class Engine:
     def _finish(self, req: _Request, reason: str) -> None:
         del req.seq.output_ids[req.resolved:]  # tokens still in flight are dropped
         req.seq.finish_reason = reason
+        self.processors.drop(req.seq.request_id)
         self.scheduler.finish(req.seq)
         del self._requests[req.seq.request_id]
 

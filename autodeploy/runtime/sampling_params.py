@@ -15,6 +15,7 @@ INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 MAX_STOPS = 16
+MAX_LOGIT_BIAS = 300  # as OpenAI's
 GREEDY_BELOW = 1e-5  # temperatures this small divide logits into overflow: they mean greedy
 
 
@@ -55,6 +56,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    # logits processors (runtime/logits_processors.py says exactly what each does)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +83,16 @@ class SamplingParams:
             _check_int("stop_token_ids", token, 0, INT32_MAX)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+            for token, bias in self.logit_bias.items():
+                _check_int("logit_bias token id", token, 0, INT32_MAX)
+                _check_float(f"logit_bias[{token}]", bias, -100.0, 100.0)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -64,11 +64,10 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
-    # OpenAI fields this server refuses when set (see UNSUPPORTED)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     min_tokens: int | None = None
 
 
@@ -125,13 +124,7 @@ class ChatRequest(_Request):
 
 def unsupported_fields(req: _Request) -> list[str]:
     """Fields set to something this server would otherwise have to ignore."""
-    names = [name for name in ("presence_penalty", "frequency_penalty") if getattr(req, name) not in (None, 0)]
-    if req.repetition_penalty not in (None, 1):
-        names.append("repetition_penalty")
-    if req.logit_bias:
-        names.append("logit_bias")
-    if req.min_tokens:
-        names.append("min_tokens")
+    names = []
     if isinstance(req, CompletionRequest) and req.suffix:
         names.append("suffix")
     if isinstance(req, ChatRequest) and req.response_format and req.response_format.get("type") != "text":
