@@ -258,13 +258,13 @@ def test_fuzz_hostile_requests_never_break_the_server(server, client):
 
     _wait_idle(server)
     solo = "".join(c.choices[0].text for c in client.completions.create(
-        model=NAME, prompt=PROMPT, max_tokens=16, temperature=0, stream=True))
+        model=NAME, prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
     done, texts = threading.Event(), []
 
     def keep_streaming() -> None:
         while not done.is_set():
             texts.append("".join(c.choices[0].text for c in client.completions.create(
-                model=NAME, prompt=PROMPT, max_tokens=16, temperature=0, stream=True)))
+                model=NAME, prompt=PROMPT, max_tokens=10, temperature=0, stream=True)))
 
     hostile = st.one_of(
         st.sampled_from([math.nan, math.inf, -math.inf, "NaN", "inf", 2**70, -(2**70), 10**20, -1, 0, 1, 2,
@@ -319,13 +319,19 @@ def test_bench_url_drives_concurrent_streaming_clients(server, tmp_path):
     _wait_idle(server)
 
 
-def _hf_greedy_with_processors(model_dir, prompt_ids: list[int], max_tokens: int, eos: set[int], presence=0.0,
-                               frequency=0.0, repetition=1.0, bias=None, min_tokens=0) -> list[int]:
-    """HF transformers eager on the same weights, the penalties written out plainly, token by token."""
+@pytest.fixture(scope="module")
+def hf_model(default_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+
+
+def _hf_greedy_with_processors(hf, prompt_ids: list[int], max_tokens: int, eos: set[int], presence=0.0,
+                               frequency=0.0, repetition=1.0, bias=None, min_tokens=0) -> list[int]:
+    """HF transformers eager on the same weights, the penalties written out plainly, token by token."""
+    import torch
+
     out: list[int] = []
     while len(out) < max_tokens:
         with torch.no_grad():
@@ -348,7 +354,7 @@ def _hf_greedy_with_processors(model_dir, prompt_ids: list[int], max_tokens: int
     {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "logit_bias": "no Paris"},
     {"min_tokens": 12},
 ])
-def test_penalties_logit_bias_and_min_tokens_match_hf_eager(server, llm, default_model_dir, extra):
+def test_penalties_logit_bias_and_min_tokens_match_hf_eager(server, llm, hf_model, extra):
     prompt = llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     paris = llm.tokenizer(" Paris")["input_ids"][0]
@@ -356,7 +362,7 @@ def test_penalties_logit_bias_and_min_tokens_match_hf_eager(server, llm, default
     body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, **extra,
             **({"logit_bias": {str(paris): -100}} if bias else {})}
     got = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
-    want = _hf_greedy_with_processors(default_model_dir, prompt, 16, llm.engine.eos_ids, bias=bias,
+    want = _hf_greedy_with_processors(hf_model, prompt, 16, llm.engine.eos_ids, bias=bias,
                                       presence=extra.get("presence_penalty", 0.0),
                                       frequency=extra.get("frequency_penalty", 0.0),
                                       repetition=extra.get("repetition_penalty", 1.0),
