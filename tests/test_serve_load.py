@@ -36,11 +36,11 @@ def _kv_blocks_used(url: str) -> float:
 
 
 _CLIENTS = """
-import asyncio, json, sys
+import asyncio, dataclasses, json, sys
 from autodeploy.bench.serving import ClientRequest, run_clients
 url, requests = json.load(sys.stdin)
 results, wall = asyncio.run(run_clients(url, None, [ClientRequest(*r) for r in requests], 32, duration_s=120))
-json.dump([[r.text, r.left, r.error, r.chunk_times, r.output_tokens] if r else None for r in results] + [wall],
+json.dump([dataclasses.asdict(r) if r else None for r in results] + [wall],
           sys.stdout)
 """
 
@@ -74,7 +74,7 @@ def test_32_streaming_clients_for_two_minutes_a_third_leaving(default_model_dir)
                 stop.set()
                 prober.join()
             *rows, wall = json.loads(clients.stdout)
-            results = [ClientResult(*row) if row else None for row in rows]
+            results = [ClientResult(**row) if row else None for row in rows]
             summary = summarize(results, wall)
             print(summary, "health p50/p99 s", percentile(latencies, 50), percentile(latencies, 99))
             assert summary["errors"] == 0 and summary["completed"] > 32
