@@ -37,7 +37,7 @@ from .serving.engine_loop import ERROR_STATUS, EngineLoop
 from .serving.gate import Gate
 from .serving.metrics import ServerMetrics
 from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, CompletionRequest, Message, error_response,
-                               message_dicts, unsupported_fields)
+                               json_schema_of, message_dicts, unsupported_fields)
 from .serving.responses import chat_logprobs, completion_logprobs, cumulative_logprob, finish_reason, usage
 from .serving.streams import collect, merged
 from .serving.tool_calls import parse_tool_calls
@@ -154,7 +154,8 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
             raise ApiError(400, f"{model_name} has no tokenizer: send prompts as token ids", "prompt")
         return check_ids(await off_loop(encode, prompt), "the prompt")
 
-    def sampling(req, max_tokens: int | None, longest_prompt: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int | None, longest_prompt: int, logprobs: int | None,
+                 json_schema: dict | bool | None = None) -> SamplingParams:
         room = engine.max_seq_len - longest_prompt
         if max_tokens is None:  # as OpenAI's chat: without a limit the reply may fill the rest of the context
             max_tokens = max(room, 1)
@@ -171,7 +172,8 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 min_tokens=req.min_tokens or 0,
-                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None)
+                logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+                json_schema=json_schema)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -346,7 +348,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
         ids = check_ids(await off_loop(template, messages, tools), "the conversation")
         k = (req.top_logprobs or 0) if req.logprobs else None
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling(req, limit, len(ids), k)
+        params = sampling(req, limit, len(ids), k, json_schema_of(req.response_format))
         streams = launch(request, [ids], params, req.n)
 
         def reply(out: RequestOutput) -> tuple[dict, str | None]:

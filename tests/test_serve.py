@@ -144,6 +144,23 @@ def test_tools_accepted_streamed_or_not(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
 
 
+def test_response_format_json_schema_and_json_object(client):
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]},
+                                               "sure": {"type": "boolean"}},
+              "required": ["capital", "sure"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    got = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=0, response_format=fmt)
+    answer = json.loads(got.choices[0].message.content)
+    assert set(answer) == {"capital", "sure"} and answer["capital"] in ("Paris", "Rome", "Berlin")
+    assert got.choices[0].finish_reason == "stop"
+    sampled = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=40, temperature=1.0, seed=3,
+                                             response_format=fmt, n=2)
+    assert all(isinstance(json.loads(c.message.content)["sure"], bool) for c in sampled.choices)
+    free = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=6, temperature=0,
+                                          response_format={"type": "json_object"})
+    assert free.choices[0].message.content.lstrip().startswith("{")
+
+
 @pytest.mark.parametrize("path, body, status, says", [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
     ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n must be"),
@@ -172,7 +189,9 @@ def test_tools_accepted_streamed_or_not(client):
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "yaml"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "json_schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ])

@@ -93,7 +93,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, pool.block_size)
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens)
         self.sampler = Sampler(settings.seed)
-        self.processors = LogitsProcessors(eos_ids)
+        self.processors = LogitsProcessors(eos_ids, tokenizer)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size  # token ids past it would index out of the embedding: refused
@@ -140,7 +140,7 @@ class Engine:
             bad = [t for t in named if not 0 <= t < self.vocab_size]
             if bad:
                 return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-        return None
+        return self.processors.grammars.admit(seq)
 
     def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -152,6 +152,9 @@ class Engine:
         """Launch the next forward, then report the requests the previous one moved (they got a
         token or ended)."""
         outputs, self._pending = self._pending, []
+        if self._in_flight is not None and self.processors.grammars.active:  # their masks need the last token
+            outputs += self._collect(self._in_flight)
+            self._in_flight = None
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
         launched = self._launch(plan.chunks) if plan.chunks else None

@@ -5,7 +5,8 @@ logit_bias and min_tokens, with vLLM's (and OpenAI's) meanings:
   - frequency_penalty f and presence_penalty p subtract f * count + p * (count > 0), counts over the
     output tokens only;
   - logit_bias adds its value to the named tokens' logits;
-  - min_tokens forbids EOS (unless ignore_eos) and the stop token ids until that many tokens exist.
+  - min_tokens forbids EOS (unless ignore_eos) and the stop token ids until that many tokens exist;
+  - json_schema masks every token its grammar does not allow (structured_output.py).
 Step n is launched before step n - 1's token reaches the host (engine.py), so each request's output
 token counts live on the device and are bumped there with every step's samples: nothing waits.
 Only requests that ask for one of these pay for it (a per-row loop).
@@ -17,16 +18,18 @@ import torch
 
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+from .structured_output import GrammarConstraints
 
 
 def wants_processing(p: SamplingParams) -> bool:
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 or p.logit_bias
-                or p.min_tokens)
+                or p.min_tokens or p.json_schema is not None)
 
 
 class LogitsProcessors:
-    def __init__(self, eos_ids: set[int]):
+    def __init__(self, eos_ids: set[int], tokenizer=None):
         self.eos_ids = eos_ids
+        self.grammars = GrammarConstraints(tokenizer)  # json_schema, applied last (no bias can unmask)
         self._counts: dict[str, torch.Tensor] = {}  # request id -> output token counts [V] (float32, device)
         self._prompt: dict[str, torch.Tensor] = {}  # request id -> prompt tokens [V] (bool), for repetition
 
@@ -52,6 +55,7 @@ class LogitsProcessors:
                 if banned:
                     row = row.index_fill(0, torch.tensor(sorted(banned), device=row.device), float("-inf"))
             logits[i] = row
+        self.grammars.apply(logits, seqs)
         return logits
 
     def _counts_of(self, seq: Sequence, row: torch.Tensor) -> torch.Tensor:
@@ -70,5 +74,6 @@ class LogitsProcessors:
                 counts.index_add_(0, tokens[i:i + 1], torch.ones(1, device=counts.device))
 
     def drop(self, request_id: str) -> None:
+        self.grammars.drop(request_id)
         self._counts.pop(request_id, None)
         self._prompt.pop(request_id, None)

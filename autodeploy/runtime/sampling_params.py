@@ -62,6 +62,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    json_schema: dict | bool | None = None  # the output must be JSON of this schema (True: any JSON object)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +94,8 @@ class SamplingParams:
                 _check_int("logit_bias token id", token, 0, INT32_MAX)
                 _check_float(f"logit_bias[{token}]", bias, -100.0, 100.0)
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        if self.json_schema is not None and self.json_schema is not True and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema must be a JSON Schema object or true, got {self.json_schema!r}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -127,9 +127,21 @@ def unsupported_fields(req: _Request) -> list[str]:
     names = []
     if isinstance(req, CompletionRequest) and req.suffix:
         names.append("suffix")
-    if isinstance(req, ChatRequest) and req.response_format and req.response_format.get("type") != "text":
-        names.append("response_format")
     return names
+
+
+def json_schema_of(response_format: dict[str, Any] | None) -> dict | bool | None:
+    """SamplingParams.json_schema for OpenAI's response_format (text, json_object or json_schema)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return True
+    spec = response_format.get("json_schema")
+    if kind == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict):
+        return spec.get("schema") or True
+    raise ApiError(400, "response_format must be {'type': 'text' | 'json_object'} or {'type': 'json_schema', "
+                        "'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
 
 
 def message_dicts(messages: list[Message]) -> list[dict[str, Any]]:
