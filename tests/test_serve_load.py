@@ -81,11 +81,11 @@ def test_32_streaming_clients_for_two_minutes_a_third_leaving(default_model_dir)
             for (prompt, _, _), res in zip(load, results):
                 if res is not None and not res.left:
                     assert res.text == solo[prompts.index(prompt)].text
-            assert percentile(latencies, 99) < 0.2
             deadline = time.monotonic() + 30
             while _kv_blocks_used(srv.url):
                 assert time.monotonic() < deadline, "KV blocks still held after the run"
                 time.sleep(0.2)
+            assert percentile(latencies, 99) < 0.2  # on an idle machine (a shared one's load shows here)
         finally:
             srv.stop()
 
