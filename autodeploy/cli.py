@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_bench import register as register_bench
     from .cli_generate import register as register_generate
+    from .cli_serve import register as register_serve
     from .model_zoo_ci.cli import register as register_zoo
 
     register_generate(sub)
+    register_serve(sub)
     register_bench(sub)
     register_zoo(sub)
     return parser

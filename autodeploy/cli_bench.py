@@ -28,7 +28,30 @@ def _workloads(args) -> list:
     return [workload.latency(int(b), args.input_len, args.output_len) for b in args.batch.split(",")]
 
 
+def cmd_bench_url(args) -> int:
+    """N concurrent streaming clients against the OpenAI-compatible server at --url (bench/serving.py)."""
+    import asyncio
+
+    from .bench.serving import ClientRequest, print_summary, run_clients, summarize, word_prompts
+
+    if args.concurrency < 1 or args.input_len < 1 or args.output_len < 1:
+        raise BenchArgumentError("--concurrency, --input-len and --output-len must be >= 1")
+    n = args.num_requests if args.num_requests is not None else 4 * args.concurrency
+    requests = [ClientRequest(p, args.output_len) for p in word_prompts(n, args.input_len, args.seed)]
+    results, wall = asyncio.run(run_clients(args.url, args.served_model_name, requests, args.concurrency,
+                                            args.api_key))
+    summary = {"url": args.url, "concurrency": args.concurrency, "input_words": args.input_len,
+               "output_len": args.output_len, **summarize(results, wall)}
+    print_summary(args.url, summary)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 1 if summary["errors"] else 0
+
+
 def cmd_bench(args) -> int:
+    if args.url:
+        return cmd_bench_url(args)
     from .bench.report import print_report
     from .bench.suite import BenchConfig, run_bench
     from .cli import _split_overrides
@@ -99,4 +122,11 @@ def register(subparsers) -> None:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="torch.profiler over STEPS decode steps per latency workload (top kernels in the JSON)")
     p.add_argument("--json", default=None, help="write all results as JSON to this path")
+    srv = p.add_argument_group("serving mode (--url): N concurrent streaming clients against any OpenAI-compatible "
+                               "server; --num-requests requests (default 4 x concurrency) of --input-len random "
+                               "words and --output-len tokens")
+    srv.add_argument("--url", default=None, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    srv.add_argument("--concurrency", type=int, default=8, help="streaming clients at once (default 8)")
+    srv.add_argument("--served-model-name", default=None, help="the model field of the requests (default: none)")
+    srv.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     p.set_defaults(func=cmd_bench)

@@ -1,4 +1,4 @@
-"""`autodeploy generate`, `autodeploy chat` and `autodeploy serve`: the runtime from the command line.
+"""`autodeploy generate` and `autodeploy chat`: the runtime from the command line (serve: cli_serve.py).
 
 `register(subparsers)` adds the commands to the main parser (autodeploy/cli.py wires it in).
 """
@@ -113,25 +113,8 @@ def cmd_chat(args) -> int:
             history.append({"role": "assistant", "content": reply.text})
 
 
-def cmd_serve(args) -> int:
-    """An OpenAI-compatible server (autodeploy/serve.py) until interrupted."""
-    try:
-        import uvicorn
-
-        from .serve import create_app
-    except ImportError as e:
-        print(f"autodeploy: error: serve needs fastapi and uvicorn ({e}); pip install fastapi uvicorn",
-              file=sys.stderr)
-        return 2
-    llm = _load(args)
-    name = args.served_model_name or llm.model.source.name
-    print(f"[autodeploy] serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(llm, name), host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
 def register(subparsers) -> None:
-    """Add `generate`, `chat` and `serve` to autodeploy's subcommands."""
+    """Add `generate` and `chat` to autodeploy's subcommands."""
     from .cli import _add_model_args
 
     p = subparsers.add_parser("generate", help="generate text for one or more prompts (batched, streamed)",
@@ -150,14 +133,3 @@ def register(subparsers) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(p, max_tokens=256)
     p.set_defaults(func=cmd_chat)
-
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
-                              description="Optimize MODEL with the recipe and serve it: GET /health, GET /v1/models, "
-                                          "POST /v1/completions and /v1/chat/completions (\"stream\": true for "
-                                          "server-sent events). Concurrent requests share the in-flight batch.")
-    _add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
-    _add_runtime_args(p)
-    p.set_defaults(func=cmd_serve)

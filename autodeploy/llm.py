@@ -4,7 +4,9 @@
 must include `insert_kv_cache`) and starts an engine on the result. Settings come in two kinds:
   - runtime settings (EngineSettings: max_batch_size, max_num_tokens, max_seq_len, seed,
     enable_prefix_caching, max_prefill_tokens_with_decodes, cuda_graph_batch_sizes,
-    cuda_graph_prefill_tokens): the recipe's `runtime` section, overridden by keywords of the same names;
+    cuda_graph_prefill_tokens): the recipe's `runtime` section, overridden by keywords of the same names,
+    or of vLLM's / TensorRT-LLM's (llm_keywords.py: max_model_len, dtype, gpu_memory_utilization,
+    enforce_eager, ...);
   - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
     or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
 `LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
@@ -17,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 from .errors import RecipeError
 from .runtime.engine import Engine
-from .runtime.settings import EngineSettings
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SamplingParams
 
@@ -35,11 +36,12 @@ Prompt = str | list[int]
 Message = dict[str, str]
 
 
-def chat_prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template, ready for the reply."""
+def chat_prompt_ids(tokenizer, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation (and the tools it may call) through the tokenizer's chat template,
+    ready for the reply."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -68,13 +70,10 @@ class LLM:
                  progress: bool = False, **kwargs):
         from .optimizer import optimize_model
 
-        runtime_keys = {f.name for f in fields(EngineSettings)}
-        unknown = [k for k in kwargs if k not in runtime_keys and "." not in k]
-        if unknown:
-            raise TypeError(f"unknown LLM arguments {unknown}: use {sorted(runtime_keys)} or dotted recipe keys")
-        overrides = list(overrides) + [f"{k}={v}" for k, v in kwargs.items() if "." in k]
-        self._start(optimize_model(model, recipe, overrides, progress=progress),
-                    {k: v for k, v in kwargs.items() if k in runtime_keys})
+        from .llm_keywords import translate
+
+        runtime, recipe_overrides = translate(kwargs)
+        self._start(optimize_model(model, recipe, list(overrides) + recipe_overrides, progress=progress), runtime)
 
     @classmethod
     def from_optimized(cls, model: OptimizedModel, **settings) -> "LLM":
@@ -99,7 +98,8 @@ class LLM:
         self.tokenizer = load_tokenizer_or_none(model.source)
         config = model.source.config.get_text_config()
         self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
-                             settings, getattr(config, "max_position_embeddings", None))
+                             settings, getattr(config, "max_position_embeddings", None),
+                             getattr(config, "vocab_size", None))
         self._queues: dict[str, deque[RequestOutput]] = {}
 
     # --- requests -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
+from .logits_processors import LogitsProcessors
 from .outputs import RequestOutput
 from .prefix_cache import PrefixCache, PrefixCacheStats
 from .sampler import Sampler
@@ -81,7 +82,7 @@ class _Launched:
 
 class Engine:
     def __init__(self, gm: GraphModule, tokenizer, eos_ids: set[int], settings: EngineSettings,
-                 model_max_len: int | None = None):
+                 model_max_len: int | None = None, vocab_size: int | None = None):
         self.executor = ModelExecutor(gm, settings.max_batch_size)
         pool = self.executor.pool
         graph_sizes = buckets_to_capture(tuple(settings.cuda_graph_batch_sizes), settings.max_batch_size,
@@ -96,8 +97,10 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens, self.prefix_cache,
                                    settings.max_prefill_tokens_with_decodes)
         self.sampler = Sampler(settings.seed)
+        self.processors = LogitsProcessors(eos_ids, tokenizer)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.vocab_size = vocab_size  # token ids past it would index out of the embedding: refused
         self.cache_tokens = num_blocks * pool.block_size
         self.max_seq_len = min(settings.max_seq_len or model_max_len or self.cache_tokens, self.cache_tokens)
         if use_graphs:
@@ -137,7 +140,12 @@ class Engine:
             return (f"prompt has {n} tokens, more than max_seq_len {self.max_seq_len} "
                     f"(the KV cache holds {self.cache_tokens} tokens: {self.blocks.num_blocks} blocks of "
                     f"{self.blocks.block_size})")
-        return None
+        if self.vocab_size is not None:
+            named = seq.prompt_ids + list(seq.params.stop_token_ids) + list(seq.params.logit_bias or ())
+            bad = [t for t in named if not 0 <= t < self.vocab_size]
+            if bad:
+                return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+        return self.processors.grammars.admit(seq)
 
     def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -162,6 +170,9 @@ class Engine:
         """Launch the next forward, then report the requests the previous one moved (they got a
         token or ended)."""
         outputs, self._pending = self._pending, []
+        if self._in_flight is not None and self.processors.grammars.active:  # their masks need the last token
+            outputs += self._collect(self._in_flight)
+            self._in_flight = None
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
         launched = self._launch(plan.chunks) if plan.chunks else None
@@ -186,7 +197,9 @@ class Engine:
         seqs = [chunks[i].seq for i in sampling]
         slots, logprobs = [], None
         if seqs:
-            tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            tokens = self.sampler.sample(self.processors.apply(logits, seqs), [s.params for s in seqs],
+                                         [s.generator for s in seqs])
+            self.processors.record(seqs, tokens)
             self.executor.remember(tokens)
             k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
             if k is not None:
@@ -230,7 +243,12 @@ class Engine:
         if is_stop_token(params, token, self.eos_ids):
             reason = "stop"
         else:
-            new = req.detokenizer.add(token)
+            try:
+                new = req.detokenizer.add(token)
+            except Exception as e:  # one request's text failing must not end the step of the others
+                seq.error = f"detokenization failed: {e}"
+                self._finish(req, "error")
+                return self._output(req, finished=True)
             req.text += new
             cut = find_stop_string(req.text, len(new), params.stop, params.include_stop_str_in_output) if new else None
             if cut is not None:
@@ -245,6 +263,7 @@ class Engine:
     def _finish(self, req: _Request, reason: str) -> None:
         del req.seq.output_ids[req.resolved:]  # tokens still in flight are dropped
         req.seq.finish_reason = reason
+        self.processors.drop(req.seq.request_id)
         self.scheduler.finish(req.seq)
         del self._requests[req.seq.request_id]
 
