@@ -154,10 +154,11 @@ def test_cli_commands_take_no_enable_prefix_caching():
     from autodeploy.bench.workload import latency, shared_prefix
     from autodeploy.cli_bench import register as register_bench
     from autodeploy.cli_generate import register
+    from autodeploy.cli_serve import register as register_serve
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    register(sub), register_bench(sub)
+    register(sub), register_bench(sub), register_serve(sub)
     for command in (["generate", "--prompt", "x"], ["chat"], ["serve"], ["bench"]):
         assert parser.parse_args(command).enable_prefix_caching is None  # the recipe decides
         assert parser.parse_args(command + ["--no-enable-prefix-caching"]).enable_prefix_caching is False
