@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import autodeploy.kernels  # noqa: F401
+from autodeploy.kernels.gated_act import ACTIVATIONS
 from autodeploy.errors import QuantizationError
 from autodeploy.kernels.quant_format import (
     FP8_MAX,
@@ -193,3 +194,84 @@ def test_quantized_linears_export_with_fake_impls():
     torch.testing.assert_close(out, net(x))
     with torch.device("meta"):
         assert net(torch.empty(3, 64)).shape == (3, 24)
+
+
+def _route(g, tokens, experts, top_k):
+    weights, ids = torch.randn(tokens, experts, generator=g).softmax(-1).topk(top_k, dim=-1)
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def _quantize_experts(w, quantize):
+    """Stack quantize(w[e]) over experts: [(t0_e...), (t1_e...)] -> tuple of stacked tensors (None kept)."""
+    parts = [quantize(we) for we in w]
+    return tuple(None if p[0] is None else torch.stack(p) for p in zip(*parts))
+
+
+MOE_SHAPES = [(1, 64, 32, 2, 1), (7, 64, 96, 4, 2), (13, 128, 64, 8, 2)]  # tokens, hidden, inter, experts, top-k
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=str)
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, 32, False), (8, -1, True), (8, 32, False)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int_moe_equals_dequantize_then_moe(shape, bits, group_size, symmetric, with_bias):
+    t, h, i, e, top_k = shape
+    g = torch.Generator().manual_seed(hash((shape, bits, group_size, symmetric)) % 2**31)
+    x = torch.randn(t, h, generator=g)
+    w1, w2 = torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    b1, b2 = (torch.randn(e, 2 * i, generator=g), torch.randn(e, h, generator=g)) if with_bias else (None, None)
+    ids, weights = _route(g, t, e, top_k)
+    q1 = _quantize_experts(w1, lambda w: quantize_int(w, bits, group_size, symmetric))
+    q2 = _quantize_experts(w2, lambda w: quantize_int(w, bits, group_size, symmetric))
+    deq1 = torch.stack([explicit_dequantize(q1[0][n], q1[1][n], None if symmetric else q1[2][n], None, bits,
+                                            group_size, h) for n in range(e)])
+    deq2 = torch.stack([explicit_dequantize(q2[0][n], q2[1][n], None if symmetric else q2[2][n], None, bits,
+                                            group_size, i) for n in range(e)])
+    want = ops.moe(x, ids, weights, deq1, deq2, "silu", b1, b2)
+    got = ops.int_moe(x, ids, weights, *q1, *q2, "silu", bits, group_size, b1, b2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES, ids=str)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fp8_moe_equals_dequantize_then_moe(shape, per_channel, activation):
+    t, h, i, e, top_k = shape
+    g = torch.Generator().manual_seed(hash((shape, per_channel, activation)) % 2**31)
+    x = torch.randn(2, t, h, generator=g)
+    w1, w2 = torch.randn(e, 2 * i, h, generator=g) / h**0.5, torch.randn(e, h, i, generator=g) / i**0.5
+    ids, weights = _route(g, 2 * t, e, top_k)
+    ids, weights = ids.reshape(2, t, top_k), weights.reshape(2, t, top_k)
+    (q1, s1), (q2, s2) = (_quantize_experts(w, lambda we: quantize_fp8(we, per_channel)) for w in (w1, w2))
+    deq1 = torch.stack([dequantize_fp8(q1[n], s1[n]) for n in range(e)])
+    deq2 = torch.stack([dequantize_fp8(q2[n], s2[n]) for n in range(e)])
+
+    def quantize_tokens(a):  # the per-token e4m3 rounding fp8_moe applies before each projection
+        s = a.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+        return (a / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+
+    want = torch.zeros_like(x)
+    act = ACTIVATIONS[activation]
+    for tok in range(2 * t):
+        for slot in range(top_k):
+            n = int(ids.reshape(-1, top_k)[tok, slot])
+            gate, up = (quantize_tokens(x.reshape(-1, h)[tok]) @ deq1[n].t()).chunk(2)
+            y = quantize_tokens(act(gate) * up) @ deq2[n].t()
+            want.reshape(-1, h)[tok] += weights.reshape(-1, top_k)[tok, slot] * y
+    got = ops.fp8_moe(x, ids, weights, q1, s1, q2, s2, activation)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    unquantized_activations = ops.moe(x, ids, weights, deq1, deq2, activation)
+    assert (got - unquantized_activations).abs().max() <= 0.1 * unquantized_activations.abs().max()
+
+
+def test_quantized_moe_fake_impls_export():
+    e, h, i = 4, 64, 32
+    q1 = _quantize_experts(torch.randn(e, 2 * i, h), lambda w: quantize_int(w, 4, 32, True))
+    q2 = _quantize_experts(torch.randn(e, h, i), lambda w: quantize_int(w, 4, 32, True))
+
+    class Net(torch.nn.Module):
+        def forward(self, x, ids, weights):
+            return ops.int_moe(x, ids, weights, *q1, *q2, "silu", 4, 32)
+
+    args = (torch.randn(3, h), torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.full((3, 2), 0.5))
+    ep = torch.export.export(Net(), args)
+    torch.testing.assert_close(ep.module()(*args), Net()(*args))
