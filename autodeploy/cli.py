@@ -112,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optimize)
 
     from .cli_bench import register as register_bench
+    from .cli_eval import register as register_eval
     from .cli_generate import register as register_generate
     from .model_zoo_ci.cli import register as register_zoo
 
     register_generate(sub)
     register_bench(sub)
+    register_eval(sub)
     register_zoo(sub)
     return parser
 
