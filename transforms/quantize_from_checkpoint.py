@@ -1,0 +1,52 @@
+"""quantize_from_checkpoint: a pre-quantized checkpoint's linears become quantized ops over its tensors.
+
+Detects the format (compressed-tensors, ModelOpt FP8, GPTQ, AWQ; autodeploy/quantization/checkpoint.py),
+swaps each linear the checkpoint stores quantized for fp8_linear / int_linear, and records how
+`load_weights` reads its stored tensors into the canonical layout: the weights are never
+dequantized to a full-precision copy. Asking for another scheme than the checkpoint's
+(`quantization.algo`) is an error rather than a silent re-quantization of already rounded weights.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from autodeploy.errors import QuantizationError
+from autodeploy.quantization.checkpoint import checkpoint_format
+from autodeploy.quantization.loading import quantized_loads
+from autodeploy.quantization.rewrite import linear_sites, swap_linear, weight_bytes
+
+from .registry import Stage, Transform, TransformContext, register
+
+
+@register
+class QuantizeFromCheckpoint(Transform):
+    name = "quantize_from_checkpoint"
+    stage = Stage.QUANTIZATION
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        fmt = checkpoint_format(ctx.source)
+        if fmt is None:
+            return {}
+        loads = quantized_loads(gm)
+        counts = {"weight_bytes_before": weight_bytes(gm)}
+        for site in list(linear_sites(gm)):
+            scheme = fmt.scheme_for(site.path)
+            if scheme is None:
+                continue
+            self._check_requested(ctx.quantization.algo, fmt.describe(scheme), scheme.name)
+            scheme.check(site.in_features)
+            params = swap_linear(site, scheme, ctx.dtype)
+            loads.add(fmt.layer_load(site.path, scheme, site.out_features, site.in_features, ctx.dtype, params))
+            kind = f"{fmt.method}_{scheme.name}_linear"
+            counts[kind] = counts.get(kind, 0) + 1
+        counts["weight_bytes_after"] = weight_bytes(gm)
+        return counts
+
+    @staticmethod
+    def _check_requested(algo: str, stored: str, scheme_name: str) -> None:
+        if algo not in ("auto", scheme_name):
+            raise QuantizationError(
+                f"the checkpoint is already quantized ({stored}); quantization '{algo}' contradicts it "
+                f"(use auto or {scheme_name})"
+            )
