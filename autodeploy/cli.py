@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import AutoDeployError
+from .quantization.cli_args import add_quantization_args, quantization_overrides
 
 DEMO_PROMPT = "What is the capital of France?"
 
@@ -21,6 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-only", action="store_true",
                    help="random weights from the model's config alone (no checkpoint needed)")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    add_quantization_args(p)
 
 
 def _split_overrides(args) -> None:
@@ -30,6 +32,7 @@ def _split_overrides(args) -> None:
         args.model = None
     if args.config_only:
         args.overrides.append("model.config_only=true")
+    args.overrides.extend(quantization_overrides(args))
 
 
 def _chat_prompt_ids(tokenizer, text: str) -> list[int]:

@@ -65,7 +65,10 @@ def _eos_ids(source, tokenizer) -> set[int]:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, recipe=None, *, overrides: Sequence[str] = (),
-                 progress: bool = False, **kwargs):
+                 progress: bool = False, quantization: str | None = None, kv_cache_dtype: str | None = None,
+                 **kwargs):
+        """`quantization`: fp8 | int8 | int4 | None (None: what the checkpoint says, else unquantized);
+        `kv_cache_dtype`: auto | fp8. Both set the recipe's `quantization:` section."""
         from .optimizer import optimize_model
 
         runtime_keys = {f.name for f in fields(EngineSettings)}
@@ -73,6 +76,10 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM arguments {unknown}: use {sorted(runtime_keys)} or dotted recipe keys")
         overrides = list(overrides) + [f"{k}={v}" for k, v in kwargs.items() if "." in k]
+        if quantization is not None:
+            overrides.append(f"quantization.algo={quantization}")
+        if kv_cache_dtype is not None:
+            overrides.append(f"quantization.kv_cache_dtype={kv_cache_dtype}")
         self._start(optimize_model(model, recipe, overrides, progress=progress),
                     {k: v for k, v in kwargs.items() if k in runtime_keys})
 
