@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .quant_format import FP8_DTYPE
 from .quant_linear import ACT_QUANT, activation_scale, quantize_activation
+from .triton_fp8 import saturate_e4m3
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
@@ -30,17 +31,6 @@ BLOCK_K = 512
 NUM_WARPS = 4
 NUM_STAGES = 4
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2}
-
-
-@triton.jit
-def _round_to_e4m3(v):
-    """v (float32 within +-448) rounded to the nearest e4m3 value, ties to even, kept in float32: what
-    .to(tl.float8e4nv) does on the GPU, for the CPU interpreter, whose fp8 conversion misrounds some
-    values (7.888 -> 4.0). Adding and subtracting 1.5 * 2**23 steps rounds to a multiple of the step."""
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    step = (((tl.maximum(exponent, -6) - 3) + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    big = step * 12582912.0
-    return (v + big) - big
 
 
 @triton.jit
@@ -76,11 +66,11 @@ def _skinny_fp8_kernel(
         k_valid = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        qx = tl.clamp(x.to(tl.float32) / sx[:, None], -448.0, 448.0)  # 448: e4m3's largest
-        if INTERPRET:  # same values in float32 (the interpreter's fp8 casts and half-precision dots are wrong)
-            acc = tl.dot(_round_to_e4m3(qx), tl.trans(w.to(tl.float32)), acc)
+        qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
+        if INTERPRET:  # float32 (the interpreter's half-precision dots are wrong): the same values
+            acc = tl.dot(qx, tl.trans(w.to(tl.float32)), acc)
         else:
-            acc = tl.dot(qx.to(tl.float8e4nv).to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+            acc = tl.dot(qx.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
     acc = acc * sx[:, None]
     if W_PER_CHANNEL:
         acc = acc * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
