@@ -41,8 +41,15 @@ def pool_of(make, bytes_each: int) -> list:
     return [make() for _ in range(-(-POOL_BYTES // bytes_each))]
 
 
+def clone(params):
+    if isinstance(params, tuple):
+        return tuple(t.clone() if t is not None else None for t in params)
+    return params.clone()
+
+
 def int4_knobs():
-    return sorted(itertools.product((16, 32, 64), (256, 512), (4,), (3, 4)))
+    """(block_n, block_k, warps, stages, splat_words) for skinny_int_linear."""
+    return sorted(itertools.product((16, 32, 64), (256, 512), (4,), (4,), (False, True)))
 
 
 def main(rows_list: list[int]) -> None:
@@ -67,8 +74,7 @@ def main(rows_list: list[int]) -> None:
             line = []
             for label, (call, params, parts) in cases.items():
                 size = nbytes(*parts)
-                pool = pool_of(lambda: tuple(t.clone() for t in params) if isinstance(params, tuple) else params.clone(),
-                               size)
+                pool = pool_of(lambda: clone(params), size)
                 us = device_us(lambda: [call(p) for p in pool], len(pool))
                 ceiling = size / bandwidth / 1e3
                 totals[label] = totals.get(label, 0.0) + us
@@ -76,18 +82,18 @@ def main(rows_list: list[int]) -> None:
                 line.append(f"{label} {us:6.1f} ({100 * ceiling / us:3.0f}%)")
             print(f"  {name:8s} {n}x{k}: " + "  ".join(line))
             if rows <= 16:
-                pool = pool_of(lambda: tuple(t.clone() for t in int4), nbytes(*int4))
+                pool = pool_of(lambda: clone(int4), nbytes(*int4))
                 best = []
-                for bn, bk, warps, stages in int4_knobs():
+                for knob in int4_knobs():
                     try:
-                        us = device_us(lambda: [skinny_int_linear(x, *p, None, None, 4, 128, bn, bk, warps, stages)
-                                                for p in pool], len(pool))
+                        us = device_us(lambda: [skinny_int_linear(x, *p, None, None, 4, 128, *knob) for p in pool],
+                                       len(pool))
                     except OutOfResources:
                         continue
-                    best.append((us, bn, bk, warps, stages))
+                    best.append((us, *knob))
                 best.sort()
-                print("    int4 knobs (us bn/bk/warps/stages): " + ", ".join(f"{b[0]:.1f} {b[1]}/{b[2]}/{b[3]}/{b[4]}"
-                                                                           for b in best[:3]))
+                print("    int4 knobs (us block_n/block_k/warps/stages/splat_words): "
+                      + ", ".join(f"{b[0]:.1f} " + "/".join(map(str, b[1:])) for b in best[:3]))
         summary = ", ".join(f"{label} {totals[label]:.1f} us ({100 * totals[label + ' ceiling'] / totals[label]:.0f}% "
                             f"of ceiling, {totals['bf16 cuBLAS'] / totals[label]:.2f}x bf16)"
                             for label in ("bf16 cuBLAS", "int4 g128", "int8 chan", "fp8 W8A8"))

@@ -29,22 +29,31 @@ BLOCK_N = 32
 BLOCK_K = 256
 NUM_WARPS = 4
 NUM_STAGES = 4
+SPLAT_WORDS = False
 DEQUANT_BLOCK = (64, 128)  # (n, k) tile of the prefill dequantize kernel
 
 
 @triton.jit
 def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
                   BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLAT_WORDS: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of the BLOCK_N weight rows at q_rows / s_rows / z_rows ([BLOCK_N, 1]
     pointers), dequantized to float32 [BLOCK_N, BLOCK_K]; columns past K come out 0.
-    GROUP: columns per scale (a power of two; 0 = per channel); GATHER: group of column k = gidx[k]."""
+    GROUP: columns per scale (a power of two; 0 = per channel); GATHER: group of column k = gidx[k].
+    SPLAT_WORDS: each column loads its own word (same-address loads, served once per warp) instead of
+    one load per word and a reshape [N, words, codes] -> [N, K] (which may cost a layout conversion):
+    a knob for the benchmark to settle on the GPU."""
     PER_WORD: tl.constexpr = 32 // BITS
-    offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-    words = tl.load(q_rows + offs_w[None, :], mask=n_valid & (offs_w < K // PER_WORD)[None, :], other=0)
-    shifts = tl.arange(0, PER_WORD) * BITS
-    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])
+    if SPLAT_WORDS:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        words = tl.load(q_rows + (offs_k // PER_WORD)[None, :], mask=n_valid & (offs_k < K)[None, :], other=0)
+        codes = (words >> ((offs_k % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+    else:
+        offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        words = tl.load(q_rows + offs_w[None, :], mask=n_valid & (offs_w < K // PER_WORD)[None, :], other=0)
+        shifts = tl.arange(0, PER_WORD) * BITS
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])
     q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     if GATHER:
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -75,7 +84,7 @@ def _skinny_int_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
+    SPLAT_WORDS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -90,7 +99,7 @@ def _skinny_int_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_tile(q_rows, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr, n_valid, k0, K, G,
-                          BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                          BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPLAT_WORDS)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -113,7 +122,7 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, G, stride_qn, st
     n_valid = (offs_n < N)[:, None]
     rows = tl.where(offs_n < N, offs_n, 0)[:, None].to(tl.int64)
     w = _dequant_tile(q_ptr + rows * stride_qn, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr,
-                      n_valid, k0, K, G, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K)
+                      n_valid, k0, K, G, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, False)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + rows * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_valid & (offs_k < K)[None, :])
@@ -140,7 +149,7 @@ def _gather_index(g_idx, group_size, k, device) -> torch.Tensor:
 
 def skinny_int_linear(x, qweight, scales, zeros=None, g_idx=None, bias=None, bits=4, group_size=128,
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-                      num_stages: int = NUM_STAGES) -> torch.Tensor:
+                      num_stages: int = NUM_STAGES, splat_words: bool = SPLAT_WORDS) -> torch.Tensor:
     """x [..., K] @ dequantize(qweight).T (+ bias), all rows of x in one tile (meant for a few).
     The knobs are for benchmarks/quant_linear_bench.py."""
     n, k = qweight.shape[0], x.shape[-1]
@@ -160,7 +169,8 @@ def skinny_int_linear(x, qweight, scales, zeros=None, g_idx=None, bias=None, bit
         x2, qweight, scales, zeros, gidx, bias if bias is not None else scales, y, rows, n, k, scales.shape[-1],
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        BLOCK_K=max(block_k, 32 // bits * 16), num_warps=num_warps, num_stages=num_stages, **meta, **launch,
+        BLOCK_K=max(block_k, 32 // bits * 16), SPLAT_WORDS=splat_words, num_warps=num_warps, num_stages=num_stages,
+        **meta, **launch,
     )
     return y.view(*x.shape[:-1], n)
 

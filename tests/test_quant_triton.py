@@ -57,7 +57,9 @@ def test_skinny_int_linear_matches_reference(shape, bits, group_size, symmetric,
 
     x, qweight, scales, zeros, bias = _int_case(shape, bits, group_size, symmetric)
     want = ops.int_linear(x, qweight, scales, zeros, None, bias, bits, group_size)
-    got = skinny_int_linear(x, qweight, scales, zeros, None, bias, bits, group_size, block_n=16, block_k=256)
+    splat = shape[0] == 3  # one shape through the other unpacking variant
+    got = skinny_int_linear(x, qweight, scales, zeros, None, bias, bits, group_size, block_n=16, block_k=256,
+                            splat_words=splat)
     _assert_close(got, want, x.dtype)
 
 
