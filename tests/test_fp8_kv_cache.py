@@ -137,3 +137,18 @@ def test_insert_kv_cache_takes_scales_from_meta(base):  # noqa: F811
         _insert_with_scales(base, [(1.0, 1.0)])
     with pytest.raises(RecipeError, match="unknown cache dtype 'int3'"):
         _insert_with_scales(base, None, dtype="int3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seqs", [MIXED, [(0, 1), (40, 1), (300, 1)]], ids=["mixed", "decode"])
+def test_triton_fp8_cache_bf16_on_gpu(seqs):
+    """The compiled paths: hardware e4m3 casts in the KV write, fp8 -> bf16 loads in both kernels."""
+    args, _ = fp8_case(seqs, n_heads=8, n_kv=2, head_dim=128, seed=5)
+    args = tuple((a.bfloat16() if a.dtype == torch.float32 else a).cuda() for a in args)
+    ref_args = tuple(a.clone() for a in args)
+    want = ops.cached_attention(*ref_args, 128**-0.5, None, None, K_SCALE, V_SCALE)
+    got = ops.cached_attention_triton(*args, 128**-0.5, None, None, K_SCALE, V_SCALE)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for cache, ref_cache in ((args[3], ref_args[3]), (args[4], ref_args[4])):
+        assert (cache.float() - ref_cache.float()).abs().max() <= 32  # at most one e4m3 step (Triton divides approximately)
