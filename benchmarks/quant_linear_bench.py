@@ -49,7 +49,7 @@ def clone(params):
 
 def int4_knobs():
     """(block_n, block_k, warps, stages, splat_words) for skinny_int_linear."""
-    return sorted(itertools.product((16, 32, 64), (256, 512), (4,), (4,), (False, True)))
+    return sorted(itertools.product((16, 32, 64), (256, 512), (4, 8), (4,), (False, True)))
 
 
 def main(rows_list: list[int]) -> None:

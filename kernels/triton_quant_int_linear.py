@@ -36,22 +36,22 @@ DEQUANT_BLOCK = (64, 128)  # (n, k) tile of the prefill dequantize kernel
 @triton.jit
 def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
                   BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLAT_WORDS: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr, SPLAT_WORDS: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of the BLOCK_N weight rows at q_rows / s_rows / z_rows ([BLOCK_N, 1]
     pointers), dequantized to float32 [BLOCK_N, BLOCK_K]; columns past K come out 0.
-    GROUP: columns per scale (a power of two; 0 = per channel); GATHER: group of column k = gidx[k].
+    GROUP: columns per scale (a power of two; 0 = per channel); GATHER: group of column k = gidx[k];
+    SPAN: columns sharing one scale inside the tile (min(GROUP, BLOCK_K), BLOCK_K per channel).
     SPLAT_WORDS: each column loads its own word (same-address loads, served once per warp) instead of
     one load per word and a reshape [N, words, codes] -> [N, K] (which may cost a layout conversion):
     a knob for the benchmark to settle on the GPU."""
-    PER_WORD: tl.constexpr = 32 // BITS
     if SPLAT_WORDS:
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        words = tl.load(q_rows + (offs_k // PER_WORD)[None, :], mask=n_valid & (offs_k < K)[None, :], other=0)
-        codes = (words >> ((offs_k % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+        words = tl.load(q_rows + (offs_k // (32 // BITS))[None, :], mask=n_valid & (offs_k < K)[None, :], other=0)
+        codes = (words >> ((offs_k % (32 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
     else:
-        offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        words = tl.load(q_rows + offs_w[None, :], mask=n_valid & (offs_w < K // PER_WORD)[None, :], other=0)
-        shifts = tl.arange(0, PER_WORD) * BITS
+        offs_w = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+        words = tl.load(q_rows + offs_w[None, :], mask=n_valid & (offs_w < K // (32 // BITS))[None, :], other=0)
+        shifts = tl.arange(0, 32 // BITS) * BITS
         codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
         codes = tl.reshape(codes, [BLOCK_N, BLOCK_K])
     q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -66,12 +66,11 @@ def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
         else:
             q -= 1 << (BITS - 1)
         return q * scale
-    SUB: tl.constexpr = BLOCK_K if GROUP == 0 or GROUP > BLOCK_K else GROUP  # columns per scale in the tile
-    first = k0 + tl.arange(0, BLOCK_K // SUB) * SUB  # first column of each scale span
+    first = k0 + tl.arange(0, BLOCK_K // SPAN) * SPAN  # first column of each scale span
     g = first // GROUP if GROUP > 0 else first * 0
     mask = n_valid & (first < K)[None, :]
     scale = tl.load(s_rows + g[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
-    q = tl.reshape(q, [BLOCK_N, BLOCK_K // SUB, SUB])
+    q = tl.reshape(q, [BLOCK_N, BLOCK_K // SPAN, SPAN])
     if HAS_ZEROS:
         q -= tl.load(z_rows + g[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
     else:
@@ -84,7 +83,7 @@ def _skinny_int_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLAT_WORDS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
+    SPAN: tl.constexpr, SPLAT_WORDS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -99,7 +98,7 @@ def _skinny_int_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _dequant_tile(q_rows, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr, n_valid, k0, K, G,
-                          BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPLAT_WORDS)
+                          BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPAN, SPLAT_WORDS)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
@@ -116,13 +115,13 @@ def _skinny_int_kernel(
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, G, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     n_valid = (offs_n < N)[:, None]
     rows = tl.where(offs_n < N, offs_n, 0)[:, None].to(tl.int64)
     w = _dequant_tile(q_ptr + rows * stride_qn, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr,
-                      n_valid, k0, K, G, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, False)
+                      n_valid, k0, K, G, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPAN, False)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + rows * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_valid & (offs_k < K)[None, :])
@@ -138,6 +137,14 @@ def _layout(qweight, scales, zeros, g_idx, bits, group_size, k) -> dict:
     power_of_two = group_size == -1 or group_size & (group_size - 1) == 0
     return dict(BITS=bits, GROUP=0 if group_size == -1 else group_size,
                 GATHER=g_idx is not None or not power_of_two, HAS_ZEROS=zeros is not None)
+
+
+def _span(meta: dict, block_k: int) -> int:
+    """Columns sharing one scale inside a K tile of `block_k` (a power of two, >= 16: tl.dot's minimum)."""
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= 16, not {block_k}")
+    group = meta["GROUP"]
+    return block_k if group == 0 or group > block_k or meta["GATHER"] else group
 
 
 def _gather_index(g_idx, group_size, k, device) -> torch.Tensor:
@@ -169,7 +176,7 @@ def skinny_int_linear(x, qweight, scales, zeros=None, g_idx=None, bias=None, bit
         x2, qweight, scales, zeros, gidx, bias if bias is not None else scales, y, rows, n, k, scales.shape[-1],
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
-        BLOCK_K=max(block_k, 32 // bits * 16), SPLAT_WORDS=splat_words, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=block_k, SPAN=_span(meta, block_k), SPLAT_WORDS=splat_words, num_warps=num_warps, num_stages=num_stages,
         **meta, **launch,
     )
     return y.view(*x.shape[:-1], n)
@@ -186,7 +193,7 @@ def dequantize_int_triton(qweight, scales, zeros, g_idx, bits, group_size, k, dt
     bn, bk = DEQUANT_BLOCK
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scales, zeros, gidx, w, n, k, scales.shape[-1], qweight.stride(0), scales.stride(0), w.stride(0),
-        BLOCK_N=bn, BLOCK_K=bk, **meta,
+        BLOCK_N=bn, BLOCK_K=bk, SPAN=_span(meta, bk), **meta,
     )
     return w
 
