@@ -25,9 +25,12 @@ from .quant_format import check_bits, groups_of
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
+# Defaults not yet measured on a GPU (benchmarks/quant_linear_bench.py sweeps them): a 32 x 512 tile
+# is 8 KB of INT4 per pipeline stage, so 4 stages keep ~32 KB in flight per program, about what one
+# SM needs to pull its share of HBM bandwidth; 8 warps keep the dequantized tile in registers.
 BLOCK_N = 32
-BLOCK_K = 256
-NUM_WARPS = 4
+BLOCK_K = 512
+NUM_WARPS = 8
 NUM_STAGES = 4
 SPLAT_WORDS = False
 DEQUANT_BLOCK = (64, 128)  # (n, k) tile of the prefill dequantize kernel
