@@ -4,7 +4,7 @@ FP8 W8A8 against bf16 cuBLAS, per row count, with the bandwidth ceiling each for
 Device time inside a CUDA graph (triton.testing.do_bench_cudagraph), each timed call walking a pool of
 distinct weight copies (> 2x L2) as the layers do. The ceiling is the format's bytes (weights + scales
 + zeros) over the copy bandwidth measured here (read + write of a 1 GiB buffer, counted once each).
-At batch 1, the best INT4 knobs of a sweep are shown under each shape (the packed tiles are 4x
+At batch 1, the best INT4 and FP8 skinny-kernel knobs of a sweep are shown under each shape (the packed tiles are 4x
 smaller than bf16's, so keeping enough bytes in flight needs wider K tiles or deeper pipelines).
 Usage: python3 benchmarks/quant_linear_bench.py [ROWS ...]   (default 1 16 64)"""
 
@@ -17,7 +17,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
-from autodeploy.kernels.triton_quant_fp8_linear import fp8_linear
+from autodeploy.kernels.triton_quant_fp8_linear import fp8_linear, skinny_fp8_linear
 from autodeploy.kernels.triton_quant_int_linear import int_linear, skinny_int_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -48,9 +48,23 @@ def clone(params):
     return params.clone()
 
 
-def int4_knobs():
-    """(block_n, block_k, warps, stages, splat_words) for skinny_int_linear."""
-    return sorted(itertools.product((16, 32), (256, 512), (4, 8), (4, 6), (False, True)))
+# knob tuples after the tensors: int4 (block_n, block_k, warps, stages, splat_words); fp8 (block_n, block_k,
+# warps, stages)
+INT4_KNOBS = sorted(itertools.product((16, 32), (256, 512), (4, 8), (4, 6), (False, True)))
+FP8_KNOBS = sorted(itertools.product((32, 64), (256, 512), (4, 8), (3, 4)))
+
+
+def sweep(label: str, run, params: tuple, knobs: list) -> None:
+    """Time run(params_copy, *knob) over a pool of weight copies for every knob; print the best three."""
+    pool = pool_of(lambda: clone(params), nbytes(*params))
+    best = []
+    for knob in knobs:
+        try:
+            best.append((device_us(lambda: [run(p, *knob) for p in pool], len(pool)), *knob))
+        except OutOfResources:
+            continue
+    best.sort()
+    print(f"    {label} best knobs (us knobs): " + ", ".join(f"{b[0]:.1f} " + "/".join(map(str, b[1:])) for b in best[:3]))
 
 
 def main(rows_list: list[int]) -> None:
@@ -83,18 +97,8 @@ def main(rows_list: list[int]) -> None:
                 line.append(f"{label} {us:6.1f} ({100 * ceiling / us:3.0f}%)")
             print(f"  {name:8s} {n}x{k}: " + "  ".join(line))
             if rows == 1:
-                pool = pool_of(lambda: clone(int4), nbytes(*int4))
-                best = []
-                for knob in int4_knobs():
-                    try:
-                        us = device_us(lambda: [skinny_int_linear(x, *p, None, None, 4, 128, *knob) for p in pool],
-                                       len(pool))
-                    except OutOfResources:
-                        continue
-                    best.append((us, *knob))
-                best.sort()
-                print("    int4 knobs (us block_n/block_k/warps/stages/splat_words): "
-                      + ", ".join(f"{b[0]:.1f} " + "/".join(map(str, b[1:])) for b in best[:3]))
+                sweep("int4", lambda p, *knob: skinny_int_linear(x, *p, None, None, 4, 128, *knob), int4, INT4_KNOBS)
+                sweep("fp8", lambda p, *knob: skinny_fp8_linear(x, *p, None, None, "token", *knob), fp8, FP8_KNOBS)
         summary = ", ".join(f"{label} {totals[label]:.1f} us ({100 * totals[label + ' ceiling'] / totals[label]:.0f}% "
                             f"of ceiling, {totals['bf16 cuBLAS'] / totals[label]:.2f}x bf16)"
                             for label in ("bf16 cuBLAS", "int4 g128", "int8 chan", "fp8 W8A8"))
