@@ -70,6 +70,13 @@ def test_unsupported_checkpoint_scheme(capsys, tmp_path, llama_dir):
                     "unsupported quantization scheme in the checkpoint: bitsandbytes checkpoints (supported: ")
 
 
+def test_optimize_skips_the_hf_check_where_hf_cannot_load(capsys, gptq_dir):
+    assert main(["optimize", str(gptq_dir), "--max-tokens", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement  : skipped, HF transformers cannot load this checkpoint here" in out
+    assert "gptq_int4_linear=7" in out and "warning" not in out  # fusion leaves quantized q/k/v alone, silently
+
+
 def test_optimize_reports_counts_and_bytes(tmp_path, llama_dir, capsys):
     report = tmp_path / "report.json"
     assert main(["optimize", str(llama_dir), "--quantization", "fp8", "--report", str(report), *QUIET]) == 0

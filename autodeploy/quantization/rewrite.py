@@ -118,6 +118,11 @@ def swap_linear(site: LinearSite, scheme: LinearScheme, scale_dtype: torch.dtype
     return {f"{site.prefix}{owner_path}.{attr}": attr for attr in nodes}
 
 
+def quantized_module_paths(gm: GraphModule) -> set[str]:
+    """HF paths of the modules whose weights a quantization transform replaced (they hold a scale)."""
+    return {hf_path(name) for name, _ in gm.named_parameters() if name.endswith(("weight_scale", ".scales"))}
+
+
 def weight_bytes(gm: GraphModule) -> int:
     """Bytes of every parameter and buffer (placeholders on meta count as their final size)."""
     seen, total = set(), 0
