@@ -33,13 +33,13 @@ def cmd_eval_ppl(args) -> int:
         result = model_perplexity(opt, ids, args.window, args.stride)
     except PerplexityInputError as e:
         raise EvalArgumentError(str(e)) from None
-    quant = getattr(opt.recipe, "quantization", None)
+    quant = opt.recipe.quantization
     report = {"model": opt.source.name, "text": str(args.text), "device": str(opt.device),
               "dtype": str(opt.ctx.dtype).removeprefix("torch."), "overrides": list(args.overrides),
-              "quantization": getattr(quant, "algo", None), "kv_cache_dtype": getattr(quant, "kv_cache_dtype", None),
+              "quantization": quant.algo, "group_size": quant.group_size, "kv_cache_dtype": quant.kv_cache_dtype,
               "build_s": opt.seconds, **result.as_dict()}
-    print(f"autodeploy eval-ppl {opt.source.name}  ({report['device']}, {report['dtype']}"
-          + (f", quantization {report['quantization']}, kv cache {report['kv_cache_dtype']}" if quant else "") + ")")
+    print(f"autodeploy eval-ppl {opt.source.name}  ({report['device']}, {report['dtype']}, quantization "
+          f"{quant.algo}, kv cache {quant.kv_cache_dtype})")
     print(f"  {args.text}: {result.tokens} tokens scored in {result.windows} windows of {result.window} "
           f"(stride {result.stride}): perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.4f} nats)")
     if args.json:
