@@ -33,12 +33,12 @@ def _quantized_linears(model) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
 
 
-def _input_amax(model, linears: dict[str, nn.Linear]) -> dict[str, float]:
-    """max |input| of each linear over a few random tokens (the calibration of static activation scales)."""
+def _input_amax(model, linears: dict[str, nn.Linear], outputs: bool = False) -> dict[str, float]:
+    """max |input| (or |output|) of each linear over a few random tokens: the calibration of static scales."""
     amax, hooks = {}, []
     for name, m in linears.items():
         hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: amax.__setitem__(
-            name, max(amax.get(name, 0.0), args[0].abs().max().item()))))
+            name, max(amax.get(name, 0.0), (out if outputs else args[0]).abs().max().item()))))
     with torch.no_grad():
         model(torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)))
     for h in hooks:
@@ -115,11 +115,13 @@ def write_compressed_tensors(path: Path, config, preset: str, group_size: int = 
 
 # ---- ModelOpt FP8 (published layout) ----
 
-def write_modelopt_fp8(path: Path, config) -> dict[str, torch.Tensor]:
-    """quant_algo FP8: per-tensor e4m3 weights, scalar weight_scale and static input_scale per linear."""
+def write_modelopt_fp8(path: Path, config, kv_cache: bool = False) -> dict[str, torch.Tensor]:
+    """quant_algo FP8: per-tensor e4m3 weights, scalar weight_scale and static input_scale per linear;
+    with `kv_cache`, kv_cache_quant_algo FP8 and calibrated k_proj.k_scale / v_proj.v_scale per layer."""
     model = _random_model(config)
     linears = _quantized_linears(model)
     amax = _input_amax(model, linears)
+    output_amax = _input_amax(model, linears, outputs=True) if kv_cache else {}
     state = _unquantized_state(model, linears)
     dequantized = {}
     for name, m in linears.items():
@@ -128,8 +130,11 @@ def write_modelopt_fp8(path: Path, config) -> dict[str, torch.Tensor]:
         state[f"{name}.weight"], state[f"{name}.weight_scale"] = q, scale.float().reshape(())
         state[f"{name}.input_scale"] = torch.tensor(amax[name] / FP8_MAX, dtype=torch.float32)
         dequantized[name] = q.float() * scale
+    for name in [n for n in linears if kv_cache and n.endswith((".k_proj", ".v_proj"))]:
+        kind = name.rpartition(".")[2][0]  # k or v
+        state[f"{name}.{kind}_scale"] = torch.tensor(output_amax[name] / FP8_MAX, dtype=torch.float32)
     _save(model, path, state, None)
-    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": ["lm_head"]}
     (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": quant}))
     return _dequantized_state(model, dequantized)
 

@@ -93,6 +93,22 @@ def test_modelopt_fp8(tmp_path):
     _compare(opt, dequantized_reference(_config(), state), 0.05)
 
 
+def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):
+    from safetensors.torch import load_file
+
+    state = write_modelopt_fp8(tmp_path, _config(), kv_cache=True)
+    stored = load_file(tmp_path / "model.safetensors")
+    expected = [stored[f"model.layers.{i}.self_attn.{kind}_proj.{kind}_scale"].item() for i in range(2) for kind in "kv"]
+    opt = optimize_model(tmp_path, overrides=["quantization.kv_cache_dtype=fp8"], progress=False)
+    assert next(r for r in opt.reports if r.name == "quantize_from_checkpoint").matched["kv_cache_scales"] == 2
+    cached = [n for n in opt.gm.graph.nodes if "cached_attention" in str(n.target)]
+    assert [scale for n in cached for scale in n.args[-2:]] == pytest.approx(expected)
+    # Logits only: the random tiny model's top logits nearly tie, and e4m3 K/V rounding flips later greedy tokens.
+    with torch.no_grad():
+        ref = dequantized_reference(_config(), state)(PROMPT).logits
+    assert (opt.logits(PROMPT) - ref).abs().max() <= 0.08 * ref.abs().max()
+
+
 @pytest.mark.parametrize("bits,act_order,symmetric", [(4, False, True), (4, True, True), (4, False, False),
                                                       (8, True, False)])
 def test_gptq(tmp_path, bits, act_order, symmetric):

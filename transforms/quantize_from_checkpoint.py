@@ -3,7 +3,8 @@
 Detects the format (compressed-tensors, ModelOpt FP8, GPTQ, AWQ; autodeploy/quantization/checkpoint.py),
 swaps each linear the checkpoint stores quantized for fp8_linear / int_linear, and records how
 `load_weights` reads its stored tensors into the canonical layout: the weights are never
-dequantized to a full-precision copy. Asking for another scheme than the checkpoint's
+dequantized to a full-precision copy. KV-cache scales the checkpoint carries go to gm.meta for
+insert_kv_cache (used when the cache is FP8). Asking for another scheme than the checkpoint's
 (`quantization.algo`) is an error rather than a silent re-quantization of already rounded weights.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from autodeploy.errors import QuantizationError
+from autodeploy.runtime.kv_cache import KV_SCALES_KEY
 from autodeploy.quantization.checkpoint import checkpoint_format
+from autodeploy.quantization.kv_scales import checkpoint_kv_scales
 from autodeploy.quantization.loading import quantized_loads
 from autodeploy.quantization.rewrite import linear_sites, swap_linear, weight_bytes
 
@@ -41,6 +44,10 @@ class QuantizeFromCheckpoint(Transform):
             kind = f"{fmt.method}_{scheme.name}_linear"
             counts[kind] = counts.get(kind, 0) + 1
         counts["weight_bytes_after"] = weight_bytes(gm)
+        kv_scales = checkpoint_kv_scales(gm, fmt.keys, ctx.source.weight_files)
+        if kv_scales is not None:
+            gm.meta[KV_SCALES_KEY] = kv_scales
+            counts["kv_cache_scales"] = len(kv_scales)
         return counts
 
     @staticmethod
