@@ -83,14 +83,23 @@ def test_compressed_tensors_weight_only_matches_explicit_dequantization(tmp_path
     _compare(opt, dequantized_reference(_config(), state), 1e-4)
 
 
+def _against_dequantized(path, state: dict, counted: str, op: str, rel_tol: float):
+    """Load a pre-quantized checkpoint, check it stays quantized, compare with the dequantized reference."""
+    opt, matched = _ours(path)
+    assert matched[counted] == 14
+    _assert_quantized(opt, matched, op)
+    _compare(opt, dequantized_reference(_config(), state), rel_tol)
+    return opt
+
+
+def _params_ending(opt, suffix: str) -> list[str]:
+    return [n for n, _ in opt.gm.named_parameters() if n.endswith(suffix)]
+
+
 def test_modelopt_fp8(tmp_path):
     state = write_modelopt_fp8(tmp_path, _config())
-    opt, matched = _ours(tmp_path)
-    assert matched["modelopt_fp8_linear"] == 14
-    _assert_quantized(opt, matched, "fp8_linear")
-    input_scales = [n for n, _ in opt.gm.named_parameters() if n.endswith("input_scale")]
-    assert len(input_scales) == 14  # the static activation scales are used, not recomputed
-    _compare(opt, dequantized_reference(_config(), state), 0.05)
+    opt = _against_dequantized(tmp_path, state, "modelopt_fp8_linear", "fp8_linear", 0.05)
+    assert len(_params_ending(opt, "input_scale")) == 14  # the static activation scales are used, not recomputed
 
 
 def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):
@@ -113,17 +122,9 @@ def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):
                                                       (8, True, False)])
 def test_gptq(tmp_path, bits, act_order, symmetric):
     state = write_gptq(tmp_path, _config(), bits=bits, act_order=act_order, symmetric=symmetric)
-    opt, matched = _ours(tmp_path)
-    assert matched[f"gptq_int{bits}_linear"] == 14
-    _assert_quantized(opt, matched, "int_linear")
-    g_idx = [n for n, _ in opt.gm.named_parameters() if n.endswith("g_idx")]
-    assert len(g_idx) == (14 if act_order else 0)
-    _compare(opt, dequantized_reference(_config(), state), 1e-4)
+    opt = _against_dequantized(tmp_path, state, f"gptq_int{bits}_linear", "int_linear", 1e-4)
+    assert len(_params_ending(opt, "g_idx")) == (14 if act_order else 0)
 
 
 def test_awq(tmp_path):
-    state = write_awq(tmp_path, _config())
-    opt, matched = _ours(tmp_path)
-    assert matched["awq_int4_linear"] == 14
-    _assert_quantized(opt, matched, "int_linear")
-    _compare(opt, dequantized_reference(_config(), state), 1e-4)
+    _against_dequantized(tmp_path, write_awq(tmp_path, _config()), "awq_int4_linear", "int_linear", 1e-4)
