@@ -23,6 +23,7 @@ from autodeploy.errors import QuantizationError
 
 from .quant_format import check_bits, groups_of
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
+from .triton_quant_gemv import gemv_int_linear, gemv_int_supported
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 # Defaults not yet measured on a GPU (benchmarks/quant_linear_bench.py sweeps them): a 32 x 512 tile
@@ -207,6 +208,8 @@ def int_linear(x, qweight, scales, zeros=None, g_idx=None, bias=None, bits=4, gr
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or rows == 0:
         return torch.ops.autodeploy.int_linear(x, qweight, scales, zeros, g_idx, bias, bits, group_size)
+    if gemv_int_supported(rows, g_idx, bits, group_size, x.shape[-1]):
+        return gemv_int_linear(x, qweight, scales, zeros, bias, bits, group_size)
     if rows <= SKINNY_ROWS:
         return skinny_int_linear(x, qweight, scales, zeros, g_idx, bias, bits, group_size)
     w = dequantize_int_triton(qweight, scales, zeros, g_idx, bits, group_size, x.shape[-1], x.dtype)
