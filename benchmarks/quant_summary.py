@@ -20,19 +20,29 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _tok_s(result: dict, runner: str, requests: int | None = None) -> float | None:
-    """Output tok/s of `runner` on the workload with `requests` requests (None: the only workload)."""
-    for w in result["workloads"]:
-        if requests is None or w["requests"] == requests:
-            m = result["results"].get(runner, {}).get(w["name"])
-            return m["output_tok_s"] if m else None
-    return None
+BATCH1, BATCH64 = 0, 1  # the latency workloads of stages 12-13, in order (--batch 1,64)
+
+
+def _tok_s(result: dict, runner: str, workload: int) -> float | None:
+    """Output tok/s of `runner` on the run's workload number `workload`."""
+    if workload >= len(result["workloads"]):
+        return None
+    m = result["results"].get(runner, {}).get(result["workloads"][workload]["name"])
+    return m["output_tok_s"] if m else None
 
 
 def _verdict(value: float | None, target: float | None) -> str:
     if target is None or value is None:
         return ""
     return "met" if value >= target else "MISSED"
+
+
+def _against(value: float | None, target: float | None, spec: str, suffix: str, scale: float = 1) -> str:
+    """`value (target verdict)`, the target part only where there is one."""
+    shown = _fmt(value and scale * value, spec, suffix)
+    if target is None:
+        return shown
+    return f"{shown} ({_fmt(scale * target, spec, suffix)} {_verdict(value, target)})"
 
 
 def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -44,15 +54,15 @@ def decode_table(out: Path) -> list[str]:
     bf16 = runs["bf16"]
     if bf16 is None and not any(runs.values()):
         return []
-    base1 = _tok_s(bf16, "autodeploy", 1) if bf16 else None
-    base64 = _tok_s(bf16, "autodeploy", 64) if bf16 else None
+    base1 = _tok_s(bf16, "autodeploy", BATCH1) if bf16 else None
+    base64 = _tok_s(bf16, "autodeploy", BATCH64) if bf16 else None
     lines = ["| scheme | GB read / token | ceiling tok/s | batch 1 tok/s | % of ceiling (target) | x our bf16 (target) "
              "| batch 64 tok/s | x our bf16 b64 (target) | kv cache tokens |",
              "| --- | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |"]
     for scheme, r in runs.items():
         if r is None:
             continue
-        b1, b64 = _tok_s(r, "autodeploy", 1), _tok_s(r, "autodeploy", 64)
+        b1, b64 = _tok_s(r, "autodeploy", BATCH1), _tok_s(r, "autodeploy", BATCH64)
         frac = b1 / r["ceiling_batch1_tok_s"] if b1 else None
         x1 = b1 / base1 if b1 and base1 else None
         x64 = b64 / base64 if b64 and base64 else None
@@ -60,16 +70,16 @@ def decode_table(out: Path) -> list[str]:
         x64_target = BATCH64_TARGETS.get(scheme)
         lines.append(
             f"| {scheme} | {r['bytes_per_token'] / 1e9:.2f} | {r['ceiling_batch1_tok_s']:.1f} | {_fmt(b1)} "
-            f"| {_fmt(frac and 100 * frac, '.1f', ' %')} ({_fmt(frac_target and 100 * frac_target, '.0f', ' %')} "
-            f"{_verdict(frac, frac_target)}) | {_fmt(x1, '.2f', 'x')} ({_fmt(x1_target, '.1f', 'x')} "
-            f"{_verdict(x1, x1_target)}) | {_fmt(b64)} | {_fmt(x64, '.2f', 'x')} ({_fmt(x64_target, '.1f', 'x')} "
-            f"{_verdict(x64, x64_target)}) | {r['kv_cache']['tokens']:,} |")
-    if bf16:
-        for peer in ("hf", "hf-compile"):
-            p1, p64 = _tok_s(bf16, peer, 1), _tok_s(bf16, peer, 64)
+            f"| {_against(frac, frac_target, '.1f', ' %', 100)} | {_against(x1, x1_target, '.2f', 'x')} "
+            f"| {_fmt(b64)} | {_against(x64, x64_target, '.2f', 'x')} | {r['kv_cache']['tokens']:,} |")
+    compiled = _load(out / "quant_hf_compile.json")
+    for peer, r in (("hf", bf16), ("hf-compile", compiled)):
+        if r is not None:
+            p1, p64 = _tok_s(r, peer, BATCH1), _tok_s(r, peer, BATCH64)
             if p1 or p64:
                 lines.append(f"| {peer} (bf16 peer) | | | {_fmt(p1)} | | | {_fmt(p64)} | | |")
-        hf64 = _tok_s(bf16, "hf", 64)
+    if bf16:
+        hf64 = _tok_s(bf16, "hf", BATCH64)
         if hf64 and base64:
             lines.append(f"\nour bf16 batch 64 / HF eager batch 64: {base64 / hf64:.2f}x (target 3x "
                          f"{_verdict(base64 / hf64, 3.0)})")
@@ -98,11 +108,11 @@ def perplexity_table(out: Path) -> list[str]:
 def kv_table(out: Path) -> list[str]:
     lines = ["| workload | kv cache | tokens it holds | output tok/s | tok/s/seq | ITL p50 / p99 ms |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
-    for name in ("kv_bf16_b64", "kv_fp8_b64", "kv_fp8_long", "kv_bf16_throughput", "kv_fp8_throughput"):
+    for name in ("quant_bf16", "kv_fp8_b64", "kv_fp8_long", "kv_bf16_throughput", "kv_fp8_throughput"):
         r = _load(out / f"{name}.json")
         if r is None:
             continue
-        (w,) = r["workloads"]
+        w = r["workloads"][-1]  # quant_bf16 (the bf16-cache batch 64): its second workload
         m = r["results"]["autodeploy"][w["name"]]
         kv = r["kv_cache"]
         lines.append(f"| {w['name']} | {kv['dtype']} | {kv['tokens']:,} | {m['output_tok_s']:,.1f} | "

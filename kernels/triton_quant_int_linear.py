@@ -38,7 +38,7 @@ DEQUANT_BLOCK = (64, 128)  # (n, k) tile of the prefill dequantize kernel
 
 
 @triton.jit
-def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
+def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K,
                   BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr, SPLAT_WORDS: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of the BLOCK_N weight rows at q_rows / s_rows / z_rows ([BLOCK_N, 1]
@@ -71,7 +71,10 @@ def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
             q -= 1 << (BITS - 1)
         return q * scale
     first = k0 + tl.arange(0, BLOCK_K // SPAN) * SPAN  # first column of each scale span
-    g = first // GROUP if GROUP > 0 else first * 0
+    if GROUP > 0:
+        g = first // GROUP
+    else:
+        g = first * 0
     mask = n_valid & (first < K)[None, :]
     scale = tl.load(s_rows + g[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
     q = tl.reshape(q, [BLOCK_N, BLOCK_K // SPAN, SPAN])
@@ -84,7 +87,7 @@ def _dequant_tile(q_rows, s_rows, z_rows, gidx_ptr, n_valid, k0, K, G,
 
 @triton.jit
 def _skinny_int_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_qn, stride_sn, stride_ym,
+    x_ptr, q_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPAN: tl.constexpr, SPLAT_WORDS: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
@@ -101,7 +104,7 @@ def _skinny_int_kernel(
     wait_for_inputs(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = _dequant_tile(q_rows, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr, n_valid, k0, K, G,
+        w = _dequant_tile(q_rows, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr, n_valid, k0, K,
                           BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPAN, SPLAT_WORDS)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -117,7 +120,7 @@ def _skinny_int_kernel(
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, G, stride_qn, stride_sn, stride_wn,
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, GATHER: tl.constexpr, HAS_ZEROS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPAN: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,7 +128,7 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, gidx_ptr, w_ptr, N, K, G, stride_qn, st
     n_valid = (offs_n < N)[:, None]
     rows = tl.where(offs_n < N, offs_n, 0)[:, None].to(tl.int64)
     w = _dequant_tile(q_ptr + rows * stride_qn, s_ptr + rows * stride_sn, z_ptr + rows * stride_sn, gidx_ptr,
-                      n_valid, k0, K, G, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPAN, False)
+                      n_valid, k0, K, BITS, GROUP, GATHER, HAS_ZEROS, BLOCK_N, BLOCK_K, SPAN, False)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + rows * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=n_valid & (offs_k < K)[None, :])
@@ -177,7 +180,7 @@ def skinny_int_linear(x, qweight, scales, zeros=None, g_idx=None, bias=None, bit
     prefetch = min(triton.next_power_of_2(PREFETCH_K * bits // 16), triton.next_power_of_2(words))
     launch["PREFETCH_WORDS"] = prefetch if launch["USE_PDL"] and prefetch >= 32 else 0
     _skinny_int_kernel[(triton.cdiv(n, block_n),)](
-        x2, qweight, scales, zeros, gidx, bias if bias is not None else scales, y, rows, n, k, scales.shape[-1],
+        x2, qweight, scales, zeros, gidx, bias if bias is not None else scales, y, rows, n, k,
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
         BLOCK_K=block_k, SPAN=_span(meta, block_k), SPLAT_WORDS=splat_words, num_warps=num_warps, num_stages=num_stages,
@@ -196,7 +199,7 @@ def dequantize_int_triton(qweight, scales, zeros, g_idx, bits, group_size, k, dt
     w = torch.empty(n, k, dtype=dtype, device=qweight.device)
     bn, bk = DEQUANT_BLOCK
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        qweight, scales, zeros, gidx, w, n, k, scales.shape[-1], qweight.stride(0), scales.stride(0), w.stride(0),
+        qweight, scales, zeros, gidx, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0),
         BLOCK_N=bn, BLOCK_K=bk, SPAN=_span(meta, bk), **meta,
     )
     return w

@@ -37,6 +37,13 @@ def test_every_command_takes_the_flags(command):
     assert (args.quantization, args.kv_cache_dtype) == ("int4", "fp8")
 
 
+def test_kv_cache_dtype_reaches_insert_kv_cache():
+    from autodeploy.recipe import load_recipe
+
+    assert load_recipe(None, ["quantization.kv_cache_dtype=fp8"]).transforms["insert_kv_cache"].dtype == "fp8"
+    assert load_recipe(None, []).transforms["insert_kv_cache"].dtype == "auto"
+
+
 def _one_line_error(capsys, argv, expected: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

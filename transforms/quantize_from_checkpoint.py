@@ -10,6 +10,7 @@ insert_kv_cache (used when the cache is FP8). Asking for another scheme than the
 
 from __future__ import annotations
 
+from torch import nn
 from torch.fx import GraphModule
 
 from autodeploy.errors import QuantizationError
@@ -48,6 +49,17 @@ class QuantizeFromCheckpoint(Transform):
         if kv_scales is not None:
             gm.meta[KV_SCALES_KEY] = kv_scales
             counts["kv_cache_scales"] = len(kv_scales)
+        return counts
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        """Every nn.Linear the checkpoint stores quantized."""
+        fmt = checkpoint_format(ctx.source)
+        counts: dict[str, int] = {}
+        for path, module in ctx.meta_model.named_modules() if fmt is not None else ():
+            scheme = fmt.scheme_for(path) if isinstance(module, nn.Linear) else None
+            if scheme is not None:
+                kind = f"{fmt.method}_{scheme.name}_linear"
+                counts[kind] = counts.get(kind, 0) + 1
         return counts
 
     @staticmethod

@@ -21,7 +21,7 @@ from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
 from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
                                              swap_moe, weight_bytes)
-from autodeploy.quantization.schemes import online_scheme
+from autodeploy.quantization.schemes import LinearScheme, online_scheme
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -44,11 +44,18 @@ class QuantizeLinear(Transform):
         if not settings.online or checkpoint_format(ctx.source) is not None:
             return {}
         scheme = online_scheme(settings)
-        loads = quantized_loads(gm)
         counts = {f"{scheme.name}_linear": 0, f"{scheme.name}_experts": 0, "excluded": 0,
                   "weight_bytes_before": weight_bytes(gm)}
+        self._linears(gm, ctx, scheme, counts)
+        self._experts(gm, ctx, scheme, counts)
+        counts["weight_bytes_after"] = weight_bytes(gm)
+        return counts
+
+    @staticmethod
+    def _linears(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+        loads = quantized_loads(gm)
         for site in list(linear_sites(gm)):
-            if settings.excluded(site.path):
+            if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
                 continue
             scheme.check(site.in_features)
@@ -57,20 +64,21 @@ class QuantizeLinear(Transform):
             shape = (site.out_features, site.in_features)
             loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype), params))
             counts[f"{scheme.name}_linear"] += 1
+
+    @staticmethod
+    def _experts(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+        loads = quantized_loads(gm)
         for prefix, module, node in list(moe_nodes(gm)):
-            if settings.excluded(hf_path(node.args[3].target)):
+            w_gate_up, w_down = node.args[3], node.args[4]
+            if ctx.quantization.excluded(hf_path(w_gate_up.target)):
                 counts["excluded"] += 1
                 continue
-            for arg in (node.args[3], node.args[4]):
-                scheme.check(arg.meta["val"].shape[-1])
-            experts = node.args[3].meta["val"].shape[0]
+            for weight in (w_gate_up, w_down):
+                scheme.check(weight.meta["val"].shape[-1])
+            counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]
             for weight_name, (shape, params) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
                 key = weight_name.removeprefix(WRAPPER_PREFIX)
-                build = partial(_build_experts, scheme, key, ctx.dtype)
-                loads.add(LayerLoad({key: shape}, build, params))
-            counts[f"{scheme.name}_experts"] += experts
-        counts["weight_bytes_after"] = weight_bytes(gm)
-        return counts
+                loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype), params))
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         """Every nn.Linear not excluded (tied or transposed weights are kept and show up as a shortfall)."""

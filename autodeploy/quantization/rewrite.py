@@ -76,9 +76,11 @@ def _graphs(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
 
 
 def moe_nodes(gm: GraphModule) -> Iterator[tuple[str, GraphModule, Node]]:
+    """Every autodeploy::moe whose expert weights are plain, untied [E, out, in] parameters."""
+    names = _single_name_params(gm)
     for prefix, module in _graphs(gm):
         for node in list(module.graph.nodes):
-            if is_op(node, MOE):
+            if is_op(node, MOE) and all(_plain_param(module, node.args[i], names) is not None for i in (3, 4)):
                 yield prefix, module, node
 
 
