@@ -27,8 +27,9 @@ from .triton_fp8 import saturate_e4m3
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 GEMV_ROWS = 4  # more rows: the tl.dot kernels
-INT_BLOCK_N, INT_BLOCK_W, INT_WARPS, INT_STAGES = 8, 64, 4, 3
-FP8_BLOCK_N, FP8_BLOCK_K, FP8_WARPS, FP8_STAGES = 8, 256, 4, 3
+# From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): the best over the o / gate_up / down shapes.
+INT_BLOCK_N, INT_BLOCK_W, INT_WARPS, INT_STAGES = 8, 256, 4, 3
+FP8_BLOCK_N, FP8_BLOCK_K, FP8_WARPS, FP8_STAGES = 16, 1024, 4, 3
 PREFETCH_BYTES = 2048  # per weight row, asked of L2 before the PDL wait
 
 
