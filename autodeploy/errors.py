@@ -21,3 +21,7 @@ class RecipeError(AutoDeployError, ValueError):
 
 class WeightLoadingError(AutoDeployError):
     pass
+
+
+class QuantizationError(AutoDeployError, ValueError):
+    """A quantization scheme or layout that cannot be honoured (also a ValueError, for API callers)."""

@@ -68,6 +68,9 @@ def _eos_ids(source, tokenizer) -> set[int]:
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, recipe=None, *, overrides: Sequence[str] = (),
                  progress: bool = False, **kwargs):
+        """Keywords: runtime settings, vLLM / TensorRT-LLM names (llm_keywords.py; e.g.
+        `quantization`: fp8 | int8 | int4 | None = what the checkpoint says, else unquantized;
+        `kv_cache_dtype`: auto | fp8), or dotted recipe keys."""
         from .optimizer import optimize_model
 
         from .llm_keywords import translate

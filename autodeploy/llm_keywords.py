@@ -35,6 +35,9 @@ RECIPE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {  # keyword -> (reci
     "gpu_memory_utilization": ("transforms.insert_kv_cache.free_memory_fraction", float),
     "kv_cache_free_gpu_memory_fraction": ("transforms.insert_kv_cache.free_memory_fraction", float),  # TRT-LLM
     "block_size": ("transforms.insert_kv_cache.block_size", int),
+    # None: what the checkpoint says, else unquantized (the recipe's `auto`)
+    "quantization": ("quantization.algo", lambda v: "auto" if v is None else str(v)),
+    "kv_cache_dtype": ("quantization.kv_cache_dtype", lambda v: "auto" if v is None else str(v)),
 }
 
 

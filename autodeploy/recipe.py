@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
+from .quantization.settings import QuantizationSettings
 from .runtime.settings import EngineSettings
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
@@ -37,10 +38,12 @@ class Recipe:
     export: ExportSettings = field(default_factory=ExportSettings)
     transforms: dict = field(default_factory=dict)  # name -> config object, in recipe order
     runtime: EngineSettings = field(default_factory=EngineSettings)  # what LLM(...) / the engine start with
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # quantize_* transforms
 
 
-_SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings}
-_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime"]
+_SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings,
+             "quantization": QuantizationSettings}
+_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime", "quantization"]
 
 
 def _recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:
@@ -116,7 +119,18 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple =
     for name in sorted(names, key=lambda n: TRANSFORMS[n].stage):
         cls = TRANSFORMS[name]
         result.transforms[name] = _typed(f"transforms.{name}", cls.config_cls, raw.transforms[name])
+    _wire_kv_cache_dtype(result)
     return result
+
+
+def _wire_kv_cache_dtype(recipe: Recipe) -> None:
+    """`quantization.kv_cache_dtype: fp8` is the cache's dtype, which insert_kv_cache creates."""
+    if recipe.quantization.kv_cache_dtype == "auto":
+        return
+    cache = recipe.transforms.get("insert_kv_cache")
+    if cache is None or not hasattr(cache, "dtype"):
+        raise RecipeError("quantization.kv_cache_dtype needs the insert_kv_cache transform with a dtype setting")
+    cache.dtype = recipe.quantization.kv_cache_dtype
 
 
 def _is_known(name: str) -> bool:

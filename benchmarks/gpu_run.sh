@@ -9,10 +9,39 @@
 #         7 = decode attention kernel timings and knob sweep, 8 = skinny linear kernel vs cuBLAS sweep,
 #         9 = batch 1 with cuBLAS for every linear (the skinny kernel off),
 #         11 = batch 1 with programmatic dependent launch off, then on (AUTODEPLOY_PDL A/B). Default: 1 2 3.
+# Issue 14 (quantization; BENCHMARKS.md "Quantized stages" says how to group them into two device calls):
+#         12 = bf16 batch 1 and 64 with the HF eager peer, then the HF static cache + compile peer alone,
+#         13 = the same workloads quantized online: fp8 (W8A8), int8 and int4 (group 128) weight-only,
+#         14 = SmolLM2 (real weights, $SMOL) perplexity of the fixed text: bf16, fp8, int4, bf16 + fp8 KV cache,
+#         15 = SmolLM2 greedy agreement with HF eager, bf16 (benchmarks/gpu_correctness.py),
+#         16 = fp8 KV cache: batch 64, then batch 1 after a 4096-token prompt (bf16-cache batch 64: stage 12),
+#         17 = 512-request offline throughput, fp8 KV cache, then bf16 cache,
+#         18 = LLM(...) startup, bf16 then fp8,  19 = summary tables of 12-18 (benchmarks/quant_summary.py),
+#         20 = quantized linear kernels vs bf16 cuBLAS per 8B shape (benchmarks/quant_linear_bench.py; GPU only).
+# BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
+# so a device call never overruns; order STAGES by priority.
+# TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
 set -o pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=benchmarks/llama-3.1-8b
+# Shapes of stages 12-18 (issue 14: prompt 128, 128 new tokens, batches 1 and 64, a 4096-token prompt, 512 requests).
+IN=128 NEW=128 BATCHES=1,64 B64=64 LONG=4096 NREQ=512 REQ_IN=64,1024 REQ_OUT=64,512 REPEATS=2 PPL_WINDOW=2048 PPL_DTYPE=bfloat16 SMOL_LIMIT=90
+TEXT=tests/data/shakespeare_coriolanus.txt SMOL=${SMOL:-}  # SMOL empty: the embedded default model (SmolLM2)
+if [ "${TINY:-0}" = 1 ]; then
+  CFG=benchmarks/tiny-llama IN=16 NEW=8 BATCHES=1,4 B64=4 LONG=256 NREQ=6 REQ_IN=8,64 REQ_OUT=4,16 REPEATS=1 PPL_WINDOW=128 PPL_DTYPE=float32 SMOL_LIMIT=600
+  TEXT=$OUT/short_text.txt; head -c 1500 tests/data/shakespeare_coriolanus.txt > "$TEXT"
+fi
+Q_FP8="quantization.algo=fp8" Q_INT8="quantization.algo=int8 quantization.group_size=-1"
+Q_INT4="quantization.algo=int4 quantization.group_size=128" KV_FP8="quantization.kv_cache_dtype=fp8"
+limit() {  # limit SECONDS: that many, or what is left of $BUDGET if less
+  local left=$(( ${BUDGET:-0} > 0 ? BUDGET - SECONDS : $1 ))
+  echo $(( left < $1 ? (left > 1 ? left : 1) : $1 ))
+}
+bench() {  # bench NAME SECONDS ARGS...: `autodeploy bench` of the 8B shape (random weights), log + JSON in $OUT
+  local name=$1 seconds=$2; shift 2
+  timeout "$(limit "$seconds")" autodeploy bench $CFG --config-only --json "$OUT/$name.json" "$@" 2>&1 | grep -v USDT | tee "$OUT/$name.log"
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 for stage in ${STAGES:-1 2 3}; do case $stage in
 1) timeout 200 autodeploy bench $CFG --config-only --batch 1,64 --input-len 128 --output-len 128 \
@@ -37,4 +66,32 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
      --json "$OUT/bench_8b_throughput_hf.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_throughput_hf.log" ;;
 11) for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 150 autodeploy bench $CFG --config-only --batch 1 --input-len 128 \
      --output-len 128 --repeats 2 --json "$OUT/bench_8b_pdl$pdl.json" 2>&1 | grep -v USDT | tee "$OUT/bench_8b_pdl$pdl.log"; done ;;
+12) bench quant_bf16 140 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS --baseline hf
+    bench quant_hf_compile 130 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS \
+      --baseline hf-compile --peers-only ;;
+13) bench quant_fp8 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_FP8
+    bench quant_int8 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_INT8
+    bench quant_int4 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_INT4 ;;
+14) for q in "none" "$Q_FP8" "$Q_INT4" "$KV_FP8"; do
+      name=$(echo "$q" | sed 's/quantization\.//g; s/ .*//; s/[.=]/_/g')
+      [ "$q" = none ] && q="quantization.algo=none"
+      timeout "$(limit $SMOL_LIMIT)" autodeploy eval-ppl $SMOL --text $TEXT --window $PPL_WINDOW \
+        model.dtype=$PPL_DTYPE $q --json "$OUT/ppl_$name.json" 2>&1 | tee "$OUT/ppl_$name.log"
+    done ;;
+15) timeout "$(limit $((SMOL_LIMIT + 30)))" python3 benchmarks/gpu_correctness.py $SMOL \
+      --json "$OUT/correctness_smollm2.json" \
+      $([ "${TINY:-0}" = 1 ] && echo --prompts 2 --new-tokens 4 --device cpu --dtype float32) 2>&1 \
+      | tee "$OUT/correctness_smollm2.log" ;;
+16) bench kv_fp8_b64 80 --batch $B64 --input-len $IN --output-len $NEW --repeats $REPEATS $KV_FP8
+    bench kv_fp8_long 90 --batch 1 --input-len $LONG --output-len $NEW --repeats $REPEATS $KV_FP8 ;;
+17) bench kv_fp8_throughput 110 --num-requests $NREQ --input-len-range $REQ_IN --output-len-range $REQ_OUT \
+      --warmup 0 --repeats 1 $KV_FP8
+    bench kv_bf16_throughput 110 --num-requests $NREQ --input-len-range $REQ_IN --output-len-range $REQ_OUT \
+      --warmup 0 --repeats 1 ;;
+18) for q in "" "$Q_FP8"; do name=startup_${q:+fp8}; name=${name%_}
+      TRITON_CACHE_DIR=$(mktemp -d) timeout "$(limit 80)" python3 benchmarks/llm_startup.py $CFG $q 2>&1 \
+        | tee "$OUT/$name.log"
+    done ;;
+19) python3 benchmarks/quant_summary.py "$OUT" | tee "$OUT/quant_summary.md" ;;
+20) timeout "$(limit 240)" python3 benchmarks/quant_linear_bench.py 2>&1 | tee "$OUT/quant_linear.log" ;;
 esac; done

@@ -14,4 +14,6 @@ if __name__ == "autodeploy.kernels":
     from . import moe  # noqa: E402,F401  (routed experts of MoE blocks)
     from . import cached_attention  # noqa: E402,F401  (paged attention over packed batches)
     from . import fused_add_rms_norm  # noqa: E402,F401  (residual add + RMSNorm, made by fuse_add_rms_norm)
+    from . import quant_linear  # noqa: E402,F401  (fp8_linear, int_linear: formats in quant_format.py)
+    from . import quant_moe  # noqa: E402,F401  (fp8_moe, int_moe: moe with quantized experts)
     from . import triton_backends  # noqa: E402,F401  (<op>_triton backends, chosen by select_backends)

@@ -17,6 +17,11 @@ Query token i of sequence b (local index j) sits at context position seq_lens[b]
 sees keys at positions <= that one (and, with a sliding window W, > that one - W, as in HF).
 Output: [1, n_heads, T, d], like the canonical `attention` op it replaces.
 
+FP8 KV cache: a float8_e4m3fn cache stores k / k_scale and v / v_scale, saturated to +-448, and is
+read as cache * scale (the scales are per layer, floats: the checkpoint's when it has them, else 1.0,
+vLLM's default: bf16 keys and values of usual models lie well inside e4m3's range). Half the bytes of
+bf16, so the pool holds twice the tokens. Any other cache dtype ignores the scales.
+
 `cached_attention` is the plain-torch reference (ground truth, CPU); `cached_attention_triton`
 has the same signature and semantics and is selected by the transform's `backend` setting.
 """
@@ -26,13 +31,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .quant_format import FP8_DTYPE, FP8_MAX
+
 _MUTATES = ("k_cache", "v_cache")
 
 
-def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def to_cache(new: Tensor, cache: Tensor, scale: float) -> Tensor:
+    """Values as the cache stores them: divided by the scale and saturated for an fp8 cache, else cast."""
+    if cache.dtype == FP8_DTYPE:
+        return (new.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return new.to(cache.dtype)
+
+
+def from_cache(cached: Tensor, scale: float) -> Tensor:
+    """Cached values in float32: times the scale for an fp8 cache."""
+    return cached.float() * scale if cached.dtype == FP8_DTYPE else cached.float()
+
+
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Scatter this step's keys/values ([1, n_kv, T, d]) into their cache slots."""
-    for new, cache in ((k, k_cache), (v, v_cache)):
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new[0].transpose(0, 1).to(cache.dtype))
+    for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        values = to_cache(new[0].transpose(0, 1), cache, scale)
+        if cache.dtype == FP8_DTYPE:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
+            cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, values)
 
 
 def allowed_keys(q_pos: Tensor, num_keys: int, sliding_window: int | None) -> Tensor:
@@ -61,18 +84,19 @@ def cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> Tensor:
     """Reference: write the cache, then per sequence gather its context and attend in float32."""
     _check(q, k, k_cache)
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     n_heads, n_kv, block_size = q.shape[1], k.shape[1], k_cache.shape[1]
     out = _output_like(q, v)
     starts, lens = cu_seqlens.tolist(), seq_lens.tolist()
     for b, ctx in enumerate(lens):
         start, end = starts[b], starts[b + 1]
         blocks = block_tables[b, : -(-ctx // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).float()  # [n_kv, ctx, d]
-        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).float()
+        keys = from_cache(k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1), k_scale)  # [n_kv, ctx, d]
+        values = from_cache(v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1), v_scale)
         keys = keys.repeat_interleave(n_heads // n_kv, dim=0)
         values = values.repeat_interleave(n_heads // n_kv, dim=0)
         scores = q[0, :, start:end].float() @ keys.transpose(1, 2) * scale  # [n_heads, q_len, ctx]
@@ -89,6 +113,7 @@ def cached_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> Tensor:
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
@@ -96,17 +121,19 @@ def cached_attention_triton(
     from .triton_decode_attention import decode_attention, write_kv_cache as triton_write_kv_cache
 
     _check(q, k, k_cache)
-    triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if q.shape[2] == seq_lens.shape[0]:
         # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
         # T == B decides it from shapes alone - fixed when a CUDA graph is captured.
-        return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap)
-    return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap)
+        return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
+                                k_scale=k_scale, v_scale=v_scale)
+    return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
+                           k_scale, v_scale)
 
 
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
           block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
-          logit_cap: float | None = None) -> Tensor:
+          logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
     return _output_like(q, v)
 
 

@@ -20,6 +20,8 @@ Shared experts are not part of the op: they stay ordinary MLPs in the graph.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .gated_act import ACTIVATIONS
@@ -42,21 +44,42 @@ def moe(
     b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: per expert, gather its tokens, run the gated MLP, scatter-add the weighted result."""
-    act = ACTIVATIONS[activation]
+
+    def expert_mlp(expert: int, h: torch.Tensor) -> torch.Tensor:
+        def gate_up(h: torch.Tensor) -> torch.Tensor:
+            y = h.to(w_gate_up.dtype) @ w_gate_up[expert].t()
+            return y + b_gate_up[expert] if b_gate_up is not None else y
+
+        def down(h: torch.Tensor) -> torch.Tensor:
+            y = h @ w_down[expert].t()
+            return y + b_down[expert] if b_down is not None else y
+
+        return gated_mlp(h, gate_up, down, activation)
+
+    return route_to_experts(x, topk_ids, topk_weights, expert_mlp)
+
+
+def gated_mlp(h: torch.Tensor, gate_up: Callable, down: Callable, activation: str) -> torch.Tensor:
+    """down(act(gate) * up) with [gate; up] = gate_up(h): one expert, whatever its weights' format."""
+    gate, up = gate_up(h).chunk(2, dim=-1)
+    return down(ACTIVATIONS[activation](gate) * up)
+
+
+def route_to_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The routing half of every MoE reference (plain and quantized experts): per used expert, gather
+    its tokens, `expert_mlp(expert, tokens)`, scatter-add the result weighted, in float32; x's dtype out."""
     tokens = x.reshape(-1, x.shape[-1])
     ids = topk_ids.reshape(tokens.shape[0], -1)
     weights = topk_weights.reshape(tokens.shape[0], -1).float()
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
     for expert in ids.unique().tolist():
         token_idx, slot = torch.where(ids == expert)
-        h = tokens[token_idx].to(w_gate_up.dtype)
-        gate_up = h @ w_gate_up[expert].t()
-        if b_gate_up is not None:
-            gate_up = gate_up + b_gate_up[expert]
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = (act(gate) * up) @ w_down[expert].t()
-        if b_down is not None:
-            y = y + b_down[expert]
+        y = expert_mlp(expert, tokens[token_idx])
         out.index_add_(0, token_idx, y.float() * weights[token_idx, slot, None])
     return out.to(x.dtype).reshape(x.shape)
 

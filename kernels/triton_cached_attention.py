@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_format import FP8_DTYPE
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_M = 16
@@ -25,11 +26,11 @@ def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    num_seqs, page_size, scale, sliding_window, logit_cap,
+    num_seqs, page_size, scale, sliding_window, logit_cap, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     pid = tl.program_id(0)
@@ -72,6 +73,8 @@ def _paged_attention_kernel(
                 + offs_dv[None, :] * stride_vd
             k = tl.load(k_cache_ptr + k_offs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs, mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+            if FP8:  # multiply in q's dtype; the scales are folded into `scale` and the output
+                k, v = k.to(q.dtype), v.to(q.dtype)
 
             s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale
             if HAS_CAP:
@@ -89,6 +92,8 @@ def _paged_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
+        if FP8:
+            acc = acc * v_scale
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_ptrs = out_ptr + head * stride_oh + (q_start + offs_m)[:, None] * stride_ot + offs_dv[None, :] * stride_od
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dv_valid[None, :])
@@ -97,9 +102,10 @@ def _paged_attention_kernel(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-    sliding_window: int | None = None, logit_cap: float | None = None,
+    sliding_window: int | None = None, logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Attention of q [1, n_heads, T, d] over the paged cache (already holding this step's k/v)."""
+    """Attention of q [1, n_heads, T, d] over the paged cache (already holding this step's k/v; an fp8
+    cache's scales as in kernels/cached_attention.py)."""
     _, n_heads, num_tokens, head_dim = q.shape
     n_kv = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -108,15 +114,16 @@ def paged_attention(
     if num_tokens == 0:
         return out
     grid = (num_tokens // BLOCK_M + num_seqs, n_heads)
+    fp8 = k_cache.dtype == FP8_DTYPE
     _paged_attention_kernel[grid](
         q, out, k_cache, v_cache, cu_seqlens, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        num_seqs, k_cache.shape[1], scale, sliding_window or 0, logit_cap or 0.0,
+        num_seqs, k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0, v_scale,
         GROUP=n_heads // n_kv, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_B=triton.next_power_of_2(num_seqs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **pdl_launch(q.device),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, **pdl_launch(q.device),
     )
     return out

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_format import FP8_DTYPE
+from .triton_fp8 import saturate_e4m3
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_N = 32  # with 4 warps, best or within 10 % of it in BENCHMARKS.md's sweep (batch 1 and 64)
@@ -36,9 +38,9 @@ def _kv_write_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    page_size, n_kv,
+    page_size, n_kv, k_scale, v_scale,
     K_DIM: tl.constexpr, BLOCK_K: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_H: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     t = tl.program_id(0)
@@ -56,13 +58,17 @@ def _kv_write_kernel(
     k_dst = k_cache_ptr + block * stride_cb + offset * stride_cs + heads[:, None] * stride_ch + offs_k[None, :] * stride_cd
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch \
         + offs_v[None, :] * stride_vcd
+    if FP8:  # stored as value / scale, saturated (kernels/cached_attention.py)
+        k = saturate_e4m3(k.to(tl.float32) / k_scale, INTERPRET)
+        v = saturate_e4m3(v.to(tl.float32) / v_scale, INTERPRET)
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys/values ([1, n_kv, T, d], any strides) into their cache slots."""
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Store this step's keys/values ([1, n_kv, T, d], any strides) into their cache slots (an fp8
+    cache: divided by the scales and saturated)."""
     num_tokens, n_kv = k.shape[2], k.shape[1]
     if num_tokens == 0:
         return
@@ -70,9 +76,10 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     _kv_write_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
-        *k_cache.stride(), *v_cache.stride(), k_cache.shape[1], n_kv,
+        *k_cache.stride(), *v_cache.stride(), k_cache.shape[1], n_kv, k_scale, v_scale,
         K_DIM=k_dim, BLOCK_K=triton.next_power_of_2(k_dim), V_DIM=v_dim, BLOCK_V=triton.next_power_of_2(v_dim),
-        BLOCK_H=triton.next_power_of_2(n_kv), **pdl_launch(k.device),
+        BLOCK_H=triton.next_power_of_2(n_kv), FP8=k_cache.dtype == FP8_DTYPE, INTERPRET=not k.is_cuda,
+        **pdl_launch(k.device),
     )
 
 
@@ -81,10 +88,11 @@ def _decode_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    page_size, scale, sliding_window, logit_cap,
+    page_size, scale, sliding_window, logit_cap, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
@@ -123,6 +131,8 @@ def _decode_attention_kernel(
                     + offs_d[None, :] * stride_cd, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         v = tl.load(v_cache_ptr + (row * stride_vb + in_page * stride_vs + kv_head * stride_vh)[:, None]
                     + offs_dv[None, :] * stride_vd, mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+        if FP8:  # multiply in q's dtype; the scales are folded into `scale` and the output
+            k, v = k.to(q.dtype), v.to(q.dtype)
         s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_CAP:
             s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)  # logit_cap * tanh(s / cap)
@@ -135,6 +145,8 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_ptrs = out_ptr + heads[:, None] * stride_oh + b * stride_ot + offs_dv[None, :] * stride_od
@@ -196,11 +208,12 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
     logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
-    num_warps: int = 4,
+    num_warps: int = 4, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache, which already holds this step's k/v. `num_splits`, `block_n` and
-    `num_warps` override the defaults (benchmarks/decode_attention_bench.py sweeps them)."""
+    `num_warps` override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales
+    are an fp8 cache's (kernels/cached_attention.py)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
     v_dim = v_cache.shape[3]
@@ -209,6 +222,7 @@ def decode_attention(
     if num_seqs == 0:
         return out
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
+    fp8 = k_cache.dtype == FP8_DTYPE
     if splits > 1:
         part_acc = torch.empty(num_seqs, n_heads, splits, v_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_seqs, n_heads, splits, 2, dtype=torch.float32, device=q.device)
@@ -220,11 +234,11 @@ def decode_attention(
         q, out, part_acc, part_ml, k_cache, v_cache, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        k_cache.shape[1], scale, sliding_window or 0, logit_cap or 0.0,
+        k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0, v_scale,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, **pdl,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps, **pdl,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, n_heads)](

@@ -27,6 +27,8 @@ class ZooEntry:
     overrides: list[str] = field(default_factory=list)
     ci: bool = False
     note: str = ""
+    quantization: dict = field(default_factory=dict)  # {algo, group_size} online, or {checkpoint: gptq, group_size}
+    top_k: int = 0  # > 0: greedy tokens may part where, at the first divergence, each side's token is in the other's top-k
 
 
 def load_zoo(path: Path = ZOO_FILE) -> list[ZooEntry]:

@@ -141,3 +141,33 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, tmp_path):
     eager, none = tokens(cuda_graph_batch_sizes=(), cuda_graph_prefill_tokens=())
     assert none is None
     assert graphed == eager
+
+
+def test_bytes_read_per_token(tiny_llama_dir):
+    """A decode token reads every weight but one row of the (untied) embedding table; a tied table is
+    read whole (it is the LM head)."""
+    from autodeploy.bench.device import bytes_by_dtype, bytes_read_per_token, weight_bytes
+    from autodeploy.optimizer import optimize_model
+
+    opt = optimize_model(tiny_llama_dir, overrides=["model.device=cpu", SMALL_CACHE], progress=False)
+    table = opt.gm.get_parameter("model.model.embed_tokens.weight")  # [256, 64] float32, untied
+    total = weight_bytes(opt.gm)
+    assert bytes_by_dtype(opt.gm) == {"float32": total}
+    assert bytes_read_per_token(opt.gm) == total - table.numel() * 4 + 64 * 4
+    opt.gm.model.lm_head.weight = table  # tie: the gathered table is also the LM head's weight
+    assert bytes_read_per_token(opt.gm) == weight_bytes(opt.gm)
+
+
+def test_quantized_bench_reports_scheme_and_ceiling(tiny_llama_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "int4.json"
+    assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "quantization.algo=int4",
+                  "quantization.group_size=32", "--batch", "1", "--input-len", "4", "--output-len", "3",
+                  "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    assert "quantization int4 (group 32); weights" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["quantization"]["algo"] == "int4" and "int32" in r["weight_bytes_by_dtype"]
+    unquantized = sum(t.numel() * 4 for t in load_file(tiny_llama_dir / "model.safetensors").values())
+    assert r["bytes_per_token"] < unquantized / 2  # float32 linears -> 4-bit codes + scales
+    assert r["ceiling_batch1_tok_s"] == pytest.approx(r["copy_bandwidth_GBps"] * 1e9 / r["bytes_per_token"])

@@ -7,5 +7,6 @@ __all__ = ["TRANSFORMS", "Stage", "Transform", "TransformConfig", "TransformCont
 from . import load_weights  # noqa: E402,F401  (registers the transform)
 from . import match_attention, match_gated_mlp, match_linear, match_rms_norm, match_rope  # noqa: E402,F401
 from . import match_moe  # noqa: E402,F401
+from . import quantize_from_checkpoint, quantize_linear  # noqa: E402,F401  (quantization stage)
 from . import insert_kv_cache  # noqa: E402,F401  (paged KV cache, packed-batch interface)
 from . import fuse_cleanup_noops, fuse_linears, fuse_add_rms_norm, fuse_select_backends  # noqa: E402,F401  (fusion stage)

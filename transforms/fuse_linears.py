@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 
 from autodeploy.graph_utils import graph_modules, is_op
 from autodeploy.patterns.helpers import insert_call, val
+from autodeploy.quantization.rewrite import quantized_module_paths
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -149,9 +150,12 @@ class FuseSharedInputLinears(Transform):
         """One qkv per attention module with separate q/k/v projections, one gate_up per gated MLP
         with separate gate/up projections."""
 
-        def has(module: nn.Module, *names: str) -> bool:
-            return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
+        quantized = quantized_module_paths(gm)  # left alone, see the module docstring
 
-        modules = list(ctx.meta_model.modules())
-        return {"qkv": sum(has(m, "q_proj", "k_proj", "v_proj") for m in modules),
-                "gate_up": sum(has(m, "gate_proj", "up_proj") for m in modules)}
+        def has(path: str, module: nn.Module, *names: str) -> bool:
+            return all(isinstance(getattr(module, n, None), nn.Linear) and f"{path}.{n}" not in quantized
+                       for n in names)
+
+        modules = list(ctx.meta_model.named_modules())
+        return {"qkv": sum(has(p, m, "q_proj", "k_proj", "v_proj") for p, m in modules),
+                "gate_up": sum(has(p, m, "gate_proj", "up_proj") for p, m in modules)}

@@ -6,6 +6,10 @@ all scheduled tokens of all sequences along the sequence dim, plus the metadata 
 non-token-wise op, attention, where sequences start and which cache blocks hold their past. The
 cache is allocated here, once, after the weights are loaded, so its size can come from the memory
 that is actually left.
+
+`dtype: fp8` stores K and V as float8_e4m3fn (half of bf16's bytes: the pool holds ~2x the tokens)
+with per-layer scales: `gm.meta["autodeploy_kv_scales"]`, one (k_scale, v_scale) per attention node
+in graph order (set by the checkpoint loader when the checkpoint has them), else 1.0, vLLM's default.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen
 
+from autodeploy.errors import RecipeError, WeightLoadingError
 from autodeploy.graph_utils import is_op, replace_with_call
 from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
+from autodeploy.kernels.quant_format import FP8_DTYPE
 from autodeploy.kernels.triton_backends import pick_backend
 from autodeploy.runtime.kv_cache import (
-    KV_CACHE_KEY, METADATA_INPUTS, KVCachePool, LayerCacheShape, free_memory_bytes,
+    KV_CACHE_KEY, KV_SCALES_KEY, METADATA_INPUTS, KVCachePool, LayerCacheShape, free_memory_bytes,
 )
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -29,7 +35,7 @@ from .registry import Stage, Transform, TransformConfig, TransformContext, regis
 @dataclass
 class InsertKVCacheConfig(TransformConfig):
     block_size: int = 32  # tokens per cache block
-    dtype: str = "auto"  # cache dtype; auto = the model's dtype
+    dtype: str = "auto"  # cache dtype: auto (the model's) | fp8 (e4m3 with per-layer scales) | a torch dtype name
     num_blocks: int = 0  # explicit pool size; 0 = size it from free memory
     # Share of the free memory the cache takes; None = 0.9 on GPU, 0.1 on CPU (the host runs
     # everything else too, and CPU runs are tests and demos).
@@ -42,7 +48,25 @@ def _backend(name: str, device: torch.device):
 
 
 def _cache_dtype(name: str, ctx: TransformContext) -> torch.dtype:
-    return ctx.dtype if name == "auto" else getattr(torch, name)
+    if name == "auto":
+        return ctx.dtype
+    dtype = FP8_DTYPE if name == "fp8" else getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RecipeError(f"insert_kv_cache: unknown cache dtype '{name}' (auto, fp8 or a torch float dtype name)")
+    return dtype
+
+
+def _kv_scales(gm: GraphModule, num_layers: int, dtype: torch.dtype) -> list[tuple[float, float]] | None:
+    """Per-layer (k_scale, v_scale) for an fp8 cache: the loader's, else 1.0; None for other dtypes."""
+    if dtype != FP8_DTYPE:
+        return None
+    scales = gm.meta.get(KV_SCALES_KEY)
+    if scales is None:
+        return [(1.0, 1.0)] * num_layers
+    if len(scales) != num_layers:
+        raise WeightLoadingError(f"the checkpoint has KV cache scales for {len(scales)} attention layers, "
+                                 f"the model has {num_layers}")
+    return [(float(k), float(v)) for k, v in scales]
 
 
 def _num_blocks(cfg: InsertKVCacheConfig, bytes_per_block: int, device: torch.device) -> int:
@@ -99,13 +123,14 @@ class InsertKVCache(Transform):
         num_blocks = _num_blocks(cfg, KVCachePool.bytes_per_block(shapes, cfg.block_size, dtype), ctx.device)
         op = _backend(cfg.backend, ctx.device)
 
+        kv_scales = _kv_scales(gm, len(attention), dtype)
         meta, caches = _packed_interface(gm, len(attention))
-        for node, (k_cache, v_cache) in zip(attention, caches):
+        for i, (node, (k_cache, v_cache)) in enumerate(zip(attention, caches)):
             q, k, v, scale, *rest = node.args
             sliding_window = rest[0] if len(rest) > 0 else node.kwargs.get("sliding_window")
             logit_cap = rest[1] if len(rest) > 1 else node.kwargs.get("logit_cap")
             args = (q, k, v, k_cache, v_cache, *meta.values(), scale, sliding_window, logit_cap)
-            replace_with_call(gm, node, op, args)
+            replace_with_call(gm, node, op, args + (kv_scales[i] if kv_scales else ()))
         gm.meta[KV_CACHE_KEY] = KVCachePool.allocate(shapes, cfg.block_size, num_blocks, dtype, ctx.device)
         return {"cached_attention": len(attention), "cache_blocks": num_blocks}
 

@@ -16,6 +16,7 @@ from autodeploy.errors import UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
+from autodeploy.quantization.loading import quantized_loads
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -81,12 +82,17 @@ class LoadWeights(Transform):
         aliases = _tied_aliases(ctx.meta_model)
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if n.removeprefix(WRAPPER_PREFIX) not in computed]
+        quantized = quantized_loads(gm)  # built from other checkpoint tensors (autodeploy/quantization)
+        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors
+                  if n.removeprefix(WRAPPER_PREFIX) not in computed and n not in quantized] + quantized.source_keys()
         source, counts = self._tensor_source(ctx, wanted, aliases)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
-            if id(old) not in done:
+            if id(old) not in done and name in quantized:
+                done[id(old)] = quantized.take(name, _quantized_reader(source, ctx, gen), ctx.device)
+                counts["quantized"] = counts.get("quantized", 0) + 1
+            elif id(old) not in done:
                 done[id(old)] = self._materialize(name, old, source, computed, ctx, gen, counts)
             value = done[id(old)]
             if isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
@@ -133,6 +139,13 @@ class LoadWeights(Transform):
         key = "loaded" if "loaded" in counts else "converted"
         counts[key] += 1
         return value.to(device=ctx.device, dtype=dtype)
+
+
+def _quantized_reader(source, ctx: TransformContext, gen):
+    """read(key, shape) for quantized layers: the checkpoint's tensor, or a random one (config-only)."""
+    if source is not None:
+        return lambda key, shape: source(key)
+    return lambda key, shape: _random_like(torch.empty(shape, device=_META), key, ctx.dtype, ctx.device, gen)
 
 
 def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]]) -> torch.Tensor:

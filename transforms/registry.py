@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.quantization.settings import QuantizationSettings
+
 
 class Stage(IntEnum):
     """Pipeline stages, in the order they must run (DESIGN.md, data flow step 3)."""
@@ -38,6 +40,7 @@ class TransformContext:
     meta_model: torch.nn.Module  # the HF model on meta: module attributes (sliding_window, scaling, ...)
     device: torch.device
     dtype: torch.dtype
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # the recipe's section
 
 
 @dataclass

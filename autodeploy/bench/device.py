@@ -1,16 +1,19 @@
 """The device side of a benchmark: synchronized clocks, copy bandwidth, weight bytes, versions.
 
-Batch-1 decode reads every weight once per token, so its ceiling is weight bytes over memory
-bandwidth. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+Batch-1 decode reads every weight once per token, so its ceiling is the bytes a token reads over
+memory bandwidth: the weights as stored (quantized codes and their scales for a quantized model),
+except an embedding table that is only gathered, of which a token reads one row. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
 counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
 from __future__ import annotations
 
+import operator
 import platform
 import time
 
 import torch
+from torch.fx import GraphModule
 
 
 def synchronize(device: torch.device) -> None:
@@ -50,10 +53,37 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
 
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct parameters and buffers (tied weights counted once)."""
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
+    return sum(t.numel() * t.element_size() for t in _distinct_tensors(module).values())
+
+
+def _distinct_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    return {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+
+
+def bytes_read_per_token(gm: GraphModule) -> int:
+    """Bytes one batch-1 decode step reads from weights: all of them (as stored), but one row of a
+    table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole)."""
+    uses: dict[int, set] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = operator.attrgetter(node.target)(gm)
+            uses.setdefault(id(t), set()).update(
+                "gather" if u.target is torch.ops.aten.embedding.default and u.args[0] is node else "other"
+                for u in node.users)
+    total = 0
+    for key, t in _distinct_tensors(gm).items():
+        nbytes = t.numel() * t.element_size()
+        total += nbytes // t.shape[0] if uses.get(key) == {"gather"} else nbytes
+    return total
+
+
+def bytes_by_dtype(module: torch.nn.Module) -> dict[str, int]:
+    """Weight bytes per storage dtype (how much of a model a quantization scheme covers)."""
+    out: dict[str, int] = {}
+    for t in _distinct_tensors(module).values():
+        name = str(t.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + t.numel() * t.element_size()
+    return out
 
 
 def describe(device: torch.device) -> dict:

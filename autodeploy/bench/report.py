@@ -17,8 +17,16 @@ def print_report(result: dict) -> None:
     if "weights_note" in result:
         print(f"  note: {result['weights_note']}")
     if "weight_bytes" in result:  # our model was built (not --peers-only)
-        print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), weights "
-              f"{result['weight_bytes'] / 1e9:.2f} GB -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
+        q = result["quantization"]
+        scheme = q["algo"] + (f" (group {q['group_size']})" if q["algo"] in ("int4", "int8") else "")
+        print(f"  quantization {scheme}; weights {result['weight_bytes'] / 1e9:.2f} GB ("
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in result["weight_bytes_by_dtype"].items()) + ")")
+        print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), {result['bytes_per_token'] / 1e9:.2f} GB "
+              f"read per decode token -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
+        kv = result["kv_cache"]
+        if kv is not None:
+            print(f"  kv cache {kv['dtype']}: {kv['tokens']:,} tokens ({kv['blocks']:,} blocks of {kv['block_size']}), "
+                  f"{kv['bytes'] / 1e9:.2f} GB")
         print(f"  build {result['build_s']['total']:.1f} s; engine start (graph capture) "
               + ", ".join(f"{k} {v['start_s']:.1f} s" for k, v in result["engine"].items()))
     else:

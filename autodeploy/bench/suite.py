@@ -17,9 +17,10 @@ import torch
 from autodeploy.loading import resolve_device, resolve_dtype, resolve_model
 from autodeploy.optimizer import optimize_model
 from autodeploy.recipe import load_recipe
+from autodeploy.runtime.kv_cache import kv_cache_of
 
 from . import hf, ours
-from .device import copy_bandwidth, describe, now, weight_bytes
+from .device import bytes_by_dtype, bytes_read_per_token, copy_bandwidth, describe, now, weight_bytes
 from .metrics import Run, summarize
 from .profile import decode_profile
 from .workload import Workload, random_prompts
@@ -64,6 +65,17 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _kv_cache_capacity(gm) -> dict | None:
+    """Tokens the paged cache holds (an fp8 cache holds ~2x a bf16 one in the same memory)."""
+    pool = kv_cache_of(gm)
+    if pool is None:
+        return None
+    caches = pool.graph_inputs()
+    return {"dtype": str(caches[0].dtype).removeprefix("torch."), "blocks": pool.num_blocks,
+            "block_size": pool.block_size, "tokens": pool.num_blocks * pool.block_size,
+            "bytes": sum(c.numel() * c.element_size() for c in caches)}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     recipe = load_recipe(cfg.recipe, cfg.overrides)
     source = resolve_model(cfg.model, recipe.model.trust_remote_code, recipe.model.config_only)
@@ -101,8 +113,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     opt = optimize_model(cfg.model, recipe, progress=False)
     result["build_s"] = {**opt.seconds, "total": now(device) - start}
     result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
+    quant = recipe.quantization
+    result["quantization"] = {"algo": quant.algo, "group_size": quant.group_size, "symmetric": quant.symmetric,
+                              "kv_cache_dtype": quant.kv_cache_dtype, "act_quant": quant.act_quant}
     result["weight_bytes"] = weight_bytes(opt.gm)
-    result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes"]
+    result["weight_bytes_by_dtype"] = bytes_by_dtype(opt.gm)
+    result["bytes_per_token"] = bytes_read_per_token(opt.gm)
+    result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["bytes_per_token"]
+    result["kv_cache"] = _kv_cache_capacity(opt.gm)
     runtime = recipe.runtime
     modes = [(g, c) for g in (GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False])
              for c in _prefix_caching_modes(cfg, runtime.enable_prefix_caching)]

@@ -7,7 +7,8 @@ positional arguments, in this order:
     cu_seqlens int32 [B+1], seq_lens int32 [B],       see kernels/cached_attention.py
     block_tables int32 [B, max_blocks], slot_mapping int64 [T],
     k_cache_0, v_cache_0, k_cache_1, v_cache_1, ...   one pair per attention layer
-        each [num_blocks, block_size, n_kv_heads, head_dim]
+        each [num_blocks, block_size, n_kv_heads, head_dim], in the cache dtype (float8_e4m3fn for
+        an fp8 cache: one byte per element, so the same memory holds twice bf16's blocks)
   -> logits [1, T, vocab]
 
 The cache tensors are allocated once by the transform and travel with the graph in
@@ -22,6 +23,8 @@ import torch
 from torch.fx import GraphModule
 
 KV_CACHE_KEY = "autodeploy_kv_cache"
+# gm.meta key of an fp8 cache's per-layer (k_scale, v_scale), in attention order (set by the loader)
+KV_SCALES_KEY = "autodeploy_kv_scales"
 METADATA_INPUTS = ("cu_seqlens", "seq_lens", "block_tables", "slot_mapping")
 
 
@@ -44,7 +47,7 @@ class KVCachePool:
     @staticmethod
     def bytes_per_block(layers: list[LayerCacheShape], block_size: int, dtype: torch.dtype) -> int:
         per_token = sum(s.n_kv_heads * (s.k_head_dim + s.v_head_dim) for s in layers)
-        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+        return per_token * block_size * dtype.itemsize
 
     @classmethod
     def allocate(cls, layers: list[LayerCacheShape], block_size: int, num_blocks: int,

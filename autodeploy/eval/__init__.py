@@ -1,0 +1,1 @@
+"""Accuracy evaluation of optimized models (perplexity of a fixed text)."""

@@ -1,0 +1,83 @@
+"""compressed-tensors checkpoints (what llm-compressor writes and vLLM reads).
+
+Layouts read as stored: `float-quantized` FP8 (weight e4m3 [N, K], weight_scale [1] per tensor or
+[N, 1] per channel, input_scale [1] when activations are static) and `pack-quantized` INT4 / INT8
+(weight_packed int32 [N, K*bits/32], codes packed along K with an offset of 2**(bits-1), which is
+already the canonical layout; weight_scale [N, G]; weight_g_idx [K] with act-order).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import torch
+
+from .checkpoint import CheckpointFormat, unsupported
+from .loading import LayerLoad
+from .schemes import LinearScheme
+
+
+def _targets(group: dict, path: str) -> bool:
+    """A config group's targets: class names (our linears are all Linear), `re:` regexes, or names."""
+    for target in group.get("targets", []):
+        if target == "Linear" or target == path or (target.startswith("re:") and re.match(target[3:], path)):
+            return True
+    return False
+
+
+def _scheme(group: dict, fmt: str) -> LinearScheme:
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
+    if kind == "float" and bits == 8 and strategy in ("tensor", "channel") and acts:
+        if acts.get("type") != "float" or acts.get("num_bits") != 8 or acts.get("strategy") not in ("tensor", "token"):
+            raise unsupported("compressed-tensors", f"FP8 weights with {acts.get('type')}{acts.get('num_bits')} "
+                              f"{acts.get('strategy')} activations")
+        dynamic = bool(acts.get("dynamic"))
+        return LinearScheme("fp8", per_channel=strategy == "channel", static_input=not dynamic,
+                            act_quant=acts["strategy"] if dynamic else "tensor")
+    if kind == "int" and not acts and fmt == "pack-quantized" and strategy in ("group", "channel"):
+        if not weights.get("symmetric", True):
+            raise unsupported("compressed-tensors", "asymmetric pack-quantized weights")
+        return LinearScheme("int", bits=bits, group_size=weights["group_size"] if strategy == "group" else -1,
+                            act_order=weights.get("actorder") is not None)
+    described = f"{kind}{bits} {strategy} weights" + (f", {acts.get('type')}{acts.get('num_bits')} activations" if acts else "")
+    raise unsupported("compressed-tensors", f"{fmt} {described}")
+
+
+def build_fp8(path: str, scheme: LinearScheme, tensors: dict) -> dict[str, torch.Tensor]:
+    out = {"weight": tensors[f"{path}.weight"],
+           "weight_scale": tensors[f"{path}.weight_scale"].float().reshape(-1 if scheme.per_channel else ())}
+    if scheme.static_input:
+        out["input_scale"] = tensors[f"{path}.input_scale"].float().reshape(())
+    return out
+
+
+def _build_int(path: str, scale_dtype: torch.dtype, tensors: dict) -> dict[str, torch.Tensor]:
+    out = {"qweight": tensors[f"{path}.weight_packed"], "scales": tensors[f"{path}.weight_scale"].to(scale_dtype)}
+    if f"{path}.weight_g_idx" in tensors:
+        out["g_idx"] = tensors[f"{path}.weight_g_idx"].to(torch.int32)
+    return out
+
+
+class CompressedTensorsFormat(CheckpointFormat):
+    method = "compressed-tensors"
+
+    def scheme_for(self, path: str) -> LinearScheme | None:
+        if f"{path}.weight_scale" not in self.keys:
+            return None
+        groups = list((self.config.get("config_groups") or {}).values())
+        group = next((g for g in groups if _targets(g, path)), groups[0] if groups else {})
+        return _scheme(group, group.get("format") or self.config.get("format", ""))
+
+    def layer_load(self, path, scheme, out_features, in_features, scale_dtype, params) -> LayerLoad:
+        n, k = out_features, in_features
+        if scheme.kind == "fp8":
+            sources = {f"{path}.weight": (n, k), f"{path}.weight_scale": None}
+            if scheme.static_input:
+                sources[f"{path}.input_scale"] = None
+            return LayerLoad(sources, partial(build_fp8, path, scheme), params)
+        sources = {f"{path}.weight_packed": (n, k * scheme.bits // 32), f"{path}.weight_scale": None}
+        if scheme.act_order:
+            sources[f"{path}.weight_g_idx"] = (k,)
+        return LayerLoad(sources, partial(_build_int, path, scale_dtype), params)

@@ -1,0 +1,81 @@
+"""How one linear (or one MoE's experts) is quantized: the parameters it holds and the op that reads them.
+
+A `LinearScheme` is the common currency of the two quantization transforms: checkpoint readers turn
+a format's description into one, online quantization builds one from the recipe section, and the
+graph rewrite only asks it for parameter shapes and the op call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
+
+
+@dataclass(frozen=True)
+class LinearScheme:
+    kind: str  # "fp8" (W8A8, kernels: fp8_linear / fp8_moe) or "int" (weight-only, int_linear / int_moe)
+    bits: int = 8
+    group_size: int = -1  # int: columns per scale, -1 = per output channel
+    symmetric: bool = True  # int: implicit zero point 2**(bits-1)
+    per_channel: bool = True  # fp8: one weight scale per output channel, else one per tensor
+    static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
+    act_quant: str = "token"  # fp8 without a static scale: per token | per tensor
+    act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
+
+    @property
+    def name(self) -> str:
+        """What users ask for: fp8, int8 or int4 (the `quantization.algo` values)."""
+        return "fp8" if self.kind == "fp8" else f"int{self.bits}"
+
+    def check(self, in_features: int) -> None:
+        """A clear error before any weight is read when the layout cannot hold this linear."""
+        if self.kind == "int":
+            check_bits(self.bits, in_features)
+            groups_of(in_features, self.group_size)
+
+    def params(self, out_features: int, in_features: int, scale_dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+        """Parameter name -> (shape, dtype) of one [out, in] weight in this scheme (the op's layout)."""
+        n, k = out_features, in_features
+        if self.kind == "fp8":
+            params = {"weight": ((n, k), FP8_DTYPE), "weight_scale": ((n,) if self.per_channel else (), torch.float32)}
+            if self.static_input:
+                params["input_scale"] = ((), torch.float32)
+            return params
+        g = groups_of(k, self.group_size)
+        params = {"qweight": ((n, k * self.bits // 32), torch.int32), "scales": ((n, g), scale_dtype)}
+        if not self.symmetric:
+            params["zeros"] = ((n, g), scale_dtype)
+        if self.act_order:
+            params["g_idx"] = ((k,), torch.int32)
+        return params
+
+    def linear_call(self, x, params: dict, bias) -> tuple[object, tuple, dict]:
+        """(op, args, kwargs) of the quantized linear reading `params` (name -> graph node)."""
+        if self.kind == "fp8":
+            return (torch.ops.autodeploy.fp8_linear.default, (x, params["weight"], params["weight_scale"]),
+                    {"input_scale": params.get("input_scale"), "bias": bias, "act_quant": self.act_quant})
+        return (torch.ops.autodeploy.int_linear.default, (x, params["qweight"], params["scales"]),
+                {"zeros": params.get("zeros"), "g_idx": params.get("g_idx"), "bias": bias,
+                 "bits": self.bits, "group_size": self.group_size})
+
+    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Round-to-nearest quantization of a full-precision [out, in] weight into this scheme's params."""
+        if self.kind == "fp8":
+            w, scale = quantize_fp8(weight, per_channel=self.per_channel)
+            return {"weight": w, "weight_scale": scale}
+        qweight, scales, zeros = quantize_int(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
+        out = {"qweight": qweight, "scales": scales.to(scale_dtype)}
+        if zeros is not None:
+            out["zeros"] = zeros.to(scale_dtype)
+        return out
+
+
+def online_scheme(settings) -> LinearScheme:
+    """The scheme `quantization.algo` asks for (fp8: per-channel weights, dynamic activations)."""
+    if settings.algo == "fp8":
+        return LinearScheme("fp8", act_quant=settings.act_quant)
+    return LinearScheme("int", bits=int(settings.algo.removeprefix("int")), group_size=settings.group_size,
+                        symmetric=settings.symmetric)

@@ -1,0 +1,130 @@
+"""The quantized weight formats the canonical quantized ops read, and plain-torch (de)quantizers.
+
+One layout per scheme, so every kernel reads one thing and checkpoint loaders convert to it:
+- FP8: float8_e4m3fn weights [N, K] with a float32 scale, per tensor ([]) or per output channel ([N]);
+  w = w_fp8 * scale.
+- INT4 / INT8 weight-only: unsigned codes packed along K into int32 words, the code of column k in
+  word k * bits // 32 at bit (k % (32 // bits)) * bits (compressed-tensors' `pack-quantized` row
+  layout: a row's words are contiguous, which is what a skinny GEMM streams). Scales [N, G] per group
+  of `group_size` columns (-1 = one group per row); zeros [N, G] in code units, or None for symmetric
+  (implicit zero point 2**(bits-1)); w[n, k] = (code - zero[n, g(k)]) * scale[n, g(k)], with
+  g(k) = g_idx[k] (GPTQ act-order) or k // group_size.
+Quantization here is round-to-nearest, the baseline every format can hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autodeploy.errors import QuantizationError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+INT_BITS = (4, 8)
+_MIN_SCALE = 1e-12  # an all-zero row or group still gets a finite, positive scale
+
+
+def quantize_fp8(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [] or [N]) with amax mapped to 448."""
+    w = w.float()
+    amax = w.abs().amax(dim=-1) if per_channel else w.abs().amax()
+    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    w_scale = scale[:, None] if per_channel else scale
+    return (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 w [N, K] with a scale [] or [N] -> float32 [N, K]."""
+    scale = scale.float()
+    return w.float() * (scale[:, None] if scale.dim() == 1 else scale)
+
+
+def groups_of(k: int, group_size: int) -> int:
+    """How many scale groups a row of `k` columns has; a group size that does not divide k is an error."""
+    if group_size == -1:
+        return 1
+    if group_size <= 0 or k % group_size:
+        raise QuantizationError(f"group size {group_size} does not divide in_features {k} (use a divisor or -1)")
+    return k // group_size
+
+
+def check_bits(bits: int, k: int) -> None:
+    """Supported widths, and whole int32 words per row."""
+    if bits not in INT_BITS:
+        raise QuantizationError(f"{bits}-bit weights are not supported (supported: {', '.join(map(str, INT_BITS))})")
+    if k % (32 // bits):
+        raise QuantizationError(f"in_features {k} is not a multiple of {32 // bits}, the {bits}-bit codes per int32")
+
+
+def quantize_int(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [N, K] -> (qweight int32 [N, K*bits/32], scales [N, G] in w's dtype, zeros [N, G] | None).
+
+    Symmetric: scale = amax / (2**(bits-1) - 1), codes = round(w / scale) + 2**(bits-1) (the lowest
+    code stays unused, so +-amax are both exact). Asymmetric: [min, max] mapped onto all 2**bits codes.
+    Codes are rounded against the scale as stored (in w's dtype), so dequantization sees what was meant.
+    """
+    n, k = w.shape
+    check_bits(bits, k)
+    g = groups_of(k, group_size)
+    out_dtype = w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.float32
+    wg = w.float().reshape(n, g, k // g)
+    top = 2**bits - 1
+    if symmetric:
+        scale = (wg.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE).to(out_dtype)
+        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / top).clamp(min=_MIN_SCALE).to(out_dtype)
+        zero = (-lo / scale.float()).round().clamp(0, top)
+    codes = (wg / scale.float()[..., None]).round() + zero[..., None]
+    qweight = pack_int(codes.clamp(0, top).reshape(n, k).to(torch.int32), bits)
+    return qweight, scale, None if symmetric else zero.to(out_dtype)
+
+
+def pack_int(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [N, K] (0 .. 2**bits - 1) -> int32 [N, K*bits/32], packed along K (layout above)."""
+    n, k = codes.shape
+    check_bits(bits, k)
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
+    words = (codes.to(torch.int64).reshape(n, k // per_word, per_word) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 [N, K*bits/32] -> unsigned codes int32 [N, K]."""
+    check_bits(bits, k)
+    per_word = 32 // bits
+    if qweight.shape[-1] * per_word != k:
+        raise QuantizationError(f"qweight has {qweight.shape[-1]} words per row, {k} {bits}-bit columns need {k // per_word}")
+    shifts = torch.arange(per_word, device=qweight.device, dtype=torch.int32) * bits
+    return ((qweight[..., None] >> shifts) & (2**bits - 1)).reshape(*qweight.shape[:-1], k)
+
+
+def group_index(k: int, group_size: int, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """g(k) for every column: g_idx when given (act-order), else k // group_size (0 per channel)."""
+    if g_idx is not None:
+        return g_idx.to(device=device, dtype=torch.long)
+    if group_size == -1:
+        return torch.zeros(k, dtype=torch.long, device=device)
+    return torch.arange(k, device=device) // group_size
+
+
+def dequantize_int(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    k: int,
+) -> torch.Tensor:
+    """Packed codes with their scales / zeros -> float32 [N, K] (the formula in the module docstring)."""
+    if g_idx is None:
+        groups_of(k, group_size)
+    g = group_index(k, group_size, g_idx, qweight.device)
+    codes = unpack_int(qweight, bits, k).float()
+    zero = zeros.float()[:, g] if zeros is not None else float(2 ** (bits - 1))
+    return (codes - zero) * scales.float()[:, g]

@@ -1,0 +1,97 @@
+"""`autodeploy::fp8_linear` and `autodeploy::int_linear`: the quantized linears `quantize_*` transforms
+put where `autodeploy::linear` was. Formats: kernels/quant_format.py.
+
+The references here are the ground truth the Triton backends are tested against: they dequantize
+explicitly and multiply in float32, so they are slow but say exactly what the numbers mean.
+- fp8_linear (W8A8): activations are quantized to e4m3 too, dynamically per token (`act_quant="token"`)
+  or per tensor (`"tensor"`), or with a checkpoint's static per-tensor `input_scale`;
+  y = (q(x) @ w.T) * sx * sw (+ bias). Quantizing the activations is part of the meaning (a GPU GEMM
+  multiplies e4m3 by e4m3), so the reference does it as well.
+- int_linear (W4A16 / W8A16): weight-only; y = x @ dequantize(w).T (+ bias), accumulated in float32.
+Both return x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant_format import FP8_DTYPE, FP8_MAX, check_bits, dequantize_int, groups_of
+
+FP8_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale=None, Tensor? bias=None, "
+    "str act_quant=\"token\") -> Tensor"
+)
+INT_SCHEMA = (
+    "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? g_idx=None, Tensor? bias=None, "
+    "int bits=4, int group_size=128) -> Tensor"
+)
+ACT_QUANT = ("token", "tensor")
+
+
+def activation_scale(x: torch.Tensor, input_scale: torch.Tensor | None, act_quant: str) -> torch.Tensor:
+    """float32 scale of x [M, K]: the static one, else amax / 448 per row ([M, 1]) or of the whole tensor ([])."""
+    if input_scale is not None:
+        return input_scale.float().reshape(())
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
+    amax = x.abs().amax(dim=-1, keepdim=True) if act_quant == "token" else x.abs().amax()
+    return (amax.float() / FP8_MAX).clamp(min=1e-12)
+
+
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale saturated to +-448, as e4m3."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+@torch.library.custom_op("autodeploy::fp8_linear", mutates_args=(), schema=FP8_SCHEMA)
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    act_quant: str = "token",
+) -> torch.Tensor:
+    """Reference: quantize x, then float32 (q(x) @ w.T) * sx * sw (+ bias)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    sx = activation_scale(x2, input_scale, act_quant)
+    y = (quantize_activation(x2, sx).float() @ weight.float().t()) * sx * weight_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token"):
+    torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], lambda: "fp8_linear weight must be [N, K]")
+    torch._check(act_quant in ACT_QUANT, lambda: f"act_quant must be one of {ACT_QUANT}")
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("autodeploy::int_linear", mutates_args=(), schema=INT_SCHEMA)
+def int_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    bits: int = 4,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """Reference: dequantize the whole weight to float32, then x @ w.T (+ bias)."""
+    w = dequantize_int(qweight, scales, zeros, g_idx, bits, group_size, x.shape[-1])
+    y = x.reshape(-1, x.shape[-1]).float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@int_linear.register_fake
+def _(x, qweight, scales, zeros=None, g_idx=None, bias=None, bits=4, group_size=128):
+    k = x.shape[-1]
+    check_bits(bits, k)
+    groups = groups_of(k, group_size) if g_idx is None else scales.shape[-1]
+    torch._check(qweight.shape[-1] * (32 // bits) == k, lambda: f"qweight must be [N, {k}*{bits}/32] int32")
+    torch._check(tuple(scales.shape) == (qweight.shape[0], groups), lambda: f"scales must be [N, {groups}]")
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])

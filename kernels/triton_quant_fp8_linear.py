@@ -1,0 +1,153 @@
+"""Triton backend of `autodeploy::fp8_linear` (FP8 W8A8), the `fp8_linear_triton` op.
+
+A few rows (decode): a skinny kernel that streams the e4m3 weight once (1 byte per weight, half of
+bf16). Each program first finds its rows' activation scale (per token: amax of the row / 448; per
+tensor: of all rows; or the static input scale) in one pass over x, which is small and sits in L2,
+then walks K quantizing x to e4m3 exactly as the reference does (x / scale, saturated) and multiplies.
+e4m3 values are exact in fp16, so the product runs as an fp16 tl.dot with float32 accumulation: the
+same sums as an e4m3 tensor-core GEMM, without its minimum tile sizes. PDL and the L2 prefetch follow
+kernels/triton_linear.py.
+More rows on sm_89+ (Ada, Hopper): cuBLASLt's FP8 GEMM through `torch._scaled_mm` (row-wise scales:
+[M, 1] for x, [1, N] for w; bf16 out, which row-wise scaling requires in torch 2.11). Elsewhere the
+reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_format import FP8_DTYPE
+from .quant_linear import ACT_QUANT, activation_scale, quantize_activation
+from .triton_fp8 import saturate_e4m3
+from .triton_fp8_act_quant import quantize_rows_fp8
+from .triton_linear import PREFETCH_K, SKINNY_ROWS
+from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
+from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+
+BLOCK_N = 32
+BLOCK_K = 512
+NUM_WARPS = 4
+NUM_STAGES = 4
+_ACT_MODES = {"static": 0, "token": 1, "tensor": 2}
+
+
+@triton.jit
+def _skinny_fp8_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_valid = offs_n < N
+    m_valid = offs_m < M
+    w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
+    if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
+        prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
+    wait_for_inputs(USE_PDL)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if ACT == 0:
+        sx = tl.zeros([BLOCK_M], tl.float32) + tl.load(xs_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        if ACT == 2:
+            amax = tl.zeros([BLOCK_M], tl.float32) + tl.max(amax, axis=0)
+        sx = tl.maximum(amax / 448.0, 1e-12)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
+        if INTERPRET:  # float32 (the interpreter's half-precision dots are wrong): the same values
+            acc = tl.dot(qx, tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(qx.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+    acc = acc * sx[:, None]
+    if W_PER_CHANNEL:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+    else:
+        acc = acc * tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
+                      block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                      num_stages: int = NUM_STAGES) -> torch.Tensor:
+    """fp8_linear with all rows of x in one tile (meant for a few). Knobs for benchmarks/quant_linear_bench.py."""
+    if input_scale is None and act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    weight_scale = weight_scale.float().contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    launch = pdl_launch(x.device)
+    prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
+    launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
+    act = "static" if input_scale is not None else act_quant
+    xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
+    _skinny_fp8_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
+        x2.stride(0), weight.stride(0), y.stride(0),
+        ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
+        INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+@functools.cache
+def _has_fp8_gemm(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token") -> torch.Tensor:
+    """Many rows: quantize x in torch, cuBLASLt e4m3 x e4m3 with row-wise scales, bf16 out, then x's dtype."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if input_scale is None and act_quant == "token":
+        qx, scale_a = quantize_rows_fp8(x2)  # one kernel instead of torch's five
+    else:
+        sx = activation_scale(x2, input_scale, act_quant)
+        qx, scale_a = quantize_activation(x2, sx), sx.expand(x2.shape[0], 1).contiguous()
+    scale_b = weight_scale.float().expand(n).reshape(1, n).contiguous()
+    if x.dtype == torch.bfloat16:  # cuBLASLt adds the bias and writes bf16 itself
+        y = torch._scaled_mm(qx, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                             bias=bias.to(x.dtype) if bias is not None else None, out_dtype=torch.bfloat16)
+        return y.view(*x.shape[:-1], n)
+    y = torch._scaled_mm(qx, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+    y = y.float() + bias.float() if bias is not None else y
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token") -> torch.Tensor:
+    """The backend: skinny kernel for a few rows, `torch._scaled_mm` for more on sm_89+, else the reference."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda and weight.dtype == FP8_DTYPE and rows > 0:
+        if rows <= GEMV_ROWS:
+            act = _ACT_MODES["static" if input_scale is not None else act_quant]
+            return gemv_fp8_linear(x, weight, weight_scale, input_scale, bias, act)
+        if rows <= SKINNY_ROWS:
+            return skinny_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
+        n, k = weight.shape
+        if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(x.device.index or 0):
+            return scaled_mm_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
+    return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
+

@@ -1,0 +1,188 @@
+"""Quantized GEMV for one to a few rows (decode at batch 1-4): INT4 / INT8 weight-only and FP8 W8A8.
+
+At batch 1 a quantized linear only streams its packed weights, so its time is their bytes over the
+memory bandwidth - as long as unpacking keeps up and nothing else gets in the way. A `tl.dot` needs
+the dequantized tile in the tensor-core operand layout (a round trip through shared memory per
+tile) and pads the rows to 16; these kernels instead multiply on the CUDA cores in the layout the
+weights are loaded in and reduce across K once, at the end:
+  - each program owns BLOCK_N output columns and walks all of K; acc [ROWS, BLOCK_N, BLOCK_W] sums
+    elementwise, so the loop body has no cross-thread reduction;
+  - INT: a packed int32 word holds 32 // BITS consecutive columns. Column j of the word is
+    ((word >> j*BITS) & mask) | 0x4B000000 read as float32 = 2**23 + code (ptxas fuses the and/or
+    into one LOP3), and subtracting 2**23 + zero point gives (code - zero) exactly; each word's
+    partial dot is scaled by its group's scale (groups hold whole words);
+  - FP8: the weight byte converts to float, x is quantized per token (amax pre-pass over x, which
+    is small and in L2) exactly as the reference does, and the scales apply once at the end.
+Weights never depend on the previous kernel, so with PDL the first words are asked of L2 before the
+wait (kernels/triton_pdl.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fp8 import saturate_e4m3
+from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+
+GEMV_ROWS = 4  # more rows: the tl.dot kernels
+# From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): the best over the o / gate_up / down shapes.
+INT_BLOCK_N, INT_BLOCK_W, INT_WARPS, INT_STAGES = 8, 256, 4, 3
+FP8_BLOCK_N, FP8_BLOCK_K, FP8_WARPS, FP8_STAGES = 16, 1024, 4, 3
+PREFETCH_BYTES = 2048  # per weight row, asked of L2 before the PDL wait
+
+
+@triton.jit
+def _gemv_int_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_WORDS: tl.constexpr = 0,
+):
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    words_per_row = K // PER_WORD
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    rows = tl.where(n_valid, offs_n, 0).to(tl.int64)
+    q_rows = q_ptr + rows[:, None] * stride_qn
+    if PREFETCH_WORDS > 0:  # one address per 128-byte line (32 words)
+        prefetch_l2(q_rows + tl.minimum(tl.arange(0, PREFETCH_WORDS // 32)[None, :] * 32, words_per_row - 1))
+    wait_for_inputs(USE_PDL)
+    offs_m = tl.arange(0, ROWS)
+    m_valid = offs_m < M
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W], tl.float32)
+    for w0 in range(0, words_per_row, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        w_valid = offs_w < words_per_row
+        words = tl.load(q_rows + offs_w[None, :], mask=n_valid[:, None] & w_valid[None, :], other=0)
+        group = offs_w // GROUP_WORDS if GROUP_WORDS > 0 else offs_w * 0
+        sz_offsets = rows[:, None] * stride_sn + group[None, :]  # zeros share the scales' layout
+        valid = n_valid[:, None] & w_valid[None, :]
+        scale = tl.load(s_ptr + sz_offsets, mask=valid, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + sz_offsets, mask=valid, other=0.0)
+            offset = 8388608.0 + zero.to(tl.float32)
+        else:
+            offset = tl.zeros([BLOCK_N, BLOCK_W], tl.float32) + (8388608.0 + (1 << (BITS - 1)))
+        part = tl.zeros([ROWS, BLOCK_N, BLOCK_W], tl.float32)
+        for j in tl.static_range(PER_WORD):
+            code = ((words >> (j * BITS)) & MASK) | 0x4B000000
+            w = code.to(tl.float32, bitcast=True) - offset  # code - zero point, exactly
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PER_WORD + j)[None, :],
+                        mask=m_valid[:, None] & w_valid[None, :], other=0.0).to(tl.float32)
+            part += w[None, :, :] * x[:, None, :]
+        acc += part * scale[None, :, :]
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _gemv_fp8_kernel(
+    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    w_rows = w_ptr + tl.where(n_valid, offs_n, 0).to(tl.int64)[:, None] * stride_wn
+    if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
+        prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
+    wait_for_inputs(USE_PDL)
+    offs_m = tl.arange(0, ROWS)
+    m_valid = offs_m < M
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if ACT == 0:  # static per-tensor scale
+        sx = tl.zeros([ROWS], tl.float32) + tl.load(xs_ptr).to(tl.float32)
+    else:  # dynamic: per token (1) or per tensor (2)
+        amax = tl.zeros([ROWS], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        if ACT == 2:
+            amax = tl.zeros([ROWS], tl.float32) + tl.max(amax, axis=0)
+        sx = tl.maximum(amax / 448.0, 1e-12)
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
+        acc += w.to(tl.float32)[None, :, :] * qx[:, None, :]
+    y = tl.sum(acc, axis=2) * sx[:, None]
+    if W_PER_CHANNEL:
+        y = y * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+    else:
+        y = y * tl.load(ws_ptr)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])
+
+
+def gemv_int_supported(rows: int, g_idx, bits: int, group_size: int, k: int) -> bool:
+    """The GEMV takes a few rows and groups made of whole words (group -1, or a multiple of 32 // bits)."""
+    per_word = 32 // bits
+    return (0 < rows <= GEMV_ROWS and g_idx is None and k % per_word == 0
+            and (group_size == -1 or (group_size % per_word == 0 and k % group_size == 0)))
+
+
+def _rows_tile(rows: int) -> int:
+    return triton.next_power_of_2(rows)
+
+
+def gemv_int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bias: torch.Tensor | None, bits: int, group_size: int, block_n: int = INT_BLOCK_N,
+                    block_w: int = INT_BLOCK_W, num_warps: int = INT_WARPS, num_stages: int = INT_STAGES) -> torch.Tensor:
+    """x [..., K] @ dequantize(qweight).T (+ bias) for a few rows (see `gemv_int_supported`).
+    The knobs are for benchmarks/quant_linear_bench.py."""
+    n, k = qweight.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else scales
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    launch = pdl_launch(x.device)
+    words = k * bits // 32
+    prefetch = min(PREFETCH_BYTES // 4, triton.next_power_of_2(words))
+    launch["PREFETCH_WORDS"] = prefetch if launch["USE_PDL"] and prefetch >= 32 else 0
+    _gemv_int_kernel[(triton.cdiv(n, block_n),)](
+        x2, qweight, scales, zeros, bias if bias is not None else scales, y, rows, n, k,
+        x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, GROUP_WORDS=0 if group_size == -1 else group_size * bits // 32, HAS_ZEROS=zeros is not scales,
+        HAS_BIAS=bias is not None, ROWS=_rows_tile(rows), BLOCK_N=block_n, BLOCK_W=block_w,
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+def gemv_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                    bias: torch.Tensor | None, act: int, block_n: int = FP8_BLOCK_N, block_k: int = FP8_BLOCK_K,
+                    num_warps: int = FP8_WARPS, num_stages: int = FP8_STAGES) -> torch.Tensor:
+    """fp8_linear for a few rows; `act` is 0 (static input scale), 1 (per token) or 2 (per tensor)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    weight_scale = weight_scale.float().contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    launch = pdl_launch(x.device)
+    prefetch = min(PREFETCH_BYTES, triton.next_power_of_2(k))
+    launch["PREFETCH_K"] = prefetch if launch["USE_PDL"] and prefetch >= 128 else 0
+    xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
+    _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
+        x2.stride(0), weight.stride(0), y.stride(0),
+        ACT=act, W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None, INTERPRET=not x.is_cuda,
+        ROWS=_rows_tile(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return y.view(*x.shape[:-1], n)

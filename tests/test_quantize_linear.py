@@ -1,0 +1,106 @@
+"""quantize_linear: online FP8 / INT8 / INT4 of linears and MoE experts while an unquantized checkpoint loads.
+
+Reference: the same checkpoint optimized without quantization (itself checked against HF eager
+elsewhere). Tolerances are relative to the largest logit and sized to each scheme's rounding.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
+
+from autodeploy.errors import QuantizationError
+from autodeploy.optimizer import optimize_model
+from tests.conftest import save_tiny_checkpoint
+
+PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5]])
+NO_CACHE = ["transforms.insert_kv_cache.enabled=false"]
+TOLERANCE = {"fp8": 0.08, "int8": 0.02, "int4": 0.15}  # e4m3 keeps 3 mantissa bits of weights and activations
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    save_tiny_checkpoint(path, LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_logits(llama_dir):
+    return optimize_model(llama_dir, overrides=NO_CACHE, progress=False).logits(PROMPT)
+
+
+def _ops(opt) -> list[str]:
+    return [str(n.target) for n in opt.gm.graph.nodes if n.op == "call_function"]
+
+
+def _report(opt, name="quantize_linear"):
+    return next(r for r in opt.reports if r.name == name)
+
+
+@pytest.mark.parametrize("algo", ["fp8", "int8", "int4"])
+def test_every_linear_but_lm_head_is_quantized(llama_dir, llama_logits, algo):
+    opt = optimize_model(llama_dir, overrides=NO_CACHE + [f"quantization.algo={algo}", "quantization.group_size=32"],
+                         progress=False)
+    op = "autodeploy.fp8_linear.default" if algo == "fp8" else "autodeploy.int_linear.default"
+    ops = _ops(opt)
+    assert ops.count(op) == 14 and ops.count("autodeploy.linear.default") == 1  # 7 per layer; lm_head kept
+    report = _report(opt)
+    assert report.matched[f"{algo}_linear"] == 14 and report.matched["excluded"] == 1 and not report.warnings
+    ratio = report.matched["weight_bytes_after"] / report.matched["weight_bytes_before"]
+    assert ratio < {"fp8": 0.6, "int8": 0.6, "int4": 0.5}[algo]  # embeddings and lm_head stay float32
+    assert dict(opt.gm.named_parameters())["model.model.layers.0.self_attn.q_proj.weight" if algo == "fp8"
+                                           else "model.model.layers.0.self_attn.q_proj.qweight"].dtype in (
+        torch.float8_e4m3fn, torch.int32)
+    logits = opt.logits(PROMPT)
+    err = (logits - llama_logits).abs().max() / llama_logits.abs().max()
+    assert 0 < err < TOLERANCE[algo]
+
+
+def test_exclude_globs_keep_modules(llama_dir):
+    opt = optimize_model(llama_dir, overrides=NO_CACHE + ["quantization.algo=int8", "quantization.group_size=-1",
+                                                          "quantization.exclude=[lm_head,'*.mlp.*']"], progress=False)
+    ops = _ops(opt)
+    assert ops.count("autodeploy.int_linear.default") == 8  # q, k, v, o of two layers
+    assert _report(opt).matched["excluded"] == 7
+
+
+def test_algo_none_and_auto_leave_an_unquantized_checkpoint_alone(llama_dir):
+    for algo in ("none", "auto"):
+        opt = optimize_model(llama_dir, overrides=NO_CACHE + [f"quantization.algo={algo}"], progress=False)
+        assert not any("fp8" in o or "int_linear" in o for o in _ops(opt))
+
+
+def test_group_size_must_divide_in_features(llama_dir):
+    with pytest.raises(QuantizationError, match="group size 48 does not divide in_features 64"):
+        optimize_model(llama_dir, overrides=NO_CACHE + ["quantization.algo=int4", "quantization.group_size=48"],
+                       progress=False)
+
+
+MOE_CONFIGS = {
+    "mixtral": MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=128),
+    "qwen3_moe": Qwen3MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                num_experts_per_tok=2, head_dim=16, max_position_embeddings=128),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+def test_moe_experts_quantized_and_routers_kept(tmp_path, family):
+    save_tiny_checkpoint(tmp_path, MOE_CONFIGS[family])
+    prompt = PROMPT % 128
+    ref = optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
+    ref_logits = ref.logits(prompt)
+    ref_linears = _ops(ref).count("autodeploy.linear.default")
+    for algo, op in (("fp8", "autodeploy.fp8_moe.default"), ("int4", "autodeploy.int_moe.default")):
+        opt = optimize_model(tmp_path, overrides=NO_CACHE + [f"quantization.algo={algo}", "quantization.group_size=16"],
+                             progress=False)
+        ops = _ops(opt)
+        assert ops.count(op) == 1 and "autodeploy.moe.default" not in ops
+        assert _report(opt).matched[f"{algo}_experts"] == 4
+        assert ops.count("autodeploy.linear.default") == 2  # the router and lm_head
+        assert ref_linears > 2  # ... while the unquantized graph has the attention projections as linears too
+        err = (opt.logits(prompt) - ref_logits).abs().max() / ref_logits.abs().max()
+        assert 0 < err < TOLERANCE[algo]

@@ -1,0 +1,71 @@
+"""quantize_from_checkpoint: a pre-quantized checkpoint's linears become quantized ops over its tensors.
+
+Detects the format (compressed-tensors, ModelOpt FP8, GPTQ, AWQ; autodeploy/quantization/checkpoint.py),
+swaps each linear the checkpoint stores quantized for fp8_linear / int_linear, and records how
+`load_weights` reads its stored tensors into the canonical layout: the weights are never
+dequantized to a full-precision copy. KV-cache scales the checkpoint carries go to gm.meta for
+insert_kv_cache (used when the cache is FP8). Asking for another scheme than the checkpoint's
+(`quantization.algo`) is an error rather than a silent re-quantization of already rounded weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.fx import GraphModule
+
+from autodeploy.errors import QuantizationError
+from autodeploy.runtime.kv_cache import KV_SCALES_KEY
+from autodeploy.quantization.checkpoint import checkpoint_format
+from autodeploy.quantization.kv_scales import checkpoint_kv_scales
+from autodeploy.quantization.loading import quantized_loads
+from autodeploy.quantization.rewrite import linear_sites, swap_linear, weight_bytes
+
+from .registry import Stage, Transform, TransformContext, register
+
+
+@register
+class QuantizeFromCheckpoint(Transform):
+    name = "quantize_from_checkpoint"
+    stage = Stage.QUANTIZATION
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        fmt = checkpoint_format(ctx.source)
+        if fmt is None:
+            return {}
+        loads = quantized_loads(gm)
+        counts = {"weight_bytes_before": weight_bytes(gm)}
+        for site in list(linear_sites(gm)):
+            scheme = fmt.scheme_for(site.path)
+            if scheme is None:
+                continue
+            self._check_requested(ctx.quantization.algo, fmt.describe(scheme), scheme.name)
+            scheme.check(site.in_features)
+            params = swap_linear(site, scheme, ctx.dtype)
+            loads.add(fmt.layer_load(site.path, scheme, site.out_features, site.in_features, ctx.dtype, params))
+            kind = f"{fmt.method}_{scheme.name}_linear"
+            counts[kind] = counts.get(kind, 0) + 1
+        counts["weight_bytes_after"] = weight_bytes(gm)
+        kv_scales = checkpoint_kv_scales(gm, fmt.keys, ctx.source.weight_files)
+        if kv_scales is not None:
+            gm.meta[KV_SCALES_KEY] = kv_scales
+            counts["kv_cache_scales"] = len(kv_scales)
+        return counts
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        """Every nn.Linear the checkpoint stores quantized."""
+        fmt = checkpoint_format(ctx.source)
+        counts: dict[str, int] = {}
+        for path, module in ctx.meta_model.named_modules() if fmt is not None else ():
+            scheme = fmt.scheme_for(path) if isinstance(module, nn.Linear) else None
+            if scheme is not None:
+                kind = f"{fmt.method}_{scheme.name}_linear"
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    @staticmethod
+    def _check_requested(algo: str, stored: str, scheme_name: str) -> None:
+        if algo not in ("auto", scheme_name):
+            raise QuantizationError(
+                f"the checkpoint is already quantized ({stored}); quantization '{algo}' contradicts it "
+                f"(use auto or {scheme_name})"
+            )

@@ -1,0 +1,89 @@
+"""quantize_linear: quantize an unquantized checkpoint's linears and MoE experts while they load.
+
+`quantization.algo` (fp8 | int8 | int4, recipe section, `LLM(quantization=...)`, `--quantization`)
+picks the scheme; every autodeploy::linear becomes fp8_linear / int_linear and every
+autodeploy::moe becomes fp8_moe / int_moe, except modules matching `quantization.exclude` (by
+default lm_head and MoE routers, which users expect kept: the head decides every token, routers are
+tiny and decide which experts run). The weights are not touched here: the new parameters are meta
+placeholders, and `load_weights` quantizes each layer as it streams (see autodeploy/quantization/loading.py).
+A pre-quantized checkpoint is left to quantize_from_checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+from torch.fx import GraphModule
+
+from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.quantization.checkpoint import checkpoint_format
+from autodeploy.quantization.loading import LayerLoad, quantized_loads
+from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
+                                             swap_moe, weight_bytes)
+from autodeploy.quantization.schemes import LinearScheme, online_scheme
+
+from .registry import Stage, Transform, TransformContext, register
+
+
+def _build_linear(scheme, key: str, scale_dtype, tensors: dict) -> dict:
+    return scheme.quantize(tensors[key], scale_dtype)
+
+
+def _build_experts(scheme, key: str, scale_dtype, tensors: dict) -> dict:
+    return quantize_experts(scheme, tensors[key], scale_dtype)
+
+
+@register
+class QuantizeLinear(Transform):
+    name = "quantize_linear"
+    stage = Stage.QUANTIZATION
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        settings = ctx.quantization
+        if not settings.online or checkpoint_format(ctx.source) is not None:
+            return {}
+        scheme = online_scheme(settings)
+        counts = {f"{scheme.name}_linear": 0, f"{scheme.name}_experts": 0, "excluded": 0,
+                  "weight_bytes_before": weight_bytes(gm)}
+        self._linears(gm, ctx, scheme, counts)
+        self._experts(gm, ctx, scheme, counts)
+        counts["weight_bytes_after"] = weight_bytes(gm)
+        return counts
+
+    @staticmethod
+    def _linears(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+        loads = quantized_loads(gm)
+        for site in list(linear_sites(gm)):
+            if ctx.quantization.excluded(site.path):
+                counts["excluded"] += 1
+                continue
+            scheme.check(site.in_features)
+            key = (site.prefix + site.node.args[1].target).removeprefix(WRAPPER_PREFIX)
+            params = swap_linear(site, scheme, ctx.dtype)
+            shape = (site.out_features, site.in_features)
+            loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype), params))
+            counts[f"{scheme.name}_linear"] += 1
+
+    @staticmethod
+    def _experts(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+        loads = quantized_loads(gm)
+        for prefix, module, node in list(moe_nodes(gm)):
+            w_gate_up, w_down = node.args[3], node.args[4]
+            if ctx.quantization.excluded(hf_path(w_gate_up.target)):
+                counts["excluded"] += 1
+                continue
+            for weight in (w_gate_up, w_down):
+                scheme.check(weight.meta["val"].shape[-1])
+            counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]
+            for weight_name, (shape, params) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
+                key = weight_name.removeprefix(WRAPPER_PREFIX)
+                loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype), params))
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        """Every nn.Linear not excluded (tied or transposed weights are kept and show up as a shortfall)."""
+        settings = ctx.quantization
+        if not settings.online or checkpoint_format(ctx.source) is not None:
+            return {}
+        kept = sum(isinstance(m, nn.Linear) and not settings.excluded(p) for p, m in ctx.meta_model.named_modules())
+        return {f"{online_scheme(settings).name}_linear": kept}
