@@ -21,3 +21,11 @@ class RecipeError(AutoDeployError, ValueError):
 
 class WeightLoadingError(AutoDeployError):
     pass
+
+
+class ShardingError(AutoDeployError, ValueError):
+    """A model that cannot be split over the requested number of ranks (e.g. head counts)."""
+
+
+class WorkerError(AutoDeployError, RuntimeError):
+    """A tensor-parallel worker process died or stopped answering."""

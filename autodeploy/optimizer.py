@@ -69,7 +69,8 @@ def optimize_model(
     gm = export_causal_lm(meta_model, recipe.export.max_batch_size, recipe.export.max_seq_len)
     seconds["export"] = time.perf_counter() - start
 
-    ctx = TransformContext(source=source, meta_model=meta_model, device=device, dtype=dtype)
+    ctx = TransformContext(source=source, meta_model=meta_model, device=device, dtype=dtype,
+                           parallel=recipe.parallel)
     start = time.perf_counter()
     reports = run_transforms(gm, recipe, ctx, progress=progress, check=check)
     seconds["transforms"] = time.perf_counter() - start

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
+from .parallel.settings import ParallelSettings
 from .runtime.settings import EngineSettings
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
@@ -37,10 +38,11 @@ class Recipe:
     export: ExportSettings = field(default_factory=ExportSettings)
     transforms: dict = field(default_factory=dict)  # name -> config object, in recipe order
     runtime: EngineSettings = field(default_factory=EngineSettings)  # what LLM(...) / the engine start with
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # tensor / expert parallel ranks
 
 
-_SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings}
-_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime"]
+_SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings, "parallel": ParallelSettings}
+_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime", "parallel"]
 
 
 def _recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:

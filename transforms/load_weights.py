@@ -16,6 +16,7 @@ from autodeploy.errors import UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
+from autodeploy.parallel.slices import shards_of
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -82,7 +83,7 @@ class LoadWeights(Transform):
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
         wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if n.removeprefix(WRAPPER_PREFIX) not in computed]
-        source, counts = self._tensor_source(ctx, wanted, aliases)
+        source, counts = self._tensor_source(ctx, wanted, aliases, shards_of(gm))
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
@@ -102,20 +103,27 @@ class LoadWeights(Transform):
         _retarget_devices(gm, ctx.device)
         return counts
 
-    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]]):
-        """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert."""
+    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]], shards: dict):
+        """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert.
+
+        A sharded parameter (tensor parallelism) reads only this rank's slice."""
         if not ctx.source.weight_files:
             return None, {"random_init": 0, "moved": 0}
         checkpoint = _open_checkpoint(ctx.source.weight_files)
         missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
         if not missing:
-            return (lambda name: _read(checkpoint, name, aliases)), {"loaded": 0, "moved": 0}
+            return (lambda name: _read(checkpoint, name, aliases, shards.get(name))), {"loaded": 0, "moved": 0}
         state = _converted_by_transformers(ctx)
         still_missing = [n for n in wanted if _checkpoint_key(n, state, aliases) is None]
         if still_missing:
             shown = ", ".join(still_missing[:5]) + (f" and {len(still_missing) - 5} more" if len(still_missing) > 5 else "")
             raise WeightLoadingError(f"the checkpoint lacks {len(still_missing)} weights the model needs: {shown}")
-        return (lambda name: state[_checkpoint_key(name, state, aliases)]), {"converted": 0, "moved": 0}
+
+        def converted(name: str) -> torch.Tensor:
+            full, shard = state[_checkpoint_key(name, state, aliases)], shards.get(name)
+            return full if shard is None else shard.take(full)
+
+        return converted, {"converted": 0, "moved": 0}
 
     @staticmethod
     def _materialize(name, old, source, computed: dict, ctx: TransformContext, gen, counts: dict[str, int]):
@@ -135,9 +143,9 @@ class LoadWeights(Transform):
         return value.to(device=ctx.device, dtype=dtype)
 
 
-def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]]) -> torch.Tensor:
+def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]], shard) -> torch.Tensor:
     key = _checkpoint_key(name, checkpoint, aliases)
-    return checkpoint[key].get_tensor(key)
+    return checkpoint[key].get_tensor(key) if shard is None else shard.read(checkpoint[key], key)
 
 
 def _converted_by_transformers(ctx: TransformContext) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ class TransformContext:
     meta_model: torch.nn.Module  # the HF model on meta: module attributes (sliding_window, scaling, ...)
     device: torch.device
     dtype: torch.dtype
+    parallel: Any = None  # autodeploy.parallel.settings.ParallelSettings (None: one rank)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Transform:
 
     def __init__(self, config: TransformConfig | None = None):
         self.config = config if config is not None else self.config_cls()
+        self.warnings: list[str] = []  # what `apply` could not do, named (shown in the report)
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         """Rewrite `gm` in place; return how many things of each kind were matched/changed."""
