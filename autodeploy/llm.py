@@ -8,6 +8,9 @@ must include `insert_kv_cache`) and starts an engine on the result. Settings com
   - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
     or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
 `LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
+`LLM(model, tensor_parallel_size=N, enable_expert_parallel=...)` shards the model over N ranks
+(autodeploy/parallel): N - 1 worker processes (or torchrun's), this process being rank 0; they stop
+with `shutdown()` or when the LLM is collected or the interpreter exits.
 Requests from every entry point share one engine, so they batch together; each consumer steps the
 engine when it has nothing to read and outputs are routed to the request they belong to.
 """
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections import deque
 from dataclasses import fields, replace
+from functools import partial
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 from .errors import RecipeError
 from .runtime.engine import Engine
+from .runtime.executor import ModelExecutor
 from .runtime.settings import EngineSettings
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SamplingParams
@@ -63,23 +69,51 @@ def _eos_ids(source, tokenizer) -> set[int]:
     return ids
 
 
+def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
+    """The recipe's runtime section with `overrides` (keyword settings) on top, checked against the graph."""
+    settings = replace(model.recipe.runtime, **overrides)
+    export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
+    settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
+    if settings.max_num_tokens > export_max:
+        raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+    return settings
+
+
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, recipe=None, *, overrides: Sequence[str] = (),
-                 progress: bool = False, **kwargs):
+                 progress: bool = False, tensor_parallel_size: int | None = None,
+                 enable_expert_parallel: bool | None = None, **kwargs):
         from .optimizer import optimize_model
+        from .recipe import load_recipe
 
         runtime_keys = {f.name for f in fields(EngineSettings)}
         unknown = [k for k in kwargs if k not in runtime_keys and "." not in k]
         if unknown:
             raise TypeError(f"unknown LLM arguments {unknown}: use {sorted(runtime_keys)} or dotted recipe keys")
         overrides = list(overrides) + [f"{k}={v}" for k, v in kwargs.items() if "." in k]
-        self._start(optimize_model(model, recipe, overrides, progress=progress),
-                    {k: v for k, v in kwargs.items() if k in runtime_keys})
+        overrides += [f"parallel.{k}={v}" for k, v in (("tensor_parallel_size", tensor_parallel_size),
+                                                        ("enable_expert_parallel", enable_expert_parallel)) if v is not None]
+        recipe = load_recipe(recipe, overrides)
+        runtime = {k: v for k, v in kwargs.items() if k in runtime_keys}
+        self._ranks = None
+        if recipe.parallel.tensor_parallel_size > 1:
+            from .parallel.ranks import Ranks, for_rank
+
+            self._ranks = Ranks.start(model, recipe, runtime)  # a torchrun worker serves in here, then exits
+            weakref.finalize(self, self._ranks.shutdown)
+            recipe = for_rank(recipe, 0)
+        self._start(optimize_model(model, recipe, progress=progress), runtime)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); the LLM cannot run after this."""
+        if self._ranks is not None:
+            self._ranks.shutdown()
 
     @classmethod
     def from_optimized(cls, model: OptimizedModel, **settings) -> "LLM":
         """An LLM over an already optimized model (its recipe must have included insert_kv_cache)."""
         llm = cls.__new__(cls)
+        llm._ranks = None
         llm._start(model, settings)
         return llm
 
@@ -88,18 +122,22 @@ class LLM:
         from .loading import load_tokenizer_or_none
         from .runtime.kv_cache import kv_cache_of
 
-        settings = replace(model.recipe.runtime, **overrides)
         if kv_cache_of(model.gm) is None:
             raise RecipeError("LLM needs a recipe with the insert_kv_cache transform (enabled)")
-        export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
-        settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
-        if settings.max_num_tokens > export_max:
-            raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+        settings = engine_settings(model, overrides)
         self.model = model
         self.tokenizer = load_tokenizer_or_none(model.source)
         config = model.source.config.get_text_config()
+        factory = ModelExecutor
+        ranks = self._ranks
+        if ranks is not None:
+            from .parallel.executor import TensorParallelExecutor
+            from .parallel.ranks import agree_on_cache_blocks
+
+            agree_on_cache_blocks(kv_cache_of(model.gm), ranks.channel)
+            factory = partial(TensorParallelExecutor, channel=ranks.channel, failure=ranks.failure)
         self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
-                             settings, getattr(config, "max_position_embeddings", None))
+                             settings, getattr(config, "max_position_embeddings", None), factory)
         self._queues: dict[str, deque[RequestOutput]] = {}
 
     # --- requests -----------------------------------------------------------------------------
