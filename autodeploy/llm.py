@@ -135,7 +135,7 @@ class LLM:
             from .parallel.ranks import agree_on_cache_blocks
 
             agree_on_cache_blocks(kv_cache_of(model.gm), ranks.channel)
-            factory = partial(TensorParallelExecutor, channel=ranks.channel, failure=ranks.failure)
+            factory = partial(TensorParallelExecutor, channel=ranks.channel)
         self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
                              settings, getattr(config, "max_position_embeddings", None), factory)
         self._queues: dict[str, deque[RequestOutput]] = {}

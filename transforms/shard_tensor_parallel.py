@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from autodeploy.errors import ShardingError
 from autodeploy.graph_utils import is_op
 from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
+from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
 from autodeploy.patterns.helpers import insert_call, val
 
@@ -43,18 +44,6 @@ def rank_and_world(ctx: TransformContext) -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ShardingError(f"parallel.rank {rank} is not a rank of tensor_parallel_size {world}")
     return rank, world
-
-
-def check_head_counts(heads: int, kv_heads: int, world: int) -> None:
-    """Query heads must split evenly; KV heads must split evenly or be replicated whole."""
-    def works(n: int) -> bool:
-        return heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)
-
-    if not works(world):
-        sizes = ", ".join(str(n) for n in range(1, heads + 1) if works(n))
-        raise ShardingError(
-            f"tensor_parallel_size {world} does not divide the model's heads ({heads} query heads, "
-            f"{kv_heads} key/value heads); sizes that work: {sizes}")
 
 
 class _Sharder:
@@ -186,8 +175,7 @@ class ShardTensorParallel(Transform):
         rank, world = rank_and_world(ctx)
         if world == 1:
             return {}
-        config = ctx.source.config.get_text_config()
-        heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        heads = head_counts(ctx.source.config.get_text_config()) or (1, 1)
         if any(is_op(n, ad.attention) for n in gm.graph.nodes):
             check_head_counts(*heads, world)
         sharder = _Sharder(gm, ctx, rank, world)

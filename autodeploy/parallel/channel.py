@@ -77,13 +77,27 @@ class StepChannel:
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         """Rank 0's side: wait for the broadcast while watching the workers, at most `deadline_s`."""
-        work = dist.broadcast(tensor, 0, group=self.group, async_op=True)
         deadline = time.monotonic() + self.deadline_s
-        while not work.is_completed():
+        try:
+            work = dist.broadcast(tensor, 0, group=self.group, async_op=True)
+            while not work.is_completed():
+                gone = self.alive()
+                if gone is not None:
+                    raise WorkerError(gone)
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"tensor-parallel workers did not take a step within {self.deadline_s:.0f} s")
+                time.sleep(0.001)
+            work.wait(timeout=timedelta(seconds=1))
+        except RuntimeError as e:  # gloo: a peer closed its connection
+            if isinstance(e, WorkerError):
+                raise
+            raise WorkerError(self.why_failed(e)) from None
+
+    def why_failed(self, error: Exception) -> str:
+        """The dead worker behind a failed collective (it may take a moment to be reaped), else the error."""
+        for _ in range(100):
             gone = self.alive()
             if gone is not None:
-                raise WorkerError(gone)
-            if time.monotonic() > deadline:
-                raise WorkerError(f"tensor-parallel workers did not take a step within {self.deadline_s:.0f} s")
-            time.sleep(0.001)
-        work.wait(timeout=timedelta(seconds=1))
+                return gone
+            time.sleep(0.02)
+        return f"a tensor-parallel collective failed: {str(error).splitlines()[0]}"

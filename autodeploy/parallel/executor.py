@@ -9,8 +9,6 @@ samples) are broadcast from rank 0 before a step that feeds them.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch.fx import GraphModule
@@ -35,11 +33,9 @@ def rows_as_chunks(input_ids: torch.Tensor, position_ids: torch.Tensor) -> list[
 class TensorParallelExecutor(ModelExecutor):
     """Rank 0's executor: each step goes to the workers first; a failed collective names the worker."""
 
-    def __init__(self, gm: GraphModule, max_batch_size: int, channel: StepChannel,
-                 failure: Callable[[], str | None]):
+    def __init__(self, gm: GraphModule, max_batch_size: int, channel: StepChannel):
         super().__init__(gm, max_batch_size)
         self.channel = channel
-        self.failure = failure
 
     def last_token_logits(self, chunks: list[Chunk]) -> torch.Tensor:
         self.channel.send(Command.STEP, chunks)
@@ -60,7 +56,7 @@ class TensorParallelExecutor(ModelExecutor):
         """gloo/NCCL errors when a peer has gone become one clear WorkerError."""
         if isinstance(error, WorkerError):
             return error
-        return WorkerError(self.failure() or f"a tensor-parallel collective failed: {str(error).splitlines()[0]}")
+        return WorkerError(self.channel.why_failed(error))
 
 
 def serve_steps(executor: ModelExecutor, channel: StepChannel) -> None:

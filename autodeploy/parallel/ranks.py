@@ -23,6 +23,7 @@ from autodeploy.errors import RecipeError, WorkerError
 from autodeploy.recipe import Recipe
 
 from .channel import Command, StepChannel
+from .settings import check_head_counts, head_counts
 
 # NVLink multicast (NVLS / symmetric-memory multicast) stays off in every process we start.
 COLLECTIVE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -96,6 +97,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_fits(model, recipe: Recipe) -> None:
+    """The head-count error from the config alone, before any process starts."""
+    from autodeploy.loading import resolve_model
+
+    source = resolve_model(model, recipe.model.trust_remote_code, recipe.model.config_only)
+    heads = head_counts(source.config.get_text_config())
+    if heads is not None:
+        check_head_counts(*heads, recipe.parallel.tensor_parallel_size)
+
+
 class Ranks:
     """Rank 0's handle on the job: the step channel, the spawned workers (none under torchrun)."""
 
@@ -108,6 +119,7 @@ class Ranks:
     def start(cls, model, recipe: Recipe, runtime: dict) -> "Ranks":
         """Start (or, under torchrun, join) the workers. On a torchrun worker this serves and exits."""
         world = recipe.parallel.tensor_parallel_size
+        _check_fits(model, recipe)
         if under_torchrun():
             rank = int(os.environ["RANK"])
             if int(os.environ["WORLD_SIZE"]) != world:
