@@ -134,3 +134,25 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
         assert ((got - want_logits).abs().max() / want_logits.abs().max()).item() < 1e-4
     finally:
         three.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []),
+    ("qwen3-moe", ["parallel.enable_expert_parallel=true"]),
+])
+def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra):
+    """Tiny zoo configs (GQA, q/k norm, soft-capping + sliding window, MoE TP-in-experts and expert parallel)."""
+    from model_zoo_ci.runner import build_checkpoint
+    from model_zoo_ci.zoo import load_zoo
+
+    entry = next(e for e in load_zoo() if e.name == name)
+    build_checkpoint(entry, tmp_path)
+    overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra]
+    params = SamplingParams(max_tokens=entry.max_new_tokens, temperature=0.0)
+    want = LLM(tmp_path, str(entry.recipe), overrides=overrides).generate([list(entry.prompt)], params)[0].token_ids
+    llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
+    try:
+        assert llm.generate([list(entry.prompt)], params)[0].token_ids == want
+    finally:
+        llm.shutdown()

@@ -106,23 +106,82 @@ class _Sharder:
             if node in region.dims or node in region.closers:
                 refresh(node)
 
+    # --- routed experts -------------------------------------------------------------------------
+    def shard_experts(self, moe: Node, expert_parallel: bool) -> None:
+        """Whole experts per rank (routing masked to them) or a slice of every expert; then all_reduce."""
+        x, ids, weights, w_gate_up, w_down, activation, *biases = moe.args
+        gate_up, gate_up_t = _expert_weight(w_gate_up)
+        down, down_t = _expert_weight(w_down)
+        experts, inner = shape(w_gate_up)[0], shape(w_down)[2]
+        b_gate_up, b_down = (list(biases) + [None, None])[:2]
+        if expert_parallel:
+            if experts % self.world:
+                raise ValueError(f"{experts} experts do not split over {self.world} ranks")
+            local = experts // self.world
+            first = self.rank * local
+            for param in (gate_up, down, b_gate_up, b_down):
+                if param is not None:
+                    self.slice_param(param, 0, [(first, first + local)])
+            moe.args = (x, *self._local_routing(moe, ids, weights, first, local), *moe.args[3:])
+            self.counts["experts_per_rank"] = local
+        else:
+            if inner % self.world:
+                raise ValueError(f"expert width {inner} does not split over {self.world} ranks")
+            part = inner // self.world
+            start = self.rank * part
+            rows = [(start, start + part), (inner + start, inner + start + part)]  # gate rows, then up rows
+            self.slice_param(gate_up, 2 if gate_up_t else 1, rows)
+            self.slice_param(down, 1 if down_t else 2, [(start, start + part)])
+            if b_gate_up is not None:
+                self.slice_param(b_gate_up, 1, rows)
+            if b_down is not None and self.rank != 0:  # the down bias is added once, by rank 0
+                with self.gm.graph.inserting_before(moe):
+                    moe.update_arg(7, insert_call(self.gm.graph, aten.mul.Tensor, (b_down, 0.0)))
+            self.counts["experts_per_rank"] = experts
+        for node in (w_gate_up, w_down, moe):
+            refresh(node)
+        self.all_reduce_after(moe)
+        self.counts["moe"] = self.counts.get("moe", 0) + 1
+
+    def _local_routing(self, moe: Node, ids: Node, weights: Node, first: int, local: int) -> tuple[Node, Node]:
+        """Expert ids shifted to this rank's range; weights of other ranks' experts zeroed."""
+        graph = self.gm.graph
+        with graph.inserting_before(moe):
+            shifted = insert_call(graph, aten.sub.Tensor, (ids, first))
+            mine = insert_call(graph, aten.bitwise_and.Tensor, (insert_call(graph, aten.ge.Scalar, (shifted, 0)),
+                                                                 insert_call(graph, aten.lt.Scalar, (shifted, local))))
+            local_ids = insert_call(graph, aten.clamp.default, (shifted, 0, local - 1))
+            local_weights = insert_call(graph, aten.mul.Tensor, (weights, mine))
+        return local_ids, local_weights
+
+    def all_reduce_after(self, node: Node, bias: Node | None = None) -> None:
+        """`node`'s users read the sum over ranks (plus `bias`, added once) instead of `node`."""
+        users = list(node.users)
+        with self.gm.graph.inserting_after(node):
+            total = insert_call(self.gm.graph, ad.all_reduce.default, (node,))
+        last = total
+        if bias is not None:
+            with self.gm.graph.inserting_after(total):
+                last = insert_call(self.gm.graph, aten.add.Tensor, (total, bias))
+        for user in users:
+            user.replace_input_with(node, last)
+        self.counts["all_reduce"] += 1
+
     def close(self, closer: Node, cols: list[tuple[int, int]]) -> None:
         """Row-parallel: this rank's input columns, then all_reduce, then the bias once."""
         weight, transposed = weight_param(closer.args[1])
         self.slice_param(weight, 0 if transposed else 1, cols)
         bias = closer.args[2] if len(closer.args) > 2 else None
         closer.args = (closer.args[0], closer.args[1], None)
-        users = list(closer.users)
-        with self.gm.graph.inserting_after(closer):
-            total = insert_call(self.gm.graph, ad.all_reduce.default, (closer,))
-        last = total
-        if bias is not None:
-            with self.gm.graph.inserting_after(total):
-                last = insert_call(self.gm.graph, aten.add.Tensor, (total, bias))
-        for user in users:
-            user.replace_input_with(closer, last)
+        self.all_reduce_after(closer, bias)
         self.counts["row"] += 1
-        self.counts["all_reduce"] += 1
+
+
+def _expert_weight(node: Node) -> tuple[Node, bool]:
+    """The get_attr of a stacked expert weight and whether the graph transposes it (dims 1 and 2)."""
+    if is_op(node, aten.transpose):
+        return node.args[0], True
+    return node, False
 
 
 def _feeds_kv(opener: Node, region: Region) -> bool:
@@ -187,6 +246,11 @@ class ShardTensorParallel(Transform):
                 except ValueError as e:  # a size that does not split: raised before anything changed
                     region.error = str(e)
             self.note_replicated(region)
+        for moe in [n for n in gm.graph.nodes if is_op(n, ad.moe)]:
+            try:
+                sharder.shard_experts(moe, ctx.parallel.enable_expert_parallel)
+            except ValueError as e:
+                self.warnings.append(f"{self.name}: {moe.name} stays replicated: {e}")
         counts = dict(sharder.counts)
         counts["heads_per_rank"] = heads[0] // world
         counts["kv_heads_per_rank"] = max(1, heads[1] // world)
