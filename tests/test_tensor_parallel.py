@@ -138,11 +138,12 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, extra", [
-    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []),
+    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []), ("phi-3", []), ("gpt2", []),
     ("qwen3-moe", ["parallel.enable_expert_parallel=true"]),
 ])
 def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra):
-    """Tiny zoo configs (GQA, q/k norm, soft-capping + sliding window, MoE TP-in-experts and expert parallel)."""
+    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
+    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2)."""
     from model_zoo_ci.runner import build_checkpoint
     from model_zoo_ci.zoo import load_zoo
 

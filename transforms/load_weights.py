@@ -16,7 +16,7 @@ from autodeploy.errors import UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
-from autodeploy.parallel.slices import shards_of
+from autodeploy.parallel.slices import checkpoint_name, shards_of
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -82,8 +82,10 @@ class LoadWeights(Transform):
         aliases = _tied_aliases(ctx.meta_model)
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if n.removeprefix(WRAPPER_PREFIX) not in computed]
-        source, counts = self._tensor_source(ctx, wanted, aliases, shards_of(gm))
+        shards = shards_of(gm)
+        wanted = [checkpoint_name(n.removeprefix(WRAPPER_PREFIX), shards) for n, t in tensors
+                  if n.removeprefix(WRAPPER_PREFIX) not in computed]
+        source, counts = self._tensor_source(ctx, wanted, aliases, shards)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
@@ -112,7 +114,8 @@ class LoadWeights(Transform):
         checkpoint = _open_checkpoint(ctx.source.weight_files)
         missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
         if not missing:
-            return (lambda name: _read(checkpoint, name, aliases, shards.get(name))), {"loaded": 0, "moved": 0}
+            return (lambda name: _read(checkpoint, checkpoint_name(name, shards), aliases, shards.get(name))), \
+                {"loaded": 0, "moved": 0}
         state = _converted_by_transformers(ctx)
         still_missing = [n for n in wanted if _checkpoint_key(n, state, aliases) is None]
         if still_missing:
@@ -120,7 +123,8 @@ class LoadWeights(Transform):
             raise WeightLoadingError(f"the checkpoint lacks {len(still_missing)} weights the model needs: {shown}")
 
         def converted(name: str) -> torch.Tensor:
-            full, shard = state[_checkpoint_key(name, state, aliases)], shards.get(name)
+            full = state[_checkpoint_key(checkpoint_name(name, shards), state, aliases)]
+            shard = shards.get(name)
             return full if shard is None else shard.take(full)
 
         return converted, {"converted": 0, "moved": 0}

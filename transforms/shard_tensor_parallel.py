@@ -21,10 +21,11 @@ from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.errors import ShardingError
-from autodeploy.graph_utils import is_op
+from autodeploy.graph_utils import is_op, module_path
 from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
+from autodeploy.parallel.unfuse import split_fused_linears
 from autodeploy.patterns.helpers import insert_call, val
 
 from .registry import Stage, Transform, TransformContext, register
@@ -56,12 +57,19 @@ class _Sharder:
 
     # --- parameters -----------------------------------------------------------------------------
     def slice_param(self, get_attr: Node, dim: int, ranges: list[tuple[int, int]]) -> None:
-        """Give `get_attr`'s parameter this rank's shape on meta and record the checkpoint slice."""
+        """Give `get_attr`'s parameter this rank's shape on meta and record the checkpoint slice.
+
+        A parameter that is already a part of a fused checkpoint tensor takes ranges within its part."""
         name = get_attr.target
         owner_path, _, attr = name.rpartition(".")
         owner = self.gm.get_submodule(owner_path)
         full = getattr(owner, attr)
-        spec = ShardSlice(dim % full.dim(), tuple(ranges))
+        dim %= full.dim()
+        spec = ShardSlice(dim, tuple(ranges))
+        part = self.slices.get(name.removeprefix(_PREFIX))
+        if part is not None:
+            ((offset, _),) = part.ranges
+            spec = ShardSlice(dim, tuple((offset + a, offset + b) for a, b in ranges), part.key)
         local = torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta")
         setattr(owner, attr, torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter)
                 else local)
@@ -238,6 +246,7 @@ class ShardTensorParallel(Transform):
         if any(is_op(n, ad.attention) for n in gm.graph.nodes):
             check_head_counts(*heads, world)
         sharder = _Sharder(gm, ctx, rank, world)
+        sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
         for region in find_regions(gm):
             if region.error is None:
                 try:
@@ -258,10 +267,13 @@ class ShardTensorParallel(Transform):
         return counts
 
     def note_replicated(self, region: Region) -> None:
-        """A failed region that holds attention or an MLP is worth a warning; routers, heads are not."""
-        notable = [n for n in region.dims if is_op(n, (ad.attention, ad.gated_act))] or region.closers
-        if notable:
-            self.warnings.append(f"{self.name}: {notable[0].name} stays replicated: {region.error}")
+        """A warning naming what stays replicated, except the LM head and routers (replicated by design)."""
+        opener = region.openers[0]
+        by_design = (len(region.openers) == 1 and not region.closers and all(
+            u.op == "output" or is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
+        if not by_design:
+            where = module_path(opener) or opener.name
+            self.warnings.append(f"{self.name}: {where} ({opener.name}) stays replicated: {region.error}")
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         if rank_and_world(ctx)[1] == 1:

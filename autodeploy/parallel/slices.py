@@ -21,6 +21,7 @@ SHARDS_KEY = "autodeploy_shards"
 class ShardSlice:
     dim: int
     ranges: tuple[tuple[int, int], ...]  # [start, stop) along `dim`, in the order they are concatenated
+    key: str | None = None  # the checkpoint tensor, when not the parameter's own name (a fused part)
 
     @property
     def length(self) -> int:
@@ -50,3 +51,9 @@ class ShardSlice:
 def shards_of(gm: GraphModule) -> dict[str, ShardSlice]:
     """Checkpoint-style parameter name (no wrapper prefix) -> the slice this rank loads; empty when unsharded."""
     return gm.meta.get(SHARDS_KEY, {})
+
+
+def checkpoint_name(name: str, shards: dict[str, ShardSlice]) -> str:
+    """The checkpoint tensor parameter `name` is read from (a part of a fused tensor names the whole)."""
+    shard = shards.get(name)
+    return shard.key if shard is not None and shard.key else name
