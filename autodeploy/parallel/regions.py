@@ -86,11 +86,11 @@ def _broadcasts(other, out_shape: tuple, dim: int) -> bool:
 def _out_dim(node: Node, src: Node, dim: int) -> int | str:
     """The split dim of `node`'s output when its input `src` is split on `dim`, or why it cannot be."""
     out, inp = shape(node), shape(src)
-    if out is None or inp is None:
-        return f"{node.name} has no recorded shape"
-    ndim = len(inp)
     if is_op(node, _SAME_DIM) or node.target is operator.getitem:
         return dim
+    if inp is None or (out is None and not is_op(node, (aten.split, aten.split_with_sizes))):
+        return f"{node.name} has no recorded shape"
+    ndim = len(inp)
     if is_op(node, _VIEWS):
         found = _view_dim(inp, out, dim)
         return found if found is not None else f"{node.name} reshapes the split dim"
@@ -101,8 +101,11 @@ def _out_dim(node: Node, src: Node, dim: int) -> int | str:
         return [d % ndim for d in node.args[1]].index(dim)
     if is_op(node, aten.expand):
         return dim
-    if is_op(node, (aten.slice, aten.select, aten.split, aten.split_with_sizes)):
-        along = node.args[1] % ndim if len(node.args) > 1 else 0
+    if is_op(node, (aten.split, aten.split_with_sizes)):
+        along = (node.args[2] if len(node.args) > 2 else 0) % ndim
+        return dim if along != dim else f"{node.name} splits the split dim"
+    if is_op(node, (aten.slice, aten.select)):
+        along = (node.args[1] if len(node.args) > 1 else 0) % ndim
         if along == dim:
             return f"{node.name} slices the split dim"
         return dim - 1 if is_op(node, aten.select) and along < dim else dim
