@@ -110,8 +110,9 @@ class _Sharder:
         for closer, ranges in cols.items():
             self.close(closer, ranges)
         self.counts["attention"] += sum(is_op(n, ad.attention) for n in region.dims)
-        for node in self.gm.graph.nodes:
-            if node in region.dims or node in region.closers:
+        transposed_weights = {n.args[1] for n in region.openers + region.closers if n.args[1].op != "get_attr"}
+        for node in self.gm.graph.nodes:  # in order, so each node sees its inputs' new shapes
+            if node in region.dims or node in region.closers or node in transposed_weights:
                 refresh(node)
 
     # --- routed experts -------------------------------------------------------------------------
