@@ -21,6 +21,7 @@ from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.errors import ShardingError
+from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
 from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
@@ -32,7 +33,6 @@ from .registry import Stage, Transform, TransformContext, register
 
 aten = torch.ops.aten
 ad = torch.ops.autodeploy
-_PREFIX = "model."  # autodeploy.export.WRAPPER_PREFIX: graph parameter names carry it, checkpoints do not
 
 
 def rank_and_world(ctx: TransformContext) -> tuple[int, int]:
@@ -66,14 +66,14 @@ class _Sharder:
         full = getattr(owner, attr)
         dim %= full.dim()
         spec = ShardSlice(dim, tuple(ranges))
-        part = self.slices.get(name.removeprefix(_PREFIX))
+        part = self.slices.get(name.removeprefix(WRAPPER_PREFIX))
         if part is not None:
             ((offset, _),) = part.ranges
             spec = ShardSlice(dim, tuple((offset + a, offset + b) for a, b in ranges), part.key)
         local = torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta")
         setattr(owner, attr, torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter)
                 else local)
-        self.slices[name.removeprefix(_PREFIX)] = spec
+        self.slices[name.removeprefix(WRAPPER_PREFIX)] = spec
         get_attr.meta["val"] = refreshed_val(get_attr.meta.get("val"), spec)
 
     def fraction_ranges(self, size: int, start: Fraction, frac: Fraction) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op
 from autodeploy.patterns.helpers import insert_call
 
@@ -20,7 +21,6 @@ from .regions import shape, weight_param
 from .slices import ShardSlice
 
 aten = torch.ops.aten
-_PREFIX = "model."  # autodeploy.export.WRAPPER_PREFIX
 
 
 def _dim_arg(node: Node) -> int:
@@ -51,12 +51,12 @@ def _part_param(gm: GraphModule, get_attr: Node, dim: int, start: int, stop: int
     owner_path, _, attr = get_attr.target.rpartition(".")
     owner = gm.get_submodule(owner_path)
     full = getattr(owner, attr)
-    spec = ShardSlice(dim, ((start, stop),), key=get_attr.target.removeprefix(_PREFIX))
+    spec = ShardSlice(dim, ((start, stop),), key=get_attr.target.removeprefix(WRAPPER_PREFIX))
     name = f"{attr}_rows_{start}_{stop}"
     owner.register_parameter(name, torch.nn.Parameter(
         torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta"), requires_grad=False))
     target = f"{owner_path}.{name}"
-    slices[target.removeprefix(_PREFIX)] = spec
+    slices[target.removeprefix(WRAPPER_PREFIX)] = spec
     with gm.graph.inserting_before(get_attr):
         node = gm.graph.get_attr(target)
     node.meta["val"] = get_attr.meta["val"].narrow(dim, start, stop - start)
