@@ -23,6 +23,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random weights from the model's config alone (no checkpoint needed)")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
     add_quantization_args(p)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="shard the model over N ranks (devices; gloo processes on CPU)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: whole experts per rank instead of tensor parallelism inside each expert")
 
 
 def _split_overrides(args) -> None:
@@ -33,6 +37,10 @@ def _split_overrides(args) -> None:
     if args.config_only:
         args.overrides.append("model.config_only=true")
     args.overrides.extend(quantization_overrides(args))
+    if args.tensor_parallel_size is not None:
+        args.overrides.append(f"parallel.tensor_parallel_size={args.tensor_parallel_size}")
+    if args.enable_expert_parallel:
+        args.overrides.append("parallel.enable_expert_parallel=true")
 
 
 def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
@@ -88,7 +96,11 @@ def cmd_optimize(args) -> int:
                         "warnings": r.warnings} for r in opt.reports],
         "check": None,
     }
-    reference = _hf_reference(opt) if opt.source.weight_files and args.max_tokens > 0 else None
+    sharded = opt.recipe.parallel.tensor_parallel_size > 1
+    if sharded:  # without its peers a rank's graph is a part of the model: nothing to compare
+        print(f"\n  rank 0 of {opt.recipe.parallel.tensor_parallel_size} shown (every rank gets the same counts); "
+              "check the sharded model with `autodeploy generate -tp N`")
+    reference = _hf_reference(opt) if opt.source.weight_files and args.max_tokens > 0 and not sharded else None
     if reference is not None:
         tokenizer = load_tokenizer_or_none(opt.source)
         if tokenizer is None:  # a bare checkpoint: check on token ids alone

@@ -25,3 +25,11 @@ class WeightLoadingError(AutoDeployError):
 
 class QuantizationError(AutoDeployError, ValueError):
     """A quantization scheme or layout that cannot be honoured (also a ValueError, for API callers)."""
+
+
+class ShardingError(AutoDeployError, ValueError):
+    """A model that cannot be split over the requested number of ranks (e.g. head counts)."""
+
+
+class WorkerError(AutoDeployError, RuntimeError):
+    """A tensor-parallel worker process died or stopped answering."""

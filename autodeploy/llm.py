@@ -10,6 +10,9 @@ must include `insert_kv_cache`) and starts an engine on the result. Settings com
   - recipe overrides, as dotted keyword keys `LLM(model, **{"transforms.insert_kv_cache.block_size": 16})`
     or as `overrides=["transforms.insert_kv_cache.block_size=16"]`, what `autodeploy optimize` takes.
 `LLM.from_optimized(optimized_model, **runtime settings)` skips the optimization.
+`LLM(model, tensor_parallel_size=N, enable_expert_parallel=...)` shards the model over N ranks
+(autodeploy/parallel): N - 1 worker processes (or torchrun's), this process being rank 0; they stop
+with `shutdown()` or when the LLM is collected or the interpreter exits.
 Requests from every entry point share one engine, so they batch together; each consumer steps the
 engine when it has nothing to read and outputs are routed to the request they belong to.
 """
@@ -18,12 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections import deque
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 from .errors import RecipeError
 from .runtime.engine import Engine
+from .runtime.executor import ModelExecutor
+from .runtime.settings import EngineSettings
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SamplingParams
 
@@ -65,23 +72,47 @@ def _eos_ids(source, tokenizer) -> set[int]:
     return ids
 
 
+def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
+    """The recipe's runtime section with `overrides` (keyword settings) on top, checked against the graph."""
+    settings = replace(model.recipe.runtime, **overrides)
+    export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
+    settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
+    if settings.max_num_tokens > export_max:
+        raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+    return settings
+
+
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, recipe=None, *, overrides: Sequence[str] = (),
                  progress: bool = False, **kwargs):
         """Keywords: runtime settings, vLLM / TensorRT-LLM names (llm_keywords.py; e.g.
         `quantization`: fp8 | int8 | int4 | None = what the checkpoint says, else unquantized;
         `kv_cache_dtype`: auto | fp8), or dotted recipe keys."""
-        from .optimizer import optimize_model
-
         from .llm_keywords import translate
+        from .optimizer import optimize_model
+        from .recipe import load_recipe
 
         runtime, recipe_overrides = translate(kwargs)
-        self._start(optimize_model(model, recipe, list(overrides) + recipe_overrides, progress=progress), runtime)
+        recipe = load_recipe(recipe, list(overrides) + recipe_overrides)
+        self._ranks = None
+        if recipe.parallel.tensor_parallel_size > 1:
+            from .parallel.ranks import Ranks, for_rank
+
+            self._ranks = Ranks.start(model, recipe, runtime)  # a torchrun worker serves in here, then exits
+            weakref.finalize(self, self._ranks.shutdown)
+            recipe = for_rank(recipe, 0)
+        self._start(optimize_model(model, recipe, progress=progress), runtime)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (if any); the LLM cannot run after this."""
+        if self._ranks is not None:
+            self._ranks.shutdown()
 
     @classmethod
     def from_optimized(cls, model: OptimizedModel, **settings) -> "LLM":
         """An LLM over an already optimized model (its recipe must have included insert_kv_cache)."""
         llm = cls.__new__(cls)
+        llm._ranks = None
         llm._start(model, settings)
         return llm
 
@@ -90,19 +121,23 @@ class LLM:
         from .loading import load_tokenizer_or_none
         from .runtime.kv_cache import kv_cache_of
 
-        settings = replace(model.recipe.runtime, **overrides)
         if kv_cache_of(model.gm) is None:
             raise RecipeError("LLM needs a recipe with the insert_kv_cache transform (enabled)")
-        export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
-        settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
-        if settings.max_num_tokens > export_max:
-            raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+        settings = engine_settings(model, overrides)
         self.model = model
         self.tokenizer = load_tokenizer_or_none(model.source)
         config = model.source.config.get_text_config()
+        factory = ModelExecutor
+        ranks = self._ranks
+        if ranks is not None:
+            from .parallel.executor import TensorParallelExecutor
+            from .parallel.ranks import agree_on_cache_blocks
+
+            agree_on_cache_blocks(kv_cache_of(model.gm), ranks.channel)
+            factory = partial(TensorParallelExecutor, channel=ranks.channel)
         self.engine = Engine(model.gm, self.tokenizer, _eos_ids(model.source, self.tokenizer),
                              settings, getattr(config, "max_position_embeddings", None),
-                             getattr(config, "vocab_size", None))
+                             getattr(config, "vocab_size", None), factory)
         self._queues: dict[str, deque[RequestOutput]] = {}
 
     # --- requests -----------------------------------------------------------------------------

@@ -38,6 +38,8 @@ RECIPE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {  # keyword -> (reci
     # None: what the checkpoint says, else unquantized (the recipe's `auto`)
     "quantization": ("quantization.algo", lambda v: "auto" if v is None else str(v)),
     "kv_cache_dtype": ("quantization.kv_cache_dtype", lambda v: "auto" if v is None else str(v)),
+    "tensor_parallel_size": ("parallel.tensor_parallel_size", int),
+    "enable_expert_parallel": ("parallel.enable_expert_parallel", bool),
 }
 
 
@@ -45,15 +47,8 @@ def _enforce_eager(value: Any) -> dict:
     return {"cuda_graph_batch_sizes": (), "cuda_graph_prefill_tokens": ()} if value else {}
 
 
-def _tensor_parallel_size(value: Any) -> dict:
-    if value != 1:
-        raise ValueError(f"tensor_parallel_size={value}: this build runs on one device (1 only)")
-    return {}
-
-
 RUNTIME_CONVERSIONS: dict[str, Callable[[Any], dict]] = {  # keyword -> the runtime settings it means
     "enforce_eager": _enforce_eager,
-    "tensor_parallel_size": _tensor_parallel_size,
 }
 
 

@@ -70,7 +70,7 @@ def optimize_model(
     seconds["export"] = time.perf_counter() - start
 
     ctx = TransformContext(source=source, meta_model=meta_model, device=device, dtype=dtype,
-                           quantization=recipe.quantization)
+                           quantization=recipe.quantization, parallel=recipe.parallel)
     start = time.perf_counter()
     reports = run_transforms(gm, recipe, ctx, progress=progress, check=check)
     seconds["transforms"] = time.perf_counter() - start

@@ -43,6 +43,7 @@ def run_transforms(
         report.seconds = time.perf_counter() - start
         report.nodes_after = count_nodes(gm)
         report.matched = {k: int(v) for k, v in matched.items()}
+        report.warnings.extend(transform.warnings)
         for kind, want in transform.expected(gm, ctx).items():
             got = report.matched.get(kind, 0)
             if got < want:

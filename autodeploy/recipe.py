@@ -10,6 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import RecipeError
 from .quantization.settings import QuantizationSettings
+from .parallel.settings import ParallelSettings
 from .runtime.settings import EngineSettings
 
 BUILTIN_RECIPES = Path(__file__).parent / "recipes"
@@ -39,11 +40,12 @@ class Recipe:
     transforms: dict = field(default_factory=dict)  # name -> config object, in recipe order
     runtime: EngineSettings = field(default_factory=EngineSettings)  # what LLM(...) / the engine start with
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # quantize_* transforms
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # tensor / expert parallel ranks
 
 
 _SECTIONS = {"model": ModelSettings, "export": ExportSettings, "runtime": EngineSettings,
-             "quantization": QuantizationSettings}
-_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime", "quantization"]
+             "quantization": QuantizationSettings, "parallel": ParallelSettings}
+_TOP_KEYS = ["extends", "model", "export", "transforms", "runtime", "quantization", "parallel"]
 
 
 def _recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:

@@ -43,11 +43,12 @@ def test_llm_keywords_map_onto_runtime_and_recipe():
     assert runtime == {"max_seq_len": 512, "max_batch_size": 8, "max_num_tokens": 256, "seed": 3,
                        "cuda_graph_batch_sizes": (), "cuda_graph_prefill_tokens": ()}
     assert overrides == ["model.dtype=bfloat16", "transforms.insert_kv_cache.free_memory_fraction=0.5",
-                         "model.trust_remote_code=True", "transforms.match_rope.enabled=False"]
+                         "model.trust_remote_code=True", "parallel.tensor_parallel_size=1",
+                         "transforms.match_rope.enabled=False"]
     with pytest.raises(TypeError, match=r"unknown LLM arguments \['max_modle_len'\].*max_model_len"):
         translate({"max_modle_len": 5})
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        translate({"tensor_parallel_size": 2})
+    assert translate({"tensor_parallel_size": 2, "quantization": None})[1] == [
+        "parallel.tensor_parallel_size=2", "quantization.algo=auto"]
     assert "gpu_memory_utilization" in valid_keywords() and "max_batch_size" in valid_keywords()
 
 

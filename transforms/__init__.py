@@ -5,6 +5,7 @@ from .registry import TRANSFORMS, Stage, Transform, TransformConfig, TransformCo
 __all__ = ["TRANSFORMS", "Stage", "Transform", "TransformConfig", "TransformContext", "TransformReport", "register"]
 
 from . import load_weights  # noqa: E402,F401  (registers the transform)
+from . import shard_tensor_parallel  # noqa: E402,F401  (sharding stage: tensor / expert parallel)
 from . import match_attention, match_gated_mlp, match_linear, match_rms_norm, match_rope  # noqa: E402,F401
 from . import match_moe  # noqa: E402,F401
 from . import quantize_from_checkpoint, quantize_linear  # noqa: E402,F401  (quantization stage)

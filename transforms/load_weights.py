@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.errors import UnsupportedModelError, WeightLoadingError
+from autodeploy.errors import QuantizationError, UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
 from autodeploy.quantization.loading import quantized_loads
+from autodeploy.parallel.slices import checkpoint_name, shards_of
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
@@ -83,9 +84,13 @@ class LoadWeights(Transform):
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
         quantized = quantized_loads(gm)  # built from other checkpoint tensors (autodeploy/quantization)
-        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors
+        shards = shards_of(gm)  # this rank's slices (tensor parallelism)
+        if shards and quantized:
+            raise QuantizationError("quantized weights with tensor_parallel_size > 1 are not supported yet "
+                                    "(run quantized models on one rank, or unquantized models sharded)")
+        wanted = [checkpoint_name(n.removeprefix(WRAPPER_PREFIX), shards) for n, t in tensors
                   if n.removeprefix(WRAPPER_PREFIX) not in computed and n not in quantized] + quantized.source_keys()
-        source, counts = self._tensor_source(ctx, wanted, aliases)
+        source, counts = self._tensor_source(ctx, wanted, aliases, shards)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
@@ -108,20 +113,29 @@ class LoadWeights(Transform):
         _retarget_devices(gm, ctx.device)
         return counts
 
-    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]]):
-        """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert."""
+    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]], shards: dict):
+        """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert.
+
+        A sharded parameter (tensor parallelism) reads only this rank's slice."""
         if not ctx.source.weight_files:
             return None, {"random_init": 0, "moved": 0}
         checkpoint = _open_checkpoint(ctx.source.weight_files)
         missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
         if not missing:
-            return (lambda name: _read(checkpoint, name, aliases)), {"loaded": 0, "moved": 0}
+            return (lambda name: _read(checkpoint, checkpoint_name(name, shards), aliases, shards.get(name))), \
+                {"loaded": 0, "moved": 0}
         state = _converted_by_transformers(ctx)
         still_missing = [n for n in wanted if _checkpoint_key(n, state, aliases) is None]
         if still_missing:
             shown = ", ".join(still_missing[:5]) + (f" and {len(still_missing) - 5} more" if len(still_missing) > 5 else "")
             raise WeightLoadingError(f"the checkpoint lacks {len(still_missing)} weights the model needs: {shown}")
-        return (lambda name: state[_checkpoint_key(name, state, aliases)]), {"converted": 0, "moved": 0}
+
+        def converted(name: str) -> torch.Tensor:
+            full = state[_checkpoint_key(checkpoint_name(name, shards), state, aliases)]
+            shard = shards.get(name)
+            return full if shard is None else shard.take(full)
+
+        return converted, {"converted": 0, "moved": 0}
 
     @staticmethod
     def _materialize(name, old, source, computed: dict, ctx: TransformContext, gen, counts: dict[str, int]):
@@ -148,9 +162,9 @@ def _quantized_reader(source, ctx: TransformContext, gen):
     return lambda key, shape: _random_like(torch.empty(shape, device=_META), key, ctx.dtype, ctx.device, gen)
 
 
-def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]]) -> torch.Tensor:
+def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]], shard) -> torch.Tensor:
     key = _checkpoint_key(name, checkpoint, aliases)
-    return checkpoint[key].get_tensor(key)
+    return checkpoint[key].get_tensor(key) if shard is None else shard.read(checkpoint[key], key)
 
 
 def _converted_by_transformers(ctx: TransformContext) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ class TransformContext:
     device: torch.device
     dtype: torch.dtype
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)  # the recipe's section
+    parallel: Any = None  # autodeploy.parallel.settings.ParallelSettings (None: one rank)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Transform:
 
     def __init__(self, config: TransformConfig | None = None):
         self.config = config if config is not None else self.config_cls()
+        self.warnings: list[str] = []  # what `apply` could not do, named (shown in the report)
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         """Rewrite `gm` in place; return how many things of each kind were matched/changed."""

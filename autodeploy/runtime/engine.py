@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule
@@ -82,8 +83,9 @@ class _Launched:
 
 class Engine:
     def __init__(self, gm: GraphModule, tokenizer, eos_ids: set[int], settings: EngineSettings,
-                 model_max_len: int | None = None, vocab_size: int | None = None):
-        self.executor = ModelExecutor(gm, settings.max_batch_size)
+                 model_max_len: int | None = None, vocab_size: int | None = None,
+                 executor_factory: Callable[..., ModelExecutor] = ModelExecutor):
+        self.executor = executor_factory(gm, settings.max_batch_size)  # tensor parallel: rank 0's executor
         pool = self.executor.pool
         graph_sizes = buckets_to_capture(tuple(settings.cuda_graph_batch_sizes), settings.max_batch_size,
                                          settings.max_num_tokens)

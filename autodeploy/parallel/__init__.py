@@ -1,0 +1,1 @@
+"""Tensor and expert parallelism: settings, checkpoint slices per rank, and the multi-rank runtime."""

@@ -1,0 +1,159 @@
+"""Tensor parallelism: the sharding transform, sharded loading, and LLM over N gloo ranks on the CPU.
+
+References: the same model at tensor_parallel_size 1 (greedy tokens identical, logits close); each
+rank's graph is checked against the slices the transform says it loads.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from safetensors import safe_open
+
+from autodeploy.errors import ShardingError, WorkerError
+from autodeploy.llm import LLM, SamplingParams
+from autodeploy.optimizer import optimize_model
+from autodeploy.parallel.channel import decode, encode
+from autodeploy.parallel.slices import ShardSlice, shards_of
+from autodeploy.runtime.batch import Chunk
+
+NO_CACHE = ["transforms.insert_kv_cache.enabled=false", "transforms.fuse_shared_input_linears.enabled=false",
+            "model.device=cpu", "model.dtype=float32"]
+RUNTIME = dict(max_batch_size=4, max_num_tokens=64, **{"transforms.insert_kv_cache.num_blocks": 32,
+                                                        "export.max_seq_len": 128, "export.max_batch_size": 4})
+PROMPTS = [[1, 5, 9, 200, 31, 7, 99], [4, 8, 15, 16, 23, 42], [250, 3]]
+
+
+def _sharded(path, rank: int, world: int):
+    return optimize_model(path, overrides=NO_CACHE + [f"parallel.tensor_parallel_size={world}",
+                                                      f"parallel.rank={rank}"], progress=False)
+
+
+def _report(model, name="shard_tensor_parallel"):
+    return next(r for r in model.reports if r.name == name)
+
+
+def test_all_reduce_is_identity_without_a_group():
+    x = torch.randn(3, 5)
+    y = torch.ops.autodeploy.all_reduce(x)
+    assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
+
+
+def test_slice_reads_only_the_ranges_and_matches_take(tmp_path):
+    full = torch.randn(7, 11)
+    save_file({"w": full}, tmp_path / "w.safetensors")
+    spec = ShardSlice(dim=1, ranges=((1, 3), (6, 9)))
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as handle:
+        got = spec.read(handle, "w")
+    assert torch.equal(got, torch.cat([full[:, 1:3], full[:, 6:9]], dim=1))
+    assert torch.equal(spec.take(full), got) and spec.local_shape(full.shape) == (7, 5)
+
+
+def test_step_chunks_survive_the_channel_encoding():
+    chunks = [Chunk([5, 6, 7], 0, [3, 1]), Chunk([-1], 9, [2], feed_row=4), Chunk([8, 9], 0, [0], [0, 1])]
+    assert decode(encode(chunks), len(chunks)) == chunks
+
+
+def test_each_rank_holds_its_slices_of_a_gqa_model(tiny_llama_dir):
+    full = optimize_model(tiny_llama_dir, overrides=NO_CACHE, progress=False)
+    params = dict(full.gm.named_parameters())
+    for rank in range(2):
+        shard = _sharded(tiny_llama_dir, rank, 2)
+        matched = _report(shard).matched
+        assert matched["column"] == 2 * 5 and matched["row"] == 2 * 2 and matched["all_reduce"] == 4
+        assert matched["heads_per_rank"] == 2 and matched["kv_heads_per_rank"] == 1
+        local = dict(shard.gm.named_parameters())
+        for name, spec in shards_of(shard.gm).items():
+            assert torch.equal(local["model." + name], spec.take(params["model." + name])), name
+        q = local["model.model.layers.0.self_attn.q_proj.weight"]
+        o = local["model.model.layers.0.self_attn.o_proj.weight"]
+        assert q.shape == (32, 64) and o.shape == (64, 32)
+        assert torch.equal(q, params["model.model.layers.0.self_attn.q_proj.weight"][32 * rank:32 * (rank + 1)])
+        linear_bytes = sum(p.numel() for n, p in local.items() if "proj" in n)
+        assert linear_bytes * 2 == sum(p.numel() for n, p in params.items() if "proj" in n)
+
+
+def test_kv_heads_are_replicated_when_ranks_outnumber_them(tiny_llama_dir):
+    """4 query heads over 2 KV heads at TP 4: each rank keeps the one KV head its query head needs."""
+    full = dict(optimize_model(tiny_llama_dir, overrides=NO_CACHE, progress=False).gm.named_parameters())
+    shard = _sharded(tiny_llama_dir, 3, 4)
+    assert _report(shard).matched["kv_heads_per_rank"] == 1
+    k = dict(shard.gm.named_parameters())["model.model.layers.1.self_attn.k_proj.weight"]
+    assert torch.equal(k, full["model.model.layers.1.self_attn.k_proj.weight"][16:32])  # KV head 1 of 2
+
+
+def test_a_head_count_that_does_not_divide_names_the_sizes_that_work(default_model_dir):
+    with pytest.raises(ShardingError, match=r"9 query heads, 3 key/value heads\); sizes that work: 1, 3, 9"):
+        LLM(default_model_dir, tensor_parallel_size=2)
+
+
+def test_unknown_rank_is_a_clear_error(tiny_llama_dir):
+    with pytest.raises(ShardingError, match="parallel.rank 2 is not a rank"):
+        _sharded(tiny_llama_dir, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, **RUNTIME)
+    return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))]
+
+
+def test_llm_over_two_gloo_ranks_matches_one_then_survives_a_killed_worker(tiny_llama_dir, tp1_tokens):
+    llm = LLM(tiny_llama_dir, tensor_parallel_size=2, **RUNTIME)
+    try:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+        assert [o.token_ids for o in outs] == tp1_tokens
+        worker = llm._ranks.processes[0]
+        os.kill(worker.pid, 9)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="worker rank 1 exited"):
+            llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+        assert time.monotonic() - start < 60
+    finally:
+        llm.shutdown()
+    assert not any(p.is_alive() for p in llm._ranks.processes)
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_matches_tp1(default_model_dir):
+    """Real weights, 9 query / 3 KV heads over 3 ranks: tokens identical, logits within 1e-4 relative."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+               "Water boils at"]
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    one = LLM(default_model_dir)
+    want_tokens = [o.token_ids for o in one.generate(prompts, params)]
+    want_logits = one.model.logits(ids)
+    del one
+    three = LLM(default_model_dir, tensor_parallel_size=3)
+    try:
+        assert [o.token_ids for o in three.generate(prompts, params)] == want_tokens
+        got = three.engine.executor.full_logits(ids, torch.arange(ids.shape[1])[None])
+        assert ((got - want_logits).abs().max() / want_logits.abs().max()).item() < 1e-4
+    finally:
+        three.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [
+    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []), ("phi-3", []), ("gpt2", []),
+    ("qwen3-moe", ["parallel.enable_expert_parallel=true"]),
+])
+def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra):
+    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
+    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2)."""
+    from model_zoo_ci.runner import build_checkpoint
+    from model_zoo_ci.zoo import load_zoo
+
+    entry = next(e for e in load_zoo() if e.name == name)
+    build_checkpoint(entry, tmp_path)
+    overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra]
+    params = SamplingParams(max_tokens=entry.max_new_tokens, temperature=0.0)
+    want = LLM(tmp_path, str(entry.recipe), overrides=overrides).generate([list(entry.prompt)], params)[0].token_ids
+    llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
+    try:
+        assert llm.generate([list(entry.prompt)], params)[0].token_ids == want
+    finally:
+        llm.shutdown()

@@ -1,0 +1,291 @@
+"""shard_tensor_parallel: rewrite the graph into one rank's shard (Megatron-style, found in the graph).
+
+Regions come from `autodeploy.parallel.regions`: column-parallel openers keep this rank's output
+rows, row-parallel closers keep the matching input columns and are followed by
+`autodeploy::all_reduce` (their bias is added once, after it). Attention is split by heads: query
+heads evenly, KV heads evenly too, or replicated (the one KV head a rank's query heads share) when
+there are more ranks than KV heads. Views, reshapes and expands inside a region get the local sizes.
+Routed experts (`autodeploy::moe`) are split by expert (expert parallel: each rank owns a range of
+experts and masks the routing) or inside every expert (TP). Each sharded parameter records the
+checkpoint slice it loads (`autodeploy.parallel.slices`). What cannot be derived stays replicated
+with a warning naming it. Rank and world size: the recipe's `parallel` section, else the process group.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+from torch.fx import GraphModule, Node
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from autodeploy.errors import ShardingError
+from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.graph_utils import is_op, module_path
+from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
+from autodeploy.parallel.settings import check_head_counts, head_counts
+from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
+from autodeploy.parallel.unfuse import split_fused_linears
+from autodeploy.patterns.helpers import insert_call, val
+
+from .registry import Stage, Transform, TransformContext, register
+
+aten = torch.ops.aten
+ad = torch.ops.autodeploy
+
+
+def rank_and_world(ctx: TransformContext) -> tuple[int, int]:
+    """(rank, world size) from the recipe's parallel section; rank -1 means the process group's."""
+    settings = ctx.parallel
+    world = settings.tensor_parallel_size if settings is not None else 1
+    rank = settings.rank if settings is not None else -1
+    if rank < 0:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if world < 1 or not 0 <= rank < world:
+        raise ShardingError(f"parallel.rank {rank} is not a rank of tensor_parallel_size {world}")
+    return rank, world
+
+
+class _Sharder:
+    """Rewrites one graph for (rank, world): parameters, views, collectives; counts what it did."""
+
+    def __init__(self, gm: GraphModule, ctx: TransformContext, rank: int, world: int):
+        self.gm, self.ctx, self.rank, self.world = gm, ctx, rank, world
+        self.slices: dict[str, ShardSlice] = gm.meta.setdefault(SHARDS_KEY, {})
+        self.counts = {"column": 0, "row": 0, "all_reduce": 0, "attention": 0}
+
+    # --- parameters -----------------------------------------------------------------------------
+    def slice_param(self, get_attr: Node, dim: int, ranges: list[tuple[int, int]]) -> None:
+        """Give `get_attr`'s parameter this rank's shape on meta and record the checkpoint slice.
+
+        A parameter that is already a part of a fused checkpoint tensor takes ranges within its part."""
+        name = get_attr.target
+        owner_path, _, attr = name.rpartition(".")
+        owner = self.gm.get_submodule(owner_path)
+        full = getattr(owner, attr)
+        dim %= full.dim()
+        spec = ShardSlice(dim, tuple(ranges))
+        part = self.slices.get(name.removeprefix(WRAPPER_PREFIX))
+        if part is not None:
+            ((offset, _),) = part.ranges
+            spec = ShardSlice(dim, tuple((offset + a, offset + b) for a, b in ranges), part.key)
+        local = torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta")
+        setattr(owner, attr, torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter)
+                else local)
+        self.slices[name.removeprefix(WRAPPER_PREFIX)] = spec
+        get_attr.meta["val"] = refreshed_val(get_attr.meta.get("val"), spec)
+
+    def fraction_ranges(self, size: int, start: Fraction, frac: Fraction) -> list[tuple[int, int]]:
+        begin, length = start * size, frac * size
+        if begin.denominator != 1 or length.denominator != 1:
+            raise ValueError(f"{size} does not split into parts of {frac}")
+        return [(int(begin), int(begin + length))]
+
+    # --- regions --------------------------------------------------------------------------------
+    def shard_region(self, region: Region, heads: tuple[int, int]) -> None:
+        """Column openers, rewritten sizes, row closers + all_reduce, for one region.
+
+        Every size is computed before anything changes: a ValueError leaves the graph as it was."""
+        q_part = (Fraction(self.rank, self.world), Fraction(1, self.world))
+        n_kv = heads[1]
+        kv_part = q_part if n_kv % self.world == 0 else (Fraction(self.rank * n_kv // self.world, n_kv), Fraction(1, n_kv))
+        part = {opener: kv_part if _feeds_kv(opener, region) else q_part for opener in region.openers}
+        for node in self.gm.graph.nodes:  # in order: a split node takes the part of what feeds it (attention: q's)
+            if node in region.dims and node not in part:
+                part[node] = part[node.args[0] if is_op(node, ad.attention) else
+                                  next(a for a in node.all_input_nodes if a in part)]
+        rows = {o: self.fraction_ranges(shape(o)[-1], *part[o]) for o in region.openers}
+        cols = {c: self.fraction_ranges(shape(c.args[0])[-1], *part[c.args[0]]) for c in region.closers}
+        sizes = {n: _local_sizes(n, region.dims[n], part[n][1]) for n in region.dims
+                 if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, aten.expand))}
+        for opener, ranges in rows.items():
+            weight, transposed = weight_param(opener.args[1])
+            self.slice_param(weight, 1 if transposed else 0, ranges)
+            if len(opener.args) > 2 and opener.args[2] is not None:
+                self.slice_param(opener.args[2], 0, ranges)
+            self.counts["column"] += 1
+        for node, local in sizes.items():
+            node.args = (node.args[0], local, *node.args[2:])
+        for closer, ranges in cols.items():
+            self.close(closer, ranges)
+        self.counts["attention"] += sum(is_op(n, ad.attention) for n in region.dims)
+        transposed_weights = {n.args[1] for n in region.openers + region.closers if n.args[1].op != "get_attr"}
+        for node in self.gm.graph.nodes:  # in order, so each node sees its inputs' new shapes
+            if node in region.dims or node in region.closers or node in transposed_weights:
+                refresh(node)
+
+    # --- routed experts -------------------------------------------------------------------------
+    def shard_experts(self, moe: Node, expert_parallel: bool) -> None:
+        """Whole experts per rank (routing masked to them) or a slice of every expert; then all_reduce."""
+        x, ids, weights, w_gate_up, w_down, activation, *biases = moe.args
+        gate_up, gate_up_t = _expert_weight(w_gate_up)
+        down, down_t = _expert_weight(w_down)
+        experts, inner = shape(w_gate_up)[0], shape(w_down)[2]
+        b_gate_up, b_down = (list(biases) + [None, None])[:2]
+        if expert_parallel:
+            if experts % self.world:
+                raise ValueError(f"{experts} experts do not split over {self.world} ranks")
+            local = experts // self.world
+            first = self.rank * local
+            for param in (gate_up, down, b_gate_up, b_down):
+                if param is not None:
+                    self.slice_param(param, 0, [(first, first + local)])
+            moe.args = (x, *self._local_routing(moe, ids, weights, first, local), *moe.args[3:])
+            self.counts["experts_per_rank"] = local
+        else:
+            if inner % self.world:
+                raise ValueError(f"expert width {inner} does not split over {self.world} ranks")
+            part = inner // self.world
+            start = self.rank * part
+            rows = [(start, start + part), (inner + start, inner + start + part)]  # gate rows, then up rows
+            self.slice_param(gate_up, 2 if gate_up_t else 1, rows)
+            self.slice_param(down, 1 if down_t else 2, [(start, start + part)])
+            if b_gate_up is not None:
+                self.slice_param(b_gate_up, 1, rows)
+            if b_down is not None and self.rank != 0:  # the down bias is added once, by rank 0
+                with self.gm.graph.inserting_before(moe):
+                    moe.update_arg(7, insert_call(self.gm.graph, aten.mul.Tensor, (b_down, 0.0)))
+            self.counts["experts_per_rank"] = experts
+        for node in (w_gate_up, w_down, moe):
+            refresh(node)
+        self.all_reduce_after(moe)
+        self.counts["moe"] = self.counts.get("moe", 0) + 1
+
+    def _local_routing(self, moe: Node, ids: Node, weights: Node, first: int, local: int) -> tuple[Node, Node]:
+        """Expert ids shifted to this rank's range; weights of other ranks' experts zeroed."""
+        graph = self.gm.graph
+        with graph.inserting_before(moe):
+            shifted = insert_call(graph, aten.sub.Tensor, (ids, first))
+            mine = insert_call(graph, aten.bitwise_and.Tensor, (insert_call(graph, aten.ge.Scalar, (shifted, 0)),
+                                                                 insert_call(graph, aten.lt.Scalar, (shifted, local))))
+            local_ids = insert_call(graph, aten.clamp.default, (shifted, 0, local - 1))
+            local_weights = insert_call(graph, aten.mul.Tensor, (weights, mine))
+        return local_ids, local_weights
+
+    def all_reduce_after(self, node: Node, bias: Node | None = None) -> None:
+        """`node`'s users read the sum over ranks (plus `bias`, added once) instead of `node`."""
+        users = list(node.users)
+        with self.gm.graph.inserting_after(node):
+            total = insert_call(self.gm.graph, ad.all_reduce.default, (node,))
+        last = total
+        if bias is not None:
+            with self.gm.graph.inserting_after(total):
+                last = insert_call(self.gm.graph, aten.add.Tensor, (total, bias))
+        for user in users:
+            user.replace_input_with(node, last)
+        self.counts["all_reduce"] += 1
+
+    def close(self, closer: Node, cols: list[tuple[int, int]]) -> None:
+        """Row-parallel: this rank's input columns, then all_reduce, then the bias once."""
+        weight, transposed = weight_param(closer.args[1])
+        self.slice_param(weight, 0 if transposed else 1, cols)
+        bias = closer.args[2] if len(closer.args) > 2 else None
+        closer.args = (closer.args[0], closer.args[1], None)
+        self.all_reduce_after(closer, bias)
+        self.counts["row"] += 1
+
+
+def _expert_weight(node: Node) -> tuple[Node, bool]:
+    """The get_attr of a stacked expert weight and whether the graph transposes it (dims 1 and 2)."""
+    if is_op(node, aten.transpose):
+        return node.args[0], True
+    return node, False
+
+
+def _feeds_kv(opener: Node, region: Region) -> bool:
+    """Whether `opener`'s values reach the K or V operand of an attention (it then splits by KV heads)."""
+    seen, todo = set(), [opener]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if is_op(user, ad.attention):
+                if node in user.args[1:3]:
+                    return True
+            elif user in region.dims and user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def _local_sizes(node: Node, dim: int, frac: Fraction) -> list:
+    """A view/reshape/expand's size list with the split dim's literal size made local (-1 stays)."""
+    sizes = list(node.args[1])
+    size = sizes[dim]
+    if isinstance(size, int) and size > 0:
+        local = size * frac
+        if local.denominator != 1:
+            raise ValueError(f"{node.name}: size {size} does not split into parts of {frac}")
+        sizes[dim] = int(local)
+    return sizes
+
+
+def refreshed_val(old, spec: ShardSlice):
+    return old.narrow(spec.dim, 0, spec.length) if isinstance(old, torch.Tensor) else old
+
+
+def refresh(node: Node) -> None:
+    """Recompute `node`'s FakeTensor from its (possibly resharded) inputs."""
+    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.args)
+    fake_kwargs = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.kwargs)
+    mode = detect_fake_mode(tree_leaves((fake_args, fake_kwargs)))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
+
+
+@register
+class ShardTensorParallel(Transform):
+    name = "shard_tensor_parallel"
+    stage = Stage.SHARDING
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        rank, world = rank_and_world(ctx)
+        if world == 1:
+            return {}
+        heads = head_counts(ctx.source.config.get_text_config()) or (1, 1)
+        if any(is_op(n, ad.attention) for n in gm.graph.nodes):
+            check_head_counts(*heads, world)
+        sharder = _Sharder(gm, ctx, rank, world)
+        sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
+        for region in find_regions(gm):
+            if region.error is None:
+                try:
+                    sharder.shard_region(region, heads)
+                    continue
+                except ValueError as e:  # a size that does not split: raised before anything changed
+                    region.error = str(e)
+            self.note_replicated(region)
+        for moe in [n for n in gm.graph.nodes if is_op(n, ad.moe)]:
+            try:
+                sharder.shard_experts(moe, ctx.parallel.enable_expert_parallel)
+            except ValueError as e:
+                self.warnings.append(f"{self.name}: {moe.name} stays replicated: {e}")
+        counts = dict(sharder.counts)
+        counts["heads_per_rank"] = heads[0] // world
+        counts["kv_heads_per_rank"] = max(1, heads[1] // world)
+        counts["weight_bytes_per_rank"] = weight_bytes(gm, ctx.dtype)
+        return counts
+
+    def note_replicated(self, region: Region) -> None:
+        """A warning naming what stays replicated, except the LM head and routers (replicated by design)."""
+        opener = region.openers[0]
+        by_design = (len(region.openers) == 1 and not region.closers and all(
+            u.op == "output" or is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
+        if not by_design:
+            where = module_path(opener) or opener.name
+            self.warnings.append(f"{self.name}: {where} ({opener.name}) stays replicated: {region.error}")
+
+    def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        if rank_and_world(ctx)[1] == 1:
+            return {}
+        return {"attention": sum(is_op(n, ad.attention) for n in gm.graph.nodes)}
+
+
+def weight_bytes(gm: GraphModule, dtype: torch.dtype) -> int:
+    """Bytes of this rank's parameters and buffers once loaded (floating ones in the model dtype)."""
+    total = 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        size = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
