@@ -89,7 +89,7 @@ def decode_table(out: Path) -> list[str]:
 
 
 def perplexity_table(out: Path) -> list[str]:
-    names = {"none": "bf16", "algo_fp8": "fp8 W8A8", "algo_int8": "int8 weight-only", "algo_int4": "int4 g128",
+    names = {"none": "bf16", "algo_fp8": "fp8 W8A8", "algo_int8": "int8 weight-only", "algo_int4": "int4 g32",
              "kv_cache_dtype_fp8": "bf16 + fp8 KV cache"}
     runs = {label: _load(out / f"ppl_{key}.json") for key, label in names.items()}
     base = runs["bf16"]

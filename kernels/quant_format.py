@@ -25,12 +25,14 @@ _MIN_SCALE = 1e-12  # an all-zero row or group still gets a finite, positive sca
 
 
 def quantize_fp8(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [] or [N]) with amax mapped to 448."""
-    w = w.float()
-    amax = w.abs().amax(dim=-1) if per_channel else w.abs().amax()
+    """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [] or [N]) with amax mapped to 448.
+    One float32 working copy of w at a time (loaders quantize tensor by tensor within a memory bound)."""
+    dims = (-1,) if per_channel else tuple(range(w.dim()))
+    amax = torch.maximum(w.amax(dim=dims), -w.amin(dim=dims)).float()
     scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
-    w_scale = scale[:, None] if per_channel else scale
-    return (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    scaled = w.to(torch.float32, copy=True)
+    scaled.div_(scale[:, None] if per_channel else scale).clamp_(-FP8_MAX, FP8_MAX)
+    return scaled.to(FP8_DTYPE), scale
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -69,27 +71,33 @@ def quantize_int(
     check_bits(bits, k)
     g = groups_of(k, group_size)
     out_dtype = w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.float32
-    wg = w.float().reshape(n, g, k // g)
+    wg = w.reshape(n, g, k // g)
     top = 2**bits - 1
+    lo, hi = wg.amin(-1).float(), wg.amax(-1).float()
     if symmetric:
-        scale = (wg.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE).to(out_dtype)
+        scale = (torch.maximum(hi, -lo) / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE).to(out_dtype)
         zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
     else:
-        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = ((hi - lo) / top).clamp(min=_MIN_SCALE).to(out_dtype)
         zero = (-lo / scale.float()).round().clamp(0, top)
-    codes = (wg / scale.float()[..., None]).round() + zero[..., None]
-    qweight = pack_int(codes.clamp(0, top).reshape(n, k).to(torch.int32), bits)
+    codes = wg.to(torch.float32, copy=True)  # the one full-size working copy, updated in place
+    codes.div_(scale.float()[..., None]).round_().add_(zero[..., None]).clamp_(0, top)
+    qweight = pack_int(codes.reshape(n, k), bits)
     return qweight, scale, None if symmetric else zero.to(out_dtype)
 
 
 def pack_int(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [N, K] (0 .. 2**bits - 1) -> int32 [N, K*bits/32], packed along K (layout above)."""
+    """Unsigned codes [N, K] (0 .. 2**bits - 1, any integer or integral float dtype) -> int32
+    [N, K*bits/32], packed along K (layout above). Works one code slot at a time, so the temporaries
+    are a fraction of the codes' size."""
     n, k = codes.shape
     check_bits(bits, k)
     per_word = 32 // bits
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-    words = (codes.to(torch.int64).reshape(n, k // per_word, per_word) << shifts).sum(-1)
+    slots = codes.reshape(n, k // per_word, per_word)
+    words = torch.zeros(n, k // per_word, dtype=torch.int64, device=codes.device)
+    for slot in range(per_word):
+        words |= slots[..., slot].to(torch.int64) << (slot * bits)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

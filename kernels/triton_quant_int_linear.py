@@ -3,8 +3,8 @@
 A few rows (decode): one skinny dequant-GEMM. Each program owns BLOCK_N output columns and walks all
 of K, loading every packed int32 word once, unpacking it in registers, applying the group's zero point
 and scale, and feeding tl.dot in x's dtype (rows padded to 16). At batch 1 the time is the packed
-bytes over memory bandwidth (INT4 g128: 0.5 + 4/128 bytes per weight with fp16/bf16 scales, ~0.28x
-bf16), as long as the unpacking keeps up, so it is kept to a few integer ops per weight: shift and mask,
+bytes over memory bandwidth (INT4 g128: 0.5 + 2/128 bytes per weight with bf16 scales, 2/128 more
+with zero points: ~0.26-0.27x bf16), as long as the unpacking keeps up, so it is kept to a few integer ops per weight: shift and mask,
 and the int -> float conversion by the exponent trick ((code | 0x4B000000) as float32 is 2**23 + code,
 exactly) instead of the slower I2F. Scales and zeros are loaded once per (row, group) when the group
 is a power of two (the usual 32/64/128, and per channel); GPTQ act-order (`g_idx`) gathers per column.

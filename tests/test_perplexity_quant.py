@@ -3,7 +3,12 @@
 prompt still answered with Paris.
 
 Bars (relative rise of perplexity): FP8 W8A8 <= 2 %, INT8 weight-only (per channel) <= 1 %, INT4 group 32
-<= 10 %, FP8 KV cache <= 2 %. INT4 groups 64 and 128 are measured and printed (run with -s), not held to a bar.
+<= 10 %, FP8 KV cache <= 2 %. INT4 group 64 is measured and printed (run with -s), not held to a bar; group
+128 does not divide SmolLM2's hidden size (576) and must be refused.
+Measured here (2026-12-02, window 1024): unquantized 42.99; FP8 W8A8 +3.75 % (misses; HF with the same
+fake-quantized weights alone gives +2.9 % on the first 2,048 tokens, so it is the scheme, not the pipeline);
+INT8 +0.44 %; INT4 g32 +30.95 % (misses; scale_search.py's MSE clipping brings it to ~+20 %); INT4 g64
++54 %; FP8 KV cache +1.16 %. Every scheme answers Paris.
 Every scheme costs one optimize, a pass over the text and a short chat (about a minute on one core, the
 unquantized reference too), so the whole module is marked slow: `pytest -m slow tests/test_perplexity_quant.py -s`.
 """
@@ -24,8 +29,8 @@ SCHEMES = {  # name -> (overrides, maximum relative rise of perplexity or None =
     "int4-g32": (["quantization.algo=int4", "quantization.group_size=32"], 0.10),
     "fp8-kv-cache": (["quantization.kv_cache_dtype=fp8"], 0.02),
     "int4-g64": (["quantization.algo=int4", "quantization.group_size=64"], None),
-    "int4-g128": (["quantization.algo=int4", "quantization.group_size=128"], None),
 }
+# Group 128 does not divide SmolLM2's hidden size (576): refused with one clear line, before any weight loads.
 pytestmark = pytest.mark.slow
 
 
@@ -62,3 +67,12 @@ def test_perplexity_rise(default_model_dir, unquantized, scheme):
     if bar is not None:
         assert rise <= bar, f"{scheme}: perplexity rose {100 * rise:.2f} %, the bar is {100 * bar:.0f} %"
     assert "Paris" in answer
+
+
+def test_int4_group_128_is_refused(default_model_dir):
+    from autodeploy.errors import QuantizationError
+    from autodeploy.optimizer import optimize_model
+
+    with pytest.raises(QuantizationError, match="group size 128 does not divide in_features 576"):
+        optimize_model(default_model_dir, overrides=COMMON + ["quantization.algo=int4", "quantization.group_size=128"],
+                       progress=False)

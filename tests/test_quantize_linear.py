@@ -104,3 +104,21 @@ def test_moe_experts_quantized_and_routers_kept(tmp_path, family):
         assert ref_linears > 2  # ... while the unquantized graph has the attention projections as linears too
         err = (opt.logits(prompt) - ref_logits).abs().max() / ref_logits.abs().max()
         assert 0 < err < TOLERANCE[algo]
+
+
+def test_scale_search_setting_lowers_the_weight_error():
+    """quantization.scale_search picks clipped group ranges: never a larger error than round-to-nearest."""
+    from autodeploy.kernels.quant_format import dequantize_int
+    from autodeploy.quantization.schemes import online_scheme
+    from autodeploy.quantization.settings import QuantizationSettings
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    w[:, ::37] *= 8  # a few outliers per group, where clipping pays
+    errors = {}
+    for search in (False, True):
+        scheme = online_scheme(QuantizationSettings(algo="int4", group_size=32, scale_search=search))
+        assert scheme.scale_search is search
+        q = scheme.quantize(w, torch.float32)
+        deq = dequantize_int(q["qweight"], q["scales"], q.get("zeros"), None, 4, 32, 128)
+        errors[search] = (deq - w).square().sum().item()
+    assert errors[True] < errors[False]

@@ -13,6 +13,8 @@ import torch
 
 from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
 
+from .scale_search import quantize_int_mse
+
 
 @dataclass(frozen=True)
 class LinearScheme:
@@ -24,6 +26,7 @@ class LinearScheme:
     static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
     act_quant: str = "token"  # fp8 without a static scale: per token | per tensor
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
+    scale_search: bool = False  # int, online: clipped group ranges (scale_search.py) instead of round-to-nearest
 
     @property
     def name(self) -> str:
@@ -66,7 +69,8 @@ class LinearScheme:
         if self.kind == "fp8":
             w, scale = quantize_fp8(weight, per_channel=self.per_channel)
             return {"weight": w, "weight_scale": scale}
-        qweight, scales, zeros = quantize_int(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
+        quantizer = quantize_int_mse if self.scale_search else quantize_int
+        qweight, scales, zeros = quantizer(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
         out = {"qweight": qweight, "scales": scales.to(scale_dtype)}
         if zeros is not None:
             out["zeros"] = zeros.to(scale_dtype)
@@ -78,4 +82,4 @@ def online_scheme(settings) -> LinearScheme:
     if settings.algo == "fp8":
         return LinearScheme("fp8", act_quant=settings.act_quant)
     return LinearScheme("int", bits=int(settings.algo.removeprefix("int")), group_size=settings.group_size,
-                        symmetric=settings.symmetric)
+                        symmetric=settings.symmetric, scale_search=settings.scale_search)
