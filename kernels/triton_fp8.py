@@ -31,3 +31,36 @@ def saturate_e4m3(v, INTERPRET: tl.constexpr):
     if INTERPRET:
         return round_to_e4m3(v)
     return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def activation_scales(x_rows, xs_ptr, m_valid, K, ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [ROWS] scale of each row of x (pointers x_rows [ROWS, 1]): the static one (ACT 0), or
+    amax / 448 per row (ACT 1, per token) or of all rows (ACT 2, per tensor), from one pass over x."""
+    if ACT == 0:
+        sx = tl.zeros([ROWS], tl.float32) + tl.load(xs_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([ROWS], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        if ACT == 2:
+            amax = tl.zeros([ROWS], tl.float32) + tl.max(amax, axis=0)
+        sx = tl.maximum(amax / 448.0, 1e-12)
+    return sx
+
+
+@triton.jit
+def store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
+                 W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = acc [ROWS, N] * activation scale * weight scale (+ bias), stored in y's dtype."""
+    acc = acc * sx[:, None]
+    if W_PER_CHANNEL:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
+    else:
+        acc = acc * tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_valid[:, None] & n_valid[None, :])

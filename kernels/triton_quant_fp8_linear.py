@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .quant_format import FP8_DTYPE
 from .quant_linear import ACT_QUANT, activation_scale, quantize_activation
-from .triton_fp8 import saturate_e4m3
+from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_fp8_act_quant import quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
@@ -51,17 +51,7 @@ def _skinny_fp8_kernel(
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
     wait_for_inputs(USE_PDL)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if ACT == 0:
-        sx = tl.zeros([BLOCK_M], tl.float32) + tl.load(xs_ptr).to(tl.float32)
-    else:
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        if ACT == 2:
-            amax = tl.zeros([BLOCK_M], tl.float32) + tl.max(amax, axis=0)
-        sx = tl.maximum(amax / 448.0, 1e-12)
+    sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -73,15 +63,7 @@ def _skinny_fp8_kernel(
             acc = tl.dot(qx, tl.trans(w.to(tl.float32)), acc)
         else:
             acc = tl.dot(qx.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-    acc = acc * sx[:, None]
-    if W_PER_CHANNEL:
-        acc = acc * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
-    else:
-        acc = acc * tl.load(ws_ptr)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_valid[:, None] & n_valid[None, :])
+    store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym, W_PER_CHANNEL, HAS_BIAS)
 
 
 def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",

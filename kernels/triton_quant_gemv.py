@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fp8 import saturate_e4m3
+from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 GEMV_ROWS = 4  # more rows: the tl.dot kernels
@@ -97,17 +97,7 @@ def _gemv_fp8_kernel(
     offs_m = tl.arange(0, ROWS)
     m_valid = offs_m < M
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if ACT == 0:  # static per-tensor scale
-        sx = tl.zeros([ROWS], tl.float32) + tl.load(xs_ptr).to(tl.float32)
-    else:  # dynamic: per token (1) or per tensor (2)
-        amax = tl.zeros([ROWS], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & (offs_k < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        if ACT == 2:
-            amax = tl.zeros([ROWS], tl.float32) + tl.max(amax, axis=0)
-        sx = tl.maximum(amax / 448.0, 1e-12)
+    sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, ROWS, BLOCK_K)
     acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -116,15 +106,8 @@ def _gemv_fp8_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
         qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
         acc += w.to(tl.float32)[None, :, :] * qx[:, None, :]
-    y = tl.sum(acc, axis=2) * sx[:, None]
-    if W_PER_CHANNEL:
-        y = y * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
-    else:
-        y = y * tl.load(ws_ptr)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_valid[:, None] & n_valid[None, :])
+    store_scaled(tl.sum(acc, axis=2), sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
+                 W_PER_CHANNEL, HAS_BIAS)
 
 
 def gemv_int_supported(rows: int, g_idx, bits: int, group_size: int, k: int) -> bool:
