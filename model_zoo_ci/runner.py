@@ -92,10 +92,13 @@ def build_checkpoint(entry: ZooEntry, folder: Path) -> torch.nn.Module:
     """The seeded float32 HF model for `entry`, saved to `folder` as safetensors; returns the model."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+    from autodeploy.loading import hf_attn_implementation
+
     fields = dict(entry.config)
     config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
     torch.manual_seed(entry.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=entry.attn_implementation,
+    attn_implementation = hf_attn_implementation(entry.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                              dtype=torch.float32).eval()
     save_kwargs = {}
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
