@@ -81,7 +81,8 @@ class LoadWeights(Transform):
         aliases = _tied_aliases(ctx.meta_model)
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors if n.removeprefix(WRAPPER_PREFIX) not in computed]
+        wanted = [n.removeprefix(WRAPPER_PREFIX) for n, t in tensors
+                  if t.is_meta and n.removeprefix(WRAPPER_PREFIX) not in computed]
         source, counts = self._tensor_source(ctx, wanted, aliases)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
@@ -122,6 +123,9 @@ class LoadWeights(Transform):
         if name.removeprefix(WRAPPER_PREFIX) in computed:  # buffers computed at init, e.g. RoPE inv_freq
             counts["moved"] += 1
             return computed[name.removeprefix(WRAPPER_PREFIX)].to(ctx.device)
+        if not old.is_meta:  # constants a pattern transform computed (ALiBi slopes): not in the checkpoint
+            counts["moved"] += 1
+            return old.to(ctx.device)
         # Parameters take the model dtype; buffers keep the dtype the model gave them (e.g. fp32 biases).
         dtype = ctx.dtype if isinstance(old, torch.nn.Parameter) and old.is_floating_point() else old.dtype
         if source is None:
