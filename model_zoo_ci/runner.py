@@ -69,8 +69,10 @@ class EntryResult:
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    """The error's first line, and the one after it when the first only introduces it ('...:')."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def failing_stage(error: BaseException) -> str:
