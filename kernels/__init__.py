@@ -14,4 +14,5 @@ if __name__ == "autodeploy.kernels":
     from . import moe  # noqa: E402,F401  (routed experts of MoE blocks)
     from . import cached_attention  # noqa: E402,F401  (paged attention over packed batches)
     from . import fused_add_rms_norm  # noqa: E402,F401  (residual add + RMSNorm, made by fuse_add_rms_norm)
+    from . import ssm  # noqa: E402,F401  (causal conv1d, selective / SSD scans, gated delta rule; cached forms)
     from . import triton_backends  # noqa: E402,F401  (<op>_triton backends, chosen by select_backends)
