@@ -29,7 +29,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             verdict = f"FAIL at {stage}: {detail.detail[:120]}"
         print(f"  {result.model_type:<28} {result.seconds:6.1f} s  {verdict}", flush=True)
 
-    results = run_sweep(types, on_result=show)
+    results = run_sweep(types, on_result=show, time_limit=args.time_limit)
     report = sweep_markdown(results, selection)
     print()
     print(report.splitlines()[0])
@@ -84,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--all-architectures", action="store_true",
                    help="instead of the zoo: every text causal-LM type the installed transformers registers, each "
                         "from a tiny config derived from its config class (slow; writes sweep.md with --report)")
+    p.add_argument("--time-limit", type=int, default=120, metavar="S",
+                   help="with --all-architectures: seconds per type before it counts as failed (0: none)")
     p.add_argument("--report", metavar="DIR", default=None, help="write zoo.md, zoo.json and zoo.html to DIR")
     p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default=None,
                    help="force every entry's checkpoint layout (hub: as save_pretrained writes; native: "

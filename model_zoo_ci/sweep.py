@@ -12,6 +12,9 @@ itself cannot build or run from that config is listed as such and not counted.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -184,8 +187,33 @@ def hf_runs(entry: ZooEntry) -> str:
     return ""
 
 
-def run_sweep(types: list[str], on_result: Callable[[SweepResult], None] | None = None) -> list[SweepResult]:
-    """Every type in order: HF's own check first, then the zoo runner (never raises for a model problem)."""
+class SweepTimeout(Exception):
+    """A type took longer than the sweep's per-type limit (typically a minutes-long failing export)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise SweepTimeout in this (main) thread after `seconds`; no limit where SIGALRM is unavailable."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise SweepTimeout(f"took longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_sweep(types: list[str], on_result: Callable[[SweepResult], None] | None = None,
+              time_limit: int = 0) -> list[SweepResult]:
+    """Every type in order: HF's own check first, then the zoo runner (never raises for a model problem).
+    `time_limit` > 0 bounds each type's seconds; a type over it fails at the stage it was in."""
     results = []
     for model_type in types:
         start = time.perf_counter()
@@ -195,9 +223,10 @@ def run_sweep(types: list[str], on_result: Callable[[SweepResult], None] | None 
         except Exception as e:
             result.hf_unsupported = f"no tiny config: {first_line(e)}"
         else:
-            result.hf_unsupported = hf_runs(entry)
-            if not result.hf_unsupported:
-                result.entry = run_entry(entry)
+            with _time_limit(time_limit):
+                result.hf_unsupported = hf_runs(entry)
+                if not result.hf_unsupported:
+                    result.entry = run_entry(entry)
         result.seconds = time.perf_counter() - start
         results.append(result)
         if on_result is not None:
