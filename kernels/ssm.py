@@ -162,10 +162,10 @@ def _ssd_step(state: Tensor, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor
 
 
 def _ssd_inputs(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, dt_bias: Tensor | None,
-                dt_softplus: bool) -> tuple[Tensor, ...]:
-    """[..., s, h, ...] fp32 with dt biased / softplus'ed and B, C groups repeated to heads."""
+                dt_softplus: bool, dt_min: float) -> tuple[Tensor, ...]:
+    """[..., s, h, ...] fp32 with dt biased, softplus'ed, clamped at dt_min, and B, C groups repeated to heads."""
     dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-    dt = F.softplus(dt) if dt_softplus else dt
+    dt = (F.softplus(dt) if dt_softplus else dt).clamp(min=dt_min)
     rep = x.shape[-2] // b.shape[-2]
     b, c = (t.float().repeat_interleave(rep, dim=-2) for t in (b, c))
     shape = dt.shape
@@ -174,30 +174,30 @@ def _ssd_inputs(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tenso
 
 @torch.library.custom_op("autodeploy::ssd_scan", mutates_args=())
 def ssd_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, dt_bias: Tensor | None = None,
-             dt_softplus: bool = True) -> Tensor:
+             dt_softplus: bool = True, dt_min: float = 0.0) -> Tensor:
     """x [bs, s, h, p], dt [bs, s, h], A and D [h], B and C [bs, s, g, n] -> y [bs, s, h, p]."""
-    inputs = _ssd_inputs(x, dt, a, b, c, d, dt_bias, dt_softplus)
+    inputs = _ssd_inputs(x, dt, a, b, c, d, dt_bias, dt_softplus, dt_min)
     state = x.new_zeros(x.shape[2], x.shape[3], b.shape[3], dtype=torch.float32)
     return torch.stack([_scan(_ssd_step, state, seq)[0] for seq in zip(*inputs)]).to(x.dtype)
 
 
 @ssd_scan.register_fake
-def _(x, dt, a, b, c, d, dt_bias=None, dt_softplus=True):
+def _(x, dt, a, b, c, d, dt_bias=None, dt_softplus=True, dt_min=0.0):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("autodeploy::cached_ssd_scan", mutates_args=("ssm_states",))
 def cached_ssd_scan(
     x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
-    ssm_states: Tensor, cu_seqlens: Tensor, seq_lens: Tensor, state_slots: Tensor,
+    dt_min: float, ssm_states: Tensor, cu_seqlens: Tensor, seq_lens: Tensor, state_slots: Tensor,
 ) -> Tensor:
     """Packed [1, T, ...] inputs; ssm_states [num_slots, h, p, n] -> [1, T, h, p]."""
-    inputs = tuple(t[0] for t in _ssd_inputs(x, dt, a, b, c, d, dt_bias, dt_softplus))
+    inputs = tuple(t[0] for t in _ssd_inputs(x, dt, a, b, c, d, dt_bias, dt_softplus, dt_min))
     return _packed(_ssd_step, inputs, ssm_states, cu_seqlens, seq_lens, state_slots)[None].to(x.dtype)
 
 
 @cached_ssd_scan.register_fake
-def _(x, dt, a, b, c, d, dt_bias, dt_softplus, ssm_states, cu_seqlens, seq_lens, state_slots):
+def _(x, dt, a, b, c, d, dt_bias, dt_softplus, dt_min, ssm_states, cu_seqlens, seq_lens, state_slots):
     return torch.empty_like(x)
 
 

@@ -1,6 +1,7 @@
-"""A hybrid model (LFM2: short causal conv layers around attention) through the paged/state runtime:
-per-sequence conv states in state slots give the same tokens and log-probabilities as HF eager,
-batched == one by one, through chunked prefill and preemption with recompute."""
+"""Hybrid models through the paged/state runtime: per-sequence conv / SSM / delta-rule states in
+state slots give the same tokens and log-probabilities as HF eager, batched == one by one, through
+chunked prefill and preemption with recompute. LFM2 (short convs) runs by default; Qwen3-Next
+(gated delta rule), Bamba, Nemotron-H and Falcon-H1 (Mamba-2) are `slow`."""
 
 import tempfile
 from pathlib import Path
@@ -19,9 +20,13 @@ PROMPTS = [[17, 301, 42, 7, 250, 99, 5, 128], [3, 9], [400, 12, 77, 31, 260, 8, 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
-@pytest.fixture(scope="module")
-def lfm2():
-    entry = select(load_zoo(), only=["lfm2"])[0]
+HYBRIDS = [pytest.param(name, marks=[] if name == "lfm2" else [pytest.mark.slow])
+           for name in ("lfm2", "qwen3-next", "bamba", "nemotron-h", "falcon-h1")]
+
+
+@pytest.fixture(scope="module", params=HYBRIDS)
+def hybrid(request):
+    entry = select(load_zoo(), only=[request.param])[0]
     with tempfile.TemporaryDirectory() as folder:
         hf = build_checkpoint(entry, Path(folder))
 
@@ -52,15 +57,15 @@ def check(outs, hf):
         assert got == pytest.approx(logprobs, abs=1e-4)
 
 
-def test_batched_and_one_by_one_match_hf(lfm2):
-    hf, model, _ = lfm2
+def test_batched_and_one_by_one_match_hf(hybrid):
+    hf, model, _ = hybrid
     llm = LLM.from_optimized(model, max_num_tokens=16)  # the longest prompt prefills in two chunks
     check(llm.generate(PROMPTS, PARAMS), hf)
     check([llm.generate([p], PARAMS)[0] for p in PROMPTS], hf)
 
 
-def test_preemption_recomputes_the_state(lfm2):
-    hf, _, tiny = lfm2
+def test_preemption_recomputes_the_state(hybrid):
+    hf, _, tiny = hybrid
     llm = LLM.from_optimized(tiny, max_batch_size=3, max_num_tokens=16)
     outs = llm.generate(PROMPTS, PARAMS)
     assert llm.engine.num_preemptions > 0

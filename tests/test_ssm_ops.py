@@ -114,7 +114,7 @@ def test_cached_ssd_scan_carries_state():
     seqs = [ssd_inputs(n) for n in LENGTHS]
 
     def cached(x, dt, b, c, *rest):
-        return ops.cached_ssd_scan(x, dt, a, b, c, d, dt_bias, True, *rest)
+        return ops.cached_ssd_scan(x, dt, a, b, c, d, dt_bias, True, 0.0, *rest)
 
     def plain(x, dt, b, c):
         return ops.ssd_scan(x, dt, a, b, c, d, dt_bias, True)
