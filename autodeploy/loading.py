@@ -207,8 +207,9 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_tokenizer_or_none(source: ModelSource):
-    """The tokenizer, or None for a bare checkpoint (then prompts are token ids and text is empty)."""
+    """The tokenizer, or None for a bare checkpoint (then prompts are token ids and text is empty).
+    ImportError too: a bare checkpoint of a type whose tokenizer needs a missing package (BioGPT)."""
     try:
         return load_tokenizer(source)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, ImportError):
         return None
