@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all zoo
+.PHONY: setup demo test test-all zoo sweep
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +18,6 @@ test-all: setup
 
 zoo: setup
 	$(VENV)/bin/autodeploy zoo --report reports/zoo
+
+sweep: setup  # every text causal-LM type of the installed transformers (slow)
+	$(VENV)/bin/autodeploy zoo --all-architectures --report reports/sweep

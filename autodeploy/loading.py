@@ -146,7 +146,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+def hf_attn_implementation(name: str) -> str | None:
+    """What to pass transformers as `attn_implementation`: 'auto' is None, which makes transformers take
+    sdpa where the class supports it and eager otherwise (both are matched); anything else as is."""
+    return None if name == "auto" else name
+
+
+def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementation: str = "auto"):
     """The HF model entirely on the meta device (values of init-computed buffers are kept aside)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -156,7 +162,7 @@ def build_meta_model(source: ModelSource, dtype: torch.dtype, attn_implementatio
             model = AutoModelForCausalLM.from_config(
                 source.config,
                 dtype=dtype,
-                attn_implementation=attn_implementation,
+                attn_implementation=hf_attn_implementation(attn_implementation),
                 trust_remote_code=source.trust_remote_code,
             )
     except ValueError as e:
@@ -201,8 +207,9 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_tokenizer_or_none(source: ModelSource):
-    """The tokenizer, or None for a bare checkpoint (then prompts are token ids and text is empty)."""
+    """The tokenizer, or None for a bare checkpoint (then prompts are token ids and text is empty).
+    ImportError too: a bare checkpoint of a type whose tokenizer needs a missing package (BioGPT)."""
     try:
         return load_tokenizer(source)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, ImportError):
         return None

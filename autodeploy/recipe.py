@@ -22,7 +22,8 @@ class ModelSettings:
     dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's half type (else bfloat16) on GPU
     device: str = "auto"
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"  # the HF attention code that is exported (sdpa | eager)
+    # the HF attention code that is exported: auto (sdpa where the class supports it, else eager) | sdpa | eager
+    attn_implementation: str = "auto"
     config_only: bool = False  # random weights from the config alone, no checkpoint needed
 
 

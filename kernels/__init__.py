@@ -17,4 +17,5 @@ if __name__ == "autodeploy.kernels":
     from . import quant_linear  # noqa: E402,F401  (fp8_linear, int_linear: formats in quant_format.py)
     from . import quant_moe  # noqa: E402,F401  (fp8_moe, int_moe: moe with quantized experts)
     from . import collectives  # noqa: E402,F401  (all_reduce of tensor-parallel graphs)
+    from . import ssm  # noqa: E402,F401  (causal conv1d, selective / SSD scans, gated delta rule; cached forms)
     from . import triton_backends  # noqa: E402,F401  (<op>_triton backends, chosen by select_backends)

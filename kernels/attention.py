@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-SCHEMA = "(Tensor q, Tensor k, Tensor v, float scale, int? sliding_window=None, float? logit_cap=None) -> Tensor"
+SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, float scale, int? sliding_window=None, float? logit_cap=None, "
+    "Tensor? alibi_slopes=None) -> Tensor"
+)
 
 
 def causal_mask(
@@ -29,6 +32,16 @@ def causal_mask(
     return mask
 
 
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """ALiBi's additive bias [n_heads, len(q_pos), len(k_pos)]: slope_h * (key pos - query pos).
+
+    Models write it as slope_h * key pos (Bloom) or with another per-row offset (MPT); softmax does
+    not see a per-row constant, so the relative form is the same attention and needs no absolute origin.
+    """
+    distance = (k_pos[None, :] - q_pos[:, None]).float()
+    return slopes.float()[:, None, None] * distance
+
+
 @torch.library.custom_op("autodeploy::attention", mutates_args=(), schema=SCHEMA)
 def attention(
     q: torch.Tensor,
@@ -37,12 +50,13 @@ def attention(
     scale: float,
     sliding_window: int | None = None,
     logit_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: q [b, h, s, d], k [b, h_kv, s, d], v [b, h_kv, s, d_v] -> [b, h, s, d_v].
 
     All math is in float32 (HF upcasts the softmax; a fused kernel accumulates in fp32 anyway), the
     result is cast back to q's dtype. The soft cap, cap * tanh(scores / cap), is applied after the
-    scaling and before masking, as Gemma 2 does.
+    scaling and before masking, as Gemma 2 does; the ALiBi bias (per-head slopes [n_heads]) after it.
     """
     n_rep = q.shape[1] // k.shape[1]
     qf = q.float()
@@ -51,13 +65,17 @@ def attention(
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if logit_cap is not None:
         scores = logit_cap * torch.tanh(scores / logit_cap)
+    if alibi_slopes is not None:
+        s_q, s_k = q.shape[2], k.shape[2]
+        positions = torch.arange(s_k, device=q.device)
+        scores = scores + alibi_bias(alibi_slopes, positions[s_k - s_q:], positions)
     mask = causal_mask(q.shape[2], k.shape[2], sliding_window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 
 @attention.register_fake
-def _(q, k, v, scale, sliding_window=None, logit_cap=None):
+def _(q, k, v, scale, sliding_window=None, logit_cap=None, alibi_slopes=None):
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "n_heads must be a multiple of n_kv_heads")
     torch._check(sliding_window is None or sliding_window >= 1, lambda: "sliding_window must be >= 1")
     return q.new_empty(*q.shape[:-1], v.shape[-1])

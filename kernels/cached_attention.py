@@ -14,7 +14,8 @@ Layout (HF layout after the transpose, batch dim 1 because the batch is packed):
   block_tables int32 [B, max_blocks]   cache blocks of each sequence, in order
   slot_mapping int64 [T]       flat cache slot (block * block_size + offset) of each new token
 Query token i of sequence b (local index j) sits at context position seq_lens[b] - q_len_b + j and
-sees keys at positions <= that one (and, with a sliding window W, > that one - W, as in HF).
+sees keys at positions <= that one (and, with a sliding window W, > that one - W, as in HF); with
+ALiBi slopes [n_heads], score += slope_h * (key position - query position).
 Output: [1, n_heads, T, d], like the canonical `attention` op it replaces.
 
 FP8 KV cache: a float8_e4m3fn cache stores k / k_scale and v / v_scale, saturated to +-448, and is
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .quant_format import FP8_DTYPE, FP8_MAX
+from .attention import alibi_bias
 
 _MUTATES = ("k_cache", "v_cache")
 
@@ -84,7 +86,7 @@ def cached_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> Tensor:
     """Reference: write the cache, then per sequence gather its context and attend in float32."""
     _check(q, k, k_cache)
@@ -103,6 +105,8 @@ def cached_attention(
         if logit_cap is not None:
             scores = logit_cap * torch.tanh(scores / logit_cap)
         q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        if alibi_slopes is not None:
+            scores = scores + alibi_bias(alibi_slopes, q_pos, torch.arange(ctx, device=q.device))
         scores = scores.masked_fill(~allowed_keys(q_pos, ctx, sliding_window), float("-inf"))
         out[0, :, start:end] = (scores.softmax(-1) @ values).to(q.dtype)
     return out
@@ -113,7 +117,7 @@ def cached_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> Tensor:
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
@@ -126,14 +130,15 @@ def cached_attention_triton(
         # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
         # T == B decides it from shapes alone - fixed when a CUDA graph is captured.
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
-                                k_scale=k_scale, v_scale=v_scale)
+                                alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
     return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
-                           k_scale, v_scale)
+                           alibi_slopes, k_scale, v_scale)
 
 
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
           block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
-          logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> Tensor:
+          logit_cap: float | None = None, alibi_slopes: Tensor | None = None, k_scale: float = 1.0,
+          v_scale: float = 1.0) -> Tensor:
     return _output_like(q, v)
 
 

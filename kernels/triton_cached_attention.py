@@ -26,11 +26,11 @@ def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    num_seqs, page_size, scale, sliding_window, logit_cap, v_scale,
+    num_seqs, page_size, scale, sliding_window, logit_cap, alibi_ptr, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     pid = tl.program_id(0)
@@ -53,6 +53,9 @@ def _paged_attention_kernel(
         q_ptrs = q_ptr + head * stride_qh + (q_start + offs_m)[:, None] * stride_qt + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         kv_head = head // GROUP
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(alibi_ptr + head).to(tl.float32)
 
         key_end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_M)
         key_begin = 0
@@ -79,6 +82,8 @@ def _paged_attention_kernel(
             s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale
             if HAS_CAP:
                 s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)  # logit_cap * tanh(s / cap)
+            if HAS_ALIBI:
+                s += slope * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
             allowed = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
             if HAS_WINDOW:
                 allowed = allowed & (q_pos[:, None] - offs_n[None, :] < sliding_window)
@@ -102,7 +107,8 @@ def _paged_attention_kernel(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-    sliding_window: int | None = None, logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    sliding_window: int | None = None, logit_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, T, d] over the paged cache (already holding this step's k/v; an fp8
     cache's scales as in kernels/cached_attention.py)."""
@@ -119,11 +125,12 @@ def paged_attention(
         q, out, k_cache, v_cache, cu_seqlens, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        num_seqs, k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0, v_scale,
+        num_seqs, k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
+        alibi_slopes.contiguous() if alibi_slopes is not None else q, v_scale,  # slopes [n_heads]
         GROUP=n_heads // n_kv, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_B=triton.next_power_of_2(num_seqs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
+        HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, **pdl_launch(q.device),
     )
     return out

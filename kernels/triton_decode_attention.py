@@ -88,10 +88,11 @@ def _decode_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    page_size, scale, sliding_window, logit_cap, v_scale,
+    page_size, scale, sliding_window, logit_cap, alibi_ptr, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
@@ -117,6 +118,9 @@ def _decode_attention_kernel(
     dv_valid = offs_dv < V_DIM
     q = tl.load(q_ptr + heads[:, None] * stride_qh + b * stride_qt + offs_d[None, :] * stride_qd,
                 mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    slopes = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=g_valid, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -136,6 +140,8 @@ def _decode_attention_kernel(
         s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_CAP:
             s = logit_cap * (2.0 * tl.sigmoid(2.0 * s / logit_cap) - 1.0)  # logit_cap * tanh(s / cap)
+        if HAS_ALIBI:
+            s += slopes[:, None] * (offs_n - (ctx - 1)).to(tl.float32)[None, :]
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -208,7 +214,7 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
     logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
-    num_warps: int = 4, k_scale: float = 1.0, v_scale: float = 1.0,
+    num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache, which already holds this step's k/v. `num_splits`, `block_n` and
@@ -234,10 +240,11 @@ def decode_attention(
         q, out, part_acc, part_ml, k_cache, v_cache, seq_lens, block_tables,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0, v_scale,
+        k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
+        alibi_slopes.contiguous() if alibi_slopes is not None else q, v_scale,  # slopes [n_heads]
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None,
+        HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps, **pdl,
     )
     if splits > 1:

@@ -8,7 +8,43 @@ import dataclasses
 from .zoo import CHECKPOINT_FORMATS
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`--all-architectures`: every text causal-LM type of the installed transformers (slow)."""
+    from pathlib import Path
+
+    from .sweep import run_sweep, select_types, sweep_markdown
+
+    selection = select_types()
+    types = [t for t in selection.types if not args.only or t in args.only]
+    print(f"autodeploy zoo --all-architectures: {len(types)} types "
+          f"({len(selection.excluded)} excluded by rule)", flush=True)
+
+    def show(result) -> None:
+        if result.entry is None:
+            verdict = f"HF cannot run it: {result.hf_unsupported[:120]}"
+        elif result.entry.passed:
+            verdict = "pass"
+        else:
+            stage, detail = result.entry.first_failure()
+            verdict = f"FAIL at {stage}: {detail.detail[:120]}"
+        print(f"  {result.model_type:<28} {result.seconds:6.1f} s  {verdict}", flush=True)
+
+    results = run_sweep(types, on_result=show, time_limit=args.time_limit)
+    report = sweep_markdown(results, selection)
+    print()
+    print(report.splitlines()[0])
+    if args.report is not None:
+        path = Path(args.report)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "sweep.md").write_text(report)
+        print(f"  wrote {path / 'sweep.md'}")
+    runnable = [r for r in results if r.entry is not None]
+    return 0 if all(r.entry.passed for r in runnable) else 1
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.all_architectures:
+        return cmd_sweep(args)
     from .report import summary_line, to_markdown, write_reports
     from .runner import run_zoo
     from .zoo import load_zoo, select
@@ -43,7 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Build each zoo architecture from a tiny config (random weights), optimize it with the "
                     "real pipeline, and compare logits and greedy tokens with HF transformers.")
     p.add_argument("--subset", choices=["ci", "all"], default="all", help="ci: the fast subset the tests run")
-    p.add_argument("--only", nargs="+", metavar="NAME", default=None, help="run only these entries")
+    p.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="run only these entries (with --all-architectures: these model types)")
+    p.add_argument("--all-architectures", action="store_true",
+                   help="instead of the zoo: every text causal-LM type the installed transformers registers, each "
+                        "from a tiny config derived from its config class (slow; writes sweep.md with --report)")
+    p.add_argument("--time-limit", type=int, default=120, metavar="S",
+                   help="with --all-architectures: seconds per type before it counts as failed (0: none)")
     p.add_argument("--report", metavar="DIR", default=None, help="write zoo.md, zoo.json and zoo.html to DIR")
     p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default=None,
                    help="force every entry's checkpoint layout (hub: as save_pretrained writes; native: "

@@ -70,8 +70,10 @@ class EntryResult:
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    """The error's first line, and the one after it when the first only introduces it ('...:')."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def failing_stage(error: BaseException) -> str:
@@ -93,10 +95,13 @@ def build_checkpoint(entry: ZooEntry, folder: Path) -> torch.nn.Module:
     """The seeded float32 HF model for `entry`, saved to `folder` as safetensors; returns the model."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+    from autodeploy.loading import hf_attn_implementation
+
     fields = dict(entry.config)
     config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
     torch.manual_seed(entry.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=entry.attn_implementation,
+    attn_implementation = hf_attn_implementation(entry.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
                                              dtype=torch.float32).eval()
     save_kwargs = {}
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:

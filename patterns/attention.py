@@ -1,12 +1,14 @@
 """Recognise HF attention in both `sdpa` and `eager` form.
 
 sdpa:  aten.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask, scale=...)
-eager: matmul(q, repeat_kv(k).transpose(2, 3)) * scale [-> cap * tanh(. / cap)] + mask
-       -> softmax(-1, fp32) -> .to(q.dtype) -> dropout(p=0) -> matmul(., repeat_kv(v))
+eager: matmul(q, repeat_kv(k).transpose(2, 3)) * scale [-> cap * tanh(. / cap)] [+ bias] + mask
+       [masked_fill] -> softmax(-1, fp32) -> .to(q.dtype) -> dropout(p=0) -> matmul(., repeat_kv(v))
+       (or the same with q/k/v flattened to [b * h, s, d]: baddbmm(bias, q, k^T, alpha=scale) and bmm, as Bloom)
 
-Both give the un-repeated k/v (GQA stays visible), the scale, and the eager soft cap. The mask is not
-interpreted: whether the attention is causal and which sliding window it has is module-level
-knowledge the transform reads from the HF module.
+Both give the un-repeated k/v (GQA stays visible), the scale, the eager soft cap, and the terms added
+to the scores (masks and position biases; `patterns/position_bias.py` reads what they encode). A
+masked_fill's boolean mask is not interpreted: whether the attention is causal and which sliding
+window it has is module-level knowledge the transform reads from the HF module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.fx import Node
 
 from autodeploy.graph_utils import is_op
 
-from .helpers import advance, bind_args, binary_operands, is_last_dim, sole_user, split_scalar, strip, val
+from .helpers import advance, bind_args, is_last_dim, sole_user, split_scalar, strip, val
 
 aten = torch.ops.aten
 
@@ -32,6 +34,7 @@ class AttentionMatch:
     scale: float
     logit_cap: float | None  # from the graph: eager only (HF's sdpa path refuses soft caps)
     form: str  # "sdpa" or "eager"
+    additive_terms: tuple[Node, ...] = ()  # added to the scores besides q k^T: masks, position biases
 
 
 def strip_repeat_kv(node: Node) -> Node:
@@ -80,7 +83,10 @@ def match_sdpa(node: Node) -> AttentionMatch | None:
     if not _gqa_compatible(q, k, v):
         return None
     scale = args["scale"] if args["scale"] is not None else val(q).shape[-1] ** -0.5
-    return AttentionMatch(node, q, k, v, float(scale), None, "sdpa")
+    mask = args["attn_mask"]
+    is_additive = isinstance(mask, Node) and val(mask) is not None and val(mask).is_floating_point()
+    terms = tuple(_summands(mask)) if is_additive else ()
+    return AttentionMatch(node, q, k, v, float(scale), None, "sdpa", terms)
 
 
 def _as_division(node: Node) -> tuple[Node, float] | None:
@@ -92,8 +98,51 @@ def _as_division(node: Node) -> tuple[Node, float] | None:
     return tensor, const if is_op(node, aten.div) else 1.0 / const
 
 
-def _parse_scores(node: Node) -> tuple[Node, Node, float, float | None] | None:
-    """[cap * tanh(.../ cap)] of [scaled] matmul(q, k^T) -> (q, repeated k, scale, cap)."""
+def _unflatten_heads(node: Node) -> Node | None:
+    """x [b, h, s, d] from reshape(x, [b * h, s, d]) (Bloom's batched-matmul layout), else None."""
+    node = strip(node)
+    if not is_op(node, (aten.reshape, aten.view, aten._unsafe_view)):
+        return None
+    source, flat = node.args[0], val(node)
+    shape = val(source).shape if val(source) is not None else ()
+    if len(shape) != 4 or flat is None or flat.dim() != 3 or flat.shape[0] != shape[0] * shape[1]:
+        return None
+    return source
+
+
+def _parse_product(node: Node) -> tuple[Node, Node, float, tuple[Node, ...]] | None:
+    """q k^T as matmul(q, k^T) on [b, h, s, d], or bmm / baddbmm(bias, q, k^T, alpha=scale) on
+    [b * h, s, d] viewed back to 4-D -> (q, repeated k, scale inside the product, bias terms)."""
+    if is_op(node, aten.matmul):
+        q, k_t, scale, terms = node.args[0], strip(node.args[1]), 1.0, ()
+    else:
+        if not is_op(node, (aten.view, aten.reshape, aten._unsafe_view)) or val(node).dim() != 4:
+            return None
+        product = strip(node.args[0])
+        if is_op(product, aten.bmm):
+            q3, k_t, scale, terms = product.args[0], strip(product.args[1]), 1.0, ()
+        elif is_op(product, aten.baddbmm):
+            args = bind_args(product)
+            if args["beta"] != 1:
+                return None
+            q3, k_t, scale = args["batch1"], strip(args["batch2"]), float(args["alpha"])
+            terms = tuple(_summands(args["self"]))
+        else:
+            return None
+        q = _unflatten_heads(q3)
+        if q is None or not is_op(k_t, aten.transpose):
+            return None
+        k = _unflatten_heads(k_t.args[0])
+        return (q, k, scale, terms) if k is not None and {d % 3 for d in k_t.args[1:3]} == {1, 2} else None
+    if not is_op(k_t, aten.transpose) or val(k_t) is None or val(k_t).dim() != 4:
+        return None
+    if {d % 4 for d in k_t.args[1:3]} != {2, 3}:
+        return None
+    return q, k_t.args[0], scale, terms
+
+
+def _parse_scores(node: Node) -> tuple[Node, Node, float, float | None, tuple[Node, ...]] | None:
+    """[cap * tanh(.../ cap)] of [scaled] q k^T -> (q, repeated k, scale, cap, bias terms)."""
     node = strip(node)
     cap = None
     capped = split_scalar(node, aten.mul)
@@ -106,38 +155,65 @@ def _parse_scores(node: Node) -> tuple[Node, Node, float, float | None] | None:
     scaled = _as_division(node)
     if scaled is not None:
         node, scale = strip(scaled[0]), 1.0 / scaled[1]
-    if not is_op(node, aten.matmul):
+    product = _parse_product(node)
+    if product is None:
         return None
-    q, k_t = node.args[0], strip(node.args[1])
-    if not is_op(k_t, aten.transpose) or val(k_t) is None or val(k_t).dim() != 4:
+    q, k_rep, inner_scale, terms = product
+    return q, k_rep, scale * inner_scale, cap, terms
+
+
+def _summands(node: Node) -> list:
+    """The operands of a tree of tensor additions (a + b + c -> [a, b, c])."""
+    node = strip(node)
+    if is_op(node, aten.add) and node.kwargs.get("alpha", 1) == 1 and all(isinstance(a, Node) for a in node.args):
+        return _summands(node.args[0]) + _summands(node.args[1])
+    return [node]
+
+
+def _attend_values(probs: Node) -> tuple[Node, Node] | None:
+    """probs @ v -> (output [b, h, s, d_v], repeated v), directly or through Bloom's [b * h, s, .] bmm."""
+    out = sole_user(probs)
+    if out is not None and is_op(out, aten.matmul) and out.args[0] is probs:
+        return out, out.args[1]
+    if out is None or not is_op(out, (aten.view, aten.reshape)) or val(out).dim() != 3:
         return None
-    if {d % 4 for d in k_t.args[1:3]} != {2, 3}:
+    bmm = sole_user(out)
+    if bmm is None or not is_op(bmm, aten.bmm) or bmm.args[0] is not out:
         return None
-    return q, k_t.args[0], scale, cap
+    output, v = sole_user(bmm), _unflatten_heads(bmm.args[1])
+    if output is None or v is None or not is_op(output, (aten.view, aten.reshape)) or val(output).dim() != 4:
+        return None
+    return output, v
 
 
 def match_eager(node: Node) -> AttentionMatch | None:
-    """Anchor: softmax over the last dim of (scores + mask) whose probabilities feed matmul(., v).
+    """Anchor: softmax over the last dim of (scores + terms), optionally masked_fill'ed, whose
+    probabilities feed probs @ v.
 
-    The mask add is required: without one the attention is not causal, and the canonical op is.
+    A mask (an added term or a masked_fill) is required: without one the attention is not causal,
+    and the canonical op is.
     """
     if not is_op(node, (aten.softmax, aten._softmax)) or not is_last_dim(node.args[1], node):
         return None
-    probs = advance(node)
-    out = sole_user(probs)
-    if out is None or not is_op(out, aten.matmul) or out.args[0] is not probs:
+    attended = _attend_values(advance(node))
+    if attended is None:
         return None
-    operands = binary_operands(strip(node.args[0]), aten.add)
-    if operands is None:
+    out, v_rep = attended
+    logits, masked = strip(node.args[0]), False
+    while is_op(logits, aten.masked_fill):
+        logits, masked = strip(logits.args[0]), True
+    summands = _summands(logits)
+    if len(summands) < 2 and not masked:
         return None
-    for scores in operands:
+    for i, scores in enumerate(summands):
         parsed = _parse_scores(scores) if isinstance(scores, Node) else None
         if parsed is not None:
-            q, k_rep, scale, cap = parsed
-            k, v = strip_repeat_kv(k_rep), strip_repeat_kv(out.args[1])
+            q, k_rep, scale, cap, inner_terms = parsed
+            k, v = strip_repeat_kv(k_rep), strip_repeat_kv(v_rep)
             if not _gqa_compatible(q, k, v):
                 return None
-            return AttentionMatch(out, q, k, v, scale, cap, "eager")
+            terms = tuple(inner_terms) + tuple(summands[:i] + summands[i + 1:])
+            return AttentionMatch(out, q, k, v, scale, cap, "eager", terms)
     return None
 
 

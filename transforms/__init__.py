@@ -8,6 +8,8 @@ from . import load_weights  # noqa: E402,F401  (registers the transform)
 from . import shard_tensor_parallel  # noqa: E402,F401  (sharding stage: tensor / expert parallel)
 from . import match_attention, match_gated_mlp, match_linear, match_rms_norm, match_rope  # noqa: E402,F401
 from . import match_moe  # noqa: E402,F401
+from . import match_causal_conv  # noqa: E402,F401  (short causal conv1d of SSM / hybrid layers)
 from . import quantize_from_checkpoint, quantize_linear  # noqa: E402,F401  (quantization stage)
 from . import insert_kv_cache  # noqa: E402,F401  (paged KV cache, packed-batch interface)
+from . import insert_state_cache  # noqa: E402,F401  (per-sequence state slots of SSM / linear-attention ops)
 from . import fuse_cleanup_noops, fuse_linears, fuse_add_rms_norm, fuse_select_backends  # noqa: E402,F401  (fusion stage)

@@ -129,7 +129,8 @@ class InsertKVCache(Transform):
             q, k, v, scale, *rest = node.args
             sliding_window = rest[0] if len(rest) > 0 else node.kwargs.get("sliding_window")
             logit_cap = rest[1] if len(rest) > 1 else node.kwargs.get("logit_cap")
-            args = (q, k, v, k_cache, v_cache, *meta.values(), scale, sliding_window, logit_cap)
+            alibi_slopes = rest[2] if len(rest) > 2 else node.kwargs.get("alibi_slopes")
+            args = (q, k, v, k_cache, v_cache, *meta.values(), scale, sliding_window, logit_cap, alibi_slopes)
             replace_with_call(gm, node, op, args + (kv_scales[i] if kv_scales else ()))
         gm.meta[KV_CACHE_KEY] = KVCachePool.allocate(shapes, cfg.block_size, num_blocks, dtype, ctx.device)
         return {"cached_attention": len(attention), "cache_blocks": num_blocks}

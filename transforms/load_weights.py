@@ -89,7 +89,7 @@ class LoadWeights(Transform):
             raise QuantizationError("quantized weights with tensor_parallel_size > 1 are not supported yet "
                                     "(run quantized models on one rank, or unquantized models sharded)")
         wanted = [checkpoint_name(n.removeprefix(WRAPPER_PREFIX), shards) for n, t in tensors
-                  if n.removeprefix(WRAPPER_PREFIX) not in computed and n not in quantized] + quantized.source_keys()
+                  if t.is_meta and n.removeprefix(WRAPPER_PREFIX) not in computed and n not in quantized] + quantized.source_keys()
         source, counts = self._tensor_source(ctx, wanted, aliases, shards)
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
@@ -142,6 +142,9 @@ class LoadWeights(Transform):
         if name.removeprefix(WRAPPER_PREFIX) in computed:  # buffers computed at init, e.g. RoPE inv_freq
             counts["moved"] += 1
             return computed[name.removeprefix(WRAPPER_PREFIX)].to(ctx.device)
+        if not old.is_meta:  # constants a pattern transform computed (ALiBi slopes): not in the checkpoint
+            counts["moved"] += 1
+            return old.to(ctx.device)
         # Parameters take the model dtype; buffers keep the dtype the model gave them (e.g. fp32 biases).
         dtype = ctx.dtype if isinstance(old, torch.nn.Parameter) and old.is_floating_point() else old.dtype
         if source is None:

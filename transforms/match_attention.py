@@ -4,7 +4,9 @@ The graph gives q, un-repeated k/v and the scale. The HF mask is dropped (the ca
 by definition), so what the mask encoded is read from the HF attention module instead: whether it is
 causal at all (`is_causal`; non-causal modules are left alone) and its sliding window. The scale
 and the soft cap come from the graph, which is what the model computes (HF's sdpa path refuses a
-soft cap, so only the eager form has one).
+soft cap, so only the eager form has one). Terms added to the scores are evaluated
+(`patterns/position_bias.py`): ALiBi becomes the op's `alibi_slopes` (a constant buffer of the
+graph); an attention with another kind of additive bias is left alone (and counted as unmatched).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import re
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import get_submodule_or_none, module_path
 from autodeploy.patterns.attention import AttentionMatch, match_attention
+from autodeploy.patterns.helpers import val
+from autodeploy.patterns.position_bias import UnsupportedBias, alibi_slopes
 
 from ._rewrite import replace_matches
 from .registry import Stage, Transform, TransformContext, register
@@ -45,6 +49,21 @@ def sliding_window(module: nn.Module | None, path: str | None, config) -> int | 
     return getattr(config, "sliding_window", None)
 
 
+def slopes_node(match: AttentionMatch) -> Node | None:
+    """The ALiBi slopes of `match` as a graph constant (None without ALiBi); UnsupportedBias for other biases."""
+    slopes = alibi_slopes(match.additive_terms, val(match.q).shape[1])
+    if slopes is None:
+        return None
+    graph = match.output.graph
+    module = graph.owning_module
+    index = sum(1 for name, _ in module.named_buffers() if name.startswith("alibi_slopes_"))
+    module.register_buffer(f"alibi_slopes_{index}", slopes)
+    with graph.inserting_before(match.output):
+        node = graph.get_attr(f"alibi_slopes_{index}")
+    node.meta["val"] = val(match.q).new_empty(slopes.shape, dtype=torch.float32)
+    return node
+
+
 @register
 class MatchAttention(Transform):
     name = "match_attention"
@@ -59,7 +78,12 @@ class MatchAttention(Transform):
             if not getattr(hf_attention, "is_causal", True):
                 return None
             window = sliding_window(hf_attention, path, config)
-            return match.q, match.k, match.v, match.scale, window, match.logit_cap
+            try:
+                slopes = slopes_node(match)
+            except UnsupportedBias:
+                return None
+            operands = (match.q, match.k, match.v, match.scale, window, match.logit_cap)
+            return operands if slopes is None else (*operands, slopes)
 
         count = replace_matches(gm, match_attention, torch.ops.autodeploy.attention.default, operands)
         return {"attention": count}

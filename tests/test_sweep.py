@@ -1,0 +1,35 @@
+"""The wide-net sweep (`autodeploy zoo --all-architectures`): which types it takes by rule, the tiny
+configs it derives, and a sample of types end to end against HF eager (the whole sweep is slow)."""
+
+import pytest
+from transformers import CONFIG_MAPPING
+
+from autodeploy.model_zoo_ci.sweep import run_sweep, select_types, sweep_markdown, tiny_config_fields
+
+
+def test_types_are_selected_by_rule():
+    selection = select_types()
+    assert {"llama", "bloom", "mpt", "mamba", "jamba", "qwen3_next"} <= set(selection.types)
+    assert selection.excluded["bart"] == "encoder-decoder"
+    assert selection.excluded["bert"] == "encoder (has a masked-LM head)"
+    assert selection.excluded["gemma3"] == "multimodal (composite config)"
+    assert not set(selection.types) & set(selection.excluded)
+
+
+def test_tiny_config_keeps_the_layer_pattern():
+    fields = tiny_config_fields("gemma2")  # alternating sliding / full attention
+    assert (fields["hidden_size"], fields["num_hidden_layers"], fields["vocab_size"]) == (64, 2, 512)
+    assert set(fields["layer_types"]) == set(CONFIG_MAPPING["gemma2"]().layer_types)
+    fields = tiny_config_fields("mixtral")
+    assert (fields["num_local_experts"], fields["num_experts_per_tok"]) == (4, 2)
+    model_type = fields.pop("model_type")
+    CONFIG_MAPPING[model_type](**fields)  # a valid config
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "bloom", "gpt_neox"])
+def test_sample_of_the_sweep_matches_hf(model_type):
+    (result,) = run_sweep([model_type])
+    assert result.hf_unsupported == ""
+    assert result.entry.passed, result.entry.first_failure()
+    assert result.entry.tokens_equal
+    assert sweep_markdown([result]).startswith("1/1 text causal-LM types pass")
