@@ -40,7 +40,7 @@ def test_reference_reads_and_writes_scaled_e4m3():
     seqs = [(5, 3), (0, 9), (20, 1)]
     (q, k, v, k_cache, v_cache, cu, lens, tables, slots), full = fp8_case(seqs, 4, 2, 16)
     scale = 16**-0.5
-    out = ops.cached_attention(q, k, v, k_cache, v_cache, cu, lens, tables, slots, scale, None, None, K_SCALE, V_SCALE)
+    out = ops.cached_attention(q, k, v, k_cache, v_cache, cu, lens, tables, slots, scale, None, None, None, K_SCALE, V_SCALE)
     assert k_cache.dtype == FP8_DTYPE
     # the new entries were written as e4m3(k / k_scale)
     flat_k = k_cache.view(-1, 2, 16)[slots].float().transpose(0, 1) * K_SCALE
@@ -61,7 +61,7 @@ def test_fp8_cache_close_to_float32_cache():
     q, k, v, k_cache, v_cache, *meta = args
     want = ops.cached_attention(q, k, v, k_cache.clone(), v_cache.clone(), *meta, 32**-0.5)
     fp8 = (k_cache / 0.01).to(FP8_DTYPE), (v_cache / 0.01).to(FP8_DTYPE)
-    got = ops.cached_attention(q, k, v, *fp8, *meta, 32**-0.5, None, None, 0.01, 0.01)
+    got = ops.cached_attention(q, k, v, *fp8, *meta, 32**-0.5, None, None, None, 0.01, 0.01)
     # e4m3 keeps 3 mantissa bits: ~3.6 % rms rounding error per value, and about that in the output
     assert (got - want).abs().max() < 0.2 and (got - want).norm() / want.norm() < 0.06
 
@@ -74,8 +74,8 @@ def test_triton_paths_match_reference(seqs, group, sliding_window, logit_cap):
     args, _ = fp8_case(seqs, n_heads=2 * group, n_kv=2, head_dim=32, seed=group)
     ref_args = tuple(a.clone() for a in args)
     scale = 32**-0.5
-    want = ops.cached_attention(*ref_args, scale, sliding_window, logit_cap, K_SCALE, V_SCALE)
-    got = ops.cached_attention_triton(*args, scale, sliding_window, logit_cap, K_SCALE, V_SCALE)
+    want = ops.cached_attention(*ref_args, scale, sliding_window, logit_cap, None, K_SCALE, V_SCALE)
+    got = ops.cached_attention_triton(*args, scale, sliding_window, logit_cap, None, K_SCALE, V_SCALE)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     for cache, ref_cache in ((args[3], ref_args[3]), (args[4], ref_args[4])):
@@ -88,8 +88,8 @@ def test_decode_splits_apply_v_scale_once(num_splits):
 
     args, _ = fp8_case([(9, 1), (33, 1)], n_heads=4, n_kv=2, head_dim=16, seed=9)
     q, k, v, k_cache, v_cache, cu, lens, tables, slots = args
-    want = ops.cached_attention(*(a.clone() for a in args), 0.25, None, None, K_SCALE, V_SCALE)
-    ops.cached_attention(q, k, v, k_cache, v_cache, cu, lens, tables, slots, 0.25, None, None, K_SCALE, V_SCALE)
+    want = ops.cached_attention(*(a.clone() for a in args), 0.25, None, None, None, K_SCALE, V_SCALE)
+    ops.cached_attention(q, k, v, k_cache, v_cache, cu, lens, tables, slots, 0.25, None, None, None, K_SCALE, V_SCALE)
     got = decode_attention(q, k_cache, v_cache, lens, tables, 0.25, num_splits=num_splits,
                            k_scale=K_SCALE, v_scale=V_SCALE)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
@@ -147,8 +147,8 @@ def test_triton_fp8_cache_bf16_on_gpu(seqs):
     args, _ = fp8_case(seqs, n_heads=8, n_kv=2, head_dim=128, seed=5)
     args = tuple((a.bfloat16() if a.dtype == torch.float32 else a).cuda() for a in args)
     ref_args = tuple(a.clone() for a in args)
-    want = ops.cached_attention(*ref_args, 128**-0.5, None, None, K_SCALE, V_SCALE)
-    got = ops.cached_attention_triton(*args, 128**-0.5, None, None, K_SCALE, V_SCALE)
+    want = ops.cached_attention(*ref_args, 128**-0.5, None, None, None, K_SCALE, V_SCALE)
+    got = ops.cached_attention_triton(*args, 128**-0.5, None, None, None, K_SCALE, V_SCALE)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     for cache, ref_cache in ((args[3], ref_args[3]), (args[4], ref_args[4])):
         assert (cache.float() - ref_cache.float()).abs().max() <= 32  # at most one e4m3 step (Triton divides approximately)

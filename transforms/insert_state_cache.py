@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from autodeploy.graph_utils import is_op, replace_with_call
 from autodeploy.patterns.helpers import bind_args, val
-from autodeploy.runtime.kv_cache import kv_cache_of
+from autodeploy.runtime.kv_cache import STATE_SLOTS_KEY, kv_cache_of
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -77,4 +77,5 @@ class InsertStateCache(Transform):
             operands = (*args.values(), states, meta["cu_seqlens"], meta["seq_lens"], slots)
             replace_with_call(gm, node, cached_op, operands)
             gm.graph.erase_node(node)
+        gm.meta[STATE_SLOTS_KEY] = True  # the engine then keeps prefix caching off (first blocks are slots)
         return {"state_cache": len(stateful)}

@@ -27,7 +27,7 @@ from autodeploy.parallel.regions import Region, find_regions, shape, weight_para
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
 from autodeploy.parallel.unfuse import split_fused_linears
-from autodeploy.patterns.helpers import insert_call, val
+from autodeploy.patterns.helpers import bind_args, insert_call, val
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -244,8 +244,12 @@ class ShardTensorParallel(Transform):
         if world == 1:
             return {}
         heads = head_counts(ctx.source.config.get_text_config()) or (1, 1)
-        if any(is_op(n, ad.attention) for n in gm.graph.nodes):
+        attention = [n for n in gm.graph.nodes if is_op(n, ad.attention)]
+        if attention:
             check_head_counts(*heads, world)
+        if any(bind_args(n).get("alibi_slopes") is not None for n in attention):
+            raise ShardingError("ALiBi models cannot be sharded yet (their per-head slopes are not sliced); "
+                                "run them with tensor_parallel_size 1")
         sharder = _Sharder(gm, ctx, rank, world)
         sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
         for region in find_regions(gm):

@@ -23,6 +23,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import buckets_to_capture, plan_buckets
 from .detokenizer import IncrementalDetokenizer
 from .executor import ModelExecutor
+from .kv_cache import STATE_SLOTS_KEY
 from .logits_processors import LogitsProcessors
 from .outputs import RequestOutput
 from .prefix_cache import PrefixCache, PrefixCacheStats
@@ -94,8 +95,10 @@ class Engine:
         use_graphs = self.executor.device.type == "cuda" and bool(buckets) and pool.num_blocks > 1
         num_blocks = pool.num_blocks - 1 if use_graphs else pool.num_blocks  # the last: graphs' scratch block
         self.blocks = BlockManager(num_blocks, pool.block_size)
-        self.prefix_cache = (PrefixCache(self.blocks, salt=str(pool.k_caches[0].dtype))
-                             if settings.enable_prefix_caching else None)
+        # A hybrid model's state slot is its first block, and a state after a prefix is not stored:
+        # such a model recomputes every prompt (kv_cache.STATE_SLOTS_KEY, set by insert_state_cache).
+        caching = settings.enable_prefix_caching and not gm.meta.get(STATE_SLOTS_KEY)
+        self.prefix_cache = PrefixCache(self.blocks, salt=str(pool.k_caches[0].dtype)) if caching else None
         self.scheduler = Scheduler(self.blocks, settings.max_batch_size, settings.max_num_tokens, self.prefix_cache,
                                    settings.max_prefill_tokens_with_decodes)
         self.sampler = Sampler(settings.seed)

@@ -23,6 +23,7 @@ import torch
 from torch.fx import GraphModule
 
 KV_CACHE_KEY = "autodeploy_kv_cache"
+STATE_SLOTS_KEY = "autodeploy_state_slots"  # set when a sequence's first block also names its SSM state slot
 # gm.meta key of an fp8 cache's per-layer (k_scale, v_scale), in attention order (set by the loader)
 KV_SCALES_KEY = "autodeploy_kv_scales"
 METADATA_INPUTS = ("cu_seqlens", "seq_lens", "block_tables", "slot_mapping")
