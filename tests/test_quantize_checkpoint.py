@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig
 
 from autodeploy.optimizer import optimize_model
-from tests.quant_fixtures import (dequantized_reference, write_awq, write_compressed_tensors, write_gptq,
+from quant_fixtures import (dequantized_reference, write_awq, write_compressed_tensors, write_gptq,
                                   write_modelopt_fp8)
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig
 
 from autodeploy.cli import build_parser, main
-from tests.conftest import save_tiny_checkpoint
-from tests.quant_fixtures import write_gptq
+from conftest import save_tiny_checkpoint
+from quant_fixtures import write_gptq
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
 
 from autodeploy.errors import QuantizationError
 from autodeploy.optimizer import optimize_model
-from tests.conftest import save_tiny_checkpoint
+from conftest import save_tiny_checkpoint
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5]])
 NO_CACHE = ["transforms.insert_kv_cache.enabled=false"]
