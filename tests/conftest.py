@@ -13,6 +13,15 @@ import torch  # noqa: E402
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """`pytestmark = pytest.mark.usefixtures("one_torch_thread")`: the module's steps run on one thread."""
+    from runtime_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_model_dir():
     from autodeploy.default_model import ensure_default_model

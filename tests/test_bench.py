@@ -21,12 +21,7 @@ def bench(argv: list[str]) -> int:
     return args.func(args)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread is faster
 
 
 def test_latency_mode_with_hf_baseline(tiny_llama_dir, tmp_path):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from autodeploy import LLM, SamplingParams
-from autodeploy.optimizer import optimize_model
 
-from runtime_helpers import NO_CACHE, with_cache
+from runtime_helpers import smollm2_cpu_base, with_cache
 
 # Different lengths: single token, across the 16-token block boundary, several blocks.
 PROMPTS = [
@@ -26,20 +25,12 @@ MAX_TOKENS = 16
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode steps are thousands of tiny ops; on a shared 2-core machine every intra-op parallel
-    region waits for a descheduled second thread (measured: 5x slower steps). One thread here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread is faster
 
 
 @pytest.fixture(scope="module")
 def base(default_model_dir):
-    return optimize_model(default_model_dir, overrides=["model.device=cpu", "model.dtype=float32", NO_CACHE],
-                          progress=False)
+    return smollm2_cpu_base(default_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ no step writes a block another request reads or reads a block nobody wrote (free
 poisoned with NaN before every step)."""
 
 import pytest
-import torch
 
 from autodeploy import LLM, SamplingParams
 from autodeploy.llm import chat_prompt_ids
-from autodeploy.optimizer import optimize_model
 
-from runtime_helpers import NO_CACHE, with_cache
+from runtime_helpers import smollm2_cpu_base, with_cache
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -19,18 +17,12 @@ TEXT = ("The history of the city begins with a small fishing village on the rive
         "market square, a cathedral and a university. ")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread is faster
 
 
 @pytest.fixture(scope="module")
 def base(default_model_dir):
-    return optimize_model(default_model_dir, overrides=["model.device=cpu", "model.dtype=float32", NO_CACHE],
-                          progress=False)
+    return smollm2_cpu_base(default_model_dir)
 
 
 def poisoned(llm: LLM) -> LLM:

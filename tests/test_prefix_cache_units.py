@@ -11,20 +11,11 @@ from autodeploy.runtime.sampling_params import SamplingParams
 from autodeploy.runtime.scheduler import Scheduler
 from autodeploy.runtime.sequence import PENDING, Sequence
 
+from runtime_helpers import run_step
+
 
 def seq(i: int, tokens: list[int], max_tokens: int = 8) -> Sequence:
     return Sequence(f"r{i}", None, list(tokens), SamplingParams(max_tokens=max_tokens), arrival=i)
-
-
-def run_step(sched: Scheduler, token: int = 7):
-    """Apply a schedule as the engine would: mark computed, add a token where a chunk completes."""
-    out = sched.schedule()
-    for c in out.chunks:
-        completes = c.completes
-        c.seq.num_computed += c.num_tokens
-        if completes:
-            c.seq.output_ids.append(token)
-    return out
 
 
 def assert_all_released(bm: BlockManager) -> None:

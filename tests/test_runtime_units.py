@@ -10,6 +10,8 @@ from autodeploy.runtime.scheduler import Scheduler
 from autodeploy.runtime.sequence import Sequence, Status
 from autodeploy.runtime.stopping import find_stop_string, held_back, is_stop_token
 
+from runtime_helpers import run_step
+
 
 # --- block manager ------------------------------------------------------------------------------
 def test_block_manager_grow_is_all_or_nothing_and_free_returns_blocks():
@@ -28,17 +30,6 @@ def test_block_manager_grow_is_all_or_nothing_and_free_returns_blocks():
 # --- scheduler ----------------------------------------------------------------------------------
 def seq(i: int, prompt_len: int, max_tokens: int = 8) -> Sequence:
     return Sequence(f"r{i}", None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), arrival=i)
-
-
-def run_step(sched: Scheduler, token: int = 7):
-    """Apply a schedule as the engine would: mark computed, add a token where a chunk completes."""
-    out = sched.schedule()
-    for c in out.chunks:
-        completes = c.completes
-        c.seq.num_computed += c.num_tokens
-        if completes:
-            c.seq.output_ids.append(token)
-    return out
 
 
 def test_token_budget_chunks_long_prompts_and_keeps_decodes_first():

@@ -14,7 +14,8 @@ import pytest
 from autodeploy import SamplingParams
 from autodeploy.serve import ServeOptions, create_app
 
-from serve_helpers import ServerThread, one_thread, smollm2_llm
+from runtime_helpers import one_thread
+from serve_helpers import ServerThread, smollm2_llm
 
 openai = pytest.importorskip("openai")
 

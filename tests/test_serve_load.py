@@ -25,7 +25,8 @@ from autodeploy.bench.metrics import percentile
 from autodeploy.bench.serving import ClientRequest, ClientResult, run_clients, summarize, word_prompts
 from autodeploy.serve import create_app
 
-from serve_helpers import ServerThread, one_thread, smollm2_llm
+from runtime_helpers import one_thread
+from serve_helpers import ServerThread, smollm2_llm
 
 pytestmark = pytest.mark.slow
 
