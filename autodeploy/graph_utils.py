@@ -68,3 +68,13 @@ def get_submodule_or_none(model: torch.nn.Module, path: str | None, prefix: str 
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def distinct_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """The module's parameters and buffers by identity (tied weights once)."""
+    return {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers (meta placeholders count as their final size)."""
+    return sum(t.numel() * t.element_size() for t in distinct_tensors(module).values())

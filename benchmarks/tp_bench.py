@@ -17,7 +17,7 @@ import time
 
 from autodeploy import LLM
 from autodeploy.bench import ours
-from autodeploy.bench.device import weight_bytes
+from autodeploy.graph_utils import weight_bytes
 from autodeploy.bench.metrics import summarize
 
 

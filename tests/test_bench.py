@@ -141,7 +141,8 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, tmp_path):
 def test_bytes_read_per_token(tiny_llama_dir):
     """A decode token reads every weight but one row of the (untied) embedding table; a tied table is
     read whole (it is the LM head)."""
-    from autodeploy.bench.device import bytes_by_dtype, bytes_read_per_token, weight_bytes
+    from autodeploy.bench.device import bytes_by_dtype, bytes_read_per_token
+    from autodeploy.graph_utils import weight_bytes
     from autodeploy.optimizer import optimize_model
 
     opt = optimize_model(tiny_llama_dir, overrides=["model.device=cpu", SMALL_CACHE], progress=False)

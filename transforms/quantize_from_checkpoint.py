@@ -18,7 +18,8 @@ from autodeploy.runtime.kv_cache import KV_SCALES_KEY
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.kv_scales import checkpoint_kv_scales
 from autodeploy.quantization.loading import quantized_loads
-from autodeploy.quantization.rewrite import linear_sites, swap_linear, weight_bytes
+from autodeploy.graph_utils import weight_bytes
+from autodeploy.quantization.rewrite import linear_sites, swap_linear
 
 from .registry import Stage, Transform, TransformContext, register
 

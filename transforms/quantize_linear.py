@@ -17,10 +17,11 @@ from torch import nn
 from torch.fx import GraphModule
 
 from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.graph_utils import weight_bytes
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
 from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
-                                             swap_moe, weight_bytes)
+                                             swap_moe)
 from autodeploy.quantization.schemes import LinearScheme, online_scheme
 
 from .registry import Stage, Transform, TransformContext, register

@@ -15,6 +15,8 @@ import time
 import torch
 from torch.fx import GraphModule
 
+from autodeploy.graph_utils import distinct_tensors
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -51,15 +53,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
     return 2 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters and buffers (tied weights counted once)."""
-    return sum(t.numel() * t.element_size() for t in _distinct_tensors(module).values())
-
-
-def _distinct_tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
-    return {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-
-
 def bytes_read_per_token(gm: GraphModule) -> int:
     """Bytes one batch-1 decode step reads from weights: all of them (as stored), but one row of a
     table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole)."""
@@ -71,7 +64,7 @@ def bytes_read_per_token(gm: GraphModule) -> int:
                 "gather" if u.target is torch.ops.aten.embedding.default and u.args[0] is node else "other"
                 for u in node.users)
     total = 0
-    for key, t in _distinct_tensors(gm).items():
+    for key, t in distinct_tensors(gm).items():
         nbytes = t.numel() * t.element_size()
         total += nbytes // t.shape[0] if uses.get(key) == {"gather"} else nbytes
     return total
@@ -80,7 +73,7 @@ def bytes_read_per_token(gm: GraphModule) -> int:
 def bytes_by_dtype(module: torch.nn.Module) -> dict[str, int]:
     """Weight bytes per storage dtype (how much of a model a quantization scheme covers)."""
     out: dict[str, int] = {}
-    for t in _distinct_tensors(module).values():
+    for t in distinct_tensors(module).values():
         name = str(t.dtype).removeprefix("torch.")
         out[name] = out.get(name, 0) + t.numel() * t.element_size()
     return out

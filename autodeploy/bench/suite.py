@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from autodeploy.graph_utils import weight_bytes
 from autodeploy.loading import resolve_device, resolve_dtype, resolve_model
 from autodeploy.optimizer import optimize_model
 from autodeploy.recipe import load_recipe
 from autodeploy.runtime.kv_cache import kv_cache_of
 
 from . import hf, ours
-from .device import bytes_by_dtype, bytes_read_per_token, copy_bandwidth, describe, now, weight_bytes
+from .device import bytes_by_dtype, bytes_read_per_token, copy_bandwidth, describe, now
 from .metrics import Run, summarize
 from .profile import decode_profile
 from .workload import Workload, random_prompts

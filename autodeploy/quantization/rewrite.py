@@ -125,16 +125,6 @@ def quantized_module_paths(gm: GraphModule) -> set[str]:
     return {hf_path(name) for name, _ in gm.named_parameters() if name.endswith(("weight_scale", ".scales"))}
 
 
-def weight_bytes(gm: GraphModule) -> int:
-    """Bytes of every parameter and buffer (placeholders on meta count as their final size)."""
-    seen, total = set(), 0
-    for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
 # Linear parameter suffix -> the suffix an expert weight `w` gets (its quantized tensor keeps w's name).
 _EXPERT_SUFFIX = {"weight": "", "qweight": "", "weight_scale": "_scale", "scales": "_scales", "zeros": "_zeros"}
 
