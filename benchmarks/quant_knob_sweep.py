@@ -1,59 +1,139 @@
-"""Wide knob sweep of the batch-1 quantized kernels (GEMV and tl.dot forms) on three Llama-3.1-8B shapes:
-us per call over a pool of weight copies larger than L2, and GB/s of the format's bytes.
-Usage: python3 benchmarks/quant_knob_sweep.py"""
+"""Knob sweep of the decode linears (bf16 skinny, FP8 W8A8, INT4 g128) on the Llama-3.1-8B shapes: us per call
+over a pool of weight copies larger than L2 (CUDA graph, no PDL), and GB/s of the bytes each format reads.
+Batch 1 for every kernel form, batch 64 for the many-row paths. Each line: the best four knob sets.
+Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given]"""
+
+import sys
 
 import torch
+import torch.nn.functional as F
 import triton
 
-from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
-from autodeploy.kernels.triton_quant_fp8_linear import skinny_fp8_linear
-from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
-from autodeploy.kernels.triton_quant_int_linear import skinny_int_linear
+import autodeploy.kernels  # noqa: F401  (registers the reference ops)
 
-SHAPES = {"o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-POOL_BYTES = 200 * 2**20
-KNOBS = {
-    "fp8 gemv": [(4, 1024, 4, 3), (8, 1024, 4, 3), (4, 2048, 4, 3), (8, 2048, 8, 3), (16, 1024, 4, 3), (16, 512, 4, 3),
-                 (16, 1024, 8, 3), (2, 2048, 4, 3), (4, 1024, 8, 3), (4, 1024, 4, 1)],
-    "int4 gemv": [(4, 256, 4, 3), (8, 256, 4, 3), (4, 512, 4, 3), (2, 256, 4, 3), (2, 512, 4, 3), (4, 256, 8, 3),
-                  (8, 256, 8, 3), (16, 128, 4, 3), (4, 128, 8, 3), (4, 256, 4, 1)],
-    "fp8 dot": [(16, 512, 4, 4), (16, 1024, 4, 4), (32, 1024, 4, 4), (64, 512, 4, 4), (16, 256, 4, 6), (32, 512, 4, 4)],
-    "int4 dot": [(16, 512, 4, 4), (32, 512, 4, 4), (16, 1024, 4, 4), (64, 256, 4, 4), (16, 256, 4, 6)],
-}
+from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
+from autodeploy.kernels.triton_fp8_act_quant import quantize_rows_fp8
+from autodeploy.kernels.triton_linear import skinny_linear
+from autodeploy.kernels.triton_quant_fp8_linear import scaled_mm_fp8_linear, skinny_fp8_linear
+from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
+from autodeploy.kernels.triton_quant_int_linear import dequantize_int_triton, skinny_int_linear
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+POOL_BYTES = 256 * 2**20
+# (block_n, block_k, warps, stages, swap)
+BF16 = [(32, 512, 4, 5, False), (32, 256, 4, 6, False), (64, 256, 4, 5, False), (16, 512, 4, 6, False),
+        (64, 256, 4, 5, True), (64, 512, 4, 4, True), (128, 256, 4, 4, True), (128, 128, 4, 6, True),
+        (64, 128, 4, 8, True), (128, 256, 8, 4, True)]
+FP8 = [(32, 512, 4, 4, False), (64, 512, 4, 4, False), (32, 1024, 4, 3, False), (64, 512, 4, 4, True),
+       (128, 512, 4, 4, True), (64, 1024, 4, 3, True), (128, 256, 4, 6, True), (256, 256, 8, 4, True),
+       (64, 256, 4, 6, True), (128, 512, 8, 4, True), (128, 1024, 8, 3, True)]
+# (block_n, block_w, warps, stages, tile_scale)
+INT_GEMV = [(8, 16, 4, 3, True), (16, 16, 4, 3, True), (32, 16, 4, 3, True), (64, 16, 4, 4, True),
+            (32, 16, 4, 5, True), (16, 16, 2, 4, True), (64, 8, 4, 4, True), (128, 16, 8, 3, True),
+            (8, 64, 4, 3, False), (16, 32, 4, 3, False), (32, 32, 8, 3, False), (4, 64, 4, 3, False)]
+# (block_n, block_k, warps, stages, swap)
+INT_DOT = [(32, 512, 8, 4, False), (64, 256, 4, 4, True), (128, 256, 4, 4, True), (64, 512, 4, 3, True),
+           (128, 128, 4, 5, True), (64, 128, 4, 5, True), (256, 128, 8, 4, True), (128, 256, 8, 3, True)]
+FP8_M64 = [(64, 128, 4, 4, False), (64, 256, 4, 4, False), (128, 128, 4, 4, True), (128, 128, 8, 4, False),
+           (64, 128, 4, 6, False), (128, 256, 8, 3, True)]
 
 
 def nbytes(ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
 def timed(call, params) -> float:
-    pool = [tuple(t.clone() for t in params) for _ in range(-(-POOL_BYTES // nbytes(params)))]
-    return triton.testing.do_bench_cudagraph(lambda: [call(p) for p in pool], rep=30) * 1e3 / len(pool)
+    pool = [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in params)
+            for _ in range(-(-POOL_BYTES // nbytes(params)))]
+    return triton.testing.do_bench_cudagraph(lambda: [call(p) for p in pool], rep=25) * 1e3 / len(pool)
+
+
+def sweep(label: str, run, params, knobs, ref: torch.Tensor | None = None) -> None:
+    results = []
+    for kn in knobs:
+        try:
+            if ref is not None:  # every knob set's output checked once against the format's reference
+                err = ((run(params, *kn).float() - ref).abs().max() / ref.abs().max()).item()
+                if not err < 2e-2:
+                    print(f"    {label} {kn}: WRONG, max error {err:.3g} of the largest output", flush=True)
+                    continue
+            results.append((timed(lambda p: run(p, *kn), params), kn))
+        except Exception as e:  # out of resources for a large tile, an unsupported layout
+            print(f"    {label} {kn}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+    results.sort(key=lambda r: r[0])
+    print(f"  {label:14s} " + ", ".join(f"{us:.1f}us {nbytes(params) / us / 1e3:.0f}GB/s {kn}"
+                                       for us, kn in results[:4]), flush=True)
+
+
+def bandwidth() -> None:
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=200)
+    read = triton.testing.do_bench(lambda: a.view(torch.int32).sum(), rep=200)
+    print(f"copy {2 * a.numel() / ms / 1e6:.0f} GB/s; read (sum) {a.numel() / read / 1e6:.0f} GB/s", flush=True)
+
+
+GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True), (64, 512, 4, 5, True),
+             (32, 512, 4, 6, True), (128, 512, 4, 3, True), (64, 1024, 4, 2, True), (64, 512, 8, 4, True)],
+         64: [(128, 256, 4, 4, True), (128, 128, 4, 6, True), (64, 256, 4, 4, True), (256, 128, 8, 4, True),
+              (128, 256, 8, 3, True), (64, 512, 4, 3, True), (128, 128, 8, 5, True)]}
+
+
+def given_sweep() -> None:
+    """The e4m3 x e4m3 dot on activations quantized beforehand (`prequantized_fp8_linear`), at 1 / 16 / 64 rows."""
+    for name, (n, k) in SHAPES.items():
+        print(f"{name} {n}x{k}", flush=True)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        f8 = quantize_fp8(w, True)
+        for rows, knobs in ((1, GIVEN[1]), (16, GIVEN[1][:4]), (64, GIVEN[64])):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            ref = torch.ops.autodeploy.fp8_linear(x, *f8, None, None, "token").float()
+            qx, sx = quantize_rows_fp8(x)
+            sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(qx, p[0], p[1], None, None, "token", *kn, x_scale=sx,
+                                                                  out_dtype=torch.bfloat16), f8, knobs, ref)
+            sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x), f8, [()])
+            sweep(f"bf16 cublas {rows}", lambda p: F.linear(x, p[0]), (w,), [()])
+            if rows > 1:
+                sweep(f"fp8 scaled_mm {rows}", lambda p: scaled_mm_fp8_linear(x, p[0], p[1]), f8, [()])
 
 
 def main() -> None:
     torch.manual_seed(0)
+    bandwidth()
+    if "--given" in sys.argv:
+        return given_sweep()
+    quick = "--quick" in sys.argv
     for name, (n, k) in SHAPES.items():
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        print(f"{name} {n}x{k}", flush=True)
+        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x64 = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        q4 = quantize_int(w, 4, 128, True)[:2]
         f8 = quantize_fp8(w, True)
-        runs = {
-            "fp8 gemv": (lambda p, *kn: gemv_fp8_linear(x, p[0], p[1], None, None, 1, *kn), f8),
-            "int4 gemv": (lambda p, *kn: gemv_int_linear(x, p[0], p[1], None, None, 4, 128, *kn), q4),
-            "fp8 dot": (lambda p, *kn: skinny_fp8_linear(x, p[0], p[1], None, None, "token", *kn), f8),
-            "int4 dot": (lambda p, *kn: skinny_int_linear(x, p[0], p[1], None, None, None, 4, 128, *kn), q4),
-        }
-        for label, (run, params) in runs.items():
-            results = []
-            for kn in KNOBS[label]:
-                try:
-                    us = timed(lambda p: run(p, *kn), params)
-                    results.append((us, kn))
-                except Exception as e:  # out of resources for a large tile
-                    print(f"  {name} {label} {kn}: {type(e).__name__}")
-            results.sort()
-            print(f"{name:8s} {label:9s} " + ", ".join(f"{us:.1f}us {nbytes(params) / us / 1e3:.0f}GB/s {kn}" for us, kn in results[:4]), flush=True)
+        q4 = quantize_int(w, 4, 128, True)[:2]
+        refs = {rows: (F.linear(x.float(), w.float()),
+                       torch.ops.autodeploy.fp8_linear(x, *f8, None, None, "token").float(),
+                       torch.ops.autodeploy.int_linear(x, *q4, None, None, None, 4, 128).float())
+                for rows, x in ((1, x1), (64, x64))}
+        sweep("bf16 cublas", lambda p: F.linear(x1, p[0]), (w,), [()])
+        sweep("bf16 skinny", lambda p, *kn: skinny_linear(x1, p[0], None, *kn), (w,), BF16[:3] if quick else BF16, refs[1][0])
+        sweep("fp8 gemv", lambda p: gemv_fp8_linear(x1, p[0], p[1], None, None, 1), f8, [()])
+        sweep("fp8 dot", lambda p, *kn: skinny_fp8_linear(x1, p[0], p[1], None, None, "token", *kn), f8,
+              FP8[:3] if quick else FP8, refs[1][1])
+        qx, sx = quantize_rows_fp8(x1)
+        sweep("fp8 dot given", lambda p, *kn: skinny_fp8_linear(qx, p[0], p[1], None, None, "token", *kn, x_scale=sx,
+                                                               out_dtype=torch.bfloat16), f8, FP8[3:7], refs[1][1])
+        sweep("fp8 act quant", lambda p: quantize_rows_fp8(x1), f8, [()])
+        sweep("int4 gemv", lambda p, *kn: gemv_int_linear(x1, p[0], p[1], None, None, 4, 128, *kn), q4,
+              INT_GEMV[:3] if quick else INT_GEMV, refs[1][2])
+        sweep("int4 dot", lambda p, *kn: skinny_int_linear(x1, p[0], p[1], None, None, None, 4, 128, *kn[:4],
+                                                          swap=kn[4]), q4, INT_DOT[:3] if quick else INT_DOT, refs[1][2])
+        sweep("bf16 cublas 64", lambda p: F.linear(x64, p[0]), (w,), [()])
+        sweep("fp8 scaled_mm 64", lambda p: scaled_mm_fp8_linear(x64, p[0], p[1]), f8, [()])
+        sweep("fp8 dot 64", lambda p, *kn: skinny_fp8_linear(x64, p[0], p[1], None, None, "token", *kn), f8, FP8_M64, refs[64][1])
+        sweep("int4 deq+mm 64", lambda p: F.linear(x64, dequantize_int_triton(p[0], p[1], None, None, 4, 128, k,
+                                                                              torch.bfloat16)), q4, [()])
+        sweep("int4 dot 64", lambda p, *kn: skinny_int_linear(x64, p[0], p[1], None, None, None, 4, 128, *kn[:4],
+                                                             swap=kn[4]), q4, INT_DOT[1:5], refs[64][2])
 
 
 if __name__ == "__main__":

@@ -46,3 +46,9 @@ def quantize_rows_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quantize_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), q.stride(0), INTERPRET=not x2.is_cuda,
                                     BLOCK_K=min(BLOCK_K, triton.next_power_of_2(k)), **pdl_launch(x2.device))
     return q, scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `torch.ops.autodeploy.quantize_fp8_per_token`: (e4m3 x, float32 scale [..., 1])."""
+    q, scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]).contiguous())
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)

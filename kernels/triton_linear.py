@@ -19,10 +19,15 @@ import triton.language as tl
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 SKINNY_ROWS = 16
+# From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): 32 x 256 tiles in 6 stages for the 4096-wide
+# outputs (128 programs); wider ones (fused q/k/v, gate/up) stream faster with 64 weight rows as the MMA's A operand.
 BLOCK_N = 32
-BLOCK_K = 512
+BLOCK_K = 256
 NUM_WARPS = 4
-NUM_STAGES = 5
+NUM_STAGES = 6
+SWAP = False
+WIDE_N = 4096
+WIDE_KNOBS = dict(block_n=64, block_k=128, num_warps=4, num_stages=8, swap=True)
 # With PDL: how many 512-column tiles of its weight rows each program asks L2 for before it waits for
 # the previous kernel (BENCHMARKS.md: 2 of 2/4/6/8 was fastest).
 PREFETCH_K = 512 * int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
@@ -31,7 +36,7 @@ PREFETCH_K = 512 * int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,14 +48,22 @@ def _skinny_linear_kernel(
     if PREFETCH_K > 0:  # one address per 128-byte line (2-byte weights)
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 64)[None, :] * 64, K - 1))
     wait_for_inputs(USE_PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
+        else:
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -59,7 +72,7 @@ def _skinny_linear_kernel(
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-                  num_stages: int = NUM_STAGES) -> torch.Tensor:
+                  num_stages: int = NUM_STAGES, swap: bool = SWAP) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias), all rows of x in one tile (meant for a few: see `linear`).
     The knobs are for benchmarks/linear_bench.py, which sweeps them."""
     n, k = weight.shape
@@ -75,7 +88,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        SWAP=swap, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -84,5 +97,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """The backend: the skinny kernel for a few rows of a half-precision linear, else torch."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= SKINNY_ROWS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
-        return skinny_linear(x, weight, bias)
+        return skinny_linear(x, weight, bias, **(WIDE_KNOBS if weight.shape[0] > WIDE_N else {}))
     return F.linear(x, weight, bias)

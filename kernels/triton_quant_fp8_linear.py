@@ -23,7 +23,7 @@ import triton.language as tl
 from .quant_format import FP8_DTYPE
 from .quant_linear import ACT_QUANT, activation_scale, quantize_activation
 from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
-from .triton_fp8_act_quant import quantize_rows_fp8
+from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
@@ -32,14 +32,23 @@ BLOCK_N = 32
 BLOCK_K = 512
 NUM_WARPS = 4
 NUM_STAGES = 4
-_ACT_MODES = {"static": 0, "token": 1, "tensor": 2}
+SWAP = False
+# Rows up to here with per-token activation scales take `prequantized_fp8_linear`; its (block_n, block_k, warps,
+# stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md).
+QUANTIZED_X_ROWS = 64
+QUANTIZED_X_WIDE_N = 8192
+QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N outputs) -> knobs
+    (False, False): (64, 256, 4, 6), (False, True): (128, 256, 4, 5),
+    (True, False): (64, 256, 4, 4), (True, True): (128, 128, 4, 6),
+}
+_ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
 @triton.jit
 def _skinny_fp8_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,25 +60,41 @@ def _skinny_fp8_kernel(
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
     wait_for_inputs(USE_PDL)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, BLOCK_M, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if ACT == 3:  # x is already e4m3, its per-row scales at xs_ptr
+        sx = tl.load(xs_ptr + offs_m, mask=m_valid, other=1.0)
+    else:
+        sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, BLOCK_M, BLOCK_K)
+    if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
-        if INTERPRET:  # float32 (the interpreter's half-precision dots are wrong): the same values
-            acc = tl.dot(qx, tl.trans(w.to(tl.float32)), acc)
+        if ACT == 3:
+            qx = x.to(tl.float32) if INTERPRET else x
         else:
-            acc = tl.dot(qx.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+            qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
+        if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
+            w = w.to(tl.float32)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(qx), acc)
+        else:
+            acc = tl.dot(qx, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym, W_PER_CHANNEL, HAS_BIAS)
 
 
 def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-                      num_stages: int = NUM_STAGES) -> torch.Tensor:
-    """fp8_linear with all rows of x in one tile (meant for a few). Knobs for benchmarks/quant_linear_bench.py."""
+                      num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32, one per row) x is
+    already e4m3 (quantized by whoever produced it) and `out_dtype` names y's dtype.
+    The knobs are for benchmarks/quant_knob_sweep.py."""
     if input_scale is None and act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
     n, k = weight.shape
@@ -78,18 +103,21 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     weight_scale = weight_scale.float().contiguous()
     rows = x2.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
     launch = pdl_launch(x.device)
     prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
-    act = "static" if input_scale is not None else act_quant
-    xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
+    if x_scale is not None:
+        act, xs = "given", x_scale.float().reshape(-1).contiguous()
+    else:
+        act = "static" if input_scale is not None else act_quant
+        xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
     _skinny_fp8_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
         x2.stride(0), weight.stride(0), y.stride(0),
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        SWAP=swap, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -99,30 +127,69 @@ def _has_fp8_gemm(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
+def _scaled_mm(q2: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt e4m3 x e4m3 with row-wise scales (scale_a [M, 1]; the weight's per-channel or per-tensor scale
+    as [1, N]), bf16 out (which row-wise scaling requires in torch 2.11), then out_dtype."""
+    n = weight.shape[0]
+    scale_b = weight_scale.float().expand(n).reshape(1, n).contiguous()
+    if out_dtype == torch.bfloat16:  # cuBLASLt adds the bias and writes bf16 itself
+        return torch._scaled_mm(q2, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                                bias=bias.to(out_dtype) if bias is not None else None, out_dtype=torch.bfloat16)
+    y = torch._scaled_mm(q2, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+    y = y.float() + bias.float() if bias is not None else y
+    return y.to(out_dtype)
+
+
 def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token") -> torch.Tensor:
-    """Many rows: quantize x in torch, cuBLASLt e4m3 x e4m3 with row-wise scales, bf16 out, then x's dtype."""
+    """Many rows: quantize x (per token: one kernel instead of torch's five), then cuBLASLt's FP8 GEMM."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     if input_scale is None and act_quant == "token":
-        qx, scale_a = quantize_rows_fp8(x2)  # one kernel instead of torch's five
+        qx, scale_a = quantize_rows_fp8(x2)
     else:
         sx = activation_scale(x2, input_scale, act_quant)
         qx, scale_a = quantize_activation(x2, sx), sx.expand(x2.shape[0], 1).contiguous()
-    scale_b = weight_scale.float().expand(n).reshape(1, n).contiguous()
-    if x.dtype == torch.bfloat16:  # cuBLASLt adds the bias and writes bf16 itself
-        y = torch._scaled_mm(qx, weight.t(), scale_a=scale_a, scale_b=scale_b,
-                             bias=bias.to(x.dtype) if bias is not None else None, out_dtype=torch.bfloat16)
-        return y.view(*x.shape[:-1], n)
-    y = torch._scaled_mm(qx, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-    y = y.float() + bias.float() if bias is not None else y
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+    return _scaled_mm(qx, scale_a, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], n)
+
+
+def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.fp8_linear_quantized_input`: up to QUANTIZED_X_ROWS rows the Triton
+    e4m3 x e4m3 dot, more on sm_89+ cuBLASLt's FP8 GEMM with row-wise scales, else the reference."""
+    n, k = weight.shape
+    q2, scale2 = q.reshape(-1, k), scale.reshape(-1).float()
+    rows = q2.shape[0]
+    if q.is_cuda and 0 < rows <= QUANTIZED_X_ROWS:
+        block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
+        y = skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
+                              num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
+        return y.view(*q.shape[:-1], n)
+    if q.is_cuda and rows and n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(q.device.index or 0):
+        y = _scaled_mm(q2.contiguous(), scale2.reshape(-1, 1), weight, weight_scale, bias, out_dtype)
+        return y.view(*q.shape[:-1], n)
+    return torch.ops.autodeploy.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype)
+
+
+def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token dynamic fp8_linear for up to QUANTIZED_X_ROWS rows: one kernel quantizes x's rows, the e4m3 dot
+    reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling every tile) costs
+    more than this extra kernel: on an H200 the 28672 x 4096 weight streams at 3.6 TB/s this way, 2.3 TB/s that
+    way. (`fuse_fp8_act_quant` does the same in the graph, and folds the quantization into the RMSNorm.)"""
+    q, scale = quantize_fp8_per_token(x)
+    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype)
 
 
 def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token") -> torch.Tensor:
-    """The backend: skinny kernel for a few rows, `torch._scaled_mm` for more on sm_89+, else the reference."""
+    """The backend: per-token rows up to QUANTIZED_X_ROWS quantized once then the Triton e4m3 dot; other
+    activation scales: the GEMV / skinny kernels for a few rows; `torch._scaled_mm` for more on sm_89+; else
+    the reference."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.is_cuda and weight.dtype == FP8_DTYPE and rows > 0:
+        if rows <= QUANTIZED_X_ROWS and input_scale is None and act_quant == "token":
+            return prequantized_fp8_linear(x, weight, weight_scale, bias)
         if rows <= GEMV_ROWS:
             act = _ACT_MODES["static" if input_scale is not None else act_quant]
             return gemv_fp8_linear(x, weight, weight_scale, input_scale, bias, act)
@@ -132,4 +199,3 @@ def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="
         if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(x.device.index or 0):
             return scaled_mm_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
     return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
-

@@ -13,15 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_format import FP8_DTYPE
+from .triton_fp8 import saturate_e4m3
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr, scale_ptr,
     stride_x, stride_r, stride_o, stride_s, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
+    QUANT_FP8: tl.constexpr = False, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -38,27 +41,37 @@ def _rms_norm_kernel(
     if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
         normed = normed.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=valid)
+    if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per token
+        y = (weight * normed).to(x.dtype).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
+        q = saturate_e4m3(y / scale, INTERPRET)
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(scale_ptr + row, scale)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(normed, x + residual); without a residual the second result is the first (nothing to add)."""
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            scale: torch.Tensor | None = None):
+    """(normed, x + residual); without a residual the second result is the first (nothing to add).
+    With `scale` (float32, one per row) normed comes out as e4m3, quantized per row, its scales in `scale`."""
     x2 = as_rows(x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype if scale is None else FP8_DTYPE, device=x.device)
     out2 = out.view(-1, x.shape[-1])
     residual2 = as_rows(residual) if residual is not None else x2
-    added = torch.empty_like(out) if residual is not None else out
+    added = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     added2 = added.view(-1, x.shape[-1])
     n_rows, n_cols = x2.shape
     if n_rows == 0:
         return out, added
     block = triton.next_power_of_2(n_cols)
     _rms_norm_kernel[(n_rows,)](
-        x2, residual2, weight.contiguous(), out2, added2,
+        x2, residual2, weight.contiguous(), out2, added2, scale if scale is not None else weight,
         x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=torch.promote_types(x.dtype, weight.dtype) == x.dtype,
-        BLOCK=block, num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),
+        BLOCK=block, QUANT_FP8=scale is not None, INTERPRET=not x.is_cuda,
+        num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),
     )
     return out, added
 
@@ -73,3 +86,12 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `torch.ops.autodeploy.fused_add_rms_norm`: (normed, x + residual)."""
     return _launch(x, residual, weight, eps)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `torch.ops.autodeploy.fused_add_rms_norm_quant_fp8`: (e4m3 normed, scale, x + residual)."""
+    scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    q, added = _launch(x, residual, weight, eps, scale)
+    return q, scale, added
