@@ -44,13 +44,13 @@ def test_every_linear_but_lm_head_is_quantized(llama_dir, llama_logits, algo):
                          progress=False)
     op = "autodeploy.fp8_linear.default" if algo == "fp8" else "autodeploy.int_linear.default"
     ops = _ops(opt)
-    assert ops.count(op) == 14 and ops.count("autodeploy.linear.default") == 1  # 7 per layer; lm_head kept
+    assert ops.count(op) == 8 and ops.count("autodeploy.linear.default") == 1  # 7 per layer, fused to 4; lm_head kept
     report = _report(opt)
     assert report.matched[f"{algo}_linear"] == 14 and report.matched["excluded"] == 1 and not report.warnings
     ratio = report.matched["weight_bytes_after"] / report.matched["weight_bytes_before"]
     assert ratio < {"fp8": 0.6, "int8": 0.6, "int4": 0.5}[algo]  # embeddings and lm_head stay float32
-    assert dict(opt.gm.named_parameters())["model.model.layers.0.self_attn.q_proj.weight" if algo == "fp8"
-                                           else "model.model.layers.0.self_attn.q_proj.qweight"].dtype in (
+    assert dict(opt.gm.named_parameters())["model.model.layers.0.self_attn.q_k_v_proj.weight" if algo == "fp8"
+                                           else "model.model.layers.0.self_attn.q_k_v_proj.qweight"].dtype in (
         torch.float8_e4m3fn, torch.int32)
     logits = opt.logits(PROMPT)
     err = (logits - llama_logits).abs().max() / llama_logits.abs().max()
@@ -61,7 +61,7 @@ def test_exclude_globs_keep_modules(llama_dir):
     opt = optimize_model(llama_dir, overrides=NO_CACHE + ["quantization.algo=int8", "quantization.group_size=-1",
                                                           "quantization.exclude=[lm_head,'*.mlp.*']"], progress=False)
     ops = _ops(opt)
-    assert ops.count("autodeploy.int_linear.default") == 8  # q, k, v, o of two layers
+    assert ops.count("autodeploy.int_linear.default") == 4  # q/k/v (fused) and o of two layers
     assert _report(opt).matched["excluded"] == 7
 
 
