@@ -36,7 +36,7 @@ def cmd_eval_ppl(args) -> int:
     quant = opt.recipe.quantization
     report = {"model": opt.source.name, "text": str(args.text), "device": str(opt.device),
               "dtype": str(opt.ctx.dtype).removeprefix("torch."), "overrides": list(args.overrides),
-              "quantization": quant.algo, "group_size": quant.group_size, "kv_cache_dtype": quant.kv_cache_dtype,
+              "quantization": quant.algo, "group_size": quant.nominal_group_size, "kv_cache_dtype": quant.kv_cache_dtype,
               "build_s": opt.seconds, **result.as_dict()}
     print(f"autodeploy eval-ppl {opt.source.name}  ({report['device']}, {report['dtype']}, quantization "
           f"{quant.algo}, kv cache {quant.kv_cache_dtype})")

@@ -173,19 +173,30 @@ def _pack(values: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor
     return word.movedim(-1, dim) if dim != -1 else word
 
 
+def _input_of(name: str) -> str:
+    """Linears reading the same tensor share a key (q/k/v, gate/up): GPTQ's act-order follows the input."""
+    parent, _, proj = name.rpartition(".")
+    return f"{parent}.{'in' if proj in ('q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj') else proj}"
+
+
 def write_gptq(path: Path, config, bits: int = 4, group_size: int = 32, act_order: bool = False,
-               symmetric: bool = True) -> dict[str, torch.Tensor]:
-    """GPTQ v1 (`checkpoint_format: gptq`): qweight [K*b/32, N], qzeros [G, N*b/32] stored minus 1, fp16 scales."""
+               symmetric: bool = True, order_per_linear: bool = False) -> dict[str, torch.Tensor]:
+    """GPTQ v1 (`checkpoint_format: gptq`): qweight [K*b/32, N], qzeros [G, N*b/32] stored minus 1, fp16 scales.
+
+    With `act_order`, the column order comes from the input's statistics (GPTQ's Hessian), so linears
+    reading one input share it, as real checkpoints do; `order_per_linear` gives each its own instead."""
     model = _random_model(config)
     linears = _quantized_linears(model)
     state = _unquantized_state(model, linears)
     dequantized = {}
+    inputs = {key: i for i, key in enumerate(dict.fromkeys(map(_input_of, linears)))}
     for i, (name, m) in enumerate(linears.items()):
         w = m.weight.detach().float()
         k = w.shape[1]
         n_groups = k // group_size
         if act_order:  # columns quantized in a permuted order; g_idx says each column's group
-            perm = torch.randperm(k, generator=torch.Generator().manual_seed(i))
+            seed = i if order_per_linear else inputs[_input_of(name)]
+            perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
             groups = torch.empty(k, dtype=torch.int64)
             groups[perm] = torch.arange(k) // group_size
         else:

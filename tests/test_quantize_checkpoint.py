@@ -42,11 +42,12 @@ def _ours(path):
 
 
 def _assert_quantized(opt, matched: dict, op_name: str) -> None:
-    """All 14 linears but lm_head run the quantized op over quantized params: nothing dequantized."""
+    """All 14 linears but lm_head run the quantized op over quantized params: nothing dequantized
+    (and q/k/v, gate/up fused: 4 quantized GEMMs per layer)."""
     linears = sum(v for k, v in matched.items() if k.endswith("_linear"))
     assert linears == 7 * CONFIG["num_hidden_layers"]
     ops = [n for n in opt.gm.graph.nodes if n.op == "call_function"]
-    assert sum(op_name in str(n.target) for n in ops) == linears
+    assert sum(op_name in str(n.target) for n in ops) == 4 * CONFIG["num_hidden_layers"]
     assert sum(str(n.target) == "autodeploy.linear.default" for n in ops) == 1  # lm_head
     for name, p in opt.gm.named_parameters():
         if ".layers." in name and name.endswith(("proj.weight", "qweight")):
@@ -100,7 +101,7 @@ def _params_ending(opt, suffix: str) -> list[str]:
 def test_modelopt_fp8(tmp_path):
     state = write_modelopt_fp8(tmp_path, _config())
     opt = _against_dequantized(tmp_path, state, "modelopt_fp8_linear", "fp8_linear", 0.05)
-    assert len(_params_ending(opt, "input_scale")) == 14  # the static activation scales are used, not recomputed
+    assert len(_params_ending(opt, "input_scale")) == 4 * CONFIG["num_hidden_layers"]  # static scales used, one per GEMM
 
 
 def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):
@@ -124,7 +125,7 @@ def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):
 def test_gptq(tmp_path, bits, act_order, symmetric):
     state = write_gptq(tmp_path, _config(), bits=bits, act_order=act_order, symmetric=symmetric)
     opt = _against_dequantized(tmp_path, state, f"gptq_int{bits}_linear", "int_linear", 1e-4)
-    assert len(_params_ending(opt, "g_idx")) == (14 if act_order else 0)
+    assert len(_params_ending(opt, "g_idx")) == (4 * CONFIG["num_hidden_layers"] if act_order else 0)  # one per GEMM
 
 
 def test_awq(tmp_path):

@@ -81,7 +81,7 @@ def test_optimize_skips_the_hf_check_where_hf_cannot_load(capsys, gptq_dir):
     assert main(["optimize", str(gptq_dir), "--max-tokens", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "agreement  : skipped, HF transformers cannot load this checkpoint here" in out
-    assert "gptq_int4_linear=7" in out and "warning" not in out  # fusion leaves quantized q/k/v alone, silently
+    assert "gptq_int4_linear=7" in out and "fused_int_linear=2" in out and "warning" not in out
 
 
 def test_optimize_reports_counts_and_bytes(tmp_path, llama_dir, capsys):
@@ -100,5 +100,5 @@ def test_llm_quantization_keyword(llama_dir):
     plain = LLM(llama_dir).generate([[3, 17, 42, 9]], params)[0].token_ids
     llm = LLM(llama_dir, quantization="int8", **{"quantization.group_size": -1})
     ops = [str(n.target) for n in llm.model.gm.graph.nodes if n.op == "call_function"]
-    assert ops.count("autodeploy.int_linear.default") == 7
+    assert ops.count("autodeploy.int_linear.default") == 4  # q/k/v and gate/up fused
     assert llm.generate([[3, 17, 42, 9]], params)[0].token_ids == plain  # int8 per channel: same greedy

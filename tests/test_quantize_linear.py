@@ -44,13 +44,13 @@ def test_every_linear_but_lm_head_is_quantized(llama_dir, llama_logits, algo):
                          progress=False)
     op = "autodeploy.fp8_linear.default" if algo == "fp8" else "autodeploy.int_linear.default"
     ops = _ops(opt)
-    assert ops.count(op) == 14 and ops.count("autodeploy.linear.default") == 1  # 7 per layer; lm_head kept
+    assert ops.count(op) == 8 and ops.count("autodeploy.linear.default") == 1  # 7 per layer, fused to 4; lm_head kept
     report = _report(opt)
     assert report.matched[f"{algo}_linear"] == 14 and report.matched["excluded"] == 1 and not report.warnings
     ratio = report.matched["weight_bytes_after"] / report.matched["weight_bytes_before"]
     assert ratio < {"fp8": 0.6, "int8": 0.6, "int4": 0.5}[algo]  # embeddings and lm_head stay float32
-    assert dict(opt.gm.named_parameters())["model.model.layers.0.self_attn.q_proj.weight" if algo == "fp8"
-                                           else "model.model.layers.0.self_attn.q_proj.qweight"].dtype in (
+    assert dict(opt.gm.named_parameters())["model.model.layers.0.self_attn.q_k_v_proj.weight" if algo == "fp8"
+                                           else "model.model.layers.0.self_attn.q_k_v_proj.qweight"].dtype in (
         torch.float8_e4m3fn, torch.int32)
     logits = opt.logits(PROMPT)
     err = (logits - llama_logits).abs().max() / llama_logits.abs().max()
@@ -61,7 +61,7 @@ def test_exclude_globs_keep_modules(llama_dir):
     opt = optimize_model(llama_dir, overrides=NO_CACHE + ["quantization.algo=int8", "quantization.group_size=-1",
                                                           "quantization.exclude=[lm_head,'*.mlp.*']"], progress=False)
     ops = _ops(opt)
-    assert ops.count("autodeploy.int_linear.default") == 8  # q, k, v, o of two layers
+    assert ops.count("autodeploy.int_linear.default") == 4  # q/k/v (fused) and o of two layers
     assert _report(opt).matched["excluded"] == 7
 
 
@@ -122,3 +122,45 @@ def test_scale_search_setting_lowers_the_weight_error():
         deq = dequantize_int(q["qweight"], q["scales"], q.get("zeros"), None, 4, 32, 128)
         errors[search] = (deq - w).square().sum().item()
     assert errors[True] < errors[False]
+
+
+def test_default_group_sizes():
+    """Unset group_size: int8 per channel; int4 128, else the largest of 64 / 32 that divides; explicit sizes
+    must divide, and the errors name the linear and what would fit."""
+    from autodeploy.quantization.settings import QuantizationSettings
+
+    int4, int8 = QuantizationSettings(algo="int4"), QuantizationSettings(algo="int8")
+    assert [int4.group_size_for(k, "l") for k in (4096, 576, 96)] == [128, 64, 32]
+    assert int8.group_size_for(576, "l") == -1 and (int4.nominal_group_size, int8.nominal_group_size) == (128, -1)
+    with pytest.raises(QuantizationError, match=r"none of the default int4 group sizes \(128, 64, 32\) divides "
+                                                r"in_features 40 of model.layers.0.mlp.down_proj"):
+        int4.group_size_for(40, "model.layers.0.mlp.down_proj")
+    explicit = QuantizationSettings(algo="int4", group_size=128)
+    with pytest.raises(QuantizationError, match=r"group size 128 does not divide in_features 576 of lin \(group "
+                                                r"sizes that do: 16, 32, 64, or -1 for one scale per output channel\)"):
+        explicit.group_size_for(576, "lin")
+
+
+def test_int4_default_falls_back_per_linear_with_a_warning(tmp_path):
+    """Hidden size 96 (128 and 64 do not divide it): the six projections reading it take group 32, down_proj
+    (256 columns) keeps 128; one warning lists them. int8's default is per channel, silently."""
+    save_tiny_checkpoint(tmp_path, LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128))
+    unquantized = optimize_model(tmp_path, overrides=NO_CACHE, progress=False).logits(PROMPT)
+    for algo, groups in (("int4", {32: 6, 128: 2}), ("int8", {-1: 8})):  # per int_linear node, q/k/v, gate/up fused
+        opt = optimize_model(tmp_path, overrides=NO_CACHE + [f"quantization.algo={algo}"], progress=False)
+        nodes = [n for n in opt.gm.graph.nodes if n.target == torch.ops.autodeploy.int_linear.default]
+        assert {g: sum(n.kwargs["group_size"] == g for n in nodes) for g in groups} == groups and len(nodes) == 8
+        report = _report(opt)
+        if algo == "int4":
+            assert report.matched["group_size_fallbacks"] == 12
+            assert report.warnings == ["quantize_linear: group size 128 does not divide the in_features of 12 linears; "
+                                       "they use the largest default that does: model.layers.*.self_attn.q_proj (32), "
+                                       "model.layers.*.self_attn.k_proj (32), model.layers.*.self_attn.v_proj (32), "
+                                       "model.layers.*.self_attn.o_proj (32), model.layers.*.mlp.gate_proj (32), "
+                                       "model.layers.*.mlp.up_proj (32)"]
+        else:
+            assert "group_size_fallbacks" not in report.matched and not report.warnings
+        err = (opt.logits(PROMPT) - unquantized).abs().max() / unquantized.abs().max()
+        assert 0 < err < {"int4": 0.3, "int8": TOLERANCE["int8"]}[algo]  # int4: down_proj at g128, coarser than g32

@@ -7,10 +7,17 @@ default lm_head and MoE routers, which users expect kept: the head decides every
 tiny and decide which experts run). The weights are not touched here: the new parameters are meta
 placeholders, and `load_weights` quantizes each layer as it streams (see autodeploy/quantization/loading.py).
 A pre-quantized checkpoint is left to quantize_from_checkpoint.
+
+Group sizes (int4 / int8): an explicit `quantization.group_size` must divide every quantized linear's
+in_features (else a one-line error naming the linear and the sizes that would); left unset, int8 is
+per channel and int4 group 128, and a linear 128 does not divide takes the largest of 64 / 32 that
+does, listed in a warning (settings.py, DEFAULT_GROUP_SIZES).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from functools import partial
 
 from torch import nn
@@ -24,7 +31,7 @@ from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, q
                                              swap_moe)
 from autodeploy.quantization.schemes import LinearScheme, online_scheme
 
-from .registry import Stage, Transform, TransformContext, register
+from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
 
 def _build_linear(scheme, key: str, scale_dtype, tensors: dict) -> dict:
@@ -40,6 +47,10 @@ class QuantizeLinear(Transform):
     name = "quantize_linear"
     stage = Stage.QUANTIZATION
 
+    def __init__(self, config: TransformConfig | None = None):
+        super().__init__(config)
+        self._fallbacks: dict[str, int] = {}  # module path -> the default group size it fell back to
+
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         settings = ctx.quantization
         if not settings.online or checkpoint_format(ctx.source) is not None:
@@ -50,15 +61,34 @@ class QuantizeLinear(Transform):
         self._linears(gm, ctx, scheme, counts)
         self._experts(gm, ctx, scheme, counts)
         counts["weight_bytes_after"] = weight_bytes(gm)
+        if self._fallbacks:
+            counts["group_size_fallbacks"] = len(self._fallbacks)
+            self._warn_fallbacks(settings.nominal_group_size)
         return counts
 
-    @staticmethod
-    def _linears(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+    def _sized(self, scheme: LinearScheme, settings, name: str, *in_features: int) -> LinearScheme:
+        """`scheme` with the group size of weights with these in_features (one size for all: MoE experts)."""
+        if scheme.kind != "int":
+            return scheme
+        group = min(settings.group_size_for(k, name) for k in in_features)  # defaults: each divides the larger
+        if group != settings.nominal_group_size:
+            self._fallbacks[name] = group
+        return replace(scheme, group_size=group)
+
+    def _warn_fallbacks(self, nominal: int) -> None:
+        """One line: the linears (layer indices folded to *) and the group size each took instead."""
+        folded = {re.sub(r"\.\d+(?=\.|$)", ".*", name): group for name, group in self._fallbacks.items()}
+        listed = ", ".join(f"{name} ({group})" for name, group in folded.items())
+        self.warnings.append(f"quantize_linear: group size {nominal} does not divide the in_features of "
+                             f"{len(self._fallbacks)} linears; they use the largest default that does: {listed}")
+
+    def _linears(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
         for site in list(linear_sites(gm)):
             if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
                 continue
+            scheme = self._sized(base, ctx.quantization, site.path, site.in_features)
             scheme.check(site.in_features)
             key = (site.prefix + site.node.args[1].target).removeprefix(WRAPPER_PREFIX)
             params = swap_linear(site, scheme, ctx.dtype)
@@ -66,14 +96,15 @@ class QuantizeLinear(Transform):
             loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype), params))
             counts[f"{scheme.name}_linear"] += 1
 
-    @staticmethod
-    def _experts(gm: GraphModule, ctx: TransformContext, scheme: LinearScheme, counts: dict[str, int]) -> None:
+    def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
         for prefix, module, node in list(moe_nodes(gm)):
             w_gate_up, w_down = node.args[3], node.args[4]
             if ctx.quantization.excluded(hf_path(w_gate_up.target)):
                 counts["excluded"] += 1
                 continue
+            scheme = self._sized(base, ctx.quantization, hf_path(w_gate_up.target),
+                                 *(w.meta["val"].shape[-1] for w in (w_gate_up, w_down)))
             for weight in (w_gate_up, w_down):
                 scheme.check(weight.meta["val"].shape[-1])
             counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]

@@ -115,7 +115,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["build_s"] = {**opt.seconds, "total": now(device) - start}
     result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
     quant = recipe.quantization
-    result["quantization"] = {"algo": quant.algo, "group_size": quant.group_size, "symmetric": quant.symmetric,
+    result["quantization"] = {"algo": quant.algo, "group_size": quant.nominal_group_size, "symmetric": quant.symmetric,
                               "kv_cache_dtype": quant.kv_cache_dtype, "act_quant": quant.act_quant}
     result["weight_bytes"] = weight_bytes(opt.gm)
     result["weight_bytes_by_dtype"] = bytes_by_dtype(opt.gm)
