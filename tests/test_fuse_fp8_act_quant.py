@@ -78,3 +78,27 @@ def test_triton_backends_equal_references(rows, n, k):
     torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
     torch.testing.assert_close(q.float() * scale, ref_q.float() * ref_scale, rtol=0.13, atol=1e-3 * ref_scale.max().item())
     assert (q.float() != ref_q.float()).float().mean() < 0.03
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 5, 17, 64, 100])
+def test_compiled_backends_on_gpu(rows):
+    """Compiled kernels (bf16, as decode runs them): the Triton dot up to 64 rows, cuBLASLt beyond; the fused
+    norm. Against the references on the same device."""
+    from autodeploy.kernels import triton_quant_fp8_linear, triton_rms_norm
+
+    torch.manual_seed(rows)
+    n, k = 272, 4096 + 64
+    x, residual = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), torch.randn(rows, k, device="cuda",
+                                                                                           dtype=torch.bfloat16)
+    weight, weight_scale = quantize_fp8(torch.randn(n, k, device="cuda") / k**0.5, True)
+    q, scale, added = triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, torch.ones(k, device="cuda",
+                                                                                          dtype=torch.bfloat16), 1e-6)
+    ref_q, ref_scale, ref_added = ops.fused_add_rms_norm_quant_fp8(x, residual, torch.ones(k, device="cuda",
+                                                                                          dtype=torch.bfloat16), 1e-6)
+    assert torch.equal(added, ref_added) and (q.float() != ref_q.float()).float().mean() < 0.01
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-2, atol=0)
+    got = triton_quant_fp8_linear.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16)
+    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -19,7 +19,9 @@ from conftest import save_tiny_checkpoint
 from quant_fixtures import write_compressed_tensors, write_gptq, write_modelopt_fp8
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5], [1, 2, 250, 4, 99, 6, 7, 8]])
-UNFUSED = ["transforms.insert_kv_cache.enabled=false", "transforms.fuse_shared_input_linears.enabled=false"]
+# fuse_fp8_act_quant (after this fusion) would turn fp8_linear into fp8_linear_quantized_input: its own tests
+UNFUSED = ["transforms.insert_kv_cache.enabled=false", "transforms.fuse_shared_input_linears.enabled=false",
+           "transforms.fuse_fp8_act_quant.enabled=false"]
 SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
 CONFIGS = {"llama": LlamaConfig(**SHAPE), "qwen3": Qwen3Config(**SHAPE, head_dim=16)}

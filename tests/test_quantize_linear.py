@@ -42,7 +42,8 @@ def _report(opt, name="quantize_linear"):
 def test_every_linear_but_lm_head_is_quantized(llama_dir, llama_logits, algo):
     opt = optimize_model(llama_dir, overrides=NO_CACHE + [f"quantization.algo={algo}", "quantization.group_size=32"],
                          progress=False)
-    op = "autodeploy.fp8_linear.default" if algo == "fp8" else "autodeploy.int_linear.default"
+    # fp8: fuse_fp8_act_quant hands each FP8 GEMM its activations quantized (tests/test_fuse_fp8_act_quant.py)
+    op = "autodeploy.fp8_linear_quantized_input.default" if algo == "fp8" else "autodeploy.int_linear.default"
     ops = _ops(opt)
     assert ops.count(op) == 8 and ops.count("autodeploy.linear.default") == 1  # 7 per layer, fused to 4; lm_head kept
     report = _report(opt)
