@@ -5,11 +5,8 @@ reference), and the Triton backends of the new ops must equal their references (
 
 import pytest
 import torch
-from transformers import LlamaConfig
-
 from autodeploy.kernels.quant_format import quantize_fp8
 from autodeploy.optimizer import optimize_model
-from conftest import save_tiny_checkpoint
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5]])
 FP8 = ["transforms.insert_kv_cache.enabled=false", "quantization.algo=fp8"]
@@ -17,11 +14,8 @@ ops = torch.ops.autodeploy
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    save_tiny_checkpoint(path, LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    return path
+def llama_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _count(opt, op) -> int:
