@@ -9,8 +9,10 @@ weights are loaded in and reduce across K once, at the end:
     elementwise, so the loop body has no cross-thread reduction;
   - INT: a packed int32 word holds 32 // BITS consecutive columns. Column j of the word is
     ((word >> j*BITS) & mask) | 0x4B000000 read as float32 = 2**23 + code (ptxas fuses the and/or
-    into one LOP3), and subtracting 2**23 + zero point gives (code - zero) exactly; each word's
-    partial dot is scaled by its group's scale (groups hold whole words);
+    into one LOP3), and subtracting 2**23 (+ 2**(BITS-1) when symmetric) gives the code (minus the
+    implicit zero point) exactly; explicit zero points, which a scale search may leave fractional, come
+    off once per word as zero * sum(x); each word's partial dot is scaled by its group's scale (groups
+    hold whole words);
   - FP8: the weight byte converts to float, x is quantized per token (amax pre-pass over x, which
     is small and in L2) exactly as the reference does, and the scales apply once at the end.
 Weights never depend on the previous kernel, so with PDL the first words are asked of L2 before the
@@ -61,18 +63,21 @@ def _gemv_int_kernel(
         sz_offsets = rows[:, None] * stride_sn + group[None, :]  # zeros share the scales' layout
         valid = n_valid[:, None] & w_valid[None, :]
         scale = tl.load(s_ptr + sz_offsets, mask=valid, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + sz_offsets, mask=valid, other=0.0)
-            offset = 8388608.0 + zero.to(tl.float32)
-        else:
-            offset = tl.zeros([BLOCK_N, BLOCK_W], tl.float32) + (8388608.0 + (1 << (BITS - 1)))
+        # code - 2**(BITS-1) (symmetric) or the code itself (zero points: they may be fractional, which the
+        # 2**23 offset would round, so they come off per word as zero * sum(x) below), exactly
+        offset = 8388608.0 if HAS_ZEROS else 8388608.0 + (1 << (BITS - 1))
         part = tl.zeros([ROWS, BLOCK_N, BLOCK_W], tl.float32)
+        x_sum = tl.zeros([ROWS, BLOCK_W], tl.float32)
         for j in tl.static_range(PER_WORD):
             code = ((words >> (j * BITS)) & MASK) | 0x4B000000
-            w = code.to(tl.float32, bitcast=True) - offset  # code - zero point, exactly
+            w = code.to(tl.float32, bitcast=True) - offset
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PER_WORD + j)[None, :],
                         mask=m_valid[:, None] & w_valid[None, :], other=0.0).to(tl.float32)
             part += w[None, :, :] * x[:, None, :]
+            if HAS_ZEROS:
+                x_sum += x
+        if HAS_ZEROS:
+            part -= tl.load(z_ptr + sz_offsets, mask=valid, other=0.0).to(tl.float32)[None, :, :] * x_sum[:, None, :]
         acc += part * scale[None, :, :]
     y = tl.sum(acc, axis=2)
     if HAS_BIAS:
