@@ -75,7 +75,8 @@ def _dequantized_state(model, weights: dict[str, torch.Tensor]) -> dict[str, tor
 # ---- compressed-tensors (the library) ----
 
 def write_compressed_tensors(path: Path, config, preset: str, group_size: int = 32) -> dict[str, torch.Tensor]:
-    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), W8A16, W4A16 (pack-quantized)."""
+    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), W8A16, W4A16, W4A16_ASYM
+    (pack-quantized; ASYM: zero points too)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize

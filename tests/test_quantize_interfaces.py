@@ -102,3 +102,14 @@ def test_llm_quantization_keyword(llama_dir):
     ops = [str(n.target) for n in llm.model.gm.graph.nodes if n.op == "call_function"]
     assert ops.count("autodeploy.int_linear.default") == 4  # q/k/v and gate/up fused
     assert llm.generate([[3, 17, 42, 9]], params)[0].token_ids == plain  # int8 per channel: same greedy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,fallbacks", [("int4", 180), ("int8", 0)])
+def test_smollm2_runs_with_the_default_group_sizes(capsys, default_model_dir, algo, fallbacks):
+    """576 columns: int4's group 128 falls back to 64 for the six projections reading them (down_proj keeps
+    128), int8 is per channel; both optimize with the defaults."""
+    assert main(["optimize", str(default_model_dir), "--quantization", algo, *QUIET]) == 0
+    out = capsys.readouterr().out
+    assert f"{algo}_linear=210" in out and "qkv=30, gate_up=30, fused_int_linear=60" in out
+    assert (f"group_size_fallbacks={fallbacks}" in out) == bool(fallbacks) and ("warning" in out) == bool(fallbacks)

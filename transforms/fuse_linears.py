@@ -214,6 +214,12 @@ def _fuse(gm: GraphModule, group: list[Node], params: _Params) -> None:
         graph.erase_node(node)
 
 
+def _linear_ops(gm: GraphModule) -> dict[str, object]:
+    """HF module path -> the linear op (of those above) reading its weight."""
+    return {hf_path(n.args[1].target): n.target for m in graph_modules(gm) for n in m.graph.nodes
+            if is_op(n, tuple(_LAYOUTS)) and isinstance(n.args[1], Node) and n.args[1].op == "get_attr"}
+
+
 @register
 class FuseSharedInputLinears(Transform):
     name = "fuse_shared_input_linears"
@@ -226,8 +232,7 @@ class FuseSharedInputLinears(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         counts = {"qkv": 0, "gate_up": 0, "other": 0}
-        self._ops_by_path = {hf_path(n.args[1].target): n.target for m in graph_modules(gm) for n in m.graph.nodes
-                             if is_op(n, tuple(_LAYOUTS)) and isinstance(n.args[1], Node) and n.args[1].op == "get_attr"}
+        self._ops_by_path = _linear_ops(gm)
         for module in graph_modules(gm):
             params = _Params(module)
             for node in list(module.graph.nodes):
@@ -258,8 +263,8 @@ class FuseSharedInputLinears(Transform):
         ops = self._ops_by_path
 
         def has(path: str, module: nn.Module, *names: str) -> bool:
-            paths = [f"{path}.{n}" for n in names]
-            return all(isinstance(getattr(module, n, None), nn.Linear) for n in names) and len({ops.get(p) for p in paths}) == 1
+            same_op = len({ops.get(f"{path}.{n}") for n in names}) == 1
+            return same_op and all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
 
         modules = list(ctx.meta_model.named_modules())
         return {"qkv": sum(has(p, m, "q_proj", "k_proj", "v_proj") for p, m in modules) - self._left["qkv"],

@@ -19,7 +19,7 @@ from autodeploy.errors import QuantizationError
 from .loading import LayerLoad
 from .schemes import LinearScheme
 
-SUPPORTED = ("compressed-tensors (FP8 W8A8 static or dynamic, W4A16 / W8A16 pack-quantized), "
+SUPPORTED = ("compressed-tensors (FP8 W8A8 static or dynamic, W4A16 / W8A16 pack-quantized, symmetric or not), "
              "ModelOpt FP8, GPTQ 4/8-bit, AWQ 4-bit GEMM")
 
 

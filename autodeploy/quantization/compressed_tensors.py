@@ -3,7 +3,9 @@
 Layouts read as stored: `float-quantized` FP8 (weight e4m3 [N, K], weight_scale [1] per tensor or
 [N, 1] per channel, input_scale [1] when activations are static) and `pack-quantized` INT4 / INT8
 (weight_packed int32 [N, K*bits/32], codes packed along K with an offset of 2**(bits-1), which is
-already the canonical layout; weight_scale [N, G]; weight_g_idx [K] with act-order).
+already the canonical layout; weight_scale [N, G]; weight_g_idx [K] with act-order; asymmetric
+(`symmetric: false`) adds weight_zero_point int32 [ceil(N*bits/32), G]: zero points packed the same
+way but along N, offset too, so unpacked they are zero points in code units, as the canonical zeros).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 from functools import partial
 
 import torch
+
+from autodeploy.kernels.quant_format import groups_of, unpack_int
 
 from .checkpoint import CheckpointFormat, unsupported
 from .loading import LayerLoad
@@ -37,10 +41,8 @@ def _scheme(group: dict, fmt: str) -> LinearScheme:
         return LinearScheme("fp8", per_channel=strategy == "channel", static_input=not dynamic,
                             act_quant=acts["strategy"] if dynamic else "tensor")
     if kind == "int" and not acts and fmt == "pack-quantized" and strategy in ("group", "channel"):
-        if not weights.get("symmetric", True):
-            raise unsupported("compressed-tensors", "asymmetric pack-quantized weights")
         return LinearScheme("int", bits=bits, group_size=weights["group_size"] if strategy == "group" else -1,
-                            act_order=weights.get("actorder") is not None)
+                            symmetric=weights.get("symmetric", True), act_order=weights.get("actorder") is not None)
     described = f"{kind}{bits} {strategy} weights" + (f", {acts.get('type')}{acts.get('num_bits')} activations" if acts else "")
     raise unsupported("compressed-tensors", f"{fmt} {described}")
 
@@ -53,8 +55,16 @@ def build_fp8(path: str, scheme: LinearScheme, tensors: dict) -> dict[str, torch
     return out
 
 
-def _build_int(path: str, scale_dtype: torch.dtype, tensors: dict) -> dict[str, torch.Tensor]:
-    out = {"qweight": tensors[f"{path}.weight_packed"], "scales": tensors[f"{path}.weight_scale"].to(scale_dtype)}
+def _zeros(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """weight_zero_point int32 [ceil(N*bits/32), G], packed along N -> codes [N, G]."""
+    return unpack_int(packed.t(), bits, packed.shape[0] * 32 // bits).t()[:rows]
+
+
+def _build_int(path: str, scheme: LinearScheme, scale_dtype: torch.dtype, tensors: dict) -> dict[str, torch.Tensor]:
+    qweight = tensors[f"{path}.weight_packed"]
+    out = {"qweight": qweight, "scales": tensors[f"{path}.weight_scale"].to(scale_dtype)}
+    if not scheme.symmetric:
+        out["zeros"] = _zeros(tensors[f"{path}.weight_zero_point"], scheme.bits, qweight.shape[0]).to(scale_dtype)
     if f"{path}.weight_g_idx" in tensors:
         out["g_idx"] = tensors[f"{path}.weight_g_idx"].to(torch.int32)
     return out
@@ -78,6 +88,8 @@ class CompressedTensorsFormat(CheckpointFormat):
                 sources[f"{path}.input_scale"] = None
             return LayerLoad(sources, partial(build_fp8, path, scheme), params)
         sources = {f"{path}.weight_packed": (n, k * scheme.bits // 32), f"{path}.weight_scale": None}
+        if not scheme.symmetric:
+            sources[f"{path}.weight_zero_point"] = (-(-n * scheme.bits // 32), groups_of(k, scheme.group_size))
         if scheme.act_order:
             sources[f"{path}.weight_g_idx"] = (k,)
-        return LayerLoad(sources, partial(_build_int, path, scale_dtype), params)
+        return LayerLoad(sources, partial(_build_int, path, scheme, scale_dtype), params)
