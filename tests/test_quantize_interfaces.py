@@ -4,7 +4,6 @@ the optimize report, and one-line errors with exit code 2 for bad input."""
 import json
 
 import pytest
-import torch
 from transformers import LlamaConfig
 
 from autodeploy.cli import build_parser, main
