@@ -136,24 +136,71 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
         three.shutdown()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, extra", [
-    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []), ("phi-3", []), ("gpt2", []),
-    ("qwen3-moe", ["parallel.enable_expert_parallel=true"]),
-])
-def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra):
-    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
-    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2)."""
+def _zoo_checkpoint(name: str, folder, **config):
+    """A zoo entry (its tiny config, `config` on top) saved to `folder`; returns the entry."""
+    from dataclasses import replace
+
     from model_zoo_ci.runner import build_checkpoint
     from model_zoo_ci.zoo import load_zoo
 
     entry = next(e for e in load_zoo() if e.name == name)
-    build_checkpoint(entry, tmp_path)
+    entry = replace(entry, config={**entry.config, **config})
+    build_checkpoint(entry, folder)
+    return entry
+
+
+def _assert_slices_of_checkpoint(shard, folder, within: str) -> int:
+    """Every sharded parameter named `within`... holds exactly its recorded slice of the checkpoint
+    tensor; returns how many were checked."""
+    from autodeploy.parallel.slices import checkpoint_name
+
+    local, shards = dict(shard.gm.named_parameters()), shards_of(shard.gm)
+    checked = [name for name in shards if within in name]
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        for name in checked:
+            want = shards[name].take(f.get_tensor(checkpoint_name(name, shards)))
+            assert torch.equal(local["model." + name], want), name
+    return len(checked)
+
+
+def test_mla_attention_is_split_by_heads(tmp_path):
+    """DeepSeek-V3 MLA: q_b / kv_b column-parallel per head, o_proj row-parallel; the low-rank q_a /
+    kv_a and their norms replicated (counted, no warning); the filled key becomes a cat."""
+    entry = _zoo_checkpoint("deepseek-v3", tmp_path)
+    shard = optimize_model(tmp_path, str(entry.recipe), overrides=NO_CACHE + [
+        "parallel.tensor_parallel_size=2", "parallel.rank=1", "parallel.enable_expert_parallel=true"], progress=False)
+    report = _report(shard)
+    assert not report.warnings, report.warnings
+    matched = report.matched
+    assert matched["attention"] == 2 and matched["filled_to_cat"] == 2 and matched["replicated_low_rank"] == 4
+    assert matched["experts_per_rank"] == 16
+    params = dict(shard.gm.named_parameters())
+    assert params["model.model.layers.0.self_attn.kv_b_proj.weight"].shape == (2 * 64, 32)  # 2 of 4 heads
+    assert params["model.model.layers.0.self_attn.q_a_proj.weight"].shape == (96, 128)  # replicated
+    assert _assert_slices_of_checkpoint(shard, tmp_path, "self_attn") == 2 * 3  # q_b, kv_b, o_proj
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra, config", [
+    ("llama-3.1", [], {}), ("qwen3", [], {}), ("gemma-2", [], {}), ("mixtral", [], {}), ("phi-3", [], {}),
+    ("gpt2", [], {}), ("qwen3-moe", ["parallel.enable_expert_parallel=true"], {}),
+    ("deepseek-v3", ["parallel.enable_expert_parallel=true"], {}), ("deepseek-v2-lite", [], {}), ("falcon", [], {}),
+    ("falcon", [], {"new_decoder_architecture": True, "multi_query": False, "num_kv_heads": 2}),
+])
+def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra, config):
+    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
+    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2), MLA
+    (DeepSeek), Falcon's fused query_key_value (multi-query, and grouped in the new decoder layout).
+    Every attention is sharded (no region left replicated)."""
+    entry = _zoo_checkpoint(name, tmp_path, **config)
     overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra]
     params = SamplingParams(max_tokens=entry.max_new_tokens, temperature=0.0)
     want = LLM(tmp_path, str(entry.recipe), overrides=overrides).generate([list(entry.prompt)], params)[0].token_ids
     llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
     try:
+        report = _report(llm.model)
+        assert not [w for w in report.warnings if "stays replicated" in w], report.warnings
+        assert report.matched["attention"] == entry.expect["match_attention"]["attention"]
         assert llm.generate([list(entry.prompt)], params)[0].token_ids == want
     finally:
         llm.shutdown()

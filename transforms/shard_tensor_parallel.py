@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from autodeploy.errors import ShardingError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
-from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
+from autodeploy.parallel.filled_buffers import fills_to_cat
+from autodeploy.parallel.regions import EXPANDS, Region, find_regions, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
 from autodeploy.parallel.unfuse import split_fused_linears
@@ -90,15 +91,28 @@ class _Sharder:
         q_part = (Fraction(self.rank, self.world), Fraction(1, self.world))
         n_kv = heads[1]
         kv_part = q_part if n_kv % self.world == 0 else (Fraction(self.rank * n_kv // self.world, n_kv), Fraction(1, n_kv))
-        part = {opener: kv_part if _feeds_kv(opener, region) else q_part for opener in region.openers}
+        part = {}
+        for opener in region.openers:
+            operands = _attention_operands(opener, region)
+            if 0 in operands and operands & {1, 2} and kv_part != q_part:
+                raise ValueError(f"{opener.name} computes queries and keys/values together, and the "
+                                 f"{n_kv} key/value heads do not split over {self.world} ranks")
+            part[opener] = kv_part if operands & {1, 2} else q_part
+        broadcast = []
         for node in self.gm.graph.nodes:  # in order: a split node takes the part of what feeds it (attention: q's)
             if node in region.dims and node not in part:
-                part[node] = part[node.args[0] if is_op(node, ad.attention) else
-                                  next(a for a in node.all_input_nodes if a in part)]
+                source = node.args[0] if is_op(node, ad.attention) else next(
+                    (a for a in node.all_input_nodes if a in part), None)
+                if source is None:
+                    broadcast.append(node)
+                else:
+                    part[node] = part[source]
+        for node in broadcast:  # a replicated value expanded into a split cat takes the cat's part
+            part[node] = part[next(iter(node.users))]
         rows = {o: self.fraction_ranges(shape(o)[-1], *part[o]) for o in region.openers}
         cols = {c: self.fraction_ranges(shape(c.args[0])[-1], *part[c.args[0]]) for c in region.closers}
         sizes = {n: _local_sizes(n, region.dims[n], part[n][1]) for n in region.dims
-                 if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, aten.expand))}
+                 if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, *EXPANDS))}
         for opener, ranges in rows.items():
             weight, transposed = weight_param(opener.args[1])
             self.slice_param(weight, 1 if transposed else 0, ranges)
@@ -186,6 +200,13 @@ class _Sharder:
         self.counts["row"] += 1
 
 
+def _low_rank(linear: Node) -> bool:
+    """A down-projection (fewer outputs than inputs) that shares its input with another linear."""
+    features_in, features_out = shape(linear.args[0]), shape(linear)
+    siblings = [u for u in linear.args[0].users if u is not linear and is_op(u, ad.linear)]
+    return bool(siblings) and features_in is not None and features_out[-1] < features_in[-1]
+
+
 def _expert_weight(node: Node) -> tuple[Node, bool]:
     """The get_attr of a stacked expert weight and whether the graph transposes it (dims 1 and 2)."""
     if is_op(node, aten.transpose):
@@ -193,19 +214,18 @@ def _expert_weight(node: Node) -> tuple[Node, bool]:
     return node, False
 
 
-def _feeds_kv(opener: Node, region: Region) -> bool:
-    """Whether `opener`'s values reach the K or V operand of an attention (it then splits by KV heads)."""
-    seen, todo = set(), [opener]
+def _attention_operands(opener: Node, region: Region) -> set[int]:
+    """Which operands of attention (0 query, 1 key, 2 value) `opener`'s values reach."""
+    seen, todo, reached = set(), [opener], set()
     while todo:
         node = todo.pop()
         for user in node.users:
             if is_op(user, ad.attention):
-                if node in user.args[1:3]:
-                    return True
+                reached |= {i for i, arg in enumerate(user.args[:3]) if arg is node}
             elif user in region.dims and user not in seen:
                 seen.add(user)
                 todo.append(user)
-    return False
+    return reached
 
 
 def _local_sizes(node: Node, dim: int, frac: Fraction) -> list:
@@ -252,6 +272,7 @@ class ShardTensorParallel(Transform):
                                 "run them with tensor_parallel_size 1")
         sharder = _Sharder(gm, ctx, rank, world)
         sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
+        sharder.counts["filled_to_cat"] = fills_to_cat(gm)
         for region in find_regions(gm):
             if region.error is None:
                 try:
@@ -259,7 +280,7 @@ class ShardTensorParallel(Transform):
                     continue
                 except ValueError as e:  # a size that does not split: raised before anything changed
                     region.error = str(e)
-            self.note_replicated(region)
+            self.note_replicated(region, sharder.counts)
         for moe in [n for n in gm.graph.nodes if is_op(n, ad.moe)]:
             try:
                 sharder.shard_experts(moe, ctx.parallel.enable_expert_parallel)
@@ -271,12 +292,15 @@ class ShardTensorParallel(Transform):
         counts["weight_bytes_per_rank"] = weight_bytes(gm, ctx.dtype)
         return counts
 
-    def note_replicated(self, region: Region) -> None:
-        """A warning naming what stays replicated, except the LM head and routers (replicated by design)."""
+    def note_replicated(self, region: Region, counts: dict[str, int]) -> None:
+        """A warning naming what stays replicated, except by design: the LM head, routers, and low-rank
+        down-projections beside other linears on the same input (MLA's q_a / kv_a, counted instead)."""
         opener = region.openers[0]
         by_design = (len(region.openers) == 1 and not region.closers and all(
             u.op == "output" or is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
-        if not by_design:
+        if _low_rank(opener) and not any(is_op(n, ad.attention) for n in region.dims):
+            counts["replicated_low_rank"] = counts.get("replicated_low_rank", 0) + 1
+        elif not by_design:
             where = module_path(opener) or opener.name
             self.warnings.append(f"{self.name}: {where} ({opener.name}) stays replicated: {region.error}")
 
