@@ -17,18 +17,17 @@ from fractions import Fraction
 
 import torch
 from torch.fx import GraphModule, Node
-from torch._guards import detect_fake_mode
-from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.errors import ShardingError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
 from autodeploy.parallel.filled_buffers import fills_to_cat
-from autodeploy.parallel.regions import EXPANDS, Region, find_regions, shape, weight_param
+from autodeploy.parallel.regions import EXPANDS, Region, find_regions, refresh, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
 from autodeploy.parallel.unfuse import split_fused_linears
-from autodeploy.patterns.helpers import bind_args, insert_call, val
+from autodeploy.parallel.vocab import local_ids, reaches_output, shard_vocab
+from autodeploy.patterns.helpers import bind_args, insert_call
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -66,7 +65,7 @@ class _Sharder:
         owner = self.gm.get_submodule(owner_path)
         full = getattr(owner, attr)
         dim %= full.dim()
-        spec = ShardSlice(dim, tuple(ranges))
+        spec = ShardSlice(dim, tuple(ranges), size=full.shape[dim])
         part = self.slices.get(name.removeprefix(WRAPPER_PREFIX))
         if part is not None:
             ((offset, _),) = part.ranges
@@ -170,12 +169,9 @@ class _Sharder:
         """Expert ids shifted to this rank's range; weights of other ranks' experts zeroed."""
         graph = self.gm.graph
         with graph.inserting_before(moe):
-            shifted = insert_call(graph, aten.sub.Tensor, (ids, first))
-            mine = insert_call(graph, aten.bitwise_and.Tensor, (insert_call(graph, aten.ge.Scalar, (shifted, 0)),
-                                                                 insert_call(graph, aten.lt.Scalar, (shifted, local))))
-            local_ids = insert_call(graph, aten.clamp.default, (shifted, 0, local - 1))
+            shifted, mine = local_ids(graph, ids, first, local)
             local_weights = insert_call(graph, aten.mul.Tensor, (weights, mine))
-        return local_ids, local_weights
+        return shifted, local_weights
 
     def all_reduce_after(self, node: Node, bias: Node | None = None) -> None:
         """`node`'s users read the sum over ranks (plus `bias`, added once) instead of `node`."""
@@ -244,16 +240,6 @@ def refreshed_val(old, spec: ShardSlice):
     return old.narrow(spec.dim, 0, spec.length) if isinstance(old, torch.Tensor) else old
 
 
-def refresh(node: Node) -> None:
-    """Recompute `node`'s FakeTensor from its (possibly resharded) inputs."""
-    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.args)
-    fake_kwargs = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.kwargs)
-    mode = detect_fake_mode(tree_leaves((fake_args, fake_kwargs)))
-    if mode is not None:
-        with mode:
-            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
-
-
 @register
 class ShardTensorParallel(Transform):
     name = "shard_tensor_parallel"
@@ -286,6 +272,10 @@ class ShardTensorParallel(Transform):
                 sharder.shard_experts(moe, ctx.parallel.enable_expert_parallel)
             except ValueError as e:
                 self.warnings.append(f"{self.name}: {moe.name} stays replicated: {e}")
+        if ctx.parallel.split_vocab:
+            why_not = shard_vocab(sharder, ctx.source.config.get_text_config().vocab_size)
+            if why_not:
+                self.warnings.append(f"{self.name}: the embedding and LM head stay replicated: {why_not}")
         counts = dict(sharder.counts)
         counts["heads_per_rank"] = heads[0] // world
         counts["kv_heads_per_rank"] = max(1, heads[1] // world)
@@ -296,8 +286,8 @@ class ShardTensorParallel(Transform):
         """A warning naming what stays replicated, except by design: the LM head, routers, and low-rank
         down-projections beside other linears on the same input (MLA's q_a / kv_a, counted instead)."""
         opener = region.openers[0]
-        by_design = (len(region.openers) == 1 and not region.closers and all(
-            u.op == "output" or is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
+        by_design = len(region.openers) == 1 and not region.closers and (reaches_output(opener) or all(
+            is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
         if _low_rank(opener) and not any(is_op(n, ad.attention) for n in region.dims):
             counts["replicated_low_rank"] = counts.get("replicated_low_rank", 0) + 1
         elif not by_design:

@@ -17,9 +17,12 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.graph_utils import is_op
+from autodeploy.patterns.helpers import val
 
 aten = torch.ops.aten
 ad = torch.ops.autodeploy
@@ -50,6 +53,16 @@ class Region:
 def shape(node) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def refresh(node: Node) -> None:
+    """Recompute `node`'s FakeTensor from its (possibly resharded) inputs."""
+    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.args)
+    fake_kwargs = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.kwargs)
+    mode = detect_fake_mode(tree_leaves((fake_args, fake_kwargs)))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
 
 
 def weight_param(node) -> tuple[Node, bool] | None:
