@@ -25,6 +25,7 @@ from autodeploy.parallel.filled_buffers import fills_to_cat
 from autodeploy.parallel.regions import EXPANDS, Region, find_regions, refresh, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
+from autodeploy.parallel.tp_plan import compare_with_plan
 from autodeploy.parallel.unfuse import split_fused_linears
 from autodeploy.parallel.vocab import local_ids, reaches_output, shard_vocab
 from autodeploy.patterns.helpers import bind_args, insert_call
@@ -54,6 +55,7 @@ class _Sharder:
         self.gm, self.ctx, self.rank, self.world = gm, ctx, rank, world
         self.slices: dict[str, ShardSlice] = gm.meta.setdefault(SHARDS_KEY, {})
         self.counts = {"column": 0, "row": 0, "all_reduce": 0, "attention": 0}
+        self.styles: dict[str, str] = {}  # HF module path of a sharded linear -> colwise / rowwise
 
     # --- parameters -----------------------------------------------------------------------------
     def slice_param(self, get_attr: Node, dim: int, ranges: list[tuple[int, int]]) -> None:
@@ -75,6 +77,14 @@ class _Sharder:
                 else local)
         self.slices[name.removeprefix(WRAPPER_PREFIX)] = spec
         get_attr.meta["val"] = refreshed_val(get_attr.meta.get("val"), spec)
+
+    def slice_constant(self, get_attr: Node, ranges: list[tuple[int, int]]) -> None:
+        """Keep this rank's rows of a constant the graph computed (ALiBi slopes of its query heads)."""
+        owner_path, _, attr = get_attr.target.rpartition(".")
+        owner = self.gm.get_submodule(owner_path)
+        ((start, stop),) = ranges
+        setattr(owner, attr, getattr(owner, attr)[start:stop].clone())
+        get_attr.meta["val"] = get_attr.meta["val"][start:stop]
 
     def fraction_ranges(self, size: int, start: Fraction, frac: Fraction) -> list[tuple[int, int]]:
         begin, length = start * size, frac * size
@@ -114,13 +124,19 @@ class _Sharder:
                  if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, *EXPANDS))}
         for opener, ranges in rows.items():
             weight, transposed = weight_param(opener.args[1])
+            self.styles[_weight_owner(opener)] = "colwise"
             self.slice_param(weight, 1 if transposed else 0, ranges)
             if len(opener.args) > 2 and opener.args[2] is not None:
                 self.slice_param(opener.args[2], 0, ranges)
             self.counts["column"] += 1
         for node, local in sizes.items():
             node.args = (node.args[0], local, *node.args[2:])
+        for attention in [n for n in region.dims if is_op(n, ad.attention)]:
+            slopes = bind_args(attention).get("alibi_slopes")
+            if isinstance(slopes, Node) and slopes.op == "get_attr":
+                self.slice_constant(slopes, self.fraction_ranges(shape(slopes)[0], *part[attention]))
         for closer, ranges in cols.items():
+            self.styles[_weight_owner(closer)] = "rowwise"
             self.close(closer, ranges)
         self.counts["attention"] += sum(is_op(n, ad.attention) for n in region.dims)
         transposed_weights = {n.args[1] for n in region.openers + region.closers if n.args[1].op != "get_attr"}
@@ -196,6 +212,12 @@ class _Sharder:
         self.counts["row"] += 1
 
 
+def _weight_owner(linear: Node) -> str:
+    """The HF module path holding a linear's weight (a fused part's too)."""
+    weight, _ = weight_param(linear.args[1])
+    return weight.target.removeprefix(WRAPPER_PREFIX).rpartition(".")[0]
+
+
 def _low_rank(linear: Node) -> bool:
     """A down-projection (fewer outputs than inputs) that shares its input with another linear."""
     features_in, features_out = shape(linear.args[0]), shape(linear)
@@ -253,12 +275,10 @@ class ShardTensorParallel(Transform):
         attention = [n for n in gm.graph.nodes if is_op(n, ad.attention)]
         if attention:
             check_head_counts(*heads, world)
-        if any(bind_args(n).get("alibi_slopes") is not None for n in attention):
-            raise ShardingError("ALiBi models cannot be sharded yet (their per-head slopes are not sliced); "
-                                "run them with tensor_parallel_size 1")
         sharder = _Sharder(gm, ctx, rank, world)
         sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
         sharder.counts["filled_to_cat"] = fills_to_cat(gm)
+        linears = [_weight_owner(n) for n in gm.graph.nodes if is_op(n, ad.linear) and weight_param(n.args[1])]
         for region in find_regions(gm):
             if region.error is None:
                 try:
@@ -277,6 +297,13 @@ class ShardTensorParallel(Transform):
             if why_not:
                 self.warnings.append(f"{self.name}: the embedding and LM head stay replicated: {why_not}")
         counts = dict(sharder.counts)
+        plan = getattr(ctx.source.config.get_text_config(), "base_model_tp_plan", None)
+        if plan:
+            counts["tp_plan_agree"], disagree = compare_with_plan(plan, linears, sharder.styles)
+            counts["tp_plan_disagree"] = len(disagree)
+            if disagree:
+                self.warnings.append(f"{self.name}: HF's base_model_tp_plan disagrees on {len(disagree)} linears: "
+                                     + "; ".join(disagree[:3]) + (" ..." if len(disagree) > 3 else ""))
         counts["heads_per_rank"] = heads[0] // world
         counts["kv_heads_per_rank"] = max(1, heads[1] // world)
         counts["weight_bytes_per_rank"] = weight_bytes(gm, ctx.dtype)
