@@ -297,17 +297,22 @@ class ShardTensorParallel(Transform):
             if why_not:
                 self.warnings.append(f"{self.name}: the embedding and LM head stay replicated: {why_not}")
         counts = dict(sharder.counts)
-        plan = getattr(ctx.source.config.get_text_config(), "base_model_tp_plan", None)
-        if plan:
-            counts["tp_plan_agree"], disagree = compare_with_plan(plan, linears, sharder.styles)
-            counts["tp_plan_disagree"] = len(disagree)
-            if disagree:
-                self.warnings.append(f"{self.name}: HF's base_model_tp_plan disagrees on {len(disagree)} linears: "
-                                     + "; ".join(disagree[:3]) + (" ..." if len(disagree) > 3 else ""))
+        self.cross_check(getattr(ctx.source.config.get_text_config(), "base_model_tp_plan", None),
+                         linears, sharder.styles, counts)
         counts["heads_per_rank"] = heads[0] // world
         counts["kv_heads_per_rank"] = max(1, heads[1] // world)
         counts["weight_bytes_per_rank"] = weight_bytes(gm, ctx.dtype)
         return counts
+
+    def cross_check(self, plan: dict | None, linears: list[str], styles: dict[str, str], counts: dict) -> None:
+        """HF's base_model_tp_plan against what the graph analysis decided: counts, and a warning if they part."""
+        if not plan:
+            return
+        counts["tp_plan_agree"], disagree = compare_with_plan(plan, linears, styles)
+        counts["tp_plan_disagree"] = len(disagree)
+        if disagree:
+            self.warnings.append(f"{self.name}: HF's base_model_tp_plan disagrees on {len(disagree)} linears: "
+                                 + "; ".join(disagree[:3]) + (" ..." if len(disagree) > 3 else ""))
 
     def note_replicated(self, region: Region, counts: dict[str, int]) -> None:
         """A warning naming what stays replicated, except by design: the LM head, routers, and low-rank
