@@ -275,12 +275,14 @@ def test_mla_attention_is_split_by_heads(tmp_path):
     ("falcon", [], {"new_decoder_architecture": True, "multi_query": False, "num_kv_heads": 2}),
     ("llama-3.2-tied", ["parallel.vocab_parallel=true"], {}), ("gemma-2", ["parallel.vocab_parallel=true"], {}),
     ("bloom", [], {}),
+    ("qwen3-moe", ["parallel.enable_expert_parallel=true", "quantization.algo=int4", "quantization.group_size=32"], {}),
 ])
 def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra, config):
     """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
     parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2), MLA
     (DeepSeek), Falcon's fused query_key_value (multi-query, and grouped in the new decoder layout), ALiBi
-    slopes per rank (Bloom), vocab-parallel embedding and LM head (tied: Llama 3.2; soft-capped: Gemma 2).
+    slopes per rank (Bloom), vocab-parallel embedding and LM head (tied: Llama 3.2; soft-capped: Gemma 2),
+    online int4 experts split by expert.
     Every attention is sharded (no region left replicated)."""
     entry = _zoo_checkpoint(name, tmp_path, **config)
     overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra]
