@@ -22,7 +22,7 @@ from autodeploy.errors import ShardingError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
 from autodeploy.parallel.filled_buffers import fills_to_cat
-from autodeploy.parallel.regions import EXPANDS, Region, find_regions, refresh, shape, weight_param
+from autodeploy.parallel.regions import EXPANDS, SAME_DIM, Region, find_regions, refresh, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
 from autodeploy.parallel.tp_plan import compare_with_plan
@@ -212,6 +212,12 @@ class _Sharder:
         self.counts["row"] += 1
 
 
+def _only_routing(node: Node) -> bool:
+    """Whether `node`'s values (through casts) only become routing probabilities (a MoE router)."""
+    return all(is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) or (is_op(u, SAME_DIM) and _only_routing(u))
+               for u in node.users)
+
+
 def _weight_owner(linear: Node) -> str:
     """The HF module path holding a linear's weight (a fused part's too)."""
     weight, _ = weight_param(linear.args[1])
@@ -318,8 +324,8 @@ class ShardTensorParallel(Transform):
         """A warning naming what stays replicated, except by design: the LM head, routers, and low-rank
         down-projections beside other linears on the same input (MLA's q_a / kv_a, counted instead)."""
         opener = region.openers[0]
-        by_design = len(region.openers) == 1 and not region.closers and (reaches_output(opener) or all(
-            is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
+        by_design = len(region.openers) == 1 and not region.closers and (
+            reaches_output(opener) or _only_routing(opener))
         if _low_rank(opener) and not any(is_op(n, ad.attention) for n in region.dims):
             counts["replicated_low_rank"] = counts.get("replicated_low_rank", 0) + 1
         elif not by_design:

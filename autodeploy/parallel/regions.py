@@ -27,7 +27,7 @@ from autodeploy.patterns.helpers import val
 aten = torch.ops.aten
 ad = torch.ops.autodeploy
 
-_SAME_DIM = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.type_as)
+SAME_DIM = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.type_as)
 EXPANDS = (aten.expand, aten.broadcast_to)  # size lists that carry head counts, like views
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten)
 
@@ -114,7 +114,7 @@ def _broadcasts(other, out_shape: tuple, dim: int) -> bool:
 def _out_dim(node: Node, src: Node, dim: int) -> int | str:
     """The split dim of `node`'s output when its input `src` is split on `dim`, or why it cannot be."""
     out, inp = shape(node), shape(src)
-    if is_op(node, _SAME_DIM) or node.target is operator.getitem:
+    if is_op(node, SAME_DIM) or node.target is operator.getitem:
         return dim
     if inp is None or (out is None and not is_op(node, (aten.split, aten.split_with_sizes))):
         return f"{node.name} has no recorded shape"

@@ -32,8 +32,10 @@ def _head_parts(linear: Node) -> tuple[Node, list[tuple[int, int, list[Node]]]] 
     """Falcon's multi-query layout: the fused output viewed as [..., heads, head_dim], then sliced by
     heads (q, k, v). Returns the view and [(start, stop, slices)] in features (heads x head_dim)."""
     (view,) = linear.users
-    out = shape(view)
-    if not is_op(view, aten.view) or out is None or not isinstance(out[-1], int) or out[-2] * out[-1] != shape(linear)[-1]:
+    out, fused = shape(view), shape(linear)
+    if (not is_op(view, aten.view) or out is None or len(out) != len(fused) + 1
+            or str(out[:-2]) != str(fused[:-1]) or not all(isinstance(n, int) for n in out[-2:])
+            or out[-2] * out[-1] != fused[-1]):
         return None
     heads, head_dim, parts = out[-2], out[-1], []
     for user in view.users:
