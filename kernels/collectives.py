@@ -44,7 +44,9 @@ def all_gather(x: torch.Tensor, dim: int, world: int) -> torch.Tensor:
         return x.clone()
     rows = x.movedim(dim, 0).contiguous()  # gloo gathers along dim 0 only
     out = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))
-    dist.all_gather_into_tensor(out, rows)
+    # torch 2.13 renames all_gather_into_tensor (a FutureWarning there); torch 2.11 has only the old name
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, rows)
     return out.movedim(0, dim).contiguous()
 
 
