@@ -81,6 +81,7 @@ def _hf_reference(opt):
 
 def cmd_optimize(args) -> int:
     from .agreement import compare
+    from .graph_utils import weight_bytes
     from .loading import load_tokenizer_or_none
     from .optimizer import optimize_model
 
@@ -98,7 +99,8 @@ def cmd_optimize(args) -> int:
     }
     sharded = opt.recipe.parallel.tensor_parallel_size > 1
     if sharded:  # without its peers a rank's graph is a part of the model: nothing to compare
-        print(f"\n  rank 0 of {opt.recipe.parallel.tensor_parallel_size} shown (every rank gets the same counts); "
+        print(f"\n  rank 0 of {opt.recipe.parallel.tensor_parallel_size} shown (every rank gets the same counts): "
+              f"{weight_bytes(opt.gm) / 1e6:.1f} MB of weights as loaded (quantized, if so); "
               "check the sharded model with `autodeploy generate -tp N`")
     reference = _hf_reference(opt) if opt.source.weight_files and args.max_tokens > 0 and not sharded else None
     if reference is not None:

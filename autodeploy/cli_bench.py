@@ -61,8 +61,6 @@ def cmd_bench(args) -> int:
         workloads = _workloads(args)
     except ValueError as e:
         raise BenchArgumentError(str(e)) from None
-    if (args.tensor_parallel_size or 1) > 1:  # the bench builds its engines in-process, one rank
-        raise BenchArgumentError("bench runs one rank; measure tensor parallelism with benchmarks/tp_bench.py --tp N")
     if args.peers_only and not args.baseline:
         raise BenchArgumentError("--peers-only measures the --baseline peers alone: name at least one")
     cfg = BenchConfig(model=args.model, workloads=workloads, recipe=args.recipe, overrides=args.overrides,

@@ -59,11 +59,16 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     def show(result) -> None:
         failure = result.first_failure()
-        verdict = "pass" if result.passed else f"FAIL at {failure[0]}: {failure[1].detail}"
+        verdict = (f"skipped: {result.skipped}" if result.skipped else "pass" if result.passed
+                   else f"FAIL at {failure[0]}: {failure[1].detail}")
         print(f"  {result.name:<24} {result.seconds:5.1f} s  {verdict}", flush=True)
 
-    print(f"autodeploy zoo: {len(entries)} entries")
-    results = run_zoo(entries, args.overrides, on_result=show)
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        print(f"autodeploy zoo: error: --tensor-parallel-size must be >= 1, not {tp}")
+        return 2
+    print(f"autodeploy zoo: {len(entries)} entries" + (f", each over {tp} ranks" if tp > 1 else ""))
+    results = run_zoo(entries, args.overrides, on_result=show, tensor_parallel_size=tp)
     print()
     print(to_markdown(results) if args.report is None else summary_line(results))
     if args.report is not None:
@@ -90,6 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default=None,
                    help="force every entry's checkpoint layout (hub: as save_pretrained writes; native: "
                         "transformers-5 parameter names)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="run every entry sharded over N ranks (gloo on CPU); entries whose heads do not split "
+                        "over N are reported as skipped with the reason")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every entry")
     p.set_defaults(func=cmd_zoo)
     return p

@@ -57,10 +57,11 @@ class EntryResult:
     max_rel_logit_diff: float | None = None
     tolerance: float = 0.0
     seconds: float = 0.0
+    skipped: str = ""  # why the entry did not run (e.g. heads that do not split over the ranks): not a failure
 
     @property
     def passed(self) -> bool:
-        return all(s.status in (OK, NOT_APPLICABLE) for s in self.stages.values())
+        return bool(self.skipped) or all(s.status in (OK, NOT_APPLICABLE) for s in self.stages.values())
 
     def first_failure(self) -> tuple[str, StageResult] | None:
         for name, stage in self.stages.items():
@@ -89,6 +90,14 @@ def failing_stage(error: BaseException) -> str:
         if frame.f_code.co_name == "run_transforms" and frame.f_locals.get("name") in TRANSFORMS:
             stage = _TRANSFORM_COLUMN[TRANSFORMS[frame.f_locals["name"]].stage.name.lower()]
     return stage
+
+
+def record_failure(result: EntryResult, error: BaseException, stage_start: float) -> None:
+    """The stage `error` came from failed; the stages before it passed."""
+    stage = failing_stage(error)
+    for done in STAGES[1:STAGES.index(stage)]:
+        result.stages[done].status = OK
+    result.stages[stage] = StageResult(FAILED, first_line(error), time.perf_counter() - stage_start)
 
 
 def build_checkpoint(entry: ZooEntry, folder: Path) -> torch.nn.Module:
@@ -146,12 +155,18 @@ def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult
     from autodeploy.agreement import compare
 
     agreement = compare(opt, hf_model, list(entry.prompt), entry.max_new_tokens)
+    return judge(agreement, opt.logits, hf_model, entry, result)
+
+
+def judge(agreement, logits, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult:
+    """Record `agreement` on `result`; mismatch when tokens part (outside the entry's top-k rule) or
+    the logits differ by more than its tolerance. `logits(ids)` is our model's, for the top-k rule."""
     result.hf_tokens, result.ours_tokens = agreement.hf_tokens, agreement.ours_tokens
     result.tokens_equal = agreement.tokens_equal
     result.max_abs_logit_diff = agreement.max_abs_logit_diff
     result.max_rel_logit_diff = agreement.max_rel_logit_diff
     problems = []
-    if not agreement.tokens_equal and not (entry.top_k and _within_top_k(opt, hf_model, entry, agreement)):
+    if not agreement.tokens_equal and not (entry.top_k and _within_top_k(logits, hf_model, entry, agreement)):
         rule = f" (outside each other's top-{entry.top_k} where they part)" if entry.top_k else ""
         problems.append(f"greedy tokens differ{rule}: HF {agreement.hf_tokens} vs ours {agreement.ours_tokens}")
     if not agreement.max_rel_logit_diff <= entry.tolerance:
@@ -160,22 +175,30 @@ def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult
 
 
 @torch.inference_mode()
-def _within_top_k(opt, hf_model, entry: ZooEntry, agreement) -> bool:
+def _within_top_k(logits, hf_model, entry: ZooEntry, agreement) -> bool:
     """Where the greedy sequences first part (same context on both sides), is each side's token among
     the other's top-k? (Quantized entries: near-flat random-weight distributions may swap close logits.)"""
     step = next(i for i, (a, b) in enumerate(zip(agreement.hf_tokens, agreement.ours_tokens)) if a != b)
-    context = torch.tensor([list(entry.prompt) + agreement.hf_tokens[:step]], device=opt.device)
-    ours, ref = opt.logits(context)[0, -1], hf_model(context, use_cache=False).logits[0, -1]
+    context = torch.tensor([list(entry.prompt) + agreement.hf_tokens[:step]])
+    ours, ref = logits(context)[0, -1], hf_model(context, use_cache=False).logits[0, -1]
     return (agreement.ours_tokens[step] in ref.topk(entry.top_k).indices.tolist()
             and agreement.hf_tokens[step] in ours.topk(entry.top_k).indices.tolist())
 
 
-def run_entry(entry: ZooEntry, extra_overrides: list[str] | tuple = ()) -> EntryResult:
-    """One zoo entry through every stage; never raises for a model problem."""
+def run_entry(entry: ZooEntry, extra_overrides: list[str] | tuple = (), tensor_parallel_size: int = 1) -> EntryResult:
+    """One zoo entry through every stage; never raises for a model problem.
+
+    With tensor_parallel_size > 1 the entry runs sharded (`sharded.py`): an LLM over N ranks."""
     from autodeploy.optimizer import optimize_model
+
+    from .sharded import run_sharded, skip_reason
 
     result = EntryResult(name=entry.name, hub_id=entry.hub_id, ci=entry.ci, note=entry.note,
                          expected=entry.expect, tolerance=entry.tolerance)
+    result.skipped = skip_reason(entry, tensor_parallel_size) if tensor_parallel_size > 1 else ""
+    if result.skipped:
+        result.note = f"skipped at tensor_parallel_size {tensor_parallel_size}: {result.skipped}"
+        return result
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"zoo-{entry.name}-") as folder:
         try:
@@ -191,14 +214,15 @@ def run_entry(entry: ZooEntry, extra_overrides: list[str] | tuple = ()) -> Entry
         overrides = ["model.device=cpu", "model.dtype=float32",
                      f"model.attn_implementation={entry.attn_implementation}", *quantization, *entry.overrides,
                      *extra_overrides]
+        if tensor_parallel_size > 1:
+            run_sharded(entry, folder, overrides, tensor_parallel_size, hf_model, result)
+            result.seconds = time.perf_counter() - start
+            return result
         stage_start = time.perf_counter()
         try:
             opt = optimize_model(folder, recipe=str(entry.recipe), overrides=overrides, progress=False)
         except Exception as e:
-            stage = failing_stage(e)
-            for done in STAGES[1:STAGES.index(stage)]:
-                result.stages[done].status = OK
-            result.stages[stage] = StageResult(FAILED, first_line(e), time.perf_counter() - stage_start)
+            record_failure(result, e, stage_start)
             result.seconds = time.perf_counter() - start
             return result
         _record_transforms(opt, entry, result)
@@ -219,11 +243,12 @@ def run_zoo(
     entries: list[ZooEntry],
     extra_overrides: list[str] | tuple = (),
     on_result: Callable[[EntryResult], None] | None = None,
+    tensor_parallel_size: int = 1,
 ) -> list[EntryResult]:
     """Run every entry in order; `on_result` sees each result as soon as it is done."""
     results = []
     for entry in entries:
-        result = run_entry(entry, extra_overrides)
+        result = run_entry(entry, extra_overrides, tensor_parallel_size)
         results.append(result)
         if on_result is not None:
             on_result(result)

@@ -64,6 +64,7 @@ def test_each_rank_holds_its_slices_of_a_gqa_model(tiny_llama_dir):
         matched = _report(shard).matched
         assert matched["column"] == 2 * 5 and matched["row"] == 2 * 2 and matched["all_reduce"] == 4
         assert matched["heads_per_rank"] == 2 and matched["kv_heads_per_rank"] == 1
+        assert matched["tp_plan_agree"] == 2 * 7 and matched["tp_plan_disagree"] == 0  # LlamaConfig's plan
         local = dict(shard.gm.named_parameters())
         for name, spec in shards_of(shard.gm).items():
             assert torch.equal(local["model." + name], spec.take(params["model." + name])), name
@@ -84,6 +85,18 @@ def test_kv_heads_are_replicated_when_ranks_outnumber_them(tiny_llama_dir):
     assert torch.equal(k, full["model.model.layers.1.self_attn.k_proj.weight"][16:32])  # KV head 1 of 2
 
 
+def test_hf_tp_plan_disagreements_name_the_linear_and_both_styles():
+    from autodeploy.parallel.tp_plan import compare_with_plan
+
+    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise_split_input",
+            "layers.*.mlp.experts": "moe_tp_experts", "layers.*.mlp.down_proj": "rowwise"}
+    linears = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+               "model.layers.0.mlp.router", "lm_head"]
+    ours = {"model.layers.0.self_attn.q_proj": "colwise", "model.layers.0.self_attn.o_proj": "rowwise"}
+    assert compare_with_plan(plan, linears, ours) == (2, ["model.layers.0.mlp.down_proj: HF rowwise, ours replicated"])
+    assert compare_with_plan(None, linears, ours) == (0, [])
+
+
 def test_a_head_count_that_does_not_divide_names_the_sizes_that_work(default_model_dir):
     with pytest.raises(ShardingError, match=r"9 query heads, 3 key/value heads\); sizes that work: 1, 3, 9"):
         LLM(default_model_dir, tensor_parallel_size=2)
@@ -100,9 +113,29 @@ def tp1_tokens(tiny_llama_dir):
     return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))]
 
 
+def test_vocab_parallel_splits_embedding_and_lm_head_rows(tiny_llama_dir):
+    """Rank 1 of 2 holds vocabulary rows 128..255 of both tables; lookups outside them are masked and
+    summed over ranks, the logits gathered (auto keeps both replicated)."""
+    full = dict(optimize_model(tiny_llama_dir, overrides=NO_CACHE, progress=False).gm.named_parameters())
+    shard = optimize_model(tiny_llama_dir, overrides=NO_CACHE + [
+        "parallel.tensor_parallel_size=2", "parallel.rank=1", "parallel.vocab_parallel=true"], progress=False)
+    local = dict(shard.gm.named_parameters())
+    for name in ("model.model.embed_tokens.weight", "model.lm_head.weight"):
+        assert torch.equal(local[name], full[name][128:256]), name
+    assert _report(shard).matched["vocab_parallel"] == 2 and _report(shard).matched["all_reduce"] == 5
+    gathers = [n for n in shard.gm.graph.nodes if n.target == torch.ops.autodeploy.all_gather.default]
+    assert len(gathers) == 1 and gathers[0].args[1:] == (-1, 2)
+    assert "vocab_parallel" not in _report(_sharded(tiny_llama_dir, 1, 2)).matched
+    with pytest.raises(ShardingError, match="vocab_parallel must be auto, true or false, not 'maybe'"):
+        optimize_model(tiny_llama_dir, overrides=NO_CACHE + ["parallel.tensor_parallel_size=2",
+                                                             "parallel.vocab_parallel=maybe"], progress=False)
+
+
 def test_llm_over_two_gloo_ranks_matches_one_then_survives_a_killed_worker(tiny_llama_dir, tp1_tokens):
-    llm = LLM(tiny_llama_dir, tensor_parallel_size=2, **RUNTIME)
+    """Vocab-parallel embedding and LM head here (the zoo tests run them replicated)."""
+    llm = LLM(tiny_llama_dir, overrides=["parallel.vocab_parallel=true"], tensor_parallel_size=2, **RUNTIME)
     try:
+        assert _report(llm.model).matched["vocab_parallel"] == 2
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
         assert [o.token_ids for o in outs] == tp1_tokens
         worker = llm._ranks.processes[0]
@@ -114,6 +147,60 @@ def test_llm_over_two_gloo_ranks_matches_one_then_survives_a_killed_worker(tiny_
     finally:
         llm.shutdown()
     assert not any(p.is_alive() for p in llm._ranks.processes)
+
+
+def test_quantized_checkpoint_tensors_follow_their_weights_slice(tmp_path):
+    """compressed-tensors W4A16 g32 ([N, K/8] int32 codes, [N, K/32] scales) at TP 2, rank 1: q_proj
+    keeps the second half of rows, o_proj the second half of K (codes and group scales alike)."""
+    from transformers import LlamaConfig
+
+    from quant_fixtures import write_compressed_tensors
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    write_compressed_tensors(tmp_path, config, "W4A16", group_size=32)
+    overrides = ["model.device=cpu", "model.dtype=float32", "transforms.insert_kv_cache.enabled=false"]
+    full = dict(optimize_model(tmp_path, overrides=overrides, progress=False).gm.named_parameters())
+    local = dict(optimize_model(tmp_path, overrides=overrides + ["parallel.tensor_parallel_size=2",
+                                                                 "parallel.rank=1"], progress=False).gm.named_parameters())
+    attn = "model.model.layers.0.self_attn."
+    codes = [name for name in local if name.startswith(attn + "q_proj.")]
+    assert sorted(codes) == [attn + "q_proj.qweight", attn + "q_proj.scales"], codes
+    for name in (attn + "q_proj.qweight", attn + "q_proj.scales"):
+        assert torch.equal(local[name], full[name][full[name].shape[0] // 2:]), name
+    for name in (attn + "o_proj.qweight", attn + "o_proj.scales"):
+        assert torch.equal(local[name], full[name][:, full[name].shape[1] // 2:]), name
+    assert local[attn + "o_proj.scales"].shape == (64, 1)  # 32 of 64 columns: one group of 32
+
+
+@pytest.mark.slow
+def test_online_int4_llama_at_tp2_matches_tp1(tiny_llama_dir):
+    """Online int4 g32: every group lies inside one shard, so each rank's codes and scales are TP 1's."""
+    quantization = ["quantization.algo=int4", "quantization.group_size=32"]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    want = [o.token_ids for o in LLM(tiny_llama_dir, overrides=quantization, **RUNTIME).generate(PROMPTS, params)]
+    llm = LLM(tiny_llama_dir, overrides=quantization, tensor_parallel_size=2, **RUNTIME)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == want
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_online_fp8_llama_at_tp2_stays_within_fp8_error(tiny_llama_dir):
+    """Online fp8 is per shard: a row-parallel linear's weight and activation scales cover its K slice
+    (finer than TP 1's), so logits differ from TP 1's fp8 by less than fp8 differs from float32."""
+    ids = torch.tensor([PROMPTS[0]])
+    positions = torch.arange(ids.shape[1])[None]
+    exact = LLM(tiny_llama_dir, **RUNTIME).model.logits(ids)
+    fp8 = LLM(tiny_llama_dir, overrides=["quantization.algo=fp8"], **RUNTIME).model.logits(ids)
+    llm = LLM(tiny_llama_dir, overrides=["quantization.algo=fp8"], tensor_parallel_size=2, **RUNTIME)
+    try:
+        assert _report(llm.model, "quantize_linear").matched["fp8_linear"] == 2 * 7
+        sharded = llm.engine.executor.full_logits(ids, positions)
+        assert 0 < (sharded - fp8).abs().max() < (fp8 - exact).abs().max()
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.slow
@@ -136,24 +223,76 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
         three.shutdown()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, extra", [
-    ("llama-3.1", []), ("qwen3", []), ("gemma-2", []), ("mixtral", []), ("phi-3", []), ("gpt2", []),
-    ("qwen3-moe", ["parallel.enable_expert_parallel=true"]),
-])
-def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra):
-    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
-    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2)."""
+def _zoo_checkpoint(name: str, folder, **config):
+    """A zoo entry (its tiny config, `config` on top) saved to `folder`; returns the entry."""
+    from dataclasses import replace
+
     from model_zoo_ci.runner import build_checkpoint
     from model_zoo_ci.zoo import load_zoo
 
     entry = next(e for e in load_zoo() if e.name == name)
-    build_checkpoint(entry, tmp_path)
+    entry = replace(entry, config={**entry.config, **config})
+    build_checkpoint(entry, folder)
+    return entry
+
+
+def _assert_slices_of_checkpoint(shard, folder, within: str) -> int:
+    """Every sharded parameter named `within`... holds exactly its recorded slice of the checkpoint
+    tensor; returns how many were checked."""
+    from autodeploy.parallel.slices import checkpoint_name
+
+    local, shards = dict(shard.gm.named_parameters()), shards_of(shard.gm)
+    checked = [name for name in shards if within in name]
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        for name in checked:
+            want = shards[name].take(f.get_tensor(checkpoint_name(name, shards)))
+            assert torch.equal(local["model." + name], want), name
+    return len(checked)
+
+
+def test_mla_attention_is_split_by_heads(tmp_path):
+    """DeepSeek-V3 MLA: q_b / kv_b column-parallel per head, o_proj row-parallel; the low-rank q_a /
+    kv_a and their norms replicated (counted, no warning); the filled key becomes a cat."""
+    entry = _zoo_checkpoint("deepseek-v3", tmp_path)
+    shard = optimize_model(tmp_path, str(entry.recipe), overrides=NO_CACHE + [
+        "parallel.tensor_parallel_size=2", "parallel.rank=1", "parallel.enable_expert_parallel=true"], progress=False)
+    report = _report(shard)
+    assert not report.warnings, report.warnings
+    matched = report.matched
+    assert matched["attention"] == 2 and matched["filled_to_cat"] == 2 and matched["replicated_low_rank"] == 4
+    assert matched["experts_per_rank"] == 16
+    params = dict(shard.gm.named_parameters())
+    assert params["model.model.layers.0.self_attn.kv_b_proj.weight"].shape == (2 * 64, 32)  # 2 of 4 heads
+    assert params["model.model.layers.0.self_attn.q_a_proj.weight"].shape == (96, 128)  # replicated
+    assert _assert_slices_of_checkpoint(shard, tmp_path, "self_attn") == 2 * 3  # q_b, kv_b, o_proj
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra, config", [
+    ("llama-3.1", [], {}), ("qwen3", [], {}), ("gemma-2", [], {}), ("mixtral", [], {}), ("phi-3", [], {}),
+    ("gpt2", [], {}), ("qwen3-moe", ["parallel.enable_expert_parallel=true"], {}),
+    ("deepseek-v3", ["parallel.enable_expert_parallel=true"], {}), ("deepseek-v2-lite", [], {}), ("falcon", [], {}),
+    ("falcon", [], {"new_decoder_architecture": True, "multi_query": False, "num_kv_heads": 2}),
+    ("llama-3.2-tied", ["parallel.vocab_parallel=true"], {}), ("gemma-2", ["parallel.vocab_parallel=true"], {}),
+    ("bloom", [], {}),
+    ("qwen3-moe", ["parallel.enable_expert_parallel=true", "quantization.algo=int4", "quantization.group_size=32"], {}),
+])
+def test_zoo_models_at_tp2_match_tp1(tmp_path, name, extra, config):
+    """Tiny zoo configs: GQA, q/k norm, soft-capping + sliding window, MoE (TP inside experts, expert
+    parallel), fused qkv / gate_up in the checkpoint (Phi-3), Conv1D with fused c_attn (GPT-2), MLA
+    (DeepSeek), Falcon's fused query_key_value (multi-query, and grouped in the new decoder layout), ALiBi
+    slopes per rank (Bloom), vocab-parallel embedding and LM head (tied: Llama 3.2; soft-capped: Gemma 2),
+    online int4 experts split by expert.
+    Every attention is sharded (no region left replicated)."""
+    entry = _zoo_checkpoint(name, tmp_path, **config)
     overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, *extra]
     params = SamplingParams(max_tokens=entry.max_new_tokens, temperature=0.0)
     want = LLM(tmp_path, str(entry.recipe), overrides=overrides).generate([list(entry.prompt)], params)[0].token_ids
     llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
     try:
+        report = _report(llm.model)
+        assert not [w for w in report.warnings if "stays replicated" in w], report.warnings
+        assert report.matched["attention"] == entry.expect["match_attention"]["attention"]
         assert llm.generate([list(entry.prompt)], params)[0].token_ids == want
     finally:
         llm.shutdown()

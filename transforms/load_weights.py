@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from autodeploy.errors import QuantizationError, UnsupportedModelError, WeightLoadingError
+from autodeploy.errors import UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
 from autodeploy.quantization.loading import quantized_loads
+from autodeploy.parallel.quantized_slices import quantized_slices
 from autodeploy.parallel.slices import checkpoint_name, shards_of
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -85,12 +86,9 @@ class LoadWeights(Transform):
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
         quantized = quantized_loads(gm)  # built from other checkpoint tensors (autodeploy/quantization)
         shards = shards_of(gm)  # this rank's slices (tensor parallelism)
-        if shards and quantized:
-            raise QuantizationError("quantized weights with tensor_parallel_size > 1 are not supported yet "
-                                    "(run quantized models on one rank, or unquantized models sharded)")
         wanted = [checkpoint_name(n.removeprefix(WRAPPER_PREFIX), shards) for n, t in tensors
                   if t.is_meta and n.removeprefix(WRAPPER_PREFIX) not in computed and n not in quantized] + quantized.source_keys()
-        source, counts = self._tensor_source(ctx, wanted, aliases, shards)
+        source, counts = self._tensor_source(ctx, wanted, aliases, dict(shards), quantized.source_keys())
         gen = torch.Generator(device=ctx.device).manual_seed(self.config.seed)
         done: dict[int, torch.Tensor] = {}  # one value per tensor object: tied weights stay tied
         for name, old in tensors:
@@ -113,13 +111,17 @@ class LoadWeights(Transform):
         _retarget_devices(gm, ctx.device)
         return counts
 
-    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]], shards: dict):
+    def _tensor_source(self, ctx: TransformContext, wanted: list[str], aliases: dict[str, list[str]], shards: dict,
+                       quantized_keys: list[str]):
         """Read safetensors by name; where names differ (old checkpoint layouts), let transformers convert.
 
         A sharded parameter (tensor parallelism) reads only this rank's slice."""
         if not ctx.source.weight_files:
             return None, {"random_init": 0, "moved": 0}
         checkpoint = _open_checkpoint(ctx.source.weight_files)
+        if shards and quantized_keys:  # a pre-quantized checkpoint's scales and codes follow their weight's slice
+            shards.update(quantized_slices([k for k in quantized_keys if k in checkpoint], shards,
+                                           lambda key: checkpoint[key].get_slice(key).get_shape()))
         missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
         if not missing:
             return (lambda name: _read(checkpoint, checkpoint_name(name, shards), aliases, shards.get(name))), \

@@ -17,17 +17,18 @@ from fractions import Fraction
 
 import torch
 from torch.fx import GraphModule, Node
-from torch._guards import detect_fake_mode
-from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.errors import ShardingError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
-from autodeploy.parallel.regions import Region, find_regions, shape, weight_param
+from autodeploy.parallel.filled_buffers import fills_to_cat
+from autodeploy.parallel.regions import EXPANDS, SAME_DIM, Region, find_regions, refresh, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
 from autodeploy.parallel.slices import SHARDS_KEY, ShardSlice
+from autodeploy.parallel.tp_plan import compare_with_plan
 from autodeploy.parallel.unfuse import split_fused_linears
-from autodeploy.patterns.helpers import bind_args, insert_call, val
+from autodeploy.parallel.vocab import local_ids, reaches_output, shard_vocab
+from autodeploy.patterns.helpers import bind_args, insert_call
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -54,6 +55,7 @@ class _Sharder:
         self.gm, self.ctx, self.rank, self.world = gm, ctx, rank, world
         self.slices: dict[str, ShardSlice] = gm.meta.setdefault(SHARDS_KEY, {})
         self.counts = {"column": 0, "row": 0, "all_reduce": 0, "attention": 0}
+        self.styles: dict[str, str] = {}  # HF module path of a sharded linear -> colwise / rowwise
 
     # --- parameters -----------------------------------------------------------------------------
     def slice_param(self, get_attr: Node, dim: int, ranges: list[tuple[int, int]]) -> None:
@@ -65,7 +67,7 @@ class _Sharder:
         owner = self.gm.get_submodule(owner_path)
         full = getattr(owner, attr)
         dim %= full.dim()
-        spec = ShardSlice(dim, tuple(ranges))
+        spec = ShardSlice(dim, tuple(ranges), size=full.shape[dim])
         part = self.slices.get(name.removeprefix(WRAPPER_PREFIX))
         if part is not None:
             ((offset, _),) = part.ranges
@@ -75,6 +77,14 @@ class _Sharder:
                 else local)
         self.slices[name.removeprefix(WRAPPER_PREFIX)] = spec
         get_attr.meta["val"] = refreshed_val(get_attr.meta.get("val"), spec)
+
+    def slice_constant(self, get_attr: Node, ranges: list[tuple[int, int]]) -> None:
+        """Keep this rank's rows of a constant the graph computed (ALiBi slopes of its query heads)."""
+        owner_path, _, attr = get_attr.target.rpartition(".")
+        owner = self.gm.get_submodule(owner_path)
+        ((start, stop),) = ranges
+        setattr(owner, attr, getattr(owner, attr)[start:stop].clone())
+        get_attr.meta["val"] = get_attr.meta["val"][start:stop]
 
     def fraction_ranges(self, size: int, start: Fraction, frac: Fraction) -> list[tuple[int, int]]:
         begin, length = start * size, frac * size
@@ -90,24 +100,43 @@ class _Sharder:
         q_part = (Fraction(self.rank, self.world), Fraction(1, self.world))
         n_kv = heads[1]
         kv_part = q_part if n_kv % self.world == 0 else (Fraction(self.rank * n_kv // self.world, n_kv), Fraction(1, n_kv))
-        part = {opener: kv_part if _feeds_kv(opener, region) else q_part for opener in region.openers}
+        part = {}
+        for opener in region.openers:
+            operands = _attention_operands(opener, region)
+            if 0 in operands and operands & {1, 2} and kv_part != q_part:
+                raise ValueError(f"{opener.name} computes queries and keys/values together, and the "
+                                 f"{n_kv} key/value heads do not split over {self.world} ranks")
+            part[opener] = kv_part if operands & {1, 2} else q_part
+        broadcast = []
         for node in self.gm.graph.nodes:  # in order: a split node takes the part of what feeds it (attention: q's)
             if node in region.dims and node not in part:
-                part[node] = part[node.args[0] if is_op(node, ad.attention) else
-                                  next(a for a in node.all_input_nodes if a in part)]
+                source = node.args[0] if is_op(node, ad.attention) else next(
+                    (a for a in node.all_input_nodes if a in part), None)
+                if source is None:
+                    broadcast.append(node)
+                else:
+                    part[node] = part[source]
+        for node in broadcast:  # a replicated value expanded into a split cat takes the cat's part
+            part[node] = part[next(iter(node.users))]
         rows = {o: self.fraction_ranges(shape(o)[-1], *part[o]) for o in region.openers}
         cols = {c: self.fraction_ranges(shape(c.args[0])[-1], *part[c.args[0]]) for c in region.closers}
         sizes = {n: _local_sizes(n, region.dims[n], part[n][1]) for n in region.dims
-                 if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, aten.expand))}
+                 if is_op(n, (aten.view, aten.reshape, aten._unsafe_view, *EXPANDS))}
         for opener, ranges in rows.items():
             weight, transposed = weight_param(opener.args[1])
+            self.styles[_weight_owner(opener)] = "colwise"
             self.slice_param(weight, 1 if transposed else 0, ranges)
             if len(opener.args) > 2 and opener.args[2] is not None:
                 self.slice_param(opener.args[2], 0, ranges)
             self.counts["column"] += 1
         for node, local in sizes.items():
             node.args = (node.args[0], local, *node.args[2:])
+        for attention in [n for n in region.dims if is_op(n, ad.attention)]:
+            slopes = bind_args(attention).get("alibi_slopes")
+            if isinstance(slopes, Node) and slopes.op == "get_attr":
+                self.slice_constant(slopes, self.fraction_ranges(shape(slopes)[0], *part[attention]))
         for closer, ranges in cols.items():
+            self.styles[_weight_owner(closer)] = "rowwise"
             self.close(closer, ranges)
         self.counts["attention"] += sum(is_op(n, ad.attention) for n in region.dims)
         transposed_weights = {n.args[1] for n in region.openers + region.closers if n.args[1].op != "get_attr"}
@@ -156,12 +185,9 @@ class _Sharder:
         """Expert ids shifted to this rank's range; weights of other ranks' experts zeroed."""
         graph = self.gm.graph
         with graph.inserting_before(moe):
-            shifted = insert_call(graph, aten.sub.Tensor, (ids, first))
-            mine = insert_call(graph, aten.bitwise_and.Tensor, (insert_call(graph, aten.ge.Scalar, (shifted, 0)),
-                                                                 insert_call(graph, aten.lt.Scalar, (shifted, local))))
-            local_ids = insert_call(graph, aten.clamp.default, (shifted, 0, local - 1))
+            shifted, mine = local_ids(graph, ids, first, local)
             local_weights = insert_call(graph, aten.mul.Tensor, (weights, mine))
-        return local_ids, local_weights
+        return shifted, local_weights
 
     def all_reduce_after(self, node: Node, bias: Node | None = None) -> None:
         """`node`'s users read the sum over ranks (plus `bias`, added once) instead of `node`."""
@@ -186,6 +212,25 @@ class _Sharder:
         self.counts["row"] += 1
 
 
+def _only_routing(node: Node) -> bool:
+    """Whether `node`'s values (through casts) only become routing probabilities (a MoE router)."""
+    return all(is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) or (is_op(u, SAME_DIM) and _only_routing(u))
+               for u in node.users)
+
+
+def _weight_owner(linear: Node) -> str:
+    """The HF module path holding a linear's weight (a fused part's too)."""
+    weight, _ = weight_param(linear.args[1])
+    return weight.target.removeprefix(WRAPPER_PREFIX).rpartition(".")[0]
+
+
+def _low_rank(linear: Node) -> bool:
+    """A down-projection (fewer outputs than inputs) that shares its input with another linear."""
+    features_in, features_out = shape(linear.args[0]), shape(linear)
+    siblings = [u for u in linear.args[0].users if u is not linear and is_op(u, ad.linear)]
+    return bool(siblings) and features_in is not None and features_out[-1] < features_in[-1]
+
+
 def _expert_weight(node: Node) -> tuple[Node, bool]:
     """The get_attr of a stacked expert weight and whether the graph transposes it (dims 1 and 2)."""
     if is_op(node, aten.transpose):
@@ -193,19 +238,18 @@ def _expert_weight(node: Node) -> tuple[Node, bool]:
     return node, False
 
 
-def _feeds_kv(opener: Node, region: Region) -> bool:
-    """Whether `opener`'s values reach the K or V operand of an attention (it then splits by KV heads)."""
-    seen, todo = set(), [opener]
+def _attention_operands(opener: Node, region: Region) -> set[int]:
+    """Which operands of attention (0 query, 1 key, 2 value) `opener`'s values reach."""
+    seen, todo, reached = set(), [opener], set()
     while todo:
         node = todo.pop()
         for user in node.users:
             if is_op(user, ad.attention):
-                if node in user.args[1:3]:
-                    return True
+                reached |= {i for i, arg in enumerate(user.args[:3]) if arg is node}
             elif user in region.dims and user not in seen:
                 seen.add(user)
                 todo.append(user)
-    return False
+    return reached
 
 
 def _local_sizes(node: Node, dim: int, frac: Fraction) -> list:
@@ -224,16 +268,6 @@ def refreshed_val(old, spec: ShardSlice):
     return old.narrow(spec.dim, 0, spec.length) if isinstance(old, torch.Tensor) else old
 
 
-def refresh(node: Node) -> None:
-    """Recompute `node`'s FakeTensor from its (possibly resharded) inputs."""
-    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.args)
-    fake_kwargs = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.kwargs)
-    mode = detect_fake_mode(tree_leaves((fake_args, fake_kwargs)))
-    if mode is not None:
-        with mode:
-            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
-
-
 @register
 class ShardTensorParallel(Transform):
     name = "shard_tensor_parallel"
@@ -247,11 +281,10 @@ class ShardTensorParallel(Transform):
         attention = [n for n in gm.graph.nodes if is_op(n, ad.attention)]
         if attention:
             check_head_counts(*heads, world)
-        if any(bind_args(n).get("alibi_slopes") is not None for n in attention):
-            raise ShardingError("ALiBi models cannot be sharded yet (their per-head slopes are not sliced); "
-                                "run them with tensor_parallel_size 1")
         sharder = _Sharder(gm, ctx, rank, world)
         sharder.counts["fused_split"] = split_fused_linears(gm, sharder.slices)
+        sharder.counts["filled_to_cat"] = fills_to_cat(gm)
+        linears = [_weight_owner(n) for n in gm.graph.nodes if is_op(n, ad.linear) and weight_param(n.args[1])]
         for region in find_regions(gm):
             if region.error is None:
                 try:
@@ -259,24 +292,43 @@ class ShardTensorParallel(Transform):
                     continue
                 except ValueError as e:  # a size that does not split: raised before anything changed
                     region.error = str(e)
-            self.note_replicated(region)
+            self.note_replicated(region, sharder.counts)
         for moe in [n for n in gm.graph.nodes if is_op(n, ad.moe)]:
             try:
                 sharder.shard_experts(moe, ctx.parallel.enable_expert_parallel)
             except ValueError as e:
                 self.warnings.append(f"{self.name}: {moe.name} stays replicated: {e}")
+        if ctx.parallel.split_vocab:
+            why_not = shard_vocab(sharder, ctx.source.config.get_text_config().vocab_size)
+            if why_not:
+                self.warnings.append(f"{self.name}: the embedding and LM head stay replicated: {why_not}")
         counts = dict(sharder.counts)
+        self.cross_check(getattr(ctx.source.config.get_text_config(), "base_model_tp_plan", None),
+                         linears, sharder.styles, counts)
         counts["heads_per_rank"] = heads[0] // world
         counts["kv_heads_per_rank"] = max(1, heads[1] // world)
         counts["weight_bytes_per_rank"] = weight_bytes(gm, ctx.dtype)
         return counts
 
-    def note_replicated(self, region: Region) -> None:
-        """A warning naming what stays replicated, except the LM head and routers (replicated by design)."""
+    def cross_check(self, plan: dict | None, linears: list[str], styles: dict[str, str], counts: dict) -> None:
+        """HF's base_model_tp_plan against what the graph analysis decided: counts, and a warning if they part."""
+        if not plan:
+            return
+        counts["tp_plan_agree"], disagree = compare_with_plan(plan, linears, styles)
+        counts["tp_plan_disagree"] = len(disagree)
+        if disagree:
+            self.warnings.append(f"{self.name}: HF's base_model_tp_plan disagrees on {len(disagree)} linears: "
+                                 + "; ".join(disagree[:3]) + (" ..." if len(disagree) > 3 else ""))
+
+    def note_replicated(self, region: Region, counts: dict[str, int]) -> None:
+        """A warning naming what stays replicated, except by design: the LM head, routers, and low-rank
+        down-projections beside other linears on the same input (MLA's q_a / kv_a, counted instead)."""
         opener = region.openers[0]
-        by_design = (len(region.openers) == 1 and not region.closers and all(
-            u.op == "output" or is_op(u, (aten.softmax, aten._softmax, aten.sigmoid)) for u in opener.users))
-        if not by_design:
+        by_design = len(region.openers) == 1 and not region.closers and (
+            reaches_output(opener) or _only_routing(opener))
+        if _low_rank(opener) and not any(is_op(n, ad.attention) for n in region.dims):
+            counts["replicated_low_rank"] = counts.get("replicated_low_rank", 0) + 1
+        elif not by_design:
             where = module_path(opener) or opener.name
             self.warnings.append(f"{self.name}: {where} ({opener.name}) stays replicated: {region.error}")
 

@@ -111,8 +111,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         return result
 
     start = now(device)
-    opt = optimize_model(cfg.model, recipe, progress=False)
+    llm = _sharded_llm(cfg, max_batch) if recipe.parallel.tensor_parallel_size > 1 else None
+    opt = llm.model if llm is not None else optimize_model(cfg.model, recipe, progress=False)
     result["build_s"] = {**opt.seconds, "total": now(device) - start}
+    result["tensor_parallel_size"] = recipe.parallel.tensor_parallel_size  # > 1: the weights and ceiling are rank 0's
     result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
     quant = recipe.quantization
     result["quantization"] = {"algo": quant.algo, "group_size": quant.nominal_group_size, "symmetric": quant.symmetric,
@@ -122,7 +124,42 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["bytes_per_token"] = bytes_read_per_token(opt.gm)
     result["ceiling_batch1_tok_s"] = result["copy_bandwidth_GBps"] * 1e9 / result["bytes_per_token"]
     result["kv_cache"] = _kv_cache_capacity(opt.gm)
-    runtime = recipe.runtime
+    try:
+        for runner, engine, start_s in _engines(cfg, opt, llm, recipe.runtime, max_batch, device):
+            graphs_ = engine.executor.graphs
+            captured = [[b.tokens, b.seqs] for b in graphs_.buckets] if graphs_ is not None else []
+            result.setdefault("engine", {})[runner] = {"start_s": start_s, "cuda_graph_buckets": captured}
+            result["results"][runner] = {
+                w.name: summarize(_timed(cfg.repeats, cfg.warmup,
+                                         lambda: ours.run(engine, p, n, warm_prefix=p[0][:w.prefix_len])))
+                for w, p, n in zip(cfg.workloads, prompts, lens)}
+            result["engine"][runner]["stats"] = engine.stats()
+            if cfg.profile_steps:
+                result.setdefault("profile", {})[runner] = {
+                    w.name: decode_profile(engine, p, cfg.profile_steps)
+                    for w, p in zip(cfg.workloads, prompts) if w.mode == "latency"}
+            del engine
+            _free_device_memory()
+    finally:
+        if llm is not None:
+            llm.shutdown()
+    return result
+
+
+def _sharded_llm(cfg: BenchConfig, max_batch: int):
+    """Tensor parallelism: an LLM whose rank 0 (here) drives the N - 1 workers it starts."""
+    from autodeploy.llm import LLM
+
+    sizes = {"max_num_tokens": cfg.max_num_tokens} if cfg.max_num_tokens else {}
+    return LLM(cfg.model, cfg.recipe, overrides=cfg.overrides, max_batch_size=max_batch, **sizes)
+
+
+def _engines(cfg: BenchConfig, opt, llm, runtime, max_batch: int, device):
+    """(runner, engine, seconds to start it) per CUDA-graph / prefix-caching mode; a sharded model runs the
+    one engine its LLM started (every rank built it with the recipe's runtime settings)."""
+    if llm is not None:
+        yield f"autodeploy-tp{opt.recipe.parallel.tensor_parallel_size}", llm.engine, 0.0
+        return
     modes = [(g, c) for g in (GRAPH_MODES[cfg.cuda_graphs] if device.type == "cuda" else [False])
              for c in _prefix_caching_modes(cfg, runtime.enable_prefix_caching)]
     for graphs, caching in modes:
@@ -134,18 +171,4 @@ def run_bench(cfg: BenchConfig) -> dict:
         engine = ours.make_engine(opt, settings)
         runner = ("autodeploy-eager" if device.type == "cuda" and not graphs else "autodeploy") + (
             "" if caching else "-no-prefix-cache")
-        graphs_ = engine.executor.graphs
-        captured = [[b.tokens, b.seqs] for b in graphs_.buckets] if graphs_ is not None else []
-        result.setdefault("engine", {})[runner] = {"start_s": now(device) - start, "cuda_graph_buckets": captured}
-        result["results"][runner] = {
-            w.name: summarize(_timed(cfg.repeats, cfg.warmup,
-                                     lambda: ours.run(engine, p, n, warm_prefix=p[0][:w.prefix_len])))
-            for w, p, n in zip(cfg.workloads, prompts, lens)}
-        result["engine"][runner]["stats"] = engine.stats()
-        if cfg.profile_steps:
-            result.setdefault("profile", {})[runner] = {
-                w.name: decode_profile(engine, p, cfg.profile_steps)
-                for w, p in zip(cfg.workloads, prompts) if w.mode == "latency"}
-        del engine
-        _free_device_memory()
-    return result
+        yield runner, engine, now(device) - start

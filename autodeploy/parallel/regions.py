@@ -17,14 +17,18 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves, tree_map
 
 from autodeploy.graph_utils import is_op
+from autodeploy.patterns.helpers import val
 
 aten = torch.ops.aten
 ad = torch.ops.autodeploy
 
-_SAME_DIM = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.type_as)
+SAME_DIM = (aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.type_as)
+EXPANDS = (aten.expand, aten.broadcast_to)  # size lists that carry head counts, like views
 _VIEWS = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten)
 
 
@@ -51,6 +55,16 @@ def shape(node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def refresh(node: Node) -> None:
+    """Recompute `node`'s FakeTensor from its (possibly resharded) inputs."""
+    fake_args = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.args)
+    fake_kwargs = tree_map(lambda a: val(a) if isinstance(a, Node) else a, node.kwargs)
+    mode = detect_fake_mode(tree_leaves((fake_args, fake_kwargs)))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*fake_args, **fake_kwargs)
+
+
 def weight_param(node) -> tuple[Node, bool] | None:
     """The get_attr a linear's weight comes from and whether it is stored [in, out] (GPT-2 Conv1D)."""
     if isinstance(node, Node) and node.op == "get_attr":
@@ -61,14 +75,28 @@ def weight_param(node) -> tuple[Node, bool] | None:
 
 
 def _view_dim(src: tuple, dst: tuple, dim: int) -> int | None:
-    """Where split dim `dim` of `src` lands in `dst` when the view keeps it outermost of its group."""
+    """Where split dim `dim` of `src` lands in `dst` when the view keeps it outermost of its group.
+
+    Failing that, size-1 dims are left out of the comparison (MLA views its latent as [B, 1, S, r])."""
+    found = _aligned_view_dim(list(src), list(dst), dim)
+    if found is not None:
+        return found if found < len(dst) else None
+    src_kept = [i for i, size in enumerate(src) if str(size) != "1"]
+    dst_kept = [i for i, size in enumerate(dst) if str(size) != "1"]
+    if dim not in src_kept:
+        return None
+    found = _aligned_view_dim([src[i] for i in src_kept], [dst[i] for i in dst_kept], src_kept.index(dim))
+    return dst_kept[found] if found is not None and found < len(dst_kept) else None
+
+
+def _aligned_view_dim(src: list, dst: list, dim: int) -> int | None:
     same = [str(a) == str(b) for a, b in zip(src, dst)]
     prefix = same.index(False) if False in same else len(same)
     suffix = 0
     while suffix < min(len(src), len(dst)) - prefix and str(src[-1 - suffix]) == str(dst[-1 - suffix]):
         suffix += 1
     if dim <= prefix:
-        return dim if dim < len(dst) else None
+        return dim
     if dim >= len(src) - suffix:
         return dim - len(src) + len(dst)
     return None
@@ -86,7 +114,7 @@ def _broadcasts(other, out_shape: tuple, dim: int) -> bool:
 def _out_dim(node: Node, src: Node, dim: int) -> int | str:
     """The split dim of `node`'s output when its input `src` is split on `dim`, or why it cannot be."""
     out, inp = shape(node), shape(src)
-    if is_op(node, _SAME_DIM) or node.target is operator.getitem:
+    if is_op(node, SAME_DIM) or node.target is operator.getitem:
         return dim
     if inp is None or (out is None and not is_op(node, (aten.split, aten.split_with_sizes))):
         return f"{node.name} has no recorded shape"
@@ -99,7 +127,7 @@ def _out_dim(node: Node, src: Node, dim: int) -> int | str:
         return b if dim == a else a if dim == b else dim
     if is_op(node, aten.permute):
         return [d % ndim for d in node.args[1]].index(dim)
-    if is_op(node, aten.expand):
+    if is_op(node, EXPANDS):
         return dim
     if is_op(node, (aten.split, aten.split_with_sizes)):
         along = (node.args[2] if len(node.args) > 2 else 0) % ndim
@@ -139,6 +167,17 @@ def _check_operands(node: Node, dims: dict[Node, int]) -> str | None:
             if isinstance(arg, Node) and arg not in dims and not _broadcasts(arg, out, dim):
                 return f"{node.name} combines a split value with replicated {arg.name}"
     return None
+
+
+def _absorb_broadcasts(region: Region) -> None:
+    """A replicated value expanded from size 1 along the split dim into a split `cat` (MLA's k_pe shared
+    by every head) joins the region: each rank expands it to its local size instead."""
+    for node in [n for n in region.dims if is_op(n, aten.cat)]:
+        dim = region.dims[node]
+        for operand in node.args[0]:
+            if (operand not in region.dims and is_op(operand, EXPANDS) and set(operand.users) == {node}
+                    and shape(operand.args[0]) is not None and shape(operand.args[0])[dim] == 1):
+                region.dims[operand] = dim
 
 
 def flood(opener: Node) -> Region:
@@ -181,6 +220,7 @@ def find_regions(gm: GraphModule) -> list[Region]:
             regions.remove(other)
         regions.append(region)
     for region in regions:
+        _absorb_broadcasts(region)
         for node in region.dims:
             if region.error is None and node not in region.openers:
                 region.error = _check_operands(node, region.dims)

@@ -13,6 +13,23 @@ class ParallelSettings:
     tensor_parallel_size: int = 1  # ranks the model is sharded over (heads, MLP columns, experts)
     enable_expert_parallel: bool = False  # MoE: each rank owns whole experts (else TP inside every expert)
     rank: int = -1  # this process's rank; -1 = torch.distributed's rank (0 when not initialised)
+    # Embedding and LM head split by vocabulary rows (the logits gathered for the sampler) or replicated.
+    # auto = replicated until GPU runs measure which is faster (benchmarks/tp_bench.py compares both).
+    vocab_parallel: str = "auto"  # auto | true | false
+
+    def __post_init__(self):
+        from autodeploy.errors import ShardingError
+
+        self.vocab_parallel = str(self.vocab_parallel).lower()  # a YAML / command-line true arrives as a bool
+        if self.vocab_parallel not in ("auto", "true", "false"):
+            raise ShardingError(f"parallel.vocab_parallel must be auto, true or false, not {self.vocab_parallel!r}")
+
+    @property
+    def split_vocab(self) -> bool:
+        """Whether the embedding and LM head are split by vocabulary (auto: replicated for now)."""
+        return self.vocab_parallel == "true"
+
+
 
 
 def head_counts(config) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ class ShardSlice:
     dim: int
     ranges: tuple[tuple[int, int], ...]  # [start, stop) along `dim`, in the order they are concatenated
     key: str | None = None  # the checkpoint tensor, when not the parameter's own name (a fused part)
+    size: int | None = None  # the whole tensor's size along `dim` (scales a quantized layer's slices)
 
     @property
     def length(self) -> int:

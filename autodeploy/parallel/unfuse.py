@@ -1,6 +1,7 @@
 """Split fused projections (qkv, gate_up as stored in the checkpoint) into one linear per part.
 
-Phi-3's `qkv_proj` is sliced on its last dim, GPT-2's `c_attn` is `split` into q/k/v. Each part is
+Phi-3's `qkv_proj` is sliced on its last dim, GPT-2's `c_attn` is `split` into q/k/v, Falcon's
+multi-query `query_key_value` is viewed as heads and sliced by heads. Each part is
 split over the ranks on its own (q by query heads, k/v by KV heads), so before sharding such a
 linear becomes one linear per part, each with a parameter that is a row range of the checkpoint
 tensor (a `ShardSlice` with `key`); the fusion stage fuses the local parts again afterwards.
@@ -25,6 +26,24 @@ aten = torch.ops.aten
 
 def _dim_arg(node: Node) -> int:
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+
+
+def _head_parts(linear: Node) -> tuple[Node, list[tuple[int, int, list[Node]]]] | None:
+    """Falcon's multi-query layout: the fused output viewed as [..., heads, head_dim], then sliced by
+    heads (q, k, v). Returns the view and [(start, stop, slices)] in features (heads x head_dim)."""
+    (view,) = linear.users
+    out, fused = shape(view), shape(linear)
+    if (not is_op(view, aten.view) or out is None or len(out) != len(fused) + 1
+            or str(out[:-2]) != str(fused[:-1]) or not all(isinstance(n, int) for n in out[-2:])
+            or out[-2] * out[-1] != fused[-1]):
+        return None
+    heads, head_dim, parts = out[-2], out[-1], []
+    for user in view.users:
+        if not (is_op(user, aten.slice) and user.args[1] % len(out) == len(out) - 2 and len(user.args) == 4):
+            return None
+        start, stop = user.args[2] % heads, min(user.args[3], heads) if user.args[3] >= 0 else user.args[3] % heads
+        parts.append((start * head_dim, stop * head_dim, [user]))
+    return (view, parts) if len(parts) > 1 else None
 
 
 def _parts(linear: Node) -> list[tuple[int, int, list[Node]]] | None:
@@ -68,7 +87,11 @@ def split_fused_linears(gm: GraphModule, slices: dict) -> int:
     count = 0
     for linear in [n for n in gm.graph.nodes if is_op(n, torch.ops.autodeploy.linear)]:
         found = weight_param(linear.args[1])
-        parts = _parts(linear) if found is not None and shape(linear) is not None else None
+        if found is None or shape(linear) is None:
+            continue
+        view, parts = None, _parts(linear)
+        if parts is None and len(linear.users) == 1:
+            view, parts = _head_parts(linear) or (None, None)
         if parts is None:
             continue
         weight, transposed = found
@@ -81,6 +104,11 @@ def split_fused_linears(gm: GraphModule, slices: dict) -> int:
                     w = insert_call(gm.graph, aten.t.default, (w,))
                 b = _part_param(gm, bias, 0, start, stop, slices) if bias is not None else None
                 part = insert_call(gm.graph, torch.ops.autodeploy.linear.default, (linear.args[0], w, b))
+            if view is not None:  # each part viewed as its own heads
+                sizes = list(view.args[1])
+                sizes[-2] = (stop - start) // sizes[-1]
+                with gm.graph.inserting_before(view):
+                    part = insert_call(gm.graph, aten.view.default, (part, sizes))
             for reader in readers:
                 reader.replace_all_uses_with(part)
         for node in list(linear.users):
