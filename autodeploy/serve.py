@@ -40,7 +40,7 @@ from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, Complet
                                json_schema_of, message_dicts, unsupported_fields)
 from .serving.responses import chat_logprobs, completion_logprobs, cumulative_logprob, finish_reason, usage
 from .serving.streams import collect, merged
-from .serving.tool_calls import parse_tool_calls
+from .serving.tool_calls import forced_tool_choice, new_call_id, parse_tool_calls
 
 log = logging.getLogger("autodeploy.serve")
 
@@ -336,27 +336,39 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         check_common(req, req.n)
-        if req.tool_choice not in (None, "auto", "none"):
-            raise ApiError(400, "tool_choice: only 'auto' and 'none' (forcing a call needs constrained decoding)",
-                           "tool_choice")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        forced = forced_tool_choice(tools, req.tool_choice)
+        schema = json_schema_of(req.response_format)
+        if forced is not None and schema is not None:
+            raise ApiError(400, "response_format cannot be combined with a tool_choice that forces a call (both "
+                                "constrain the reply)", "response_format")
         messages = message_dicts(req.messages)
         if sum(len(m["content"]) for m in messages) > max_prompt_chars:
             raise ApiError(400, f"the messages have more than {max_prompt_chars} characters", "messages")
-        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
         ids = check_ids(await off_loop(template, messages, tools), "the conversation")
         k = (req.top_logprobs or 0) if req.logprobs else None
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling(req, limit, len(ids), k, json_schema_of(req.response_format))
+        params = sampling(req, limit, len(ids), k, forced.schema if forced is not None else schema)
         streams = launch(request, [ids], params, req.n)
+        named = forced is not None and forced.name is not None  # its reply is the arguments: streamed as they come
+        call_ids = [new_call_id() for _ in streams]  # a named call's id, sent before its arguments when streamed
 
-        def reply(out: RequestOutput) -> tuple[dict, str | None]:
-            content, calls = parse_tool_calls(out.text) if tools else (out.text, [])
+        def reply(index: int, out: RequestOutput) -> tuple[dict, str | None]:
+            if forced is not None:
+                calls = forced.calls(out.text)
+                content = None if calls else out.text
+                if named:
+                    calls = [{**c, "id": call_ids[index]} for c in calls]
+            else:
+                content, calls = parse_tool_calls(out.text) if tools else (out.text, [])
             message = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls
-            return message, ("tool_calls" if calls else finish_reason(out))
+            # OpenAI's reasons: "tool_calls" when the model chose to call, "stop" when the call was forced by name
+            called = calls and not named and out.finish_reason != "length"
+            return message, ("tool_calls" if called else finish_reason(out))
 
         def logprobs_of(out: RequestOutput, new_ids: list[int]) -> dict | None:
             if k is None:
@@ -370,18 +382,25 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 payloads = []
                 if index not in started_choices:
                     started_choices.add(index)
-                    payloads.append({"index": index, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None})
-                if tools:  # tool calls are parsed from the whole reply: it comes in one piece at the end
+                    delta = {"role": "assistant", "content": None if named else ""}
+                    if named:
+                        delta["tool_calls"] = [{"index": 0, "id": call_ids[index], "type": "function",
+                                                "function": {"name": forced.name, "arguments": ""}}]
+                    payloads.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                if tools and not named:  # calls are parsed from the whole reply: it comes in one piece at the end
                     if out.finished:
-                        message, reason = reply(out)
+                        message, reason = reply(index, out)
                         delta = {"content": message["content"]}
                         if "tool_calls" in message:
                             delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
                         payloads.append({"index": index, "delta": delta, "logprobs": logprobs_of(out, out.token_ids),
                                          "finish_reason": reason})
                 elif out.delta_text or out.finished:
-                    payloads.append({"index": index, "delta": {"content": out.delta_text} if out.delta_text else {},
+                    delta = {}
+                    if out.delta_text:
+                        delta = ({"tool_calls": [{"index": 0, "function": {"arguments": out.delta_text}}]} if named
+                                 else {"content": out.delta_text})
+                    payloads.append({"index": index, "delta": delta,
                                      "logprobs": logprobs_of(out, out.delta_token_ids),
                                      "finish_reason": finish_reason(out)})
                 return payloads
@@ -394,7 +413,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 raise error
         choices = []
         for i, out in enumerate(outs):
-            message, reason = reply(out)
+            message, reason = reply(i, out)
             choices.append({"index": i, "message": message, "logprobs": logprobs_of(out, out.token_ids),
                             "finish_reason": reason})
         return {**header("chat.completion"), "choices": choices, "usage": usage(len(ids), outs)}

@@ -154,6 +154,51 @@ def test_tools_accepted_streamed_or_not(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string", "maxLength": 10}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}  # no parameters
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_choice_named_forces_that_call_streamed_or_not(client):
+    """The reply is constrained to the named tool's argument schema and comes back as its call
+    (finish_reason "stop", as OpenAI answers a call forced by name); streamed, the arguments arrive
+    as tool_call deltas after a first one that names the function."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    got = client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=30, temperature=0,
+                                         tools=[CLOCK, WEATHER], tool_choice=forced)
+    choice = got.choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "stop" and choice.message.content is None and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    chunks = list(client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=30, temperature=0,
+                                                 tools=[CLOCK, WEATHER], tool_choice=forced, stream=True))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id and len(deltas) > 2
+    assert {d.index for d in deltas} == {0} and all(not c.choices[0].delta.content for c in chunks)
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_tool_choice_required_calls_one_of_the_tools(client):
+    """"required": a JSON array of calls, each of a given tool with its schema's arguments."""
+    for stream in (False, True):
+        got = client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=55, temperature=0,
+                                             tools=[WEATHER, CLOCK], tool_choice="required", stream=stream)
+        if stream:
+            chunks = list(got)
+            calls = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            calls, reason = got.choices[0].message.tool_calls, got.choices[0].finish_reason
+        assert reason == "tool_calls" and calls
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            assert (call.function.name, set(arguments)) in [("get_weather", {"city"}), ("get_time", set())]
+
+
 def test_response_format_json_schema_and_json_object(client):
     schema = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]},
                                                "sure": {"type": "boolean"}},
@@ -203,6 +248,12 @@ def test_response_format_json_schema_and_json_object(client):
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "json_schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "no tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
+        "name": "get_time"}}}, 400, "not among the tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": "always"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ])
 def test_errors_in_openai_shape(server, path, body, status, says):
