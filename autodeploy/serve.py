@@ -15,6 +15,7 @@ requests. A client that disconnects aborts its requests, streaming or not.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -82,10 +83,18 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # A full garbage collection walks every object alive, and a loaded model has many (544k for
+        # SmolLM2): 1.4-1.7 s on a CPU, holding the interpreter, so /health and every stream stalled
+        # that long whenever one ran. Frozen, they are skipped; collections see what serving allocates.
+        gc.collect()
+        gc.freeze()
         engine_loop.start()
+        watch = asyncio.create_task(metrics.watch_event_loop())
         yield
+        watch.cancel()
         engine_loop.stop()
         workers.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()
 
     app = FastAPI(title="autodeploy", description="OpenAI-compatible completions over an autodeploy LLM",
                   lifespan=lifespan, default_response_class=AsciiJSONResponse)
