@@ -35,10 +35,11 @@ from .llm import LLM, as_prompt_list, chat_prompt_ids
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SEED_MAX, SamplingParams
 from .serving.engine_loop import ERROR_STATUS, EngineLoop
+from .serving.fim import fim_prompt, fim_tokens
 from .serving.gate import Gate
 from .serving.metrics import ServerMetrics
 from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, CompletionRequest, Message, error_response,
-                               json_schema_of, message_dicts, unsupported_fields)
+                               json_schema_of, message_dicts)
 from .serving.responses import chat_logprobs, completion_logprobs, cumulative_logprob, finish_reason, usage
 from .serving.streams import collect, merged
 from .serving.tool_calls import forced_tool_choice, new_call_id, parse_tool_calls
@@ -76,6 +77,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     engine, tokenizer = llm.engine, llm.tokenizer
     vocab_size = engine.vocab_size
     max_prompt_chars = options.max_prompt_chars or 16 * engine.max_seq_len
+    fim = fim_tokens(tokenizer)
     engine_loop = EngineLoop(engine)
     workers = ThreadPoolExecutor(1, thread_name_prefix="autodeploy-tokenize")  # one: tokenizers are not reentrant
     metrics = ServerMetrics(engine, lambda: len(engine.scheduler.waiting))
@@ -128,9 +130,6 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     def check_common(req, choices: int) -> None:
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model '{req.model}' does not exist (this server has '{model_name}')", "model")
-        unsupported = unsupported_fields(req)
-        if unsupported:
-            raise ApiError(400, f"not supported by this server: {', '.join(unsupported)}", unsupported[0])
         if not 1 <= req.n <= options.max_choices:
             raise ApiError(400, f"n must be in [1, {options.max_choices}], got {req.n}", "n")
         waiting = engine_loop.live + choices - engine.scheduler.max_batch_size
@@ -297,7 +296,13 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
             raise ApiError(400, "best_of > n cannot stream (the best choices are known only at the end)", "best_of")
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
-        ids = [await prompt_ids(p) for p in prompts]
+        if req.suffix:
+            if fim is None:
+                raise ApiError(400, f"suffix needs a model trained for fill-in-the-middle; the tokenizer of "
+                                    f"{model_name} has no such tokens", "suffix")
+            if not all(isinstance(p, str) for p in prompts):
+                raise ApiError(400, "suffix needs text prompts, not token ids", "suffix")
+        ids = [await prompt_ids(fim_prompt(fim, p, req.suffix) if req.suffix else p) for p in prompts]
         params = sampling(req, req.max_tokens, max(map(len, ids)),
                           req.logprobs if req.logprobs is not None or best_of == req.n else 0)
         echoes = [await echo_of(p) for p in prompts] if req.echo else [""] * len(prompts)

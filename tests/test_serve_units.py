@@ -1,5 +1,5 @@
 """The serving pieces that need no model: SamplingParams' checks, the LLM keyword map, tool-call
-parsing and forcing, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
+parsing and forcing, fill-in-the-middle prompts, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
 
 import contextlib
 import json
@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 
 from autodeploy.llm_keywords import translate, valid_keywords
 from autodeploy.runtime.sampling_params import SamplingParams
+from autodeploy.serving.fim import FIM_SPELLINGS, fim_prompt, fim_tokens
 from autodeploy.serving.gate import Gate
 from autodeploy.serving.protocol import ApiError
 from autodeploy.serving.tool_calls import forced_tool_choice, parse_tool_calls
@@ -105,6 +106,21 @@ def test_forced_tool_choice_refusals(tools, choice, says):
     with pytest.raises(ApiError, match=says) as refused:
         forced_tool_choice(tools, choice)
     assert refused.value.status == 400 and "\n" not in refused.value.message
+
+
+def test_fim_tokens_found_and_the_prompt_laid_out(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    assert fim_tokens(tokenizer) is None and fim_tokens(None) is None  # SmolLM2 has none: suffix is refused
+    tokenizer.add_special_tokens({"additional_special_tokens": list(FIM_SPELLINGS[1])})
+    spelling = fim_tokens(tokenizer)
+    assert spelling == FIM_SPELLINGS[1]
+    ids = tokenizer(fim_prompt(spelling, "def f(x):", "    return y"))["input_ids"]
+    prefix, suffix, middle = tokenizer.convert_tokens_to_ids(list(spelling))
+    assert ids[0] == prefix and ids[-1] == middle and ids.count(suffix) == 1
+    assert tokenizer.decode(ids[1:ids.index(suffix)]) == "def f(x):"
+    assert tokenizer.decode(ids[ids.index(suffix) + 1:-1]) == "    return y"
 
 
 @pytest.fixture
