@@ -78,6 +78,23 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid` so far (Linux /proc)."""
+    ticks, cpu = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
+
+
+def server_cpu_split(pid: int, before: dict[int, float]) -> dict[str, float]:
+    """CPU seconds since `before`: the main thread (uvicorn's event loop: HTTP, JSON, SSE) apart
+    from the others (the engine thread, tokenization)."""
+    spent = {tid: s - before.get(tid, 0.0) for tid, s in thread_cpu_s(pid).items()}
+    return {"event_loop_thread": spent.pop(pid, 0.0), "other_threads": sum(spent.values())}
+
+
 def clients_in_a_process(url: str, requests: list[ClientRequest], concurrency: int,
                          duration_s: float | None) -> tuple[list[ClientResult | None], float]:
     """run_clients in a child process (this script with --clients-only), so the clients' own work
@@ -218,8 +235,11 @@ def main() -> int:
         if not args.skip_load:
             report["load"] = load_run(url, args, prompts, solo)
         if not args.skip_throughput:
+            cpu_before = thread_cpu_s(proc.pid) if proc is not None else None
             results, wall = clients_in_a_process(url, throughput_requests(args, prompts), args.clients, None)
             report["served"] = summarize(results, wall)
+            if cpu_before is not None:
+                report["served"]["server_cpu_s"] = server_cpu_split(proc.pid, cpu_before)
     finally:
         if proc is not None:
             stop_server(proc)

@@ -3,6 +3,7 @@ by the official `openai` client and raw httpx: temperature-0 text equal to `LLM.
 equal to the whole answer, the OpenAI surface, errors in OpenAI's shape, /health under load, aborts
 of clients that leave, the drain on shutdown and the bound on waiting requests."""
 
+import gc
 import json
 import math
 import threading
@@ -75,6 +76,17 @@ def test_health_models_version(server, client):
     ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 96
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == PROMPT
+
+
+def test_metrics_and_the_startup_heap_frozen(server, client):
+    """/metrics counts and times requests and watches the event loop; the objects alive at startup
+    (the model's) are frozen out of garbage collection, which walked them in 1.4 s, stalling all."""
+    client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0)
+    time.sleep(0.3)
+    assert _metric(server.url, 'autodeploy_requests_total{endpoint="/v1/completions",status="200"}') >= 1
+    assert _metric(server.url, "autodeploy_time_to_first_token_seconds_count") >= 1
+    assert _metric(server.url, "autodeploy_event_loop_lag_seconds_count") >= 1
+    assert gc.get_freeze_count() > 100_000
 
 
 def test_completion_equals_generate_streamed_or_not(client, refs):
