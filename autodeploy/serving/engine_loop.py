@@ -5,9 +5,9 @@ event loop it stalls /health, every stream and every new connection. Here one th
 engine: it takes commands (add, abort) from a thread-safe inbox, steps while any request is live,
 and hands a step's outputs to their requests' asyncio queues with one `call_soon_threadsafe`. One,
 not one per request: each call writes the loop's wake-up pipe, a system call that lets the event
-loop take the interpreter, which the engine thread then waits to get back (up to the 5 ms switch
-interval), 32 times a step with 32 streams. A step that raises ends the requests it had in flight
-with an error; the thread and the server go on.
+loop take the interpreter from the engine thread (measured with 32 streams on a 16 ms step of small
+ops, a GPU decode step's shape: 1.6 ms a step saved). A step that raises ends the requests it had
+in flight with an error; the thread and the server go on.
 """
 
 from __future__ import annotations
