@@ -208,7 +208,8 @@ def offline_tok_s(args, requests: list[ClientRequest]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    p.add_argument("--url", default=None, help="drive this running server instead of starting one")
+    p.add_argument("--url", default=None, help="drive this running server instead of starting one (LLM.generate, for the ratio, "
+                                                 "still runs here with this script's engine settings)")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
     p.add_argument("--duration", type=float, default=120, help="seconds of the load run (default 120)")
     p.add_argument("--leave-fraction", type=float, default=1 / 3, help="clients leaving mid-stream (default 1/3)")
