@@ -15,6 +15,7 @@ requests. A client that disconnects aborts its requests, streaming or not.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -34,13 +35,14 @@ from .llm import LLM, as_prompt_list, chat_prompt_ids
 from .runtime.outputs import RequestOutput
 from .runtime.sampling_params import SEED_MAX, SamplingParams
 from .serving.engine_loop import ERROR_STATUS, EngineLoop
+from .serving.fim import fim_prompt, fim_tokens
 from .serving.gate import Gate
 from .serving.metrics import ServerMetrics
 from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, CompletionRequest, Message, error_response,
-                               json_schema_of, message_dicts, unsupported_fields)
+                               json_schema_of, message_dicts)
 from .serving.responses import chat_logprobs, completion_logprobs, cumulative_logprob, finish_reason, usage
 from .serving.streams import collect, merged
-from .serving.tool_calls import parse_tool_calls
+from .serving.tool_calls import forced_tool_choice, new_call_id, parse_tool_calls
 
 log = logging.getLogger("autodeploy.serve")
 
@@ -75,6 +77,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     engine, tokenizer = llm.engine, llm.tokenizer
     vocab_size = engine.vocab_size
     max_prompt_chars = options.max_prompt_chars or 16 * engine.max_seq_len
+    fim = fim_tokens(tokenizer)
     engine_loop = EngineLoop(engine)
     workers = ThreadPoolExecutor(1, thread_name_prefix="autodeploy-tokenize")  # one: tokenizers are not reentrant
     metrics = ServerMetrics(engine, lambda: len(engine.scheduler.waiting))
@@ -82,10 +85,18 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # A full garbage collection walks every object alive, and a loaded model has many (544k for
+        # SmolLM2): 1.4-1.7 s on a CPU, holding the interpreter, so /health and every stream stalled
+        # that long whenever one ran. Frozen, they are skipped; collections see what serving allocates.
+        gc.collect()
+        gc.freeze()
         engine_loop.start()
+        watch = asyncio.create_task(metrics.watch_event_loop())
         yield
+        watch.cancel()
         engine_loop.stop()
         workers.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()
 
     app = FastAPI(title="autodeploy", description="OpenAI-compatible completions over an autodeploy LLM",
                   lifespan=lifespan, default_response_class=AsciiJSONResponse)
@@ -119,9 +130,6 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     def check_common(req, choices: int) -> None:
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model '{req.model}' does not exist (this server has '{model_name}')", "model")
-        unsupported = unsupported_fields(req)
-        if unsupported:
-            raise ApiError(400, f"not supported by this server: {', '.join(unsupported)}", unsupported[0])
         if not 1 <= req.n <= options.max_choices:
             raise ApiError(400, f"n must be in [1, {options.max_choices}], got {req.n}", "n")
         waiting = engine_loop.live + choices - engine.scheduler.max_batch_size
@@ -288,7 +296,13 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
             raise ApiError(400, "best_of > n cannot stream (the best choices are known only at the end)", "best_of")
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs is not supported (no prompt logprobs)", "echo")
-        ids = [await prompt_ids(p) for p in prompts]
+        if req.suffix:
+            if fim is None:
+                raise ApiError(400, f"suffix needs a model trained for fill-in-the-middle; the tokenizer of "
+                                    f"{model_name} has no such tokens", "suffix")
+            if not all(isinstance(p, str) for p in prompts):
+                raise ApiError(400, "suffix needs text prompts, not token ids", "suffix")
+        ids = [await prompt_ids(fim_prompt(fim, p, req.suffix) if req.suffix else p) for p in prompts]
         params = sampling(req, req.max_tokens, max(map(len, ids)),
                           req.logprobs if req.logprobs is not None or best_of == req.n else 0)
         echoes = [await echo_of(p) for p in prompts] if req.echo else [""] * len(prompts)
@@ -336,27 +350,39 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         check_common(req, req.n)
-        if req.tool_choice not in (None, "auto", "none"):
-            raise ApiError(400, "tool_choice: only 'auto' and 'none' (forcing a call needs constrained decoding)",
-                           "tool_choice")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        forced = forced_tool_choice(tools, req.tool_choice)
+        schema = json_schema_of(req.response_format)
+        if forced is not None and schema is not None:
+            raise ApiError(400, "response_format cannot be combined with a tool_choice that forces a call (both "
+                                "constrain the reply)", "response_format")
         messages = message_dicts(req.messages)
         if sum(len(m["content"]) for m in messages) > max_prompt_chars:
             raise ApiError(400, f"the messages have more than {max_prompt_chars} characters", "messages")
-        tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
         ids = check_ids(await off_loop(template, messages, tools), "the conversation")
         k = (req.top_logprobs or 0) if req.logprobs else None
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling(req, limit, len(ids), k, json_schema_of(req.response_format))
+        params = sampling(req, limit, len(ids), k, forced.schema if forced is not None else schema)
         streams = launch(request, [ids], params, req.n)
+        named = forced is not None and forced.name is not None  # its reply is the arguments: streamed as they come
+        call_ids = [new_call_id() for _ in streams]  # a named call's id, sent before its arguments when streamed
 
-        def reply(out: RequestOutput) -> tuple[dict, str | None]:
-            content, calls = parse_tool_calls(out.text) if tools else (out.text, [])
+        def reply(index: int, out: RequestOutput) -> tuple[dict, str | None]:
+            if forced is not None:
+                calls = forced.calls(out.text)
+                content = None if calls else out.text
+                if named:
+                    calls = [{**c, "id": call_ids[index]} for c in calls]
+            else:
+                content, calls = parse_tool_calls(out.text) if tools else (out.text, [])
             message = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = calls
-            return message, ("tool_calls" if calls else finish_reason(out))
+            # OpenAI's reasons: "tool_calls" when the model chose to call, "stop" when the call was forced by name
+            called = calls and not named and out.finish_reason != "length"
+            return message, ("tool_calls" if called else finish_reason(out))
 
         def logprobs_of(out: RequestOutput, new_ids: list[int]) -> dict | None:
             if k is None:
@@ -370,18 +396,25 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 payloads = []
                 if index not in started_choices:
                     started_choices.add(index)
-                    payloads.append({"index": index, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None})
-                if tools:  # tool calls are parsed from the whole reply: it comes in one piece at the end
+                    delta = {"role": "assistant", "content": None if named else ""}
+                    if named:
+                        delta["tool_calls"] = [{"index": 0, "id": call_ids[index], "type": "function",
+                                                "function": {"name": forced.name, "arguments": ""}}]
+                    payloads.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                if tools and not named:  # calls are parsed from the whole reply: it comes in one piece at the end
                     if out.finished:
-                        message, reason = reply(out)
+                        message, reason = reply(index, out)
                         delta = {"content": message["content"]}
                         if "tool_calls" in message:
                             delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
                         payloads.append({"index": index, "delta": delta, "logprobs": logprobs_of(out, out.token_ids),
                                          "finish_reason": reason})
                 elif out.delta_text or out.finished:
-                    payloads.append({"index": index, "delta": {"content": out.delta_text} if out.delta_text else {},
+                    delta = {}
+                    if out.delta_text:
+                        delta = ({"tool_calls": [{"index": 0, "function": {"arguments": out.delta_text}}]} if named
+                                 else {"content": out.delta_text})
+                    payloads.append({"index": index, "delta": delta,
                                      "logprobs": logprobs_of(out, out.delta_token_ids),
                                      "finish_reason": finish_reason(out)})
                 return payloads
@@ -394,7 +427,7 @@ def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -
                 raise error
         choices = []
         for i, out in enumerate(outs):
-            message, reason = reply(out)
+            message, reason = reply(i, out)
             choices.append({"index": i, "message": message, "logprobs": logprobs_of(out, out.token_ids),
                             "finish_reason": reason})
         return {**header("chat.completion"), "choices": choices, "usage": usage(len(ids), outs)}

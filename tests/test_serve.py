@@ -3,6 +3,7 @@ by the official `openai` client and raw httpx: temperature-0 text equal to `LLM.
 equal to the whole answer, the OpenAI surface, errors in OpenAI's shape, /health under load, aborts
 of clients that leave, the drain on shutdown and the bound on waiting requests."""
 
+import gc
 import json
 import math
 import threading
@@ -75,6 +76,17 @@ def test_health_models_version(server, client):
     ids = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == 96
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == PROMPT
+
+
+def test_metrics_and_the_startup_heap_frozen(server, client):
+    """/metrics counts and times requests and watches the event loop; the objects alive at startup
+    (the model's) are frozen out of garbage collection, which walked them in 1.4 s, stalling all."""
+    client.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0)
+    time.sleep(0.3)
+    assert _metric(server.url, 'autodeploy_requests_total{endpoint="/v1/completions",status="200"}') >= 1
+    assert _metric(server.url, "autodeploy_time_to_first_token_seconds_count") >= 1
+    assert _metric(server.url, "autodeploy_event_loop_lag_seconds_count") >= 1
+    assert gc.get_freeze_count() > 100_000
 
 
 def test_completion_equals_generate_streamed_or_not(client, refs):
@@ -154,6 +166,51 @@ def test_tools_accepted_streamed_or_not(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string", "maxLength": 10}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}  # no parameters
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_choice_named_forces_that_call_streamed_or_not(client):
+    """The reply is constrained to the named tool's argument schema and comes back as its call
+    (finish_reason "stop", as OpenAI answers a call forced by name); streamed, the arguments arrive
+    as tool_call deltas after a first one that names the function."""
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    got = client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=30, temperature=0,
+                                         tools=[CLOCK, WEATHER], tool_choice=forced)
+    choice = got.choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "stop" and choice.message.content is None and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    chunks = list(client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=30, temperature=0,
+                                                 tools=[CLOCK, WEATHER], tool_choice=forced, stream=True))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id and len(deltas) > 2
+    assert {d.index for d in deltas} == {0} and all(not c.choices[0].delta.content for c in chunks)
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_tool_choice_required_calls_one_of_the_tools(client):
+    """"required": a JSON array of calls, each of a given tool with its schema's arguments."""
+    for stream in (False, True):
+        got = client.chat.completions.create(model=NAME, messages=WEATHER_CHAT, max_tokens=55, temperature=0,
+                                             tools=[WEATHER, CLOCK], tool_choice="required", stream=stream)
+        if stream:
+            chunks = list(got)
+            calls = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            calls, reason = got.choices[0].message.tool_calls, got.choices[0].finish_reason
+        assert reason == "tool_calls" and calls
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            assert (call.function.name, set(arguments)) in [("get_weather", {"city"}), ("get_time", set())]
+
+
 def test_response_format_json_schema_and_json_object(client):
     schema = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]},
                                                "sure": {"type": "boolean"}},
@@ -186,7 +243,7 @@ def test_response_format_json_schema_and_json_object(client):
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "invalid literal"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 1}}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
-    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400, "fill-in-the-middle"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a"] * 17}, 400, "stop"),
     ("/v1/completions", {"prompt": [5, 49152]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": [-1]}, 400, "vocabulary"),
@@ -203,13 +260,19 @@ def test_response_format_json_schema_and_json_object(client):
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "json_schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "no tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {
+        "name": "get_time"}}}, 400, "not among the tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": "always"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ])
 def test_errors_in_openai_shape(server, path, body, status, says):
     response = httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert says in error["message"] and error["code"] == status and error["type"]
+    assert says in error["message"] and error["code"] == status and error["type"] and "\n" not in error["message"]
 
 
 def test_other_statuses_in_openai_shape(server):

@@ -1,5 +1,5 @@
 """The serving pieces that need no model: SamplingParams' checks, the LLM keyword map, tool-call
-parsing, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
+parsing and forcing, fill-in-the-middle prompts, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
 
 import contextlib
 import json
@@ -11,8 +11,10 @@ from fastapi import FastAPI, Request
 
 from autodeploy.llm_keywords import translate, valid_keywords
 from autodeploy.runtime.sampling_params import SamplingParams
+from autodeploy.serving.fim import FIM_SPELLINGS, fim_prompt, fim_tokens
 from autodeploy.serving.gate import Gate
-from autodeploy.serving.tool_calls import parse_tool_calls
+from autodeploy.serving.protocol import ApiError
+from autodeploy.serving.tool_calls import forced_tool_choice, parse_tool_calls
 
 
 @pytest.mark.parametrize("field, value, says", [
@@ -68,6 +70,57 @@ def test_llama3_json_tool_calls_and_plain_text():
     assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
     for text in ["Paris is the capital.", '{"not": "a call"}', "<tool_call>{broken</tool_call>", "{"]:
         assert parse_tool_calls(text) == (text, [])
+
+
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}},
+           {"type": "function", "function": {"name": "get_time"}}]
+
+
+def test_forced_tool_choice_schemas_and_calls():
+    assert forced_tool_choice(_TOOLS, "auto") is None and forced_tool_choice(None, None) is None
+    named = forced_tool_choice(_TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    assert named.schema == _TOOLS[0]["function"]["parameters"]
+    [call] = named.calls('{"city": "Paris"}')
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert named.calls('{"city": "Pa') == []  # cut off by max_tokens: no call
+    clock = forced_tool_choice(_TOOLS, {"type": "function", "function": {"name": "get_time"}})
+    assert clock.schema["properties"] == {} and clock.calls("{}")[0]["function"]["arguments"] == "{}"
+    required = forced_tool_choice(_TOOLS, "required")
+    assert required.schema["minItems"] == 1 and [a["properties"]["name"] for a in required.schema["items"]["anyOf"]] \
+        == [{"const": "get_weather"}, {"const": "get_time"}]
+    calls = required.calls('[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "x"}}]')
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_time", {}), ("get_weather", {"city": "x"})]
+    assert required.calls("[]") == [] and required.calls('[{"name": "get_time"') == []
+
+
+@pytest.mark.parametrize("tools, choice, says", [
+    (None, "required", "no tools"), ([], {"type": "function", "function": {"name": "a"}}, "no tools"),
+    (_TOOLS, {"type": "function", "function": {"name": "nope"}}, "not among"), (_TOOLS, "always", "tool_choice must"),
+    (_TOOLS, {"type": "function"}, "tool_choice must"), (_TOOLS, {"function": {"name": "get_time"}}, "tool_choice must"),
+    ([{"type": "function", "function": {"name": ["x"]}}], "required", "needs a name"),
+    ([{"type": "function", "function": {"name": "a", "parameters": 3}}], "required", "JSON Schema object"),
+])
+def test_forced_tool_choice_refusals(tools, choice, says):
+    with pytest.raises(ApiError, match=says) as refused:
+        forced_tool_choice(tools, choice)
+    assert refused.value.status == 400 and "\n" not in refused.value.message
+
+
+def test_fim_tokens_found_and_the_prompt_laid_out(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    assert fim_tokens(tokenizer) is None and fim_tokens(None) is None  # SmolLM2 has none: suffix is refused
+    tokenizer.add_special_tokens({"additional_special_tokens": list(FIM_SPELLINGS[1])})
+    spelling = fim_tokens(tokenizer)
+    assert spelling == FIM_SPELLINGS[1]
+    ids = tokenizer(fim_prompt(spelling, "def f(x):", "    return y"))["input_ids"]
+    prefix, suffix, middle = tokenizer.convert_tokens_to_ids(list(spelling))
+    assert ids[0] == prefix and ids[-1] == middle and ids.count(suffix) == 1
+    assert tokenizer.decode(ids[1:ids.index(suffix)]) == "def f(x):"
+    assert tokenizer.decode(ids[ids.index(suffix) + 1:-1]) == "    return y"
 
 
 @pytest.fixture

@@ -2,11 +2,14 @@
 
 Requests by endpoint and status; time to first token, inter-token latency and end-to-end latency as
 histograms; running and waiting requests and KV-cache blocks in use, read from the engine when
-scraped (a read of a few Python ints: racing the engine thread costs at most a stale value).
+scraped (a read of a few Python ints: racing the engine thread costs at most a stale value); and the
+event loop's lag (how late it runs a 100 ms timer), because a stalled loop delays every request at
+once, /health included: that is how a 1.4 s garbage collection over the model's objects was found.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +32,8 @@ class ServerMetrics:
         self.e2e = Histogram("autodeploy_e2e_request_latency_seconds", "request latency, first byte in to last out",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("autodeploy_generation_tokens", "tokens generated", registry=r)
+        self.loop_lag = Histogram("autodeploy_event_loop_lag_seconds", "how late the server's event loop runs a timer",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
         Gauge("autodeploy_requests_running", "requests holding KV cache", registry=r).set_function(
             lambda: len(engine.scheduler.running))
         Gauge("autodeploy_requests_waiting", "requests admitted but not yet running", registry=r).set_function(
@@ -39,6 +44,13 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def watch_event_loop(self, period_s: float = 0.1) -> None:
+        """Observe the loop's lag every `period_s`, until cancelled."""
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(period_s)
+            self.loop_lag.observe(time.perf_counter() - start - period_s)
 
 
 class RequestTimer:

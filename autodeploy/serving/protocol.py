@@ -2,8 +2,8 @@
 
 Pydantic checks types at the door (an unparsable value is a 400 naming the field); ranges and
 finiteness are SamplingParams' job, so the Python API and the server refuse the same values.
-A field OpenAI has that this server does not implement is refused when set (400 naming it), never
-accepted and ignored.
+A field this server cannot honour (a suffix for a model without fill-in-the-middle tokens) is refused
+when set (400 naming it), never accepted and ignored.
 """
 
 from __future__ import annotations
@@ -120,14 +120,6 @@ class ChatRequest(_Request):
     response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
-
-
-def unsupported_fields(req: _Request) -> list[str]:
-    """Fields set to something this server would otherwise have to ignore."""
-    names = []
-    if isinstance(req, CompletionRequest) and req.suffix:
-        names.append("suffix")
-    return names
 
 
 def json_schema_of(response_format: dict[str, Any] | None) -> dict | bool | None:
