@@ -24,7 +24,7 @@ from autodeploy.kernels.quant_format import FP8_DTYPE, FP8_MAX, check_bits, grou
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # symmetric: 1.0 .. 0.5 of the group's range
 FIT_STEPS = 5  # asymmetric: alternating least-squares steps (the error settles within a few)
 FP8_FACTORS = tuple(1.0 + i / 16 for i in range(16))  # fp8: one octave of per-row scale factors
-_CHUNK_ELEMENTS = 1 << 22  # rows per chunk: about 16 MiB of float32 per temporary
+_CHUNK_ELEMENTS = 1 << 18  # rows per chunk: about 1 MiB of float32 per temporary
 _MIN_SCALE = 1e-12
 
 
