@@ -1,51 +1,134 @@
-"""Calibration-free INT4/INT8 scales: per group, the clipping ratio that minimises the weight's squared error.
+"""Calibration-free scale search: weight scales (and zero points) fitted to the weight, no data needed.
 
-Round-to-nearest maps each group's extreme weights exactly and spends the few codes of 4 bits on a
-range one outlier may stretch; clipping the range a little (scale from `ratio * amax`) rounds the bulk
-of the group more finely at the cost of the clipped outliers. Trying a grid of ratios per group and
-keeping the one with the least squared error needs no data (unlike GPTQ/AWQ calibration) and costs a
-few passes over the weight while it loads. Output: quantize_int's layout (kernels/quant_format.py).
+Round-to-nearest takes a group's range from its extremes; that is rarely the grid that represents
+the group best. Each search here starts from round-to-nearest and only keeps what lowers the
+weight's squared error, so it is never worse than RTN on that measure, and costs a few passes over
+one tensor while it loads (unlike GPTQ/AWQ, which need calibration activations):
+- INT, asymmetric (the default for int4 / int8): alternating least squares. With the codes fixed,
+  the best (scale, offset) of a group is a linear fit of the weights on the codes; with those fixed,
+  the best codes are round-to-nearest. Each step lowers the error. The zero point stays fractional
+  (the int ops read zeros in code units as floats), which the fit needs.
+- INT, symmetric: per group the clipping ratio of the range (1.0 .. 0.5) with the least error.
+- FP8 (per output channel): e4m3 is a float grid, so scaling a row by a factor inside one octave
+  moves every value against the grid; per row the factor of `FP8_FACTORS` with the least error.
+Rows are processed in chunks, so the temporaries stay a fraction of one tensor (the memory bound
+of online quantization). Output layouts: quantize_int's and quantize_fp8's (kernels/quant_format.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from autodeploy.kernels.quant_format import check_bits, groups_of, pack_int
+from autodeploy.kernels.quant_format import FP8_DTYPE, FP8_MAX, check_bits, groups_of, pack_int
 
-DEFAULT_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # symmetric: 1.0 .. 0.5 of the group's range
+FIT_STEPS = 5  # asymmetric: alternating least-squares steps (the error settles within a few)
+FP8_FACTORS = tuple(1.0 + i / 16 for i in range(16))  # fp8: one octave of per-row scale factors
+_CHUNK_ELEMENTS = 1 << 18  # rows per chunk: about 1 MiB of float32 per temporary
+_MIN_SCALE = 1e-12
 
 
-def _range(wg: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor):
-    """(scale, zero) per group [N, G] for the range clipped to `ratio` of the group's extremes."""
+def _row_chunks(n: int, k: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // k)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int) -> torch.Tensor:
+    return (wg / scale[..., None] + zero[..., None]).round_().clamp_(0, top)
+
+
+def _error(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int) -> torch.Tensor:
+    """Squared dequantization error per group [N, G]."""
+    return ((_codes(wg, scale, zero, top) - zero[..., None]) * scale[..., None] - wg).square_().sum(-1)
+
+
+def _min_max(wg: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0):
+    """(scale, zero) per group of the range [min, max] * ratio (quantize_int's round-to-nearest at 1.0)."""
     lo, hi = wg.amin(-1) * ratio, wg.amax(-1) * ratio
     if symmetric:
-        scale = (torch.maximum(hi, -lo) / (2 ** (bits - 1) - 1)).clamp(min=1e-10)
+        scale = (torch.maximum(hi, -lo) / (2 ** (bits - 1) - 1)).clamp(min=_MIN_SCALE)
         return scale, torch.full_like(scale, 2 ** (bits - 1))
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-10)
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=_MIN_SCALE)
     return scale, (-lo / scale).round().clamp(0, 2**bits - 1)
 
 
-def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return (wg / scale[..., None]).round().add(zero[..., None]).clamp(0, 2**bits - 1)
+def _clip_search(wg: torch.Tensor, bits: int, ratios: tuple[float, ...]):
+    """Symmetric: per group the clipping ratio with the least error."""
+    top = 2**bits - 1
+    best_err = torch.full(wg.shape[:2], float("inf"), device=wg.device)
+    best_ratio = torch.ones(wg.shape[:2], device=wg.device)
+    for ratio in ratios:
+        err = _error(wg, *_min_max(wg, bits, True, ratio), top)
+        better = err < best_err
+        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
+    return _min_max(wg, bits, True, best_ratio)
+
+
+def _least_squares_fit(wg: torch.Tensor, bits: int, steps: int):
+    """Asymmetric: alternate optimal codes and the least-squares (scale, offset) of each group."""
+    top = 2**bits - 1
+    scale, zero = _min_max(wg, bits, False)
+    best_err = _error(wg, scale, zero, top)
+    w_mean = wg.mean(-1)
+    for _ in range(steps):
+        codes = _codes(wg, scale, zero, top)
+        c_mean = codes.mean(-1)
+        codes.sub_(c_mean[..., None])
+        fit = (codes * (wg - w_mean[..., None])).sum(-1) / codes.square().sum(-1).clamp(min=1e-20)
+        del codes
+        usable = fit > _MIN_SCALE  # a group whose codes are all equal has no slope to fit
+        new_scale = torch.where(usable, fit, scale)
+        new_zero = torch.where(usable, c_mean - w_mean / new_scale, zero)
+        err = _error(wg, new_scale, new_zero, top)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale, zero = torch.where(better, new_scale, scale), torch.where(better, new_zero, zero)
+    return scale, zero
 
 
 @torch.no_grad()
-def quantize_int_mse(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                     ratios: tuple[float, ...] = DEFAULT_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """w [N, K] -> (qweight int32 [N, K*bits/32], scales [N, G] float32, zeros [N, G] | None), each group's
-    scales from the ratio of `ratios` with the least squared dequantization error."""
+def quantize_int_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                        ratios: tuple[float, ...] = CLIP_RATIOS, steps: int = FIT_STEPS,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [N, K] -> (qweight int32 [N, K*bits/32], scales [N, G], zeros [N, G] | None) as quantize_int
+    returns them (scales and zeros in w's dtype, codes rounded against them as stored), each group's
+    scale (and zero) searched as the module docstring says."""
     n, k = w.shape
     check_bits(bits, k)
-    wg = w.float().reshape(n, groups_of(k, group_size), -1)
-    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
-    best_ratio = torch.ones(wg.shape[:2], device=w.device)
-    for ratio in ratios:
-        scale, zero = _range(wg, bits, symmetric, ratio)
-        err = ((_codes(wg, scale, zero, bits) - zero[..., None]) * scale[..., None] - wg).square().sum(-1)
-        better = err < best_err
-        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
-    scale, zero = _range(wg, bits, symmetric, best_ratio)
-    qweight = pack_int(_codes(wg, scale, zero, bits).reshape(n, k).to(torch.int32), bits)
-    return qweight, scale, None if symmetric else zero
+    g = groups_of(k, group_size)
+    out_dtype = w.dtype if w.dtype.is_floating_point and w.element_size() >= 2 else torch.float32
+    top = 2**bits - 1
+    qweight = torch.empty(n, k * bits // 32, dtype=torch.int32, device=w.device)
+    scales = torch.empty(n, g, dtype=out_dtype, device=w.device)
+    zeros = torch.empty(n, g, dtype=out_dtype, device=w.device)
+    for rows in _row_chunks(n, k):
+        wg = w[rows].float().reshape(-1, g, k // g)
+        scale, zero = _clip_search(wg, bits, ratios) if symmetric else _least_squares_fit(wg, bits, steps)
+        scales[rows], zeros[rows] = scale.clamp(min=_MIN_SCALE), zero
+        codes = _codes(wg, scales[rows].float(), zeros[rows].float(), top)
+        qweight[rows] = pack_int(codes.reshape(-1, k), bits)
+    return qweight, scales, None if symmetric else zeros
+
+
+@torch.no_grad()
+def quantize_fp8_search(w: torch.Tensor, factors: tuple[float, ...] = FP8_FACTORS) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [N]) as quantize_fp8(per_channel=True) returns
+    them, each row's scale amax / 448 times the factor with the least squared error (1.0 = RTN)."""
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=FP8_DTYPE, device=w.device)
+    scales = torch.empty(n, dtype=torch.float32, device=w.device)
+    for chunk in _row_chunks(n, k):
+        rows = w[chunk].float()
+        base = (rows.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
+        best_err = torch.full_like(base, float("inf"))
+        best = base
+        for factor in factors:
+            scale = base * factor
+            err = ((rows / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+                   .mul_(scale[:, None]).sub_(rows).square_().sum(-1))
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+        scales[chunk] = best
+        out[chunk] = (rows / best[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return out, scales

@@ -13,7 +13,7 @@ import torch
 
 from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
 
-from .scale_search import quantize_int_mse
+from .scale_search import quantize_fp8_search, quantize_int_search
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class LinearScheme:
     static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
     act_quant: str = "token"  # fp8 without a static scale: per token | per tensor
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
-    scale_search: bool = False  # int, online: clipped group ranges (scale_search.py) instead of round-to-nearest
+    scale_search: bool = False  # online: scales fitted to the weight (scale_search.py) instead of round-to-nearest
 
     @property
     def name(self) -> str:
@@ -65,11 +65,12 @@ class LinearScheme:
                  "bits": self.bits, "group_size": self.group_size})
 
     def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Round-to-nearest quantization of a full-precision [out, in] weight into this scheme's params."""
+        """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched)."""
         if self.kind == "fp8":
-            w, scale = quantize_fp8(weight, per_channel=self.per_channel)
+            searched = self.scale_search and self.per_channel
+            w, scale = quantize_fp8_search(weight) if searched else quantize_fp8(weight, per_channel=self.per_channel)
             return {"weight": w, "weight_scale": scale}
-        quantizer = quantize_int_mse if self.scale_search else quantize_int
+        quantizer = quantize_int_search if self.scale_search else quantize_int
         qweight, scales, zeros = quantizer(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
         out = {"qweight": qweight, "scales": scales.to(scale_dtype)}
         if zeros is not None:
@@ -80,6 +81,6 @@ class LinearScheme:
 def online_scheme(settings) -> LinearScheme:
     """The scheme `quantization.algo` asks for (fp8: per-channel weights, dynamic activations)."""
     if settings.algo == "fp8":
-        return LinearScheme("fp8", act_quant=settings.act_quant)
+        return LinearScheme("fp8", act_quant=settings.act_quant, scale_search=settings.scale_search)
     return LinearScheme("int", bits=int(settings.algo.removeprefix("int")), group_size=settings.group_size,
                         symmetric=settings.symmetric, scale_search=settings.scale_search)

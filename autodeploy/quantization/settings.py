@@ -22,11 +22,11 @@ _DIVISOR_HINTS = (16, 32, 64, 128, 256)
 class QuantizationSettings:
     algo: str = "auto"
     group_size: Optional[int] = None  # int4 / int8 columns per scale; -1 = one per output channel; None: the default
-    symmetric: bool = True  # int4 / int8: implicit zero point, else a zero point per group
+    symmetric: bool = False  # int4 / int8: implicit zero point, else a (fractional) zero point per group
     exclude: list = field(default_factory=lambda: ["lm_head", "*router*", "*.gate"])  # module-path globs kept as is
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: e4m3 with per-layer scales (checkpoint's, else 1.0)
     act_quant: str = "token"  # fp8 dynamic activation scales: per token | per tensor
-    scale_search: bool = False  # int4 / int8 online: per group the clipping ratio with the least weight error
+    scale_search: bool = True  # online: scales fitted to each weight (scale_search.py), else round-to-nearest
 
     def __post_init__(self):
         for key, value, valid in (("algo", self.algo, ALGOS), ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
