@@ -28,7 +28,7 @@ _HIDDEN, _HEADS, _HEAD_DIM, _VOCAB, _EXPERTS = 64, 4, 16, 512, 4
 # field name -> tiny value; only fields the config class has (after its attribute_map) are set
 _SIZES = {
     "hidden_size": _HIDDEN, "intermediate_size": 128, "num_attention_heads": _HEADS, "head_dim": _HEAD_DIM,
-    "vocab_size": _VOCAB,
+    "d_head": _HEAD_DIM, "vocab_size": _VOCAB,
     "num_experts": _EXPERTS, "num_local_experts": _EXPERTS, "n_routed_experts": _EXPERTS, "moe_num_experts": _EXPERTS,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
     "n_group": 1, "topk_group": 1,
