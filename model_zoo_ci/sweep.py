@@ -114,7 +114,7 @@ def _layer_count(fields: dict, layers: int) -> int:
     return min(wanted, layers)
 
 
-def _derived_sizes(config, put: Callable) -> None:
+def _derived_sizes(config, fields: dict, put: Callable) -> None:
     """Sizes the defaults leave unset (None: 'derive it') or tie to others, made consistent with the tiny ones;
     without this HF cannot build or run the tiny config and the type would wrongly count as unsupported."""
     for name, value in (("head_dim", _HEAD_DIM), ("num_key_value_heads", _HEADS)):
@@ -123,6 +123,10 @@ def _derived_sizes(config, put: Callable) -> None:
     if hasattr(config, "num_experts_per_tok") and config.num_experts_per_tok is None and any(
             getattr(config, n, None) for n in _EXPERT_COUNTS):
         put("num_experts_per_tok", _AT_MOST["num_experts_per_tok"])
+    for name in list(fields):  # e.g. unpadded_vocab_size (the LM head's rows): never past the tiny vocab
+        value = fields[name]
+        if name.endswith("vocab_size") and isinstance(value, int) and not isinstance(value, bool) and value > _VOCAB:
+            put(name, _VOCAB)
     if isinstance(getattr(config, "rotary_dim", None), int):
         put("rotary_dim", _ROTARY_DIM)
     if getattr(config, "qk_rope_head_dim", None) is not None:  # MLA: rope applies to the rope part of q/k only
@@ -162,7 +166,7 @@ def tiny_config_fields(model_type: str) -> dict:
             put(name, min(current, value))
     if isinstance(kv_heads, int):
         put("num_key_value_heads", _HEADS if kv_heads == heads else 2)
-    _derived_sizes(config, put)
+    _derived_sizes(config, fields, put)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int):
         tiny_layers = _layer_count(fields, layers)
