@@ -28,7 +28,7 @@ _HIDDEN, _HEADS, _HEAD_DIM, _VOCAB, _EXPERTS = 64, 4, 16, 512, 4
 # field name -> tiny value; only fields the config class has (after its attribute_map) are set
 _SIZES = {
     "hidden_size": _HIDDEN, "intermediate_size": 128, "num_attention_heads": _HEADS, "head_dim": _HEAD_DIM,
-    "vocab_size": _VOCAB,
+    "d_head": _HEAD_DIM, "vocab_size": _VOCAB,
     "num_experts": _EXPERTS, "num_local_experts": _EXPERTS, "n_routed_experts": _EXPERTS, "moe_num_experts": _EXPERTS,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
     "n_group": 1, "topk_group": 1,
@@ -38,6 +38,8 @@ _SIZES = {
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
 }
 _AT_MOST = {"num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2, "top_k": 2}
+_ROTARY_DIM = 8  # `rotary_dim` (GPT-J, CodeGen): a partial rotary part of the 16-wide heads
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _SPECIAL_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "decoder_start_token_id": 0}
 _MODALITY_KEYS = ("vision", "audio", "speech", "image", "video")
 SWEEP_TOLERANCE = 1e-3  # max |logit diff| / max |logit|; the pass criterion is equal greedy tokens
@@ -112,6 +114,30 @@ def _layer_count(fields: dict, layers: int) -> int:
     return min(wanted, layers)
 
 
+def _derived_sizes(config, fields: dict, put: Callable) -> None:
+    """Sizes the defaults leave unset (None: 'derive it') or tie to others, made consistent with the tiny ones;
+    without this HF cannot build or run the tiny config and the type would wrongly count as unsupported."""
+    for name, value in (("head_dim", _HEAD_DIM), ("num_key_value_heads", _HEADS)):
+        if hasattr(config, name) and getattr(config, name) is None:
+            put(name, value)
+    if hasattr(config, "num_experts_per_tok") and config.num_experts_per_tok is None and any(
+            getattr(config, n, None) for n in _EXPERT_COUNTS):
+        put("num_experts_per_tok", _AT_MOST["num_experts_per_tok"])
+    for name in list(fields):  # e.g. unpadded_vocab_size (the LM head's rows): never past the tiny vocab
+        value = fields[name]
+        if name.endswith("vocab_size") and isinstance(value, int) and not isinstance(value, bool) and value > _VOCAB:
+            put(name, _VOCAB)
+    if isinstance(getattr(config, "rotary_dim", None), int):
+        put("rotary_dim", _ROTARY_DIM)
+    if getattr(config, "qk_rope_head_dim", None) is not None:  # MLA: rope applies to the rope part of q/k only
+        put("head_dim", _SIZES["qk_rope_head_dim"])
+        if hasattr(config, "qk_head_dim"):
+            put("qk_head_dim", _SIZES["qk_nope_head_dim"] + _SIZES["qk_rope_head_dim"])
+    expand, ssm_heads = getattr(config, "expand", None), getattr(config, "num_heads", None)
+    if isinstance(expand, int) and isinstance(ssm_heads, int) and getattr(config, "head_dim", None):
+        put("num_heads", _HIDDEN * expand // _HEAD_DIM)  # Mamba-2: heads * head_dim == hidden * expand
+
+
 def tiny_config_fields(model_type: str) -> dict:
     """config.json fields of a tiny model of `model_type`, derived from its config class's defaults."""
     from transformers import CONFIG_MAPPING
@@ -140,6 +166,7 @@ def tiny_config_fields(model_type: str) -> dict:
             put(name, min(current, value))
     if isinstance(kv_heads, int):
         put("num_key_value_heads", _HEADS if kv_heads == heads else 2)
+    _derived_sizes(config, fields, put)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int):
         tiny_layers = _layer_count(fields, layers)

@@ -67,3 +67,24 @@ def test_unrecoverable_constant_is_found():
     gm = _export_meta(_ListIndexed([4, 0]))
     assert len(dataless_constants(gm)) == 1
     assert dataless_constants(_export_meta(_ListIndexed([0, 2]))) == []
+
+
+class _ScalarMasked(torch.nn.Module):
+    """Masks like GPT-Neo's attention: the fill value is a scalar tensor built in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, input_ids, position_ids, use_cache=False):
+        x = self.weight * input_ids[..., None].float()
+        fill = torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
+        return CausalLMOutput(logits=torch.where(position_ids[..., None] % 2 == 0, x, fill))
+
+
+def test_scalar_tensor_in_forward_exports_as_an_op():
+    assert dataless_constants(_export_meta(_ScalarMasked())) == []
+    module = _ScalarMasked()
+    gm = export_causal_lm(module, max_batch_size=4, max_seq_len=16)
+    ids, pos = torch.randint(0, 50, (2, 5)), torch.arange(5).expand(2, 5)
+    torch.testing.assert_close(gm(ids, pos), module(ids, pos).logits, rtol=0, atol=0)

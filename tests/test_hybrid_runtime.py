@@ -1,7 +1,8 @@
 """Hybrid models through the paged/state runtime: per-sequence conv / SSM / delta-rule states in
 state slots give the same tokens and log-probabilities as HF eager, batched == one by one, through
-chunked prefill and preemption with recompute. LFM2 (short convs) runs by default; Qwen3-Next
-(gated delta rule), Bamba, Nemotron-H and Falcon-H1 (Mamba-2) are `slow`."""
+chunked prefill and preemption with recompute. LFM2 (short convs) and Falcon-Mamba (Mamba-1, no
+attention layer at all: blocks only name state slots) run by default; Qwen3-Next (gated delta rule),
+Bamba, Nemotron-H, Falcon-H1 (Mamba-2) and Jamba (Mamba-1 + attention) are `slow`."""
 
 import tempfile
 from pathlib import Path
@@ -20,8 +21,8 @@ PROMPTS = [[17, 301, 42, 7, 250, 99, 5, 128], [3, 9], [400, 12, 77, 31, 260, 8, 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
-HYBRIDS = [pytest.param(name, marks=[] if name == "lfm2" else [pytest.mark.slow])
-           for name in ("lfm2", "qwen3-next", "bamba", "nemotron-h", "falcon-h1")]
+HYBRIDS = [pytest.param(name, marks=[] if name in ("lfm2", "falcon-mamba") else [pytest.mark.slow])
+           for name in ("lfm2", "falcon-mamba", "qwen3-next", "bamba", "nemotron-h", "falcon-h1", "jamba")]
 
 
 @pytest.fixture(scope="module", params=HYBRIDS)

@@ -4,9 +4,11 @@ against the plain ones on packed batches: chunked prefill, decode, fresh sequenc
 
 import pytest
 import torch
+from transformers.models.mamba import modeling_mamba as mamba
 from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
 
 import autodeploy.kernels  # noqa: F401
+from autodeploy.export.patches.ssm_functions import _mamba_selective_scan
 
 ops = torch.ops.autodeploy
 G = torch.Generator().manual_seed(0)
@@ -131,6 +133,20 @@ def test_selective_scan_is_ssd_with_per_channel_heads():
     want = ssd_quadratic(u.transpose(1, 2)[..., None], delta.transpose(1, 2), a_head, b.transpose(1, 2)[:, :, None],
                          c.transpose(1, 2)[:, :, None], d, bias)
     torch.testing.assert_close(got, want[..., 0].transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_selective_scan_patch_matches_hf():
+    """The export patch's call (canonical op, then HF's silu gate) against HF's own token loop, batch of 2."""
+    dim, n, s = 6, 4, 9
+    u, delta, b, c, z = rand(2, dim, s), rand(2, dim, s), rand(2, n, s), rand(2, n, s), rand(2, dim, s)
+    a, d, bias = -torch.rand(dim, n, generator=G), rand(dim), rand(dim)
+    patched = _mamba_selective_scan(mamba.mamba_selective_scan)
+    want = mamba.mamba_selective_scan(u, delta, a, b, c, D=d, z=z, delta_bias=bias, delta_softplus=True)
+    got = patched(u, delta, a, b, c, D=d, z=z, delta_bias=bias, delta_softplus=True, use_mambapy=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    out, state = patched(u, delta, a, b, c, D=d, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)  # a final state wanted: HF's own function runs
+    assert state.shape == (2, dim, n)
 
 
 def test_cached_selective_scan_carries_state():

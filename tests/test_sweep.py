@@ -4,7 +4,7 @@ configs it derives, and a sample of types end to end against HF eager (the whole
 import pytest
 from transformers import CONFIG_MAPPING
 
-from autodeploy.model_zoo_ci.sweep import run_sweep, select_types, sweep_markdown, tiny_config_fields
+from autodeploy.model_zoo_ci.sweep import hf_runs, run_sweep, select_types, sweep_entry, sweep_markdown, tiny_config_fields
 
 
 def test_types_are_selected_by_rule():
@@ -26,7 +26,20 @@ def test_tiny_config_keeps_the_layer_pattern():
     CONFIG_MAPPING[model_type](**fields)  # a valid config
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "bloom", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gptj", "deepseek_v3", "mamba2", "ministral", "inkling2_text"])
+def test_derived_sizes_are_consistent_for_hf(model_type):
+    """Sizes the defaults tie to others (rotary_dim, MLA head dims, Mamba-2 heads, head_dim None, unpadded
+    vocab) follow the tiny ones: HF builds and runs each tiny config, so the type is counted."""
+    fields = tiny_config_fields(model_type)
+    assert fields.get("rotary_dim", 8) <= 16 and fields.get("unpadded_vocab_size", 512) <= fields["vocab_size"]
+    if "qk_rope_head_dim" in fields:
+        assert fields["head_dim"] == fields["qk_rope_head_dim"]
+    if "expand" in fields:
+        assert fields["num_heads"] * fields["head_dim"] == fields["hidden_size"] * fields["expand"]
+    assert hf_runs(sweep_entry(model_type)) == ""
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "bloom", "gpt_neox", "gpt_neo", "mamba"])
 def test_sample_of_the_sweep_matches_hf(model_type):
     (result,) = run_sweep([model_type])
     assert result.hf_unsupported == ""

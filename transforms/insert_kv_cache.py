@@ -29,6 +29,7 @@ from autodeploy.runtime.kv_cache import (
     KV_CACHE_KEY, KV_SCALES_KEY, METADATA_INPUTS, KVCachePool, LayerCacheShape, free_memory_bytes,
 )
 
+from .insert_state_cache import state_slot_bytes
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
 
@@ -115,12 +116,14 @@ class InsertKVCache(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         attention = [n for n in gm.graph.nodes if is_op(n, torch.ops.autodeploy.attention)]
-        if not attention:
+        state_bytes = state_slot_bytes(gm)  # each block also names a state slot (insert_state_cache)
+        if not attention and not state_bytes:
             return {"cached_attention": 0}
         cfg = self.config
         shapes = [_layer_shape(n) for n in attention]
         dtype = _cache_dtype(cfg.dtype, ctx)
-        num_blocks = _num_blocks(cfg, KVCachePool.bytes_per_block(shapes, cfg.block_size, dtype), ctx.device)
+        bytes_per_block = KVCachePool.bytes_per_block(shapes, cfg.block_size, dtype) + state_bytes
+        num_blocks = _num_blocks(cfg, bytes_per_block, ctx.device)
         op = _backend(cfg.backend, ctx.device)
 
         kv_scales = _kv_scales(gm, len(attention), dtype)

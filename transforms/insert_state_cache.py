@@ -1,6 +1,7 @@
 """insert_state_cache: state-space / linear-attention ops -> their cached forms over state slots.
 
-Runs after `insert_kv_cache` (the graph already has the packed interface). Every canonical op that
+Runs after `insert_kv_cache` (the graph already has the packed interface; that transform builds it
+for a model without any attention layer too, sizing blocks with `state_slot_bytes`). Every canonical op that
 carries state between steps (causal conv1d, selective / SSD scans, gated delta rule) becomes its
 `cached_*` form (kernels/ssm.py), reading and writing one **state slot** per sequence.
 
@@ -15,6 +16,7 @@ the block count is a memory optimisation for later.)
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -46,6 +48,18 @@ def _state_shapes() -> dict:
     return {op: (cached[op], shape[op]) for op in shape}
 
 
+def _stateful(gm: GraphModule, table: dict) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in table]
+
+
+def state_slot_bytes(gm: GraphModule) -> int:
+    """Bytes of one state slot (every stateful op's float32 state): what each KV block also costs, so
+    `insert_kv_cache` sizes the pool with them and builds the packed interface for a model with no
+    attention layer at all (its blocks then only name state slots)."""
+    table = _state_shapes()
+    return sum(4 * math.prod(table[n.target][1](bind_args(n))) for n in _stateful(gm, table))
+
+
 def _placeholder(gm: GraphModule, name: str) -> Node:
     return next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == name)
 
@@ -57,13 +71,12 @@ class InsertStateCache(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         table = _state_shapes()
-        stateful = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in table]
+        stateful = _stateful(gm, table)
         if not stateful:
             return {"state_cache": 0}
         pool = kv_cache_of(gm)
         if pool is None:
-            raise ValueError("insert_state_cache needs the packed interface: run insert_kv_cache first "
-                             "(models without any attention layer are not supported yet)")
+            raise ValueError("insert_state_cache needs the packed interface: run insert_kv_cache first")
         meta = {name: _placeholder(gm, name) for name in ("cu_seqlens", "seq_lens", "block_tables")}
         with gm.graph.inserting_after(meta["block_tables"]):
             slots = gm.graph.call_function(torch.ops.aten.select.int, (meta["block_tables"], 1, 0))

@@ -44,6 +44,7 @@ class KVCachePool:
     num_blocks: int
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
+    device: torch.device  # a field, not the caches' device: a state-space model has no K/V caches at all
 
     @staticmethod
     def bytes_per_block(layers: list[LayerCacheShape], block_size: int, dtype: torch.dtype) -> int:
@@ -58,11 +59,7 @@ class KVCachePool:
 
         return cls(block_size, num_blocks,
                    [alloc(s.n_kv_heads, s.k_head_dim) for s in layers],
-                   [alloc(s.n_kv_heads, s.v_head_dim) for s in layers])
-
-    @property
-    def device(self) -> torch.device:
-        return self.k_caches[0].device
+                   [alloc(s.n_kv_heads, s.v_head_dim) for s in layers], torch.device(device))
 
     def graph_inputs(self) -> list[torch.Tensor]:
         return [c for pair in zip(self.k_caches, self.v_caches) for c in pair]

@@ -41,3 +41,4 @@ def apply_export_patches(model: nn.Module):
 from . import moe_experts  # noqa: E402,F401  (registers the MoE experts patch)
 from . import list_index  # noqa: E402,F401  (registers the list-index patch)
 from . import ssm_functions  # noqa: E402,F401  (HF's scan / delta-rule / conv functions -> canonical ops)
+from . import scalar_tensor  # noqa: E402,F401  (torch.tensor(<number>) in forward -> aten.full)

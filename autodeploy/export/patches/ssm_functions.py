@@ -1,11 +1,12 @@
 """Route HF's state-space / linear-attention functions to the canonical ops while exporting.
 
 Why: transformers (5.17 .. 5.24) runs Mamba-2 style scans (Bamba, Nemotron-H, Falcon-H1, Granite
-hybrid, Zamba2, Mamba-2), gated delta rules (Qwen3-Next, OLMo hybrid, Kimi linear, ...) and their
-short convolutions through module-level functions of each modeling file (`mamba2_chunk_scan`,
+hybrid, Zamba2, Mamba-2), Mamba-1 selective scans (Mamba, Falcon-Mamba, Jamba), gated delta rules
+(Qwen3-Next, OLMo hybrid, Kimi linear, ...) and their short convolutions through module-level
+functions of each modeling file (`mamba2_chunk_scan`, `mamba_selective_scan`,
 `torch_chunk_gated_delta_rule`, `causal_conv1d_fn`), whose torch fallbacks pad the sequence to a
-multiple of the chunk size: torch.export then fails ("Specializations unexpectedly required (seq)"),
-and a chunked scan could not carry state across steps anyway. During export each such function,
+multiple of the chunk size or loop over its tokens: torch.export then fails ("Specializations
+unexpectedly required (seq)"), and a whole-sequence scan could not carry state across steps anyway. During export each such function,
 wherever a loaded modeling module defines it, is swapped for a call to the canonical op
 (kernels/ssm.py) that `insert_state_cache` later gives a state slot. A call the canonical op does
 not cover (an initial state, a finite upper dt limit, packed `seq_idx`) goes to HF's function.
@@ -19,6 +20,7 @@ import sys
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ExportPatch, register_patch
@@ -64,10 +66,22 @@ def _mamba2_chunk_scan(original: Callable) -> Callable:
     return mamba2_chunk_scan
 
 
+def _mamba_selective_scan(original: Callable) -> Callable:
+    def mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False, **kwargs):
+        if return_last_state or D is None or B.dim() != 3 or C.dim() != 3:
+            return original(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                            delta_softplus=delta_softplus, return_last_state=return_last_state, **kwargs)
+        out = ops.selective_scan(hidden_states, dt, A, B, C, D, delta_bias, bool(delta_softplus))
+        return out if z is None else out * F.silu(z)
+    return mamba_selective_scan
+
+
 _REPLACEMENTS: dict[str, Callable[[Callable], Callable]] = {
     "causal_conv1d_fn": _causal_conv1d_fn,
     "torch_chunk_gated_delta_rule": _chunk_gated_delta_rule,
     "mamba2_chunk_scan": _mamba2_chunk_scan,
+    "mamba_selective_scan": _mamba_selective_scan,
 }
 
 
