@@ -228,8 +228,8 @@ def _zoo_checkpoint(name: str, folder, **config):
     """A zoo entry (its tiny config, `config` on top) saved to `folder`; returns the entry."""
     from dataclasses import replace
 
-    from model_zoo_ci.runner import build_checkpoint
-    from model_zoo_ci.zoo import load_zoo
+    from autodeploy.model_zoo_ci.runner import build_checkpoint
+    from autodeploy.model_zoo_ci.zoo import load_zoo
 
     entry = next(e for e in load_zoo() if e.name == name)
     entry = replace(entry, config={**entry.config, **config})
