@@ -18,8 +18,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, is_op
-from autodeploy.patterns.helpers import val
+from autodeploy.graph_utils import graph_modules, is_op, replace_with_call
+from autodeploy.patterns.helpers import bind_args, insert_call, val
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -32,47 +32,37 @@ ADD_NORM_QUANT = torch.ops.autodeploy.fused_add_rms_norm_quant_fp8.default
 
 def _per_token(node: Node) -> bool:
     """fp8_linear with dynamic per-token activation scales (no static input scale)."""
-    args = dict(zip(("x", "weight", "weight_scale", "input_scale", "bias", "act_quant"), node.args))
-    args.update(node.kwargs)
-    return args.get("input_scale") is None and args.get("act_quant", "token") == "token"
-
-
-def _getitem(graph, source: Node, index: int, value) -> Node:
-    item = graph.call_function(operator.getitem, (source, index))
-    item.meta["val"] = value
-    return item
+    args = bind_args(node)
+    return args["input_scale"] is None and args["act_quant"] == "token"
 
 
 def _quantize_once(graph, x: Node) -> tuple[Node, Node]:
     """(q, scale) nodes of x, placed right after x."""
     with graph.inserting_after(x):
-        quant = graph.call_function(QUANTIZE, (x,))
-    quant.meta["val"] = QUANTIZE(val(x)) if val(x) is not None else None
+        quant = insert_call(graph, QUANTIZE, (x,))
     with graph.inserting_after(quant):
-        q = _getitem(graph, quant, 0, quant.meta["val"][0] if quant.meta["val"] else None)
-    with graph.inserting_after(q):
-        scale = _getitem(graph, quant, 1, quant.meta["val"][1] if quant.meta["val"] else None)
+        scale = insert_call(graph, operator.getitem, (quant, 1))
+        q = insert_call(graph, operator.getitem, (quant, 0))
     return q, scale
 
 
-def _split_linears(gm: GraphModule) -> dict[Node, Node]:
-    """Every per-token fp8_linear -> fp8_linear_quantized_input; returns {x: quantize node}."""
+def _split_linears(gm: GraphModule) -> tuple[int, dict[Node, Node]]:
+    """Every per-token fp8_linear -> fp8_linear_quantized_input; returns (how many, {x: quantize node})."""
     graph = gm.graph
     quantized: dict[Node, tuple[Node, Node]] = {}
     for node in list(graph.nodes):
         if not is_op(node, FP8_LINEAR) or not _per_token(node) or val(node.args[0]) is None:
             continue
-        x, weight, weight_scale = node.args[:3]
-        bias = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
+        args = bind_args(node)
+        x = args["x"]
         if x not in quantized:
             quantized[x] = _quantize_once(graph, x)
         q, scale = quantized[x]
-        with graph.inserting_before(node):
-            new = graph.call_function(QUANTIZED_INPUT, (q, scale, weight, weight_scale, bias, val(x).dtype))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
+        replace_with_call(gm, node, QUANTIZED_INPUT,
+                          (q, scale, args["weight"], args["weight_scale"], args["bias"], val(x).dtype))
         graph.erase_node(node)
-    return {x: q.args[0] for x, (q, _) in quantized.items()}
+    linears = sum(len(q.users) for q, _ in quantized.values())  # q's readers: the rewritten linears
+    return linears, {x: q.args[0] for x, (q, _) in quantized.items()}
 
 
 def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
@@ -82,14 +72,12 @@ def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
         return False
     graph = gm.graph
     with graph.inserting_after(fused):
-        new = graph.call_function(ADD_NORM_QUANT, fused.args)
+        new = insert_call(graph, ADD_NORM_QUANT, fused.args)
     new.meta.update({k: v for k, v in fused.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    (q_val, s_val), added_val = quant.meta["val"], fused.meta["val"][1]
-    new.meta["val"] = (q_val, s_val, added_val)
     with graph.inserting_after(new):
-        added = _getitem(graph, new, 2, added_val)
-        scale = _getitem(graph, new, 1, s_val)
-        q = _getitem(graph, new, 0, q_val)
+        added = insert_call(graph, operator.getitem, (new, 2))
+        scale = insert_call(graph, operator.getitem, (new, 1))
+        q = insert_call(graph, operator.getitem, (new, 0))
     for user in list(quant.users):  # the getitems of the standalone quantization
         user.replace_all_uses_with(q if user.args[1] == 0 else scale)
         graph.erase_node(user)
@@ -110,9 +98,8 @@ class FuseFP8ActQuant(Transform):
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         linears = quantizations = into_norm = 0
         for module in graph_modules(gm):
-            before = sum(is_op(n, FP8_LINEAR) for n in module.graph.nodes)
-            quants = _split_linears(module)
-            linears += before - sum(is_op(n, FP8_LINEAR) for n in module.graph.nodes)
+            split, quants = _split_linears(module)
+            linears += split
             quantizations += len(quants)
             into_norm += sum(_fold_into_norm(module, x, quant) for x, quant in quants.items())
         return {"fp8_linears_on_quantized_input": linears, "activation_quantizations": quantizations,
