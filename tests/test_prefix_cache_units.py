@@ -125,8 +125,8 @@ def test_preempted_sequence_takes_its_own_blocks_back():
     assert_all_released(bm)
 
 
-@pytest.mark.parametrize("cap, chunks", [(0, [1, 20]), (6, [1, 6]), (1, [1, 1])])
-def test_decode_aware_chunking_bounds_prompt_tokens_next_to_decodes(cap, chunks):
+@pytest.mark.parametrize("cap, chunks", [(0, [1, 20]), (6, [1, 5]), (1, [1, 1])])
+def test_decode_aware_chunking_bounds_the_tokens_of_a_step_with_decodes(cap, chunks):
     bm = BlockManager(num_blocks=32, block_size=4)
     sched = Scheduler(bm, max_batch_size=4, max_num_tokens=21, max_prefill_tokens_with_decodes=cap)
     decode, prompt = seq(0, [1, 2]), seq(1, range(60))

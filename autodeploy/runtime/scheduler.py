@@ -6,10 +6,12 @@ Every step packs, under a token budget (`max_num_tokens`) and a cap on sequences
   2. then waiting requests, first come first served, each with as much of its prompt as fits
      (chunked prefill), as long as blocks remain. With a prefix cache, a request starts after the
      longest cached run of its full blocks (prefix_cache.py) and computes only the rest.
-Prompt tokens in a step that also holds decodes are bounded by `max_prefill_tokens_with_decodes`
+A step that also holds decodes takes at most `max_prefill_tokens_with_decodes` tokens in all
 (decode-aware chunking): every decode in the step waits for the whole forward, so a long prefill
 chunk would stretch the inter-token latency of every running request; prompts then take more,
-smaller steps, and a step without decodes still takes the whole budget.
+smaller steps, and a step without decodes still takes the whole budget. The decodes count against
+the bound, so a step fits the CUDA-graph bucket of that many tokens instead of spilling into the
+next one up (twice the work); prompts keep at least a quarter of the bound when decodes fill it.
 When a running sequence needs a block and none is free, the newest running sequence that is not
 yet placed in this step is preempted (its blocks freed, to be recomputed later) - possibly the
 sequence itself. Older requests therefore always make progress, and nothing is dropped.
@@ -67,8 +69,9 @@ class Scheduler:
             for seq in self.running:
                 self.prefix_cache.register(seq)
         budget = self.max_num_tokens
-        has_decodes = any(s.num_pending == 1 and not s.final for s in self.running)
-        prefill_budget = self.max_prefill_tokens_with_decodes if has_decodes else budget
+        decodes = sum(s.num_pending == 1 and not s.final for s in self.running)
+        prefill_budget = budget if not decodes else max(self.max_prefill_tokens_with_decodes - decodes,
+                                                         self.max_prefill_tokens_with_decodes // 4, 1)
         placed: set[Sequence] = set()
         for seq in list(self.running):
             if budget == 0:

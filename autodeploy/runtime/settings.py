@@ -18,11 +18,10 @@ class EngineSettings:
     max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
     seed: int | None = None  # seed of the generator shared by unseeded sampling requests
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
-    # Decode-aware chunking: prompt tokens in a step that also runs decodes (0 = no bound: max_num_tokens).
-    # Off by default, from the H200 measurement (BENCHMARKS.md, 256 requests of 512-2048 prompt tokens, 8B):
-    # a bound of 512 cuts ITL p90 / p99 from 68 / 132 ms to 42 / 57 ms but output tok/s by 29 %; 1024 cuts
-    # p99 to 102 ms for 23 %; 2048 and up change nothing. Set it when inter-token tails matter more.
-    max_prefill_tokens_with_decodes: int = 0
+    # Decode-aware chunking: tokens in a step that also runs decodes, decodes included (0 = no bound).
+    # 1024 from the H200 measurement (BENCHMARKS.md, 256 requests of 512-2048 prompt tokens, 8B): ITL
+    # p90 / p99 69 / 132 ms -> 48 / 79 ms for -0.5 % output tok/s; 512 gives 30 / 42 ms for -9 %.
+    max_prefill_tokens_with_decodes: int = 1024
     # CUDA graphs (CUDA only): decode batch sizes and prefill token counts captured; () = none.
     cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     cuda_graph_prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
