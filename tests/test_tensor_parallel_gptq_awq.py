@@ -8,11 +8,12 @@ packs the published layouts independently of autodeploy's converters.
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Phi3Config
 
 from autodeploy.errors import QuantizationError
 from autodeploy.llm import LLM, SamplingParams
 from autodeploy.optimizer import optimize_model
+from conftest import save_tiny_checkpoint
 from quant_fixtures import write_awq, write_gptq
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -26,8 +27,10 @@ ATTN = "model.model.layers.0.self_attn."
 MLP = "model.model.layers.0.mlp."
 
 
-def _write(path, kind: str, **config):
-    config = LlamaConfig(**{**CONFIG, **config})
+def _write(path, kind: str, config=None):
+    config = config or LlamaConfig(**CONFIG)
+    if kind == "online_int4":
+        return save_tiny_checkpoint(path, config)
     if kind == "awq":
         return write_awq(path, config, group_size=16)
     return write_gptq(path, config, group_size=16, act_order=kind == "gptq_act_order", symmetric=kind == "gptq")
@@ -43,7 +46,7 @@ def test_each_rank_holds_tp1_tensors_sliced(tmp_path, kind):
     """Rank 1 of 2: column-parallel q_proj / gate_proj keep the second half of their rows (codes, scales,
     zeros); row-parallel o_proj / down_proj the second half of K: codes, and without act-order the
     group scales / zeros; with act-order g_idx is sliced with K and every group (global) stays."""
-    _write(tmp_path, kind)
+    _write(tmp_path, kind, LlamaConfig(**{**CONFIG, "num_hidden_layers": 1}))
     full, local = _params(tmp_path), _params(tmp_path, 2, 1)
     kinds = ("qweight", "scales", "zeros") + (("g_idx",) if kind == "gptq_act_order" else ())
     assert sorted(n for n in local if n.startswith(ATTN + "o_proj.")) == sorted(ATTN + "o_proj." + k for k in kinds)
@@ -80,19 +83,32 @@ def test_a_column_slice_inside_a_packed_word_is_one_clear_error(tmp_path):
         _params(tmp_path, 2, 1)
 
 
-@pytest.mark.parametrize("kind", ["gptq_act_order", pytest.param("gptq", marks=pytest.mark.slow),
-                                  pytest.param("awq", marks=pytest.mark.slow)])
-def test_llm_at_tp2_matches_tp1(tmp_path, kind):
-    _write(tmp_path, kind)
+def _tp2_matches_tp1(path, overrides=()) -> None:
+    """Greedy tokens identical, logits within 1e-4 of the largest."""
     ids = torch.tensor([PROMPTS[0]])
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    one = LLM(tmp_path, **RUNTIME)
+    one = LLM(path, overrides=list(overrides), **RUNTIME)
     want_logits = one.model.logits(ids)
     want = [o.token_ids for o in one.generate(PROMPTS, params)]
-    llm = LLM(tmp_path, tensor_parallel_size=2, **RUNTIME)
+    llm = LLM(path, overrides=list(overrides), tensor_parallel_size=2, **RUNTIME)
     try:
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == want
         got = llm.engine.executor.full_logits(ids, torch.arange(ids.shape[1])[None])
         assert (got - want_logits).abs().max() <= 1e-4 * want_logits.abs().max()
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["gptq_act_order", pytest.param("gptq", marks=pytest.mark.slow),
+                                  pytest.param("awq", marks=pytest.mark.slow)])
+def test_llm_at_tp2_matches_tp1(tmp_path, kind):
+    _write(tmp_path, kind)
+    _tp2_matches_tp1(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["gptq_act_order", pytest.param("online_int4", marks=pytest.mark.slow)])
+def test_fused_projections_at_tp2_match_tp1(tmp_path, kind):
+    """Phi-3 stores q/k/v (4 query, 2 KV heads: parts of unequal size) and gate/up fused: each rank's
+    part of each reads its own slice of the one quantized tensor, under its own parameter names."""
+    _write(tmp_path, kind, Phi3Config(**CONFIG, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    _tp2_matches_tp1(tmp_path, ["quantization.algo=int4", "quantization.group_size=32"] if kind == "online_int4" else ())

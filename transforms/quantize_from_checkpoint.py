@@ -44,10 +44,13 @@ class QuantizeFromCheckpoint(Transform):
             if scheme is None:
                 continue
             self._check_requested(ctx.quantization.algo, fmt.describe(scheme), scheme.name)
-            scheme = sharded_scheme(scheme, shards.get(site.node.args[1].target.removeprefix(WRAPPER_PREFIX)), site.path)
+            weight = site.node.args[1].target.removeprefix(WRAPPER_PREFIX)
+            shard = shards.get(weight)
+            scheme = sharded_scheme(scheme, shard, site.path)
             scheme.check(site.in_features)
             params = swap_linear(site, scheme, ctx.dtype)
-            loads.add(fmt.layer_load(site.path, scheme, site.out_features, site.in_features, ctx.dtype, params))
+            source = weight if shard is not None and shard.key else site.path  # a fused part: its own slices
+            loads.add(fmt.layer_load(source, scheme, site.out_features, site.in_features, ctx.dtype, params))
             kind = f"{fmt.method}_{scheme.name}_linear"
             counts[kind] = counts.get(kind, 0) + 1
         counts["weight_bytes_after"] = weight_bytes(gm)

@@ -9,7 +9,10 @@ transposed ([K / 8, N] codes, [G, N] scales and zeros) and act-order's g_idx [K]
 follows N or K is said by `gptq_awq.stored_dim`. Each tensor takes the weight's ranges scaled to its
 own resolution along the matching dim; a tensor with size 1 there (per-tensor, or per-row scales of a
 row-parallel linear), or none (act-order group tensors along K: g_idx indexes the whole row's groups),
-is replicated. A boundary that falls inside a packed word or a group is a clear error.
+is replicated. A boundary that falls inside a packed word or a group is a clear error. A part of a
+fused projection (Phi-3's qkv_proj, split per part before sharding) reads its layer's tensors under
+its own weight's name (`<layer>.weight_rows_a_b.qweight`: each part its own slice of one checkpoint
+tensor); its slices name the fused tensor they come from.
 """
 
 from __future__ import annotations
@@ -32,12 +35,8 @@ _UNSUPPORTED = (".weight_g_idx",)  # compressed-tensors act-order: not sharded y
 def sharded_scheme(scheme: LinearScheme, weight: ShardSlice | None, path: str) -> LinearScheme:
     """The scheme of this rank's slice of a checkpoint-quantized linear, checked before anything is read.
 
-    Parts of a fused projection are refused (their quantized tensors would share one name). A row-parallel
-    slice must start and end on whole int32 words of codes and, without act-order, on
+    A row-parallel slice must start and end on whole int32 words of codes and, without act-order, on
     whole groups; with act-order its columns keep indexing the whole row's groups (`scheme.groups`)."""
-    if weight is not None and weight.key is not None:
-        raise QuantizationError(f"{path}: a fused projection (q/k/v or gate/up in one tensor) of a pre-quantized "
-                                "checkpoint cannot be sharded yet; run it with tensor_parallel_size 1")
     if weight is None or weight.dim != 1 or scheme.kind != "int":
         return scheme
     per_word = 32 // scheme.bits
@@ -60,14 +59,17 @@ def quantized_slices(source_keys: list[str], shards: dict[str, ShardSlice],
     found = {}
     for key in source_keys:
         layer, _, name = key.rpartition(".")
-        weight = shards.get(layer + ".weight")
+        weight = shards.get(layer + ".weight", shards.get(layer))  # a fused part's layer is its weight's name
         if key in shards or weight is None:
             continue  # online quantization reads the sharded weight itself; unsharded layers read whole
-        if key.endswith(_UNSUPPORTED) or weight.size is None:
-            raise QuantizationError(f"{key}: this checkpoint layout cannot be sharded yet (compressed-tensors "
-                                    "act-order or fused parts); run it with tensor_parallel_size 1")
+        if key.endswith(_UNSUPPORTED):
+            raise QuantizationError(f"{key}: compressed-tensors act-order cannot be sharded yet; run it with "
+                                    "tensor_parallel_size 1")
+        stored = key if weight.key is None else f"{weight.key.rpartition('.')[0]}.{name}"
         dim = stored_dim(name, weight.dim, layer in act_order) if name in STORED_NAMES else weight.dim
-        spec = None if dim is None else _scaled(weight, dim, tuple(full_shape(key)), key)
+        spec = None if dim is None else _scaled(weight, dim, tuple(full_shape(stored)), key)
+        if weight.key is not None:  # read under the fused tensor's name, whole where it has no slice
+            spec = ShardSlice(spec.dim if spec else 0, spec.ranges if spec else (), stored)
         if spec is not None:
             found[key] = spec
     return found
