@@ -25,6 +25,8 @@ from torch.fx import GraphModule
 
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import weight_bytes
+from autodeploy.parallel.rank_reduce import combine_over_ranks
+from autodeploy.parallel.slices import shards_of
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
 from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
@@ -34,8 +36,8 @@ from autodeploy.quantization.schemes import LinearScheme, online_scheme
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
 
-def _build_linear(scheme, key: str, scale_dtype, tensors: dict) -> dict:
-    return scheme.quantize(tensors[key], scale_dtype)
+def _build_linear(scheme, key: str, scale_dtype, combine, tensors: dict) -> dict:
+    return scheme.quantize(tensors[key], scale_dtype, combine)
 
 
 def _build_experts(scheme, key: str, scale_dtype, tensors: dict) -> dict:
@@ -84,6 +86,7 @@ class QuantizeLinear(Transform):
 
     def _linears(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
+        shards = shards_of(gm)  # this rank's slice of each weight (tensor parallelism)
         for site in list(linear_sites(gm)):
             if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
@@ -93,7 +96,9 @@ class QuantizeLinear(Transform):
             key = (site.prefix + site.node.args[1].target).removeprefix(WRAPPER_PREFIX)
             params = swap_linear(site, scheme, ctx.dtype)
             shape = (site.out_features, site.in_features)
-            loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype), params))
+            row_parallel = key in shards and shards[key].dim == 1
+            combine = combine_over_ranks if row_parallel else None  # fp8 scales of whole rows, as at TP 1
+            loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype, combine), params))
             counts[f"{scheme.name}_linear"] += 1
 
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:

@@ -66,11 +66,14 @@ class LinearScheme:
                 {"zeros": params.get("zeros"), "g_idx": params.get("g_idx"), "bias": bias,
                  "bits": self.bits, "group_size": self.group_size})
 
-    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched)."""
+    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype, combine=None) -> dict[str, torch.Tensor]:
+        """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched).
+        `combine`: fp8 row statistics over every rank's slice of K (a row-parallel shard; int groups lie
+        inside one shard and need none)."""
         if self.kind == "fp8":
             searched = self.scale_search and self.per_channel
-            w, scale = quantize_fp8_search(weight) if searched else quantize_fp8(weight, per_channel=self.per_channel)
+            w, scale = (quantize_fp8_search(weight, combine=combine) if searched
+                        else quantize_fp8(weight, per_channel=self.per_channel, combine=combine))
             return {"weight": w, "weight_scale": scale}
         quantizer = quantize_int_search if self.scale_search else quantize_int
         qweight, scales, zeros = quantizer(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
