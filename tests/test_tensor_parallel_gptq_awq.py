@@ -41,13 +41,49 @@ def _params(path, world: int = 1, rank: int = 0) -> dict[str, torch.Tensor]:
     return dict(optimize_model(path, overrides=NO_CACHE + sharded, progress=False).gm.named_parameters())
 
 
+class _ReadSpy:
+    """A safetensors handle that records which tensors are read whole (get_tensor), not sliced."""
+
+    def __init__(self, handle, whole: list[str]):
+        self.handle, self.whole = handle, whole
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def get_tensor(self, key: str):
+        self.whole.append(key)
+        return self.handle.get_tensor(key)
+
+
 @pytest.mark.parametrize("kind", ["gptq", "gptq_act_order", "awq"])
-def test_each_rank_holds_tp1_tensors_sliced(tmp_path, kind):
+def test_each_rank_holds_tp1_tensors_sliced(tmp_path, kind, monkeypatch):
     """Rank 1 of 2: column-parallel q_proj / gate_proj keep the second half of their rows (codes, scales,
     zeros); row-parallel o_proj / down_proj the second half of K: codes, and without act-order the
-    group scales / zeros; with act-order g_idx is sliced with K and every group (global) stays."""
+    group scales / zeros; with act-order g_idx is sliced with K and every group (global) stays. The
+    rank reads sliced tensors through safetensors slices: whole only what it keeps whole."""
+    import safetensors
+
     _write(tmp_path, kind, LlamaConfig(**{**CONFIG, "num_hidden_layers": 1}))
-    full, local = _params(tmp_path), _params(tmp_path, 2, 1)
+    full = _params(tmp_path)
+    whole, safe_open = [], safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _ReadSpy(safe_open(*a, **k), whole))
+    local = _params(tmp_path, 2, 1)
+    assert "model.norm.weight" in whole  # replicated tensors are read whole (the spy sees the reads)
+    quantized = [k for k in whole if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))]
+    if kind == "gptq_act_order":  # every group's scales / zeros of the row-parallel layers; g_idx of column ones
+        row = [f"{layer}.{name}" for layer in ("self_attn.o_proj", "mlp.down_proj") for name in ("qzeros", "scales")]
+        column = [f"{layer}.g_idx" for layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                  "mlp.gate_proj", "mlp.up_proj")]
+        assert sorted(quantized) == sorted(f"model.layers.0.{name}" for name in row + column)
+    else:
+        assert quantized == []
     kinds = ("qweight", "scales", "zeros") + (("g_idx",) if kind == "gptq_act_order" else ())
     assert sorted(n for n in local if n.startswith(ATTN + "o_proj.")) == sorted(ATTN + "o_proj." + k for k in kinds)
     for layer in (ATTN + "q_proj", MLP + "gate_proj"):
