@@ -213,6 +213,24 @@ def test_online_fp8_llama_at_tp2_stays_within_fp8_error(tiny_llama_dir):
 
 
 @pytest.mark.slow
+def test_online_fp8_experts_split_inside_keep_tp1_down_scales(tmp_path):
+    """TP inside experts: each rank's K slice of every expert's down weight gets the whole rows' fp8 scales."""
+    entry = _zoo_checkpoint("qwen3-moe", tmp_path)
+    overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, "quantization.algo=fp8"]
+    one = LLM(tmp_path, str(entry.recipe), overrides=overrides)
+    scales = {n: p for n, p in one.model.gm.named_parameters() if n.endswith("experts.down_proj_scale")}
+    assert len(scales) == 2, list(scales)
+    llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
+    try:
+        assert _report(llm.model).matched["experts_per_rank"] > 1  # every expert, a slice of each
+        local = dict(llm.model.gm.named_parameters())
+        for name, scale in scales.items():
+            assert torch.equal(local[name], scale), name
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
 def test_smollm2_tp3_matches_tp1(default_model_dir):
     """Real weights, 9 query / 3 KV heads over 3 ranks: tokens identical, logits within 1e-4 relative."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",

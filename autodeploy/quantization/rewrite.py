@@ -138,10 +138,12 @@ def expert_params(scheme: LinearScheme, experts: int, out_features: int, in_feat
             for k, (shape, dtype) in scheme.params(out_features, in_features, scale_dtype).items()}
 
 
-def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear)."""
+def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.dtype,
+                     combine=None) -> dict[str, torch.Tensor]:
+    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear;
+    `combine`: as LinearScheme.quantize's, for a slice of K)."""
     e, n, k = w.shape
-    flat = scheme.quantize(w.reshape(e * n, k), scale_dtype)
+    flat = scheme.quantize(w.reshape(e * n, k), scale_dtype, combine)
     return {_EXPERT_SUFFIX[name]: t.reshape(e, n, *t.shape[1:]) for name, t in flat.items()}
 
 
