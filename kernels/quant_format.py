@@ -24,11 +24,14 @@ INT_BITS = (4, 8)
 _MIN_SCALE = 1e-12  # an all-zero row or group still gets a finite, positive scale
 
 
-def quantize_fp8(w: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(w: torch.Tensor, per_channel: bool, combine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [] or [N]) with amax mapped to 448.
-    One float32 working copy of w at a time (loaders quantize tensor by tensor within a memory bound)."""
+    One float32 working copy of w at a time (loaders quantize tensor by tensor within a memory bound).
+    `combine(amax, "max")`: the amax over the other ranks' slices of K too (a row-parallel shard)."""
     dims = (-1,) if per_channel else tuple(range(w.dim()))
     amax = torch.maximum(w.amax(dim=dims), -w.amin(dim=dims)).float()
+    if combine is not None:
+        amax = combine(amax, "max")
     scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
     scaled = w.to(torch.float32, copy=True)
     scaled.div_(scale[:, None] if per_channel else scale).clamp_(-FP8_MAX, FP8_MAX)

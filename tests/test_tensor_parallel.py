@@ -189,17 +189,43 @@ def test_online_int4_llama_at_tp2_matches_tp1(tiny_llama_dir):
 
 @pytest.mark.slow
 def test_online_fp8_llama_at_tp2_stays_within_fp8_error(tiny_llama_dir):
-    """Online fp8 is per shard: a row-parallel linear's weight and activation scales cover its K slice
-    (finer than TP 1's), so logits differ from TP 1's fp8 by less than fp8 differs from float32."""
+    """Online fp8 weight scales are the whole rows' (a row-parallel shard's amax and scale-search errors
+    are combined over the ranks at load): rank 0's o_proj / down_proj scales are TP 1's. Activation
+    scales (per token) still cover each rank's K slice, so logits differ from TP 1's fp8 by less than
+    fp8 differs from float32."""
     ids = torch.tensor([PROMPTS[0]])
     positions = torch.arange(ids.shape[1])[None]
     exact = LLM(tiny_llama_dir, **RUNTIME).model.logits(ids)
-    fp8 = LLM(tiny_llama_dir, overrides=["quantization.algo=fp8"], **RUNTIME).model.logits(ids)
+    one = LLM(tiny_llama_dir, overrides=["quantization.algo=fp8"], **RUNTIME)
+    fp8, scales = one.model.logits(ids), dict(one.model.gm.named_parameters())
     llm = LLM(tiny_llama_dir, overrides=["quantization.algo=fp8"], tensor_parallel_size=2, **RUNTIME)
     try:
         assert _report(llm.model, "quantize_linear").matched["fp8_linear"] == 2 * 7
+        row_parallel = [n for n in scales if n.endswith(("o_proj.weight_scale", "down_proj.weight_scale"))]
+        assert len(row_parallel) == 4
+        local = dict(llm.model.gm.named_parameters())
+        for name in row_parallel:
+            assert torch.equal(local[name], scales[name]), name
         sharded = llm.engine.executor.full_logits(ids, positions)
         assert 0 < (sharded - fp8).abs().max() < (fp8 - exact).abs().max()
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
+def test_online_fp8_experts_split_inside_keep_tp1_down_scales(tmp_path):
+    """TP inside experts: each rank's K slice of every expert's down weight gets the whole rows' fp8 scales."""
+    entry = _zoo_checkpoint("qwen3-moe", tmp_path)
+    overrides = [f"model.attn_implementation={entry.attn_implementation}", *entry.overrides, "quantization.algo=fp8"]
+    one = LLM(tmp_path, str(entry.recipe), overrides=overrides)
+    scales = {n: p for n, p in one.model.gm.named_parameters() if n.endswith("experts.down_proj_scale")}
+    assert len(scales) == 2, list(scales)
+    llm = LLM(tmp_path, str(entry.recipe), overrides=overrides, tensor_parallel_size=2)
+    try:
+        assert _report(llm.model).matched["experts_per_rank"] > 1  # every expert, a slice of each
+        local = dict(llm.model.gm.named_parameters())
+        for name, scale in scales.items():
+            assert torch.equal(local[name], scale), name
     finally:
         llm.shutdown()
 

@@ -120,9 +120,8 @@ class LoadWeights(Transform):
             return None, {"random_init": 0, "moved": 0}
         checkpoint = _open_checkpoint(ctx.source.weight_files)
         if shards and quantized_keys:  # a pre-quantized checkpoint's scales and codes follow their weight's slice
-            shards.update(quantized_slices([k for k in quantized_keys if k in checkpoint], shards,
-                                           lambda key: checkpoint[key].get_slice(key).get_shape()))
-        missing = [n for n in wanted if _checkpoint_key(n, checkpoint, aliases) is None]
+            shards.update(quantized_slices(quantized_keys, shards, lambda key: _shape(checkpoint, key, aliases)))
+        missing = [n for n in wanted if _checkpoint_key(checkpoint_name(n, shards), checkpoint, aliases) is None]
         if not missing:
             return (lambda name: _read(checkpoint, checkpoint_name(name, shards), aliases, shards.get(name))), \
                 {"loaded": 0, "moved": 0}
@@ -170,6 +169,12 @@ def _quantized_reader(source, ctx: TransformContext, gen):
 def _read(checkpoint: dict, name: str, aliases: dict[str, list[str]], shard) -> torch.Tensor:
     key = _checkpoint_key(name, checkpoint, aliases)
     return checkpoint[key].get_tensor(key) if shard is None else shard.read(checkpoint[key], key)
+
+
+def _shape(checkpoint: dict, name: str, aliases: dict[str, list[str]]) -> list[int]:
+    """A checkpoint tensor's shape, read from the file's header; a missing one is reported later as missing."""
+    key = _checkpoint_key(name, checkpoint, aliases)
+    return [] if key is None else checkpoint[key].get_slice(key).get_shape()
 
 
 def _converted_by_transformers(ctx: TransformContext) -> dict[str, torch.Tensor]:

@@ -14,6 +14,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from autodeploy.errors import QuantizationError
+from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.parallel.quantized_slices import sharded_scheme
+from autodeploy.parallel.slices import shards_of
 from autodeploy.runtime.kv_cache import KV_SCALES_KEY
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.kv_scales import checkpoint_kv_scales
@@ -34,15 +37,20 @@ class QuantizeFromCheckpoint(Transform):
         if fmt is None:
             return {}
         loads = quantized_loads(gm)
+        shards = shards_of(gm)  # this rank's slice of each weight (tensor parallelism)
         counts = {"weight_bytes_before": weight_bytes(gm)}
         for site in list(linear_sites(gm)):
             scheme = fmt.scheme_for(site.path)
             if scheme is None:
                 continue
             self._check_requested(ctx.quantization.algo, fmt.describe(scheme), scheme.name)
+            weight = site.node.args[1].target.removeprefix(WRAPPER_PREFIX)
+            shard = shards.get(weight)
+            scheme = sharded_scheme(scheme, shard, site.path)
             scheme.check(site.in_features)
             params = swap_linear(site, scheme, ctx.dtype)
-            loads.add(fmt.layer_load(site.path, scheme, site.out_features, site.in_features, ctx.dtype, params))
+            source = weight if shard is not None and shard.key else site.path  # a fused part: its own slices
+            loads.add(fmt.layer_load(source, scheme, site.out_features, site.in_features, ctx.dtype, params))
             kind = f"{fmt.method}_{scheme.name}_linear"
             counts[kind] = counts.get(kind, 0) + 1
         counts["weight_bytes_after"] = weight_bytes(gm)

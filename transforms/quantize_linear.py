@@ -25,6 +25,8 @@ from torch.fx import GraphModule
 
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import weight_bytes
+from autodeploy.parallel.rank_reduce import combine_over_ranks
+from autodeploy.parallel.slices import shards_of
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
 from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
@@ -34,12 +36,18 @@ from autodeploy.quantization.schemes import LinearScheme, online_scheme
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
 
-def _build_linear(scheme, key: str, scale_dtype, tensors: dict) -> dict:
-    return scheme.quantize(tensors[key], scale_dtype)
+def _build_linear(scheme, key: str, scale_dtype, combine, tensors: dict) -> dict:
+    return scheme.quantize(tensors[key], scale_dtype, combine)
 
 
-def _build_experts(scheme, key: str, scale_dtype, tensors: dict) -> dict:
-    return quantize_experts(scheme, tensors[key], scale_dtype)
+def _build_experts(scheme, key: str, scale_dtype, combine, tensors: dict) -> dict:
+    return quantize_experts(scheme, tensors[key], scale_dtype, combine)
+
+
+def _row_combine(shard, in_dim: int):
+    """For a weight sharded along its in-features (row-parallel, or the down weights of TP inside
+    experts): combine_over_ranks, so its fp8 row scales span every rank's slice of K, as at TP 1."""
+    return combine_over_ranks if shard is not None and shard.dim == in_dim else None
 
 
 @register
@@ -84,6 +92,7 @@ class QuantizeLinear(Transform):
 
     def _linears(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
+        shards = shards_of(gm)  # this rank's slice of each weight (tensor parallelism)
         for site in list(linear_sites(gm)):
             if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
@@ -93,11 +102,13 @@ class QuantizeLinear(Transform):
             key = (site.prefix + site.node.args[1].target).removeprefix(WRAPPER_PREFIX)
             params = swap_linear(site, scheme, ctx.dtype)
             shape = (site.out_features, site.in_features)
-            loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype), params))
+            combine = _row_combine(shards.get(key), 1)
+            loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype, combine), params))
             counts[f"{scheme.name}_linear"] += 1
 
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
+        shards = shards_of(gm)
         for prefix, module, node in list(moe_nodes(gm)):
             w_gate_up, w_down = node.args[3], node.args[4]
             if ctx.quantization.excluded(hf_path(w_gate_up.target)):
@@ -110,7 +121,8 @@ class QuantizeLinear(Transform):
             counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]
             for weight_name, (shape, params) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
                 key = weight_name.removeprefix(WRAPPER_PREFIX)
-                loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype), params))
+                combine = _row_combine(shards.get(key), 2)
+                loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype, combine), params))
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         """Every nn.Linear not excluded (tied or transposed weights are kept and show up as a shortfall)."""

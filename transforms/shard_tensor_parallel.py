@@ -71,7 +71,7 @@ class _Sharder:
         part = self.slices.get(name.removeprefix(WRAPPER_PREFIX))
         if part is not None:
             ((offset, _),) = part.ranges
-            spec = ShardSlice(dim, tuple((offset + a, offset + b) for a, b in ranges), part.key)
+            spec = ShardSlice(dim, tuple((offset + a, offset + b) for a, b in ranges), part.key, part.size)
         local = torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta")
         setattr(owner, attr, torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter)
                 else local)

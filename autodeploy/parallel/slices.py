@@ -4,7 +4,8 @@ The sharding transform records one `ShardSlice` per sharded parameter in the gra
 (`SHARDS_KEY`); weight loading reads the slice straight from the mmapped safetensors file
 (`get_slice`), so no rank ever holds the unsharded tensor. A slice is a list of ranges along one
 dim, concatenated: one range for a plain column/row split, several for a fused projection whose
-parts (q/k/v, gate/up) are each split on their own.
+parts (q/k/v, gate/up) are each split on their own. A slice without ranges is the whole tensor under
+another name (a fused part's quantized tensors that every part reads whole, e.g. act-order's g_idx).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ SHARDS_KEY = "autodeploy_shards"
 @dataclass(frozen=True)
 class ShardSlice:
     dim: int
-    ranges: tuple[tuple[int, int], ...]  # [start, stop) along `dim`, in the order they are concatenated
+    ranges: tuple[tuple[int, int], ...]  # [start, stop) along `dim`, in the order they are concatenated; () whole
     key: str | None = None  # the checkpoint tensor, when not the parameter's own name (a fused part)
     size: int | None = None  # the whole tensor's size along `dim` (scales a quantized layer's slices)
 
@@ -35,10 +36,14 @@ class ShardSlice:
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of an already materialised tensor."""
+        if not self.ranges:
+            return full
         return torch.cat([full.narrow(self.dim, start, stop - start) for start, stop in self.ranges], self.dim)
 
     def read(self, handle, key: str) -> torch.Tensor:
         """This rank's part of checkpoint tensor `key`, read from a safetensors handle slice by slice."""
+        if not self.ranges:
+            return handle.get_tensor(key)
         view = handle.get_slice(key)
         ndim = len(view.get_shape())
         parts = []

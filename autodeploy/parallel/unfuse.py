@@ -70,7 +70,7 @@ def _part_param(gm: GraphModule, get_attr: Node, dim: int, start: int, stop: int
     owner_path, _, attr = get_attr.target.rpartition(".")
     owner = gm.get_submodule(owner_path)
     full = getattr(owner, attr)
-    spec = ShardSlice(dim, ((start, stop),), key=get_attr.target.removeprefix(WRAPPER_PREFIX))
+    spec = ShardSlice(dim, ((start, stop),), key=get_attr.target.removeprefix(WRAPPER_PREFIX), size=full.shape[dim])
     name = f"{attr}_rows_{start}_{stop}"
     owner.register_parameter(name, torch.nn.Parameter(
         torch.empty(spec.local_shape(full.shape), dtype=full.dtype, device="meta"), requires_grad=False))

@@ -25,6 +25,19 @@ from .loading import LayerLoad
 from .schemes import LinearScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+STORED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def stored_dim(name: str, weight_dim: int, act_order: bool) -> int | None:
+    """The dim of stored tensor `name` that runs along the linear weight's dim `weight_dim` (0: out
+    features N, 1: in features K), for tensor-parallel slices; None: it has none, every rank reads it
+    whole. Codes, zeros and scales are stored transposed ([K or G, N]); g_idx is [K]; with act-order a
+    slice of K still indexes the whole row's groups, so its scales and zeros keep all of them."""
+    if name == "g_idx":
+        return 0 if weight_dim == 1 else None
+    if act_order and weight_dim == 1 and name != "qweight":
+        return None
+    return 1 - weight_dim
 
 
 def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -89,7 +102,7 @@ class GptqFormat(_PackedIntFormat):
 
     def layer_load(self, path, scheme, out_features, in_features, scale_dtype, params) -> LayerLoad:
         n, k, bits = out_features, in_features, scheme.bits
-        groups = 1 if scheme.group_size == -1 else -(-k // scheme.group_size)
+        groups = scheme.groups or (1 if scheme.group_size == -1 else -(-k // scheme.group_size))
         sources = {f"{path}.qweight": (k * bits // 32, n), f"{path}.qzeros": (groups, n * bits // 32),
                    f"{path}.scales": (groups, n)}
         if scheme.act_order:

@@ -107,9 +107,11 @@ def swap_linear(site: LinearSite, scheme: LinearScheme, scale_dtype: torch.dtype
     """Replace the site's linear with the scheme's op; returns graph parameter name -> param suffix."""
     node, module, weight = site.node, site.module, site.node.args[1]
     args = bind_args(node)
-    owner_path = weight.target.rpartition(".")[0]
-    nodes = replace_params(module, node, [weight], owner_path,
-                           scheme.params(site.out_features, site.in_features, scale_dtype))
+    owner_path, _, attr = weight.target.rpartition(".")
+    suffix = attr.removeprefix("weight")  # a part of a fused weight (tensor parallelism): its params keep its suffix
+    params = scheme.params(site.out_features, site.in_features, scale_dtype)
+    named = replace_params(module, node, [weight], owner_path, {f"{k}{suffix}": p for k, p in params.items()})
+    nodes = {k: named[f"{k}{suffix}"] for k in params}
     op, op_args, kwargs = scheme.linear_call(args["x"], nodes, args["bias"])
     with module.graph.inserting_before(node):
         new = module.graph.call_function(op, op_args, kwargs)
@@ -117,7 +119,7 @@ def swap_linear(site: LinearSite, scheme: LinearScheme, scale_dtype: torch.dtype
     node.replace_all_uses_with(new)
     module.graph.erase_node(node)
     module.graph.erase_node(weight)
-    return {f"{site.prefix}{owner_path}.{attr}": attr for attr in nodes}
+    return {f"{site.prefix}{owner_path}.{k}{suffix}": k for k in nodes}
 
 
 def quantized_module_paths(gm: GraphModule) -> set[str]:
@@ -136,10 +138,12 @@ def expert_params(scheme: LinearScheme, experts: int, out_features: int, in_feat
             for k, (shape, dtype) in scheme.params(out_features, in_features, scale_dtype).items()}
 
 
-def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear)."""
+def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.dtype,
+                     combine=None) -> dict[str, torch.Tensor]:
+    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear;
+    `combine`: as LinearScheme.quantize's, for a slice of K)."""
     e, n, k = w.shape
-    flat = scheme.quantize(w.reshape(e * n, k), scale_dtype)
+    flat = scheme.quantize(w.reshape(e * n, k), scale_dtype, combine)
     return {_EXPERT_SUFFIX[name]: t.reshape(e, n, *t.shape[1:]) for name, t in flat.items()}
 
 

@@ -111,24 +111,30 @@ def quantize_int_search(w: torch.Tensor, bits: int, group_size: int, symmetric: 
     return qweight, scales, None if symmetric else zeros
 
 
+def _fp8_error(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per row, the squared error of rows [R, K] stored as e4m3 with per-row `scale` [R]."""
+    return (rows / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float().mul_(scale[:, None]).sub_(rows) \
+        .square_().sum(-1)
+
+
 @torch.no_grad()
-def quantize_fp8_search(w: torch.Tensor, factors: tuple[float, ...] = FP8_FACTORS) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_search(w: torch.Tensor, factors: tuple[float, ...] = FP8_FACTORS,
+                        combine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [N]) as quantize_fp8(per_channel=True) returns
-    them, each row's scale amax / 448 times the factor with the least squared error (1.0 = RTN)."""
+    them, each row's scale amax / 448 times the factor with the least squared error (1.0 = RTN; the
+    first of equal ones). `combine(stat, "max" | "sum")`: a row-parallel shard's amax and errors over
+    every rank's slice of K (autodeploy/parallel/rank_reduce.py: one collective each per tensor), so
+    each rank picks the row's factor."""
     n, k = w.shape
+    chunks = _row_chunks(n, k)
+    amax = torch.cat([w[chunk].float().abs().amax(-1) for chunk in chunks])
+    base = ((amax if combine is None else combine(amax, "max")) / FP8_MAX).clamp(min=1e-12)
+    errors = torch.cat([torch.stack([_fp8_error(w[chunk].float(), base[chunk] * factor) for factor in factors])
+                        for chunk in chunks], dim=1)  # [factors, N]
+    if combine is not None:
+        errors = combine(errors, "sum")
+    scales = base * torch.tensor(factors, dtype=base.dtype, device=base.device)[errors.argmin(0)]
     out = torch.empty(n, k, dtype=FP8_DTYPE, device=w.device)
-    scales = torch.empty(n, dtype=torch.float32, device=w.device)
-    for chunk in _row_chunks(n, k):
-        rows = w[chunk].float()
-        base = (rows.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
-        best_err = torch.full_like(base, float("inf"))
-        best = base
-        for factor in factors:
-            scale = base * factor
-            err = ((rows / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
-                   .mul_(scale[:, None]).sub_(rows).square_().sum(-1))
-            better = err < best_err
-            best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-        scales[chunk] = best
-        out[chunk] = (rows / best[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    for chunk in chunks:
+        out[chunk] = (w[chunk].float() / scales[chunk, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return out, scales

@@ -26,6 +26,7 @@ class LinearScheme:
     static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
     act_quant: str = "token"  # fp8 without a static scale: per token | per tensor
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
+    groups: int | None = None  # int act-order on a tensor-parallel slice of K: the whole row's groups (g_idx's range)
     scale_search: bool = False  # online: scales fitted to the weight (scale_search.py) instead of round-to-nearest
 
     @property
@@ -37,7 +38,8 @@ class LinearScheme:
         """A clear error before any weight is read when the layout cannot hold this linear."""
         if self.kind == "int":
             check_bits(self.bits, in_features)
-            groups_of(in_features, self.group_size)
+            if self.groups is None:
+                groups_of(in_features, self.group_size)
 
     def params(self, out_features: int, in_features: int, scale_dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
         """Parameter name -> (shape, dtype) of one [out, in] weight in this scheme (the op's layout)."""
@@ -47,7 +49,7 @@ class LinearScheme:
             if self.static_input:
                 params["input_scale"] = ((), torch.float32)
             return params
-        g = groups_of(k, self.group_size)
+        g = groups_of(k, self.group_size) if self.groups is None else self.groups
         params = {"qweight": ((n, k * self.bits // 32), torch.int32), "scales": ((n, g), scale_dtype)}
         if not self.symmetric:
             params["zeros"] = ((n, g), scale_dtype)
@@ -64,11 +66,14 @@ class LinearScheme:
                 {"zeros": params.get("zeros"), "g_idx": params.get("g_idx"), "bias": bias,
                  "bits": self.bits, "group_size": self.group_size})
 
-    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched)."""
+    def quantize(self, weight: torch.Tensor, scale_dtype: torch.dtype, combine=None) -> dict[str, torch.Tensor]:
+        """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched).
+        `combine`: fp8 row statistics over every rank's slice of K (a row-parallel shard; int groups lie
+        inside one shard and need none)."""
         if self.kind == "fp8":
             searched = self.scale_search and self.per_channel
-            w, scale = quantize_fp8_search(weight) if searched else quantize_fp8(weight, per_channel=self.per_channel)
+            w, scale = (quantize_fp8_search(weight, combine=combine) if searched
+                        else quantize_fp8(weight, per_channel=self.per_channel, combine=combine))
             return {"weight": w, "weight_scale": scale}
         quantizer = quantize_int_search if self.scale_search else quantize_int
         qweight, scales, zeros = quantizer(weight.to(scale_dtype), self.bits, self.group_size, self.symmetric)
