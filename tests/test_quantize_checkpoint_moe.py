@@ -1,0 +1,210 @@
+"""Pre-quantized MoE checkpoints (per-expert hub layout) load as stored into fp8_moe / int_moe.
+
+Checkpoints: tests/quant_moe_fixtures.py (compressed-tensors by its own library; ModelOpt FP8 by hand
+from the published layout). References:
+- the stacked params themselves, dequantized, equal the weights each checkpoint means (exact);
+- HF transformers loading the same compressed-tensors checkpoint (`dequantize=True`: transformers 5.24
+  runs quantized experts only by dequantizing them at load; FP8 W8A8 then does not round activations,
+  so FP8 compares within fp8's error, weight-only to float32 noise). Asymmetric pack-quantized experts
+  and ModelOpt: HF cannot load them here (its expert decompressor drops zero points and fails the
+  conversion; ModelOpt's integration needs CUDA), so the reference is the HF model holding the
+  dequantized weights the writer computed.
+- tensor parallelism: each rank's params are exactly its slice of the TP-1 params, and LLM over two
+  gloo ranks gives TP 1's greedy tokens (expert parallel and TP inside experts).
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+from autodeploy.errors import QuantizationError
+from autodeploy.kernels.quant_format import dequantize_int
+from autodeploy.llm import LLM, SamplingParams
+from autodeploy.optimizer import optimize_model
+from quant_moe_fixtures import dequantized_moe_reference, write_compressed_tensors_moe, write_modelopt_fp8_moe
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=128)
+PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5]])
+NO_CACHE = ["transforms.insert_kv_cache.enabled=false", "model.device=cpu", "model.dtype=float32"]
+EXPERTS, INNER, GROUP = 4, 32, 16
+
+
+def _config(kind: str):
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=INNER, num_experts=EXPERTS,
+                              num_experts_per_tok=2)
+    return MixtralConfig(**COMMON, intermediate_size=INNER, num_local_experts=EXPERTS, num_experts_per_tok=2)
+
+
+def _ours(path, *overrides):
+    opt = optimize_model(path, overrides=NO_CACHE + list(overrides), progress=False)
+    assert not [w for r in opt.reports for w in r.warnings]  # every quantized expert and linear matched
+    return opt, next(r for r in opt.reports if r.name == "quantize_from_checkpoint").matched
+
+
+def _stacked_dequantized(opt, layer: int, weight: str, bits: int) -> torch.Tensor:
+    """Our stacked [E, N, K] expert weight `weight` (gate_up_proj / down_proj), dequantized."""
+    params = dict(opt.gm.named_parameters())
+    name = f"model.model.layers.{layer}.mlp.experts.{weight}"
+    codes = params[name]
+    if codes.dtype == torch.float8_e4m3fn:
+        return codes.float() * params[name + "_scale"][..., None]
+    zeros = params.get(name + "_zeros")
+    k = codes.shape[-1] * 32 // bits
+    return torch.stack([dequantize_int(codes[e], params[name + "_scales"][e], None if zeros is None else zeros[e],
+                                       None, bits, GROUP, k) for e in range(codes.shape[0])])
+
+
+def _assert_experts_as_stored(opt, reference, bits: int) -> None:
+    """Stacked quantized params (e4m3 / int32 codes, nothing dequantized) mean the checkpoint's weights."""
+    ref = dict(reference.named_parameters())
+    for layer in range(COMMON["num_hidden_layers"]):
+        for weight in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.experts.{weight}"
+            assert dict(opt.gm.named_parameters())["model." + name].dtype in (torch.float8_e4m3fn, torch.int32)
+            assert torch.equal(_stacked_dequantized(opt, layer, weight, bits), ref[name].detach()), name
+
+
+def _compare(opt, reference, rel_tol: float) -> None:
+    """Logits within rel_tol; greedy tokens equal for weight-only schemes. FP8 W8A8 rounds activations
+    that the dequantized reference does not, and the random tiny models' top logits nearly tie, so there
+    each of our greedy tokens must sit in the reference's top 3 (the GPU rule of the design card)."""
+    top_k = 1 if rel_tol < 1e-3 else 3
+    with torch.no_grad():
+        ref = reference(PROMPT).logits
+        assert (opt.logits(PROMPT) - ref).abs().max() <= rel_tol * ref.abs().max()
+        ids = PROMPT
+        for _ in range(6):
+            step = opt.logits(ids)[:, -1:].argmax(-1)
+            assert step.item() in reference(ids).logits[0, -1].topk(top_k).indices.tolist()
+            ids = torch.cat([ids, step], dim=1)
+
+
+@pytest.mark.parametrize("kind,preset,rel_tol", [
+    ("qwen3_moe", "W4A16", 1e-4), ("mixtral", "W8A16", 1e-4), ("mixtral", "FP8_DYNAMIC", 0.06),
+    ("qwen3_moe", "FP8", 0.06),
+])
+def test_compressed_tensors_experts_match_hf(tmp_path, kind, preset, rel_tol):
+    from transformers import CompressedTensorsConfig
+
+    model, dequantized = write_compressed_tensors_moe(tmp_path, _config(kind), preset, group_size=GROUP)
+    opt, matched = _ours(tmp_path)
+    scheme = "fp8" if preset.startswith("FP8") else f"int{preset[1]}"
+    assert matched[f"compressed-tensors_{scheme}_experts"] == EXPERTS * COMMON["num_hidden_layers"]
+    assert matched[f"compressed-tensors_{scheme}_linear"] == 4 * COMMON["num_hidden_layers"]
+    op = "fp8_moe" if scheme == "fp8" else "int_moe"
+    assert sum(op in str(n.target) for n in opt.gm.graph.nodes) == COMMON["num_hidden_layers"]
+    input_scales = [n for n, _ in opt.gm.named_parameters() if n.endswith("_input_scale")]
+    assert len(input_scales) == (2 * COMMON["num_hidden_layers"] if preset == "FP8" else 0)  # static: per GEMM
+    _assert_experts_as_stored(opt, dequantized_moe_reference(model, dequantized), 4 if preset == "W4A16" else 8)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                              quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    _compare(opt, hf, rel_tol)
+
+
+def test_asymmetric_int4_experts_match_their_dequantized_weights(tmp_path):
+    model, dequantized = write_compressed_tensors_moe(tmp_path, _config("qwen3_moe"), "W4A16_ASYM", GROUP)
+    opt, matched = _ours(tmp_path)
+    assert matched["compressed-tensors_int4_experts"] == EXPERTS * COMMON["num_hidden_layers"]
+    reference = dequantized_moe_reference(model, dequantized)
+    _assert_experts_as_stored(opt, reference, 4)
+    _compare(opt, reference, 1e-4)
+
+
+def test_modelopt_fp8_experts_with_static_input_scales(tmp_path):
+    """Per-tensor weight scales become per-channel rows (gate's and up's differ); the fused gate/up GEMM's
+    static input scale is the larger of the two stored ones, down's its own."""
+    from safetensors.torch import load_file
+
+    model, dequantized = write_modelopt_fp8_moe(tmp_path, _config("mixtral"))
+    opt, matched = _ours(tmp_path)
+    assert matched["modelopt_fp8_experts"] == EXPERTS * COMMON["num_hidden_layers"]
+    reference = dequantized_moe_reference(model, dequantized)
+    _assert_experts_as_stored(opt, reference, 8)
+    stored, params = load_file(tmp_path / "model.safetensors"), dict(opt.gm.named_parameters())
+    expert = "model.layers.1.block_sparse_moe.experts.3"
+    assert params["model.model.layers.1.mlp.experts.gate_up_proj_input_scale"][3] == max(
+        stored[f"{expert}.w1.input_scale"], stored[f"{expert}.w3.input_scale"])
+    assert params["model.model.layers.1.mlp.experts.down_proj_input_scale"][3] == stored[f"{expert}.w2.input_scale"]
+    _compare(opt, reference, 0.06)
+
+
+def test_act_order_experts_are_a_clear_error(tmp_path):
+    write_compressed_tensors_moe(tmp_path, _config("qwen3_moe"), "W4A16", GROUP)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"experts\: act-order \(g_idx\) experts .* not supported"):
+        optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
+
+
+# ---- tensor parallelism ----
+
+@pytest.fixture(scope="module")
+def int4_asym_moe(tmp_path_factory):
+    """Qwen3-MoE, W4A16 asymmetric group 16: codes packed along K, zero points packed along N."""
+    path = tmp_path_factory.mktemp("qwen3_moe_w4a16_asym")
+    write_compressed_tensors_moe(path, _config("qwen3_moe"), "W4A16_ASYM", GROUP)
+    return path
+
+
+def _local_params(path, rank: int, expert_parallel: bool) -> dict[str, torch.Tensor]:
+    opt, matched = _ours(path, "parallel.tensor_parallel_size=2", f"parallel.rank={rank}",
+                         f"parallel.enable_expert_parallel={str(expert_parallel).lower()}")
+    assert matched["compressed-tensors_int4_experts"] == EXPERTS * COMMON["num_hidden_layers"] // (
+        2 if expert_parallel else 1)
+    return dict(opt.gm.named_parameters())
+
+
+def test_each_rank_reads_its_experts_or_its_slice_of_every_expert(int4_asym_moe):
+    """Expert parallel: rank r holds experts [2r, 2r + 2). TP inside experts: rank r holds gate rows
+    [16r, 16r + 16) and the same up rows of every expert (codes, group scales, zero points), and down's
+    K columns [16r, 16r + 16): two packed words, one group."""
+    full = dict(_ours(int4_asym_moe)[0].gm.named_parameters())
+    experts = "model.model.layers.1.mlp.experts."
+    for rank in range(2):
+        local = _local_params(int4_asym_moe, rank, expert_parallel=True)
+        for suffix in ("", "_scales", "_zeros"):
+            for weight in ("gate_up_proj", "down_proj"):
+                name = experts + weight + suffix
+                assert torch.equal(local[name], full[name][2 * rank:2 * rank + 2]), name
+        local = _local_params(int4_asym_moe, rank, expert_parallel=False)
+        rows = list(range(16 * rank, 16 * rank + 16)) + list(range(INNER + 16 * rank, INNER + 16 * rank + 16))
+        for suffix in ("", "_scales", "_zeros"):
+            name = experts + "gate_up_proj" + suffix
+            assert torch.equal(local[name], full[name][:, rows]), name
+        assert torch.equal(local[experts + "down_proj"], full[experts + "down_proj"][..., 2 * rank:2 * rank + 2])
+        for suffix in ("_scales", "_zeros"):
+            name = experts + "down_proj" + suffix
+            assert torch.equal(local[name], full[name][..., rank:rank + 1]), name
+
+
+RUNTIME = dict(max_batch_size=4, max_num_tokens=64, **{"transforms.insert_kv_cache.num_blocks": 32,
+                                                        "export.max_seq_len": 128, "export.max_batch_size": 4})
+PROMPTS = [[1, 5, 9, 200, 31, 7, 99], [4, 8, 15, 16, 23, 42]]
+
+
+def _tokens_at_tp2_equal_tp1(path, *overrides) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    want = [o.token_ids for o in LLM(path, overrides=list(overrides), **RUNTIME).generate(PROMPTS, params)]
+    llm = LLM(path, overrides=list(overrides), tensor_parallel_size=2, **RUNTIME)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == want
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("expert_parallel", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_int4_experts_at_tp2_give_tp1_tokens(int4_asym_moe, expert_parallel):
+    _tokens_at_tp2_equal_tp1(int4_asym_moe, f"parallel.enable_expert_parallel={str(expert_parallel).lower()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_parallel", [True, False])
+def test_fp8_static_mixtral_experts_at_tp2_give_tp1_tokens(tmp_path, expert_parallel):
+    """Per-channel scales and per-tensor input scales: slices of either stay TP 1's values."""
+    write_compressed_tensors_moe(tmp_path, _config("mixtral"), "FP8")
+    _tokens_at_tp2_equal_tp1(tmp_path, f"parallel.enable_expert_parallel={str(expert_parallel).lower()}")
