@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from quant_fixtures import FP8_MAX, _random_model
+from quant_fixtures import FP8_MAX, _random_model, compress_linears
 
 ROUTER_SUFFIXES = (".gate.weight",)  # Qwen3-MoE mlp.gate, Mixtral block_sparse_moe.gate
 
@@ -94,10 +94,6 @@ def _amax_of(amax: dict[str, float], key: str) -> float:
 
 def write_compressed_tensors_moe(path: Path, config, preset: str, group_size: int = 16):
     """preset as quant_fixtures.write_compressed_tensors. Returns (model, {hub weight key: dequantized})."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from compressed_tensors.quantization.utils import calculate_qparams
     from safetensors.torch import save_file
 
     model = _random_model(config)
@@ -105,30 +101,9 @@ def write_compressed_tensors_moe(path: Path, config, preset: str, group_size: in
     keys = _quantized_keys(state)
     amax = _expert_input_amax(model)
     tree = _stand_in(state, keys)
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    if scheme.weights.strategy == "group":
-        scheme.weights.group_size = group_size
-    apply_quantization_config(tree, QuantizationConfig(config_groups={"group_0": scheme}))
-    dequantized = {}
-    for key in keys:
-        m, args = tree.get_submodule(key.removesuffix(".weight")), scheme.weights
-        w = m.weight.data
-        if args.strategy == "tensor":
-            lo, hi = w.min().reshape(1), w.max().reshape(1)
-        elif args.strategy == "channel":
-            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        else:
-            grouped = w.reshape(w.shape[0], -1, args.group_size)
-            lo, hi = grouped.amin(-1), grouped.amax(-1)
-        scale, zero = calculate_qparams(lo, hi, args)
-        m.weight_scale.data = scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype)
-        m.weight_zero_point.data = zero.reshape(m.weight_zero_point.shape).to(m.weight_zero_point.dtype)
-        if hasattr(m, "input_scale"):
-            m.input_scale.data.fill_(_amax_of(amax, key) / FP8_MAX)
-        dequantized[key] = fake_quantize(w, m.weight_scale, m.weight_zero_point, args).float()
-    fmt = "float-quantized" if preset.startswith("FP8") else "pack-quantized"
-    compressor = ModelCompressor.from_pretrained_model(tree, quantization_format=fmt)
-    compressor.compress_model(tree)
+    linears = {key: tree.get_submodule(key.removesuffix(".weight")) for key in keys}
+    compressor, dequantized = compress_linears(tree, linears, preset, group_size,
+                                               {key: _amax_of(amax, key) for key in keys}, ignore=[])
     compressor.quantization_config.ignore = ["lm_head", "re:.*gate$"]
     for key in keys:
         del state[key]
