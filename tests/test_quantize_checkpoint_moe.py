@@ -23,6 +23,7 @@ from autodeploy.errors import QuantizationError
 from autodeploy.kernels.quant_format import dequantize_int
 from autodeploy.llm import LLM, SamplingParams
 from autodeploy.optimizer import optimize_model
+from autodeploy.quantization.loading import quantized_loads
 from quant_moe_fixtures import dequantized_moe_reference, write_compressed_tensors_moe, write_modelopt_fp8_moe
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -132,12 +133,33 @@ def test_modelopt_fp8_experts_with_static_input_scales(tmp_path):
     _compare(opt, reference, 0.06)
 
 
-def test_act_order_experts_are_a_clear_error(tmp_path):
-    write_compressed_tensors_moe(tmp_path, _config("qwen3_moe"), "W4A16", GROUP)
+def _act_order(groups: dict) -> None:
+    groups["group_0"]["weights"]["actorder"] = "group"
+
+
+def _layer1_expert0_int8(groups: dict) -> None:
+    """A first config group claiming one expert as W8A16: that layer's experts would mix two schemes."""
+    int8 = json.loads(json.dumps(groups["group_0"]))
+    int8["weights"]["num_bits"], int8["targets"] = 8, [r"re:.*layers\.1\.mlp\.experts\.0\..*"]
+    groups.update({"group_int8": int8, "group_0": groups.pop("group_0")})
+
+
+def _dynamic_per_tensor_activations(groups: dict) -> None:
+    groups["group_0"]["input_activations"]["strategy"] = "tensor"
+
+
+@pytest.mark.parametrize("preset,edit,message", [
+    ("W4A16", _act_order, r"layers\.0\.mlp\.experts: act-order \(g_idx\) experts .* not supported"),
+    ("W4A16", _layer1_expert0_int8, r"layers\.1\.mlp\.experts: the experts are stored in several schemes "
+                                    r"\(compressed-tensors int4 group 16, compressed-tensors int8 group 16\)"),
+    ("FP8_DYNAMIC", _dynamic_per_tensor_activations, r"dynamic per-tensor activation scales are not supported"),
+])
+def test_experts_the_ops_cannot_take_are_a_clear_error(tmp_path, preset, edit, message):
+    write_compressed_tensors_moe(tmp_path, _config("qwen3_moe"), preset, GROUP)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    edit(config["quantization_config"]["config_groups"])
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QuantizationError, match=r"experts\: act-order \(g_idx\) experts .* not supported"):
+    with pytest.raises(QuantizationError, match=message):
         optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
 
 
@@ -152,10 +174,14 @@ def int4_asym_moe(tmp_path_factory):
 
 
 def _local_params(path, rank: int, expert_parallel: bool) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s params; checks that its loads named only the experts it holds."""
     opt, matched = _ours(path, "parallel.tensor_parallel_size=2", f"parallel.rank={rank}",
                          f"parallel.enable_expert_parallel={str(expert_parallel).lower()}")
     assert matched["compressed-tensors_int4_experts"] == EXPERTS * COMMON["num_hidden_layers"] // (
         2 if expert_parallel else 1)
+    read = {int(key.split(".experts.")[1].split(".")[0]) for key in quantized_loads(opt.gm).source_keys()
+            if ".experts." in key}
+    assert read == ({2 * rank, 2 * rank + 1} if expert_parallel else set(range(EXPERTS)))
     return dict(opt.gm.named_parameters())
 
 

@@ -83,7 +83,8 @@ def _renamed_once(a: list[str], b: list[str]) -> bool:
 def block_scheme(fmt: CheckpointFormat, block: ExpertBlock) -> LinearScheme | None:
     """The one scheme all of the block's expert projections are stored in (None: stored unquantized).
 
-    fp8_moe / int_moe take one layout for every expert, and int_moe no act-order indices."""
+    fp8_moe / int_moe take one layout for every expert; int_moe has no act-order indices, and fp8_moe
+    quantizes activations per token or with static scales (not per tensor, dynamically)."""
     schemes = {fmt.scheme_for(block.linear(e, role)) for e in range(block.experts) for role in ROLES}
     if len(schemes) != 1:
         shown = ", ".join(sorted(fmt.describe(s) if s else "unquantized" for s in schemes))
@@ -93,6 +94,9 @@ def block_scheme(fmt: CheckpointFormat, block: ExpertBlock) -> LinearScheme | No
     if scheme is not None and scheme.act_order:
         raise QuantizationError(f"{block.path}: act-order (g_idx) experts ({fmt.describe(scheme)}) are not supported: "
                                 "int_moe has no act-order; use a checkpoint quantized without actorder / desc_act")
+    if scheme is not None and scheme.kind == "fp8" and not scheme.static_input and scheme.act_quant != "token":
+        raise QuantizationError(f"{block.path}: FP8 experts with dynamic per-{scheme.act_quant} activation scales are "
+                                "not supported: fp8_moe quantizes activations per token or with static scales")
     return scheme
 
 
