@@ -193,6 +193,17 @@ def _input_of(name: str) -> str:
     return f"{parent}.{'in' if proj in ('q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj') else proj}"
 
 
+def gptq_tensors(state: dict, name: str, w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """Linear `name`'s GPTQ v1 tensors into `state` (round-to-nearest codes); returns the weight they mean."""
+    codes, scales, zeros = _rtn_codes(w, groups, n_groups, bits, symmetric)
+    state[f"{name}.qweight"] = _pack(codes.t(), bits, dim=0)
+    state[f"{name}.qzeros"] = _pack((zeros - 1).t(), bits, dim=1)
+    state[f"{name}.scales"] = scales.t().contiguous()
+    state[f"{name}.g_idx"] = groups.to(torch.int32)
+    return (codes - zeros[:, groups]).float() * scales.float()[:, groups]
+
+
 def write_gptq(path: Path, config, bits: int = 4, group_size: int = 32, act_order: bool = False,
                symmetric: bool = True, order_per_linear: bool = False) -> dict[str, torch.Tensor]:
     """GPTQ v1 (`checkpoint_format: gptq`): qweight [K*b/32, N], qzeros [G, N*b/32] stored minus 1, fp16 scales.
@@ -215,12 +226,7 @@ def write_gptq(path: Path, config, bits: int = 4, group_size: int = 32, act_orde
             groups[perm] = torch.arange(k) // group_size
         else:
             groups = torch.arange(k) // group_size
-        codes, scales, zeros = _rtn_codes(w, groups, n_groups, bits, symmetric)
-        state[f"{name}.qweight"] = _pack(codes.t(), bits, dim=0)
-        state[f"{name}.qzeros"] = _pack((zeros - 1).t(), bits, dim=1)
-        state[f"{name}.scales"] = scales.t().contiguous()
-        state[f"{name}.g_idx"] = groups.to(torch.int32)
-        dequantized[name] = (codes - zeros[:, groups]).float() * scales.float()[:, groups]
+        dequantized[name] = gptq_tensors(state, name, w, groups, n_groups, bits, symmetric)
     _save(model, path, state, {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                 "desc_act": act_order, "sym": symmetric, "checkpoint_format": "gptq"})
     return _dequantized_state(model, dequantized)

@@ -1,4 +1,4 @@
-"""Pre-quantized tiny MoE checkpoints in the hub layout llm-compressor writes (importable by tests).
+"""Pre-quantized tiny MoE checkpoints in the per-expert hub layout (importable by tests).
 
 The HF model (transformers 5 fuses experts into [E, ...] tensors) is saved in its original per-expert
 layout (`experts.{e}.gate_proj` / `w1` ...), then every linear weight but the routers', the embedding
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from quant_fixtures import FP8_MAX, _random_model, compress_linears
+from quant_fixtures import FP8_MAX, _random_model, compress_linears, gptq_tensors
 
 ROUTER_SUFFIXES = (".gate.weight",)  # Qwen3-MoE mlp.gate, Mixtral block_sparse_moe.gate
 
@@ -139,6 +139,32 @@ def write_modelopt_fp8_moe(path: Path, config):
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     quant = {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "*.gate"]}
     (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": quant}))
+    return model, dequantized
+
+
+def write_gptq_moe(path: Path, config, bits: int = 4, group_size: int = 16):
+    """GPTQ v1 (published layout, as quant_fixtures.write_gptq), experts included, no act-order.
+    Returns (model, dequantized)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _random_model(config)
+    state = _hub_state(model)
+    dequantized = {}
+    for key in _quantized_keys(state):
+        w = state.pop(key).float()
+        groups = torch.arange(w.shape[1]) // group_size
+        dequantized[key] = gptq_tensors(state, key.removesuffix(".weight"), w, groups, w.shape[1] // group_size, bits,
+                                        symmetric=True)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    config_file = path / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
+                                    "sym": True, "checkpoint_format": "gptq"}
+    config_file.write_text(json.dumps(saved))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     return model, dequantized
 
 

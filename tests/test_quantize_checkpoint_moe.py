@@ -1,14 +1,14 @@
 """Pre-quantized MoE checkpoints (per-expert hub layout) load as stored into fp8_moe / int_moe.
 
-Checkpoints: tests/quant_moe_fixtures.py (compressed-tensors by its own library; ModelOpt FP8 by hand
-from the published layout). References:
+Checkpoints: tests/quant_moe_fixtures.py (compressed-tensors by its own library; ModelOpt FP8 and GPTQ
+by hand from the published layouts). References:
 - the stacked params themselves, dequantized, equal the weights each checkpoint means (exact);
 - HF transformers loading the same compressed-tensors checkpoint (`dequantize=True`: transformers 5.24
   runs quantized experts only by dequantizing them at load; FP8 W8A8 then does not round activations,
-  so FP8 compares within fp8's error, weight-only to float32 noise). Asymmetric pack-quantized experts
-  and ModelOpt: HF cannot load them here (its expert decompressor drops zero points and fails the
-  conversion; ModelOpt's integration needs CUDA), so the reference is the HF model holding the
-  dequantized weights the writer computed.
+  so FP8 compares within fp8's error, weight-only to float32 noise). Asymmetric pack-quantized experts,
+  ModelOpt and GPTQ: HF cannot load them here (its expert decompressor drops zero points and fails the
+  conversion; ModelOpt's and GPTQ's integrations need CUDA), so the reference is the HF model holding
+  the dequantized weights the writer computed.
 - tensor parallelism: each rank's params are exactly its slice of the TP-1 params, and LLM over two
   gloo ranks gives TP 1's greedy tokens (expert parallel and TP inside experts).
 """
@@ -24,7 +24,8 @@ from autodeploy.kernels.quant_format import dequantize_int
 from autodeploy.llm import LLM, SamplingParams
 from autodeploy.optimizer import optimize_model
 from autodeploy.quantization.loading import quantized_loads
-from quant_moe_fixtures import dequantized_moe_reference, write_compressed_tensors_moe, write_modelopt_fp8_moe
+from quant_moe_fixtures import (dequantized_moe_reference, write_compressed_tensors_moe, write_gptq_moe,
+                                write_modelopt_fp8_moe)
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=128)
@@ -131,6 +132,16 @@ def test_modelopt_fp8_experts_with_static_input_scales(tmp_path):
         stored[f"{expert}.w1.input_scale"], stored[f"{expert}.w3.input_scale"])
     assert params["model.model.layers.1.mlp.experts.down_proj_input_scale"][3] == stored[f"{expert}.w2.input_scale"]
     _compare(opt, reference, 0.06)
+
+
+def test_gptq_int4_experts(tmp_path):
+    """GPTQ's transposed codes and zero points are converted per expert by the dense reader, then stacked."""
+    model, dequantized = write_gptq_moe(tmp_path, _config("mixtral"))
+    opt, matched = _ours(tmp_path)
+    assert matched["gptq_int4_experts"] == EXPERTS * COMMON["num_hidden_layers"]
+    reference = dequantized_moe_reference(model, dequantized)
+    _assert_experts_as_stored(opt, reference, 4)
+    _compare(opt, reference, 1e-4)
 
 
 def _act_order(groups: dict) -> None:
