@@ -70,6 +70,34 @@ def _assert_experts_as_stored(opt, reference, bits: int) -> None:
             assert torch.equal(_stacked_dequantized(opt, layer, weight, bits), ref[name].detach()), name
 
 
+def test_fp8_moe_static_input_scales_round_each_experts_input_with_its_scale():
+    """The op's new inputs: expert e's gate/up input is rounded as e4m3 of x / s1[e] (saturated), its down
+    input with s2[e]; an explicit loop over tokens and their experts is the reference."""
+    g = torch.Generator().manual_seed(7)
+    e, h, i, tokens = 3, 32, 16, 5
+    w1 = (torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(torch.float8_e4m3fn)
+    w2 = (torch.randn(e, h, i, generator=g) / i**0.5).to(torch.float8_e4m3fn)
+    ws1, ws2 = torch.rand(e, 2 * i, generator=g) + 0.5, torch.rand(e, h, generator=g) + 0.5
+    s1, s2 = torch.tensor([0.002, 0.004, 0.001]), torch.tensor([0.003, 0.0005, 0.002])  # 0.0005 saturates
+    x = torch.randn(tokens, h, generator=g)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [1, 2], [0, 1]])
+    weights = torch.rand(tokens, 2, generator=g)
+
+    def rounded(a, scale):
+        return (a / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+    want = torch.zeros_like(x)
+    for t in range(tokens):
+        for slot in range(2):
+            n = int(ids[t, slot])
+            gate, up = (rounded(x[t], s1[n]) @ (w1[n].float() * ws1[n][:, None]).t()).chunk(2)
+            y = rounded(torch.nn.functional.silu(gate) * up, s2[n]) @ (w2[n].float() * ws2[n][:, None]).t()
+            want[t] += weights[t, slot] * y
+    got = torch.ops.autodeploy.fp8_moe(x, ids, weights, w1, ws1, w2, ws2, "silu",
+                                       w_gate_up_input_scale=s1, w_down_input_scale=s2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _compare(opt, reference, rel_tol: float) -> None:
     """Logits within rel_tol; greedy tokens equal for weight-only schemes. FP8 W8A8 rounds activations
     that the dequantized reference does not, and the random tiny models' top logits nearly tie, so there
