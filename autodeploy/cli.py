@@ -74,7 +74,9 @@ def _hf_reference(opt):
 
     try:
         return load_hf_reference(opt)
-    except ImportError as e:  # GPTQ / AWQ: HF needs optimum / gptqmodel / autoawq, CUDA-only packages
+    # GPTQ / AWQ: HF needs optimum / gptqmodel / autoawq, CUDA-only packages; its weight converter
+    # refuses some quantized experts (asymmetric compressed-tensors MoE, transformers 5.24): RuntimeError
+    except (ImportError, RuntimeError) as e:
         print(f"\n  agreement  : skipped, HF transformers cannot load this checkpoint here ({e})")
         return None
 

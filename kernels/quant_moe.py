@@ -3,7 +3,8 @@
 Same routing semantics as kernels/moe.py (the shared `route_to_experts`), each expert's two projections
 being the quantized linears of kernels/quant_linear.py, so a quantized MoE model runs the same pipeline:
 - fp8_moe: e4m3 experts, w_gate_up [E, 2I, H] with scale [E] (per expert) or [E, 2I] (per channel),
-  w_down [E, H, I] with [E] or [E, H]; activations quantized per token, as fp8_linear does.
+  w_down [E, H, I] with [E] or [E, H]; activations quantized per token, as fp8_linear does, or with a
+  checkpoint's static scales [E] per GEMM (w_gate_up_input_scale, w_down_input_scale).
 - int_moe: weight-only INT4/INT8, w_gate_up int32 [E, 2I, H*bits/32] with scales / zeros [E, 2I, G1],
   w_down int32 [E, H, I*bits/32] with [E, H, G2], all in quant_format's packed layout.
 Reference only (plain torch, per expert in float32): the ground truth a grouped-GEMM backend would meet.
@@ -18,7 +19,8 @@ from .moe import gated_mlp, route_to_experts
 
 FP8_SCHEMA = (
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_gate_up_scale, Tensor w_down, "
-    "Tensor w_down_scale, str activation, Tensor? b_gate_up=None, Tensor? b_down=None) -> Tensor"
+    "Tensor w_down_scale, str activation, Tensor? b_gate_up=None, Tensor? b_down=None, "
+    "Tensor? w_gate_up_input_scale=None, Tensor? w_down_input_scale=None) -> Tensor"
 )
 INT_SCHEMA = (
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_gate_up_scales, "
@@ -43,15 +45,19 @@ def fp8_moe(
     activation: str,
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
+    w_gate_up_input_scale: torch.Tensor | None = None,
+    w_down_input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference: each used expert as two fp8_linear calls (per-token activation scales) around the gate."""
+    """Reference: each used expert as two fp8_linear calls around the gate (activation scales per token,
+    or a checkpoint's static ones per expert)."""
     fp8_linear = torch.ops.autodeploy.fp8_linear
 
     def expert_mlp(e: int, h: torch.Tensor) -> torch.Tensor:
         return gated_mlp(
             h.float(),
-            lambda a: fp8_linear(a, w_gate_up[e], w_gate_up_scale[e], None, _pick(b_gate_up, e), "token"),
-            lambda a: fp8_linear(a, w_down[e], w_down_scale[e], None, _pick(b_down, e), "token"),
+            lambda a: fp8_linear(a, w_gate_up[e], w_gate_up_scale[e], _pick(w_gate_up_input_scale, e),
+                                 _pick(b_gate_up, e), "token"),
+            lambda a: fp8_linear(a, w_down[e], w_down_scale[e], _pick(w_down_input_scale, e), _pick(b_down, e), "token"),
             activation,
         )
 
@@ -100,7 +106,7 @@ def _check_experts(activation: str, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 @fp8_moe.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale, activation, b_gate_up=None,
-      b_down=None):
+      b_down=None, w_gate_up_input_scale=None, w_down_input_scale=None):
     _check_experts(activation, w_gate_up, w_down, 1)
     return torch.empty_like(x)
 

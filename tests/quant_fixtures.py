@@ -74,41 +74,54 @@ def _dequantized_state(model, weights: dict[str, torch.Tensor]) -> dict[str, tor
 
 # ---- compressed-tensors (the library) ----
 
-def write_compressed_tensors(path: Path, config, preset: str, group_size: int = 32) -> dict[str, torch.Tensor]:
-    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), W8A16, W4A16, W4A16_ASYM
-    (pack-quantized; ASYM: zero points too)."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+def set_compressed_tensors_qparams(m: nn.Linear, args, input_amax: float) -> torch.Tensor:
+    """Round-to-nearest qparams of a linear the library prepared (weight scale / zero point by its own
+    calculate_qparams, a static input scale from the calibrated amax); returns the dequantized weight."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    model = _random_model(config)
-    linears = _quantized_linears(model)
-    amax = _input_amax(model, linears)
+    w = m.weight.data
+    if args.strategy == "tensor":
+        lo, hi = w.min().reshape(1), w.max().reshape(1)
+    elif args.strategy == "channel":
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    else:
+        grouped = w.reshape(w.shape[0], -1, args.group_size)
+        lo, hi = grouped.amin(-1), grouped.amax(-1)
+    scale, zero = calculate_qparams(lo, hi, args)
+    m.weight_scale.data = scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype)
+    m.weight_zero_point.data = zero.reshape(m.weight_zero_point.shape).to(m.weight_zero_point.dtype)
+    if hasattr(m, "input_scale"):
+        m.input_scale.data.fill_(input_amax / FP8_MAX)
+    return fake_quantize(w, m.weight_scale, m.weight_zero_point, args).float()
+
+
+def compress_linears(root: nn.Module, linears: dict[str, nn.Linear], preset: str, group_size: int,
+                     input_amax: dict[str, float], ignore: list[str]):
+    """Apply `preset` to `root`'s linears, set their qparams, compress in place (the library's own steps).
+    Returns (the ModelCompressor, {linear name: dequantized weight})."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if scheme.weights.strategy == "group":
         scheme.weights.group_size = group_size
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
-    dequantized = {}
-    for name, m in linears.items():
-        w, args = m.weight.data, scheme.weights
-        if args.strategy == "tensor":
-            lo, hi = w.min().reshape(1), w.max().reshape(1)
-        elif args.strategy == "channel":
-            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        else:
-            grouped = w.reshape(w.shape[0], -1, args.group_size)
-            lo, hi = grouped.amin(-1), grouped.amax(-1)
-        scale, zero = calculate_qparams(lo, hi, args)
-        m.weight_scale.data = scale.reshape(m.weight_scale.shape).to(m.weight_scale.dtype)
-        m.weight_zero_point.data = zero.reshape(m.weight_zero_point.shape).to(m.weight_zero_point.dtype)
-        if hasattr(m, "input_scale"):
-            m.input_scale.data.fill_(amax[name] / FP8_MAX)
-        dequantized[name] = fake_quantize(w, m.weight_scale, m.weight_zero_point, args).float()
-    reference = _dequantized_state(model, dequantized)
+    apply_quantization_config(root, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
+    dequantized = {name: set_compressed_tensors_qparams(m, scheme.weights, input_amax[name]) for name, m in linears.items()}
     fmt = "float-quantized" if preset.startswith("FP8") else "pack-quantized"
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
+    compressor = ModelCompressor.from_pretrained_model(root, quantization_format=fmt)
+    compressor.compress_model(root)
+    return compressor, dequantized
+
+
+def write_compressed_tensors(path: Path, config, preset: str, group_size: int = 32) -> dict[str, torch.Tensor]:
+    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), W8A16, W4A16, W4A16_ASYM
+    (pack-quantized; ASYM: zero points too)."""
+    model = _random_model(config)
+    linears = _quantized_linears(model)
+    compressor, dequantized = compress_linears(model, linears, preset, group_size, _input_amax(model, linears),
+                                               ignore=["lm_head"])
+    reference = _dequantized_state(model, dequantized)
     model.save_pretrained(path)
     compressor.update_config(str(path))
     return reference
@@ -180,6 +193,17 @@ def _input_of(name: str) -> str:
     return f"{parent}.{'in' if proj in ('q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj') else proj}"
 
 
+def gptq_tensors(state: dict, name: str, w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """Linear `name`'s GPTQ v1 tensors into `state` (round-to-nearest codes); returns the weight they mean."""
+    codes, scales, zeros = _rtn_codes(w, groups, n_groups, bits, symmetric)
+    state[f"{name}.qweight"] = _pack(codes.t(), bits, dim=0)
+    state[f"{name}.qzeros"] = _pack((zeros - 1).t(), bits, dim=1)
+    state[f"{name}.scales"] = scales.t().contiguous()
+    state[f"{name}.g_idx"] = groups.to(torch.int32)
+    return (codes - zeros[:, groups]).float() * scales.float()[:, groups]
+
+
 def write_gptq(path: Path, config, bits: int = 4, group_size: int = 32, act_order: bool = False,
                symmetric: bool = True, order_per_linear: bool = False) -> dict[str, torch.Tensor]:
     """GPTQ v1 (`checkpoint_format: gptq`): qweight [K*b/32, N], qzeros [G, N*b/32] stored minus 1, fp16 scales.
@@ -202,12 +226,7 @@ def write_gptq(path: Path, config, bits: int = 4, group_size: int = 32, act_orde
             groups[perm] = torch.arange(k) // group_size
         else:
             groups = torch.arange(k) // group_size
-        codes, scales, zeros = _rtn_codes(w, groups, n_groups, bits, symmetric)
-        state[f"{name}.qweight"] = _pack(codes.t(), bits, dim=0)
-        state[f"{name}.qzeros"] = _pack((zeros - 1).t(), bits, dim=1)
-        state[f"{name}.scales"] = scales.t().contiguous()
-        state[f"{name}.g_idx"] = groups.to(torch.int32)
-        dequantized[name] = (codes - zeros[:, groups]).float() * scales.float()[:, groups]
+        dequantized[name] = gptq_tensors(state, name, w, groups, n_groups, bits, symmetric)
     _save(model, path, state, {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                 "desc_act": act_order, "sym": symmetric, "checkpoint_format": "gptq"})
     return _dequantized_state(model, dequantized)

@@ -17,6 +17,7 @@ from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
 from autodeploy.quantization.loading import quantized_loads
+from autodeploy.quantization.moe_checkpoint import checkpoint_aliases
 from autodeploy.parallel.quantized_slices import quantized_slices
 from autodeploy.parallel.slices import checkpoint_name, shards_of
 
@@ -82,6 +83,8 @@ class LoadWeights(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         aliases = _tied_aliases(ctx.meta_model)
+        for name, renamed in checkpoint_aliases(gm, [n.removeprefix(WRAPPER_PREFIX) for n, _ in gm.named_parameters()]).items():
+            aliases.setdefault(name, []).extend(renamed)  # a MoE block the checkpoint names differently (Mixtral's router)
         computed = initial_buffers(ctx.meta_model)  # non-persistent buffers: values from init, not the checkpoint
         tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
         quantized = quantized_loads(gm)  # built from other checkpoint tensors (autodeploy/quantization)

@@ -128,13 +128,14 @@ def quantized_module_paths(gm: GraphModule) -> set[str]:
 
 
 # Linear parameter suffix -> the suffix an expert weight `w` gets (its quantized tensor keeps w's name).
-_EXPERT_SUFFIX = {"weight": "", "qweight": "", "weight_scale": "_scale", "scales": "_scales", "zeros": "_zeros"}
+EXPERT_SUFFIX = {"weight": "", "qweight": "", "weight_scale": "_scale", "scales": "_scales", "zeros": "_zeros",
+                 "input_scale": "_input_scale"}
 
 
 def expert_params(scheme: LinearScheme, experts: int, out_features: int, in_features: int,
                   scale_dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
     """Param suffix -> ([E, ...] shape, dtype): a linear's params stacked over the experts."""
-    return {_EXPERT_SUFFIX[k]: ((experts, *shape), dtype)
+    return {EXPERT_SUFFIX[k]: ((experts, *shape), dtype)
             for k, (shape, dtype) in scheme.params(out_features, in_features, scale_dtype).items()}
 
 
@@ -144,7 +145,7 @@ def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.d
     `combine`: as LinearScheme.quantize's, for a slice of K)."""
     e, n, k = w.shape
     flat = scheme.quantize(w.reshape(e * n, k), scale_dtype, combine)
-    return {_EXPERT_SUFFIX[name]: t.reshape(e, n, *t.shape[1:]) for name, t in flat.items()}
+    return {EXPERT_SUFFIX[name]: t.reshape(e, n, *t.shape[1:]) for name, t in flat.items()}
 
 
 def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
@@ -165,14 +166,16 @@ def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
         loads[f"{prefix}{weight.target}"] = (shape, {f"{prefix}{owner_path}.{attr}{s}": s for s in params})
     g, d = quantized["w_gate_up"], quantized["w_down"]
     common = (args["x"], args["topk_ids"], args["topk_weights"])
+    kwargs = {"b_gate_up": args["b_gate_up"], "b_down": args["b_down"]}
     if scheme.kind == "fp8":
         op = torch.ops.autodeploy.fp8_moe.default
         op_args = (*common, g[""], g["_scale"], d[""], d["_scale"], args["activation"])
+        if scheme.static_input:  # a checkpoint's static activation scales, one per expert
+            kwargs.update(w_gate_up_input_scale=g["_input_scale"], w_down_input_scale=d["_input_scale"])
     else:
         op = torch.ops.autodeploy.int_moe.default
         op_args = (*common, g[""], g["_scales"], g.get("_zeros"), d[""], d["_scales"], d.get("_zeros"),
                    args["activation"], scheme.bits, scheme.group_size)
-    kwargs = {"b_gate_up": args["b_gate_up"], "b_down": args["b_down"]}
     with module.graph.inserting_before(node):
         new = module.graph.call_function(op, op_args, kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
