@@ -40,7 +40,8 @@ NUM_WARPS = 4
 NUM_STAGES = 4
 SWAP = False
 # Rows up to here with per-token activation scales take `prequantized_fp8_linear`; its (block_n, block_k, warps,
-# stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md).
+# stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md), swept with per-token scales
+# (with group scales block_k is cut to the group: 128).
 QUANTIZED_X_ROWS = 64
 QUANTIZED_X_WIDE_N = 8192
 QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N outputs) -> knobs
