@@ -20,16 +20,16 @@ import torch
 
 from .quant_format import FP8_DTYPE, FP8_MAX, check_bits, dequantize_int, groups_of
 
+ACT_GROUP_SIZE = 128  # columns per activation scale with act_quant="group" (DeepSeek-V3, vLLM's block FP8)
 FP8_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale=None, Tensor? bias=None, "
-    "str act_quant=\"token\", int act_group_size=128) -> Tensor"
+    f"str act_quant=\"token\", int act_group_size={ACT_GROUP_SIZE}) -> Tensor"
 )
 INT_SCHEMA = (
     "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros=None, Tensor? g_idx=None, Tensor? bias=None, "
     "int bits=4, int group_size=128) -> Tensor"
 )
 ACT_QUANT = ("token", "tensor", "group")
-ACT_GROUP_SIZE = 128  # columns per activation scale with act_quant="group" (DeepSeek-V3, vLLM's block FP8)
 
 
 def activation_groups(k: int, group_size: int) -> int:

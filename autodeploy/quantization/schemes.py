@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
+from autodeploy.kernels.quant_linear import ACT_GROUP_SIZE
 
 from .scale_search import quantize_fp8_search, quantize_int_search
 
@@ -25,7 +26,7 @@ class LinearScheme:
     per_channel: bool = True  # fp8: one weight scale per output channel, else one per tensor
     static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
     act_quant: str = "token"  # fp8 without a static scale: per token | per token and group of columns | per tensor
-    act_group_size: int = 128  # fp8, act_quant "group": columns per activation scale
+    act_group_size: int = ACT_GROUP_SIZE  # fp8, act_quant "group": columns per activation scale
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
     scale_search: bool = False  # online: scales fitted to the weight (scale_search.py) instead of round-to-nearest
 
