@@ -1,7 +1,9 @@
 """Knob sweep of the decode linears (bf16 skinny, FP8 W8A8, INT4 g128) on the Llama-3.1-8B shapes: us per call
 over a pool of weight copies larger than L2 (CUDA graph, no PDL), and GB/s of the bytes each format reads.
 Batch 1 for every kernel form, batch 64 for the many-row paths. Each line: the best four knob sets.
-Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given]"""
+--given --group 128: the same dot on per-token-group activation scales (the online fp8 default), plus the
+dot tiled over rows at 256 / 2048 rows against cuBLASLt's per-token FP8 GEMM.
+Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given [--group G]]"""
 
 import sys
 
@@ -79,19 +81,32 @@ GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True
               (128, 256, 8, 3, True), (64, 512, 4, 3, True), (128, 128, 8, 5, True)]}
 
 
-def given_sweep() -> None:
-    """The e4m3 x e4m3 dot on activations quantized beforehand (`prequantized_fp8_linear`), at 1 / 16 / 64 rows."""
+# (block_m, block_n, block_k, warps, stages) of the dot tiled over rows (group scales past 64 rows)
+TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
+
+
+def given_sweep(group: int) -> None:
+    """The e4m3 x e4m3 dot on activations quantized beforehand (`prequantized_fp8_linear`), at 1 / 16 / 64 rows;
+    with groups (group > 0) also tiled over 256 / 2048 rows."""
+    act = "group" if group > 0 else "token"
+    cases = ((1, GIVEN[1]), (16, GIVEN[1][:4]), (64, GIVEN[64])) + (((256, TILED), (2048, TILED)) if group > 0 else ())
     for name, (n, k) in SHAPES.items():
         print(f"{name} {n}x{k}", flush=True)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         f8 = quantize_fp8(w, True)
-        for rows, knobs in ((1, GIVEN[1]), (16, GIVEN[1][:4]), (64, GIVEN[64])):
+        for rows, knobs in cases:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            ref = torch.ops.autodeploy.fp8_linear(x, *f8, None, None, "token").float()
-            qx, sx = quantize_rows_fp8(x)
-            sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(qx, p[0], p[1], None, None, "token", *kn, x_scale=sx,
-                                                                  out_dtype=torch.bfloat16), f8, knobs, ref)
-            sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x), f8, [()])
+            ref = torch.ops.autodeploy.fp8_linear(x, *f8, None, None, act, group).float()
+            qx, sx = quantize_rows_fp8(x, group)
+            if rows > 64:
+                sweep(f"tiled {rows}", lambda p, *kn: skinny_fp8_linear(
+                    qx, p[0], p[1], None, None, "token", *kn[1:], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
+                    x_group=group, block_m=kn[0]), f8, knobs, ref)
+            else:
+                sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
+                    qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16, x_group=group),
+                    f8, knobs, ref)
+            sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x, group), f8, [()])
             sweep(f"bf16 cublas {rows}", lambda p: F.linear(x, p[0]), (w,), [()])
             if rows > 1:
                 sweep(f"fp8 scaled_mm {rows}", lambda p: scaled_mm_fp8_linear(x, p[0], p[1]), f8, [()])
@@ -101,7 +116,7 @@ def main() -> None:
     torch.manual_seed(0)
     bandwidth()
     if "--given" in sys.argv:
-        return given_sweep()
+        return given_sweep(int(sys.argv[sys.argv.index("--group") + 1]) if "--group" in sys.argv else -1)
     quick = "--quick" in sys.argv
     for name, (n, k) in SHAPES.items():
         print(f"{name} {n}x{k}", flush=True)

@@ -5,11 +5,14 @@ by every program of the GEMM (each finds the rows' amax, then scales every tile)
 before each GEMM; both cost more at decode than the e4m3 GEMM reading activations already quantized. So the
 graph quantizes once per activation tensor, and where the producer is the residual add + RMSNorm, that
 kernel writes e4m3 and the scales instead of the normalized row:
-- `quantize_fp8_per_token(x) -> (q, scale)`: q = x / scale saturated to e4m3, scale = amax(|row|) / 448
-  ([..., 1], float32), exactly as `fp8_linear`'s reference quantizes.
-- `fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype)`: the rest of `fp8_linear`.
-- `fused_add_rms_norm_quant_fp8(x, residual, weight, eps) -> (q, scale, x + residual)`: the normalized row
-  rounded to x's dtype (as the unfused graph hands it on), then quantized.
+- `quantize_fp8_per_token(x, group_size=-1) -> (q, scale)`: q = x / scale saturated to e4m3, scale =
+  amax(|row|) / 448 ([..., 1], float32), or with a group size one scale per group of that many columns
+  ([..., G], the last group short where the size does not divide K: `act_quant="group"`), exactly as
+  `fp8_linear`'s reference quantizes.
+- `fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1)`: the rest of
+  `fp8_linear` (group_size: the columns per scale the quantization used).
+- `fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size=-1) -> (q, scale, x + residual)`: the
+  normalized row rounded to x's dtype (as the unfused graph hands it on), then quantized.
 Composed, they give `fp8_linear`'s reference results bit for bit.
 """
 
@@ -18,54 +21,70 @@ from __future__ import annotations
 import torch
 
 from .fused_add_rms_norm import fused_add_rms_norm
-from .quant_linear import activation_scale, quantize_activation
+from .quant_linear import activation_groups, activation_scale, quantize_activation, scaled_fp8_matmul
+
+
+def empty_quantized(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (e4m3 q, float32 scale [..., G]) for x: the fake impls' and the Triton backends' outputs."""
+    groups = activation_groups(x.shape[-1], group_size)
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty(*x.shape[:-1], groups, dtype=torch.float32, device=x.device))
+
+
+def kernel_groups(group_size: int, k: int) -> bool:
+    """Whether the Triton kernels take these activation groups: one per row, or a power of two >= 16 columns
+    (tiles of K divide it). Others are the references' job."""
+    return activation_groups(k, group_size) == 1 or (group_size >= 16 and not group_size & (group_size - 1))
 
 
 @torch.library.custom_op("autodeploy::quantize_fp8_per_token", mutates_args=(),
-                         schema="(Tensor x) -> (Tensor, Tensor)")
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: (e4m3 x / scale, float32 scale [..., 1]) with scale = amax of each row / 448."""
-    scale = activation_scale(x, None, "token")
-    return quantize_activation(x, scale), scale
+                         schema="(Tensor x, int group_size=-1) -> (Tensor, Tensor)")
+def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: (e4m3 x / scale, float32 scale [..., G]) with scale = amax of each row (or each group of
+    group_size columns of it) / 448."""
+    scale = activation_scale(x, None, "token" if group_size == -1 else "group", group_size)
+    return quantize_activation(x, scale, group_size), scale
 
 
 @quantize_fp8_per_token.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
+def _(x, group_size=-1):
+    return empty_quantized(x, group_size)
 
 
 @torch.library.custom_op(
     "autodeploy::fp8_linear_quantized_input", mutates_args=(),
-    schema="(Tensor q, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    schema="(Tensor q, Tensor scale, Tensor weight, Tensor weight_scale, Tensor? bias, ScalarType out_dtype, "
+           "int group_size=-1) -> Tensor",
 )
 def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                               bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
     """Reference: float32 (q @ w.T) * scale * weight_scale (+ bias), in out_dtype (fp8_linear's arithmetic)."""
-    q2 = q.reshape(-1, q.shape[-1])
-    y = (q2.float() @ weight.float().t()) * scale.reshape(-1, 1).float() * weight_scale.float()
-    if bias is not None:
-        y = y + bias.float()
+    k = q.shape[-1]
+    y = scaled_fp8_matmul(q.reshape(-1, k), scale.reshape(-1, scale.shape[-1]), weight, weight_scale, bias, group_size)
     return y.to(out_dtype).reshape(*q.shape[:-1], weight.shape[0])
 
 
 @fp8_linear_quantized_input.register_fake
-def _(q, scale, weight, weight_scale, bias, out_dtype):
+def _(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1):
     torch._check(weight.dim() == 2 and weight.shape[1] == q.shape[-1], lambda: "weight must be [N, K]")
+    groups = activation_groups(q.shape[-1], group_size)
+    torch._check(scale.shape[-1] == groups, lambda: f"scale must have {groups} columns (group size {group_size})")
     return q.new_empty(*q.shape[:-1], weight.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("autodeploy::fused_add_rms_norm_quant_fp8", mutates_args=(),
-                         schema="(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)")
-def fused_add_rms_norm_quant_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference: fused_add_rms_norm, then the normalized row quantized per token."""
+@torch.library.custom_op(
+    "autodeploy::fused_add_rms_norm_quant_fp8", mutates_args=(),
+    schema="(Tensor x, Tensor residual, Tensor weight, float eps, int group_size=-1) -> (Tensor, Tensor, Tensor)",
+)
+def fused_add_rms_norm_quant_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                 group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: fused_add_rms_norm, then the normalized row quantized per token (or per token and group)."""
     normed, added = fused_add_rms_norm(x, residual, weight, eps)
-    q, scale = quantize_fp8_per_token(normed)
+    q, scale = quantize_fp8_per_token(normed, group_size)
     return q, scale, added
 
 
 @fused_add_rms_norm_quant_fp8.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, group_size=-1):
     torch._check(x.shape == residual.shape, lambda: "x and residual must have the same shape")
-    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty(*x.shape[:-1], 1, dtype=torch.float32),
-            torch.empty_like(x))
+    return (*empty_quantized(x, group_size), torch.empty_like(x))

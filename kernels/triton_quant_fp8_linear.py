@@ -10,6 +10,11 @@ kernels/triton_linear.py.
 More rows on sm_89+ (Ada, Hopper): cuBLASLt's FP8 GEMM through `torch._scaled_mm` (row-wise scales:
 [M, 1] for x, [1, N] for w; bf16 out, which row-wise scaling requires in torch 2.11). Elsewhere the
 reference.
+Activation scales per token and group of columns (`act_quant="group"`, [M, G]) always go through the dot
+on x quantized beforehand, with the K tile cut to divide the group: each K step multiplies its tile into a
+fresh accumulator, scales that by the rows' scale of the step's group (one [M] load) and adds it, the
+per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of partial sums). Past
+QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .quant_format import FP8_DTYPE
-from .quant_linear import ACT_QUANT, activation_scale, quantize_activation
+from .quant_act import kernel_groups
+from .quant_linear import ACT_GROUP_SIZE, ACT_QUANT, activation_scale, quantize_activation
 from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
@@ -34,34 +40,41 @@ NUM_WARPS = 4
 NUM_STAGES = 4
 SWAP = False
 # Rows up to here with per-token activation scales take `prequantized_fp8_linear`; its (block_n, block_k, warps,
-# stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md).
+# stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md), swept with per-token scales
+# (with group scales block_k is cut to the group: 128).
 QUANTIZED_X_ROWS = 64
 QUANTIZED_X_WIDE_N = 8192
 QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N outputs) -> knobs
     (False, False): (64, 256, 4, 6), (False, True): (128, 256, 4, 5),
     (True, False): (64, 256, 4, 4), (True, True): (128, 128, 4, 6),
 }
+# Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
+# tiled dot (a first choice, not yet swept on a GPU).
+TILED_KNOBS = (64, 128, 128, 4, 3)
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
 @triton.jit
 def _skinny_fp8_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_xsm,
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    X_GROUP: tl.constexpr = 0, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
     m_valid = offs_m < M
     w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
     if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
     wait_for_inputs(USE_PDL)
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    if ACT == 3:  # x is already e4m3, its per-row scales at xs_ptr
-        sx = tl.load(xs_ptr + offs_m, mask=m_valid, other=1.0)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    xs_rows = xs_ptr + offs_m * stride_xsm
+    if X_GROUP > 0:  # x is already e4m3 with a scale per row and group of X_GROUP columns: applied per K step
+        sx = tl.full([BLOCK_M], 1.0, tl.float32)
+    elif ACT == 3:  # x is already e4m3, its per-row scales at xs_ptr
+        sx = tl.load(xs_rows, mask=m_valid, other=1.0)
     else:
         sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, BLOCK_M, BLOCK_K)
     if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
@@ -79,7 +92,13 @@ def _skinny_fp8_kernel(
             qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
-        if SWAP:
+        if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
+            sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
+            if SWAP:
+                acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
+            else:
+                acc += tl.dot(qx, tl.trans(w)) * sxg[:, None]
+        elif SWAP:
             acc = tl.dot(w, tl.trans(qx), acc)
         else:
             acc = tl.dot(qx, tl.trans(w), acc)
@@ -91,10 +110,12 @@ def _skinny_fp8_kernel(
 def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32, one per row) x is
-    already e4m3 (quantized by whoever produced it) and `out_dtype` names y's dtype.
-    The knobs are for benchmarks/quant_knob_sweep.py."""
+                      out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
+                      ) -> torch.Tensor:
+    """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
+    already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
+    that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
+    many rows. The knobs are for benchmarks/quant_knob_sweep.py."""
     if input_scale is None and act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
     n, k = weight.shape
@@ -107,17 +128,20 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     launch = pdl_launch(x.device)
     prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
+    grouped = x_scale is not None and x_scale.shape[-1] > 1
     if x_scale is not None:
-        act, xs = "given", x_scale.float().reshape(-1).contiguous()
+        act, xs = "given", x_scale.float().reshape(rows, -1).contiguous()
     else:
         act = "static" if input_scale is not None else act_quant
         xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
-    _skinny_fp8_kernel[(triton.cdiv(n, block_n),)](
+    block_m = min(block_m or rows, rows) if act == "given" else rows  # scales found in the kernel need every row
+    _skinny_fp8_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_m))](
         x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
-        x2.stride(0), weight.stride(0), y.stride(0),
+        x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
-        INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        SWAP=swap, num_warps=num_warps, num_stages=num_stages, **launch,
+        INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
+        BLOCK_K=min(block_k, x_group) if grouped else block_k, SWAP=swap, X_GROUP=x_group if grouped else 0,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -154,40 +178,61 @@ def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, a
     return _scaled_mm(qx, scale_a, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], n)
 
 
-def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Same contract as `torch.ops.autodeploy.fp8_linear_quantized_input`: up to QUANTIZED_X_ROWS rows the Triton
-    e4m3 x e4m3 dot, more on sm_89+ cuBLASLt's FP8 GEMM with row-wise scales, else the reference."""
-    n, k = weight.shape
-    q2, scale2 = q.reshape(-1, k), scale.reshape(-1).float()
-    rows = q2.shape[0]
-    if q.is_cuda and 0 < rows <= QUANTIZED_X_ROWS:
+def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
+    """The Triton e4m3 x e4m3 dot on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows
+    with the weights as the MMA's A operand (knobs from the sweep), more in tiles of rows (TILED_KNOBS: the
+    path of group scales, which cuBLASLt's row-wise scaling cannot take)."""
+    rows, n = q2.shape[0], weight.shape[0]
+    if rows <= QUANTIZED_X_ROWS:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
-        y = skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
-                              num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
-        return y.view(*q.shape[:-1], n)
-    if q.is_cuda and rows and n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(q.device.index or 0):
-        y = _scaled_mm(q2.contiguous(), scale2.reshape(-1, 1), weight, weight_scale, bias, out_dtype)
-        return y.view(*q.shape[:-1], n)
-    return torch.ops.autodeploy.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype)
+        return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
+                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
+                                 x_group=group_size)
+    block_m, block_n, block_k, warps, stages = TILED_KNOBS
+    return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
+                             num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
+                             block_m=block_m)
+
+
+def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.fp8_linear_quantized_input`: up to QUANTIZED_X_ROWS rows the Triton
+    e4m3 x e4m3 dot; more rows with one scale per row cuBLASLt's FP8 GEMM with row-wise scales (sm_89+), with
+    group scales the Triton dot in tiles of rows; else the reference."""
+    n, k = weight.shape
+    q2, scale2 = q.reshape(-1, k), scale.reshape(-1, scale.shape[-1]).float()
+    rows = q2.shape[0]
+    if q.is_cuda and rows and kernel_groups(group_size, k):
+        per_row = scale2.shape[-1] == 1
+        if rows <= QUANTIZED_X_ROWS or not per_row:
+            return given_fp8_linear(q2, scale2, weight, weight_scale, bias, out_dtype, group_size).view(*q.shape[:-1], n)
+        if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(q.device.index or 0):
+            y = _scaled_mm(q2.contiguous(), scale2, weight, weight_scale, bias, out_dtype)
+            return y.view(*q.shape[:-1], n)
+    return torch.ops.autodeploy.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype, group_size)
 
 
 def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token dynamic fp8_linear for up to QUANTIZED_X_ROWS rows: one kernel quantizes x's rows, the e4m3 dot
-    reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling every tile) costs
-    more than this extra kernel: on an H200 the 28672 x 4096 weight streams at 3.6 TB/s this way, 2.3 TB/s that
-    way. (`fuse_fp8_act_quant` does the same in the graph, and folds the quantization into the RMSNorm.)"""
-    q, scale = quantize_fp8_per_token(x)
-    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype)
+                            bias: torch.Tensor | None = None, group_size: int = -1) -> torch.Tensor:
+    """Dynamic fp8_linear (per token, or per token and group of group_size columns): one kernel quantizes x's
+    rows, the e4m3 GEMM reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling
+    every tile) costs more than this extra kernel: on an H200 the 28672 x 4096 weight streams at 3.6 TB/s this
+    way, 2.3 TB/s that way. (`fuse_fp8_act_quant` does the same in the graph, and folds the quantization into
+    the RMSNorm.)"""
+    q, scale = quantize_fp8_per_token(x, group_size)
+    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)
 
 
-def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token") -> torch.Tensor:
-    """The backend: per-token rows up to QUANTIZED_X_ROWS quantized once then the Triton e4m3 dot; other
-    activation scales: the GEMV / skinny kernels for a few rows; `torch._scaled_mm` for more on sm_89+; else
-    the reference."""
+def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
+               act_group_size=ACT_GROUP_SIZE) -> torch.Tensor:
+    """The backend: per-token rows up to QUANTIZED_X_ROWS and per-token-group rows of any number quantized once,
+    then the Triton e4m3 dot; other activation scales: the GEMV / skinny kernels for a few rows;
+    `torch._scaled_mm` for more on sm_89+; else the reference."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.is_cuda and weight.dtype == FP8_DTYPE and rows > 0:
+        if input_scale is None and act_quant == "group":
+            return prequantized_fp8_linear(x, weight, weight_scale, bias, act_group_size)
         if rows <= QUANTIZED_X_ROWS and input_scale is None and act_quant == "token":
             return prequantized_fp8_linear(x, weight, weight_scale, bias)
         if rows <= GEMV_ROWS:
@@ -198,4 +243,4 @@ def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="
         n, k = weight.shape
         if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(x.device.index or 0):
             return scaled_mm_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
-    return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
+    return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant, act_group_size)

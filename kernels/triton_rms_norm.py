@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_act import empty_quantized, kernel_groups
 from .quant_format import FP8_DTYPE
 from .triton_fp8 import saturate_e4m3
 from .triton_layout import as_rows
@@ -24,7 +25,8 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr, scale_ptr,
     stride_x, stride_r, stride_o, stride_s, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
-    QUANT_FP8: tl.constexpr = False, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, NUM_GROUPS: tl.constexpr = 1,
+    INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -41,20 +43,23 @@ def _rms_norm_kernel(
     if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
         normed = normed.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-    if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per token
-        y = (weight * normed).to(x.dtype).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
-        q = saturate_e4m3(y / scale, INTERPRET)
-        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=valid)
-        tl.store(scale_ptr + row, scale)
+    if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
+        y = tl.reshape((weight * normed).to(x.dtype).to(tl.float32), [BLOCK // GROUP, GROUP])
+        scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
+        q = saturate_e4m3(y / scale[:, None], INTERPRET)
+        tl.store(out_ptr + row * stride_o + tl.reshape(cols, [BLOCK // GROUP, GROUP]), q.to(out_ptr.dtype.element_ty),
+                 mask=tl.reshape(valid, [BLOCK // GROUP, GROUP]))
+        groups = tl.arange(0, BLOCK // GROUP)
+        tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
     else:
         tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            scale: torch.Tensor | None = None):
+            scale: torch.Tensor | None = None, group_size: int = -1):
     """(normed, x + residual); without a residual the second result is the first (nothing to add).
-    With `scale` (float32, one per row) normed comes out as e4m3, quantized per row, its scales in `scale`."""
+    With `scale` (float32 [..., G]) normed comes out as e4m3, quantized per row (G = 1) or per group of
+    group_size columns (a power of two), its scales in `scale`."""
     x2 = as_rows(x)
     out = torch.empty(x.shape, dtype=x.dtype if scale is None else FP8_DTYPE, device=x.device)
     out2 = out.view(-1, x.shape[-1])
@@ -65,12 +70,14 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if n_rows == 0:
         return out, added
     block = triton.next_power_of_2(n_cols)
+    groups = 1 if scale is None else scale.shape[-1]
     _rms_norm_kernel[(n_rows,)](
         x2, residual2, weight.contiguous(), out2, added2, scale if scale is not None else weight,
         x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=torch.promote_types(x.dtype, weight.dtype) == x.dtype,
-        BLOCK=block, QUANT_FP8=scale is not None, INTERPRET=not x.is_cuda,
+        BLOCK=block, QUANT_FP8=scale is not None, GROUP=block if groups == 1 else group_size, NUM_GROUPS=groups,
+        INTERPRET=not x.is_cuda,
         num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),
     )
     return out, added
@@ -89,9 +96,12 @@ def fused_add_rms_norm(
 
 
 def fused_add_rms_norm_quant_fp8(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as `torch.ops.autodeploy.fused_add_rms_norm_quant_fp8`: (e4m3 normed, scale, x + residual)."""
-    scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
-    q, added = _launch(x, residual, weight, eps, scale)
+    """Same contract as `torch.ops.autodeploy.fused_add_rms_norm_quant_fp8`: (e4m3 normed, scale, x + residual).
+    Group sizes the kernels do not take (quant_act.kernel_groups) go to the reference."""
+    if not kernel_groups(group_size, x.shape[-1]):
+        return torch.ops.autodeploy.fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size)
+    scale = empty_quantized(x, group_size)[1]
+    q, added = _launch(x, residual, weight, eps, scale, group_size)
     return q, scale, added

@@ -7,6 +7,7 @@ import pytest
 import torch
 from autodeploy.kernels.quant_format import quantize_fp8
 from autodeploy.optimizer import optimize_model
+from test_quant_triton import poisoned  # noqa: F401  (fixture: fresh outputs full of NaN)
 
 PROMPT = torch.tensor([[3, 17, 42, 9, 100, 7, 64, 5]])
 FP8 = ["transforms.insert_kv_cache.enabled=false", "quantization.algo=fp8"]
@@ -22,9 +23,11 @@ def _count(opt, op) -> int:
     return sum(n.op == "call_function" and n.target == op for n in opt.gm.graph.nodes)
 
 
-def test_graph_quantizes_each_activation_once_and_in_the_norm(llama_dir):
-    plain = optimize_model(llama_dir, overrides=FP8 + ["transforms.fuse_fp8_act_quant.enabled=false"], progress=False)
-    fused = optimize_model(llama_dir, overrides=FP8, progress=False)
+@pytest.mark.parametrize("act_quant", ["group", "token"])
+def test_graph_quantizes_each_activation_once_and_in_the_norm(llama_dir, act_quant):
+    fp8 = FP8 + [f"quantization.act_quant={act_quant}", "quantization.act_group_size=32"]
+    plain = optimize_model(llama_dir, overrides=fp8 + ["transforms.fuse_fp8_act_quant.enabled=false"], progress=False)
+    fused = optimize_model(llama_dir, overrides=fp8, progress=False)
     linears = _count(plain, ops.fp8_linear.default)
     assert linears > 0 and _count(fused, ops.fp8_linear.default) == 0
     assert _count(fused, ops.fp8_linear_quantized_input.default) == linears
@@ -33,6 +36,10 @@ def test_graph_quantizes_each_activation_once_and_in_the_norm(llama_dir):
     # attention output, the post-attention norm and the gated activation: 4 tensors, 3 of them normalized
     assert report.matched["activation_quantizations"] == 8
     assert report.matched["quantizations_in_rms_norm"] == _count(fused, ops.fused_add_rms_norm_quant_fp8.default) == 3
+    group_size = 32 if act_quant == "group" else -1
+    quantizations = [n for n in fused.gm.graph.nodes if n.target in (ops.fused_add_rms_norm_quant_fp8.default,
+                                                                     ops.quantize_fp8_per_token.default)]
+    assert {n.args[-1] for n in quantizations} == {group_size}
     assert torch.equal(fused.logits(PROMPT), plain.logits(PROMPT))
 
 
@@ -41,58 +48,74 @@ def test_other_activation_scales_are_left_alone(llama_dir):
     assert _count(fused, ops.fp8_linear_quantized_input.default) == 0 and _count(fused, ops.fp8_linear.default) > 0
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 40, 96), (3, 72, 200), (21, 64, 128)])
-def test_triton_backends_equal_references(rows, n, k):
+# rows, N, K, activation group size (-1: per token): K 200 / 160 / 576 leave a short last group, 64 < 128 is one
+# group; 21 rows take the weights-as-A-operand dot, 70 the dot tiled over rows (past QUANTIZED_X_ROWS)
+CASES = [(1, 40, 96, -1), (3, 72, 200, -1), (21, 64, 128, -1), (3, 72, 200, 32), (1, 37, 576, 128),
+         (21, 40, 160, 32), (2, 24, 64, 128), (70, 24, 160, 32)]
+
+
+@pytest.mark.parametrize("rows,n,k,group_size", CASES)
+def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
     from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear, triton_rms_norm
 
-    torch.manual_seed(rows)
-    x, residual = torch.randn(rows, k), torch.randn(rows, k)
+    torch.manual_seed(rows + k)
+    x, residual = torch.randn(rows, k) * torch.linspace(0.05, 4, k), torch.randn(rows, k)
     norm_weight = torch.rand(k) + 0.5
     weight, weight_scale = quantize_fp8(torch.randn(n, k), True)
     bias = torch.randn(n)
 
-    q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x)
-    ref_q, ref_scale = ops.quantize_fp8_per_token(x)
+    q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x, group_size)
+    ref_q, ref_scale = ops.quantize_fp8_per_token(x, group_size)
+    assert scale.shape == (rows, 1 if group_size == -1 else -(-k // group_size))
     assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)
 
-    got = triton_quant_fp8_linear.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, torch.float32)
-    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, torch.float32)
+    got = triton_quant_fp8_linear.given_fp8_linear(q, scale, weight, weight_scale, bias, torch.float32, group_size)
+    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, torch.float32, group_size)
     assert not got.isnan().any()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got, ops.fp8_linear(x, weight, weight_scale, None, bias, "token"), rtol=1e-5, atol=1e-4)
+    act_quant = "token" if group_size == -1 else "group"
+    assert torch.equal(ref, ops.fp8_linear(x, weight, weight_scale, None, bias, act_quant, group_size))
 
     # The kernel's rsqrt and reduction order may move a normalized value by an ulp, and a value next to an e4m3
     # rounding boundary then lands one e4m3 step (at most 1/8 of it) away: allow that for a few elements.
     # (float32: the interpreter truncates to bf16 where GPUs round.) The residual sum is exact.
     (q, scale, added), (ref_q, ref_scale, ref_added) = (
-        triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6),
-        ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6))
-    assert (q.dtype, scale.dtype, added.dtype) == (ref_q.dtype, ref_scale.dtype, ref_added.dtype)
+        triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size),
+        ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size))
+    assert (q.dtype, scale.dtype, added.dtype, scale.shape) == (ref_q.dtype, ref_scale.dtype, ref_added.dtype,
+                                                                ref_scale.shape)
     assert torch.equal(added, ref_added)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
-    torch.testing.assert_close(q.float() * scale, ref_q.float() * ref_scale, rtol=0.13, atol=1e-3 * ref_scale.max().item())
+    ref_scale_cols = ref_scale.repeat_interleave(k if group_size == -1 else group_size, -1)[:, :k]
+    torch.testing.assert_close(q.float() * ref_scale_cols, ref_q.float() * ref_scale_cols, rtol=0.13,
+                               atol=1e-3 * ref_scale.max().item())
     assert (q.float() != ref_q.float()).float().mean() < 0.03
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("group_size", [-1, 128])
 @pytest.mark.parametrize("rows", [1, 5, 17, 64, 100])
-def test_compiled_backends_on_gpu(rows):
-    """Compiled kernels (bf16, as decode runs them): the Triton dot up to 64 rows, cuBLASLt beyond; the fused
-    norm. Against the references on the same device."""
-    from autodeploy.kernels import triton_quant_fp8_linear, triton_rms_norm
+def test_compiled_backends_on_gpu(rows, group_size):
+    """Compiled kernels (bf16, as decode runs them): the Triton dot up to 64 rows, beyond it cuBLASLt (per token)
+    or the dot tiled over rows (groups, K with a short last group); the fused norm and the act-quant kernel.
+    Against the references on the same device."""
+    from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear, triton_rms_norm
 
     torch.manual_seed(rows)
     n, k = 272, 4096 + 64
     x, residual = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16), torch.randn(rows, k, device="cuda",
                                                                                            dtype=torch.bfloat16)
     weight, weight_scale = quantize_fp8(torch.randn(n, k, device="cuda") / k**0.5, True)
-    q, scale, added = triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, torch.ones(k, device="cuda",
-                                                                                          dtype=torch.bfloat16), 1e-6)
-    ref_q, ref_scale, ref_added = ops.fused_add_rms_norm_quant_fp8(x, residual, torch.ones(k, device="cuda",
-                                                                                          dtype=torch.bfloat16), 1e-6)
+    norm_weight = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    q, scale, added = triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size)
+    ref_q, ref_scale, ref_added = ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size)
     assert torch.equal(added, ref_added) and (q.float() != ref_q.float()).float().mean() < 0.01
     torch.testing.assert_close(scale, ref_scale, rtol=1e-2, atol=0)
-    got = triton_quant_fp8_linear.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16)
-    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16)
+    q2, scale2 = triton_fp8_act_quant.quantize_fp8_per_token(x, group_size)
+    ref_q2, ref_scale2 = ops.quantize_fp8_per_token(x, group_size)
+    assert torch.equal(scale2, ref_scale2) and (q2.float() != ref_q2.float()).float().mean() < 0.01
+    got = triton_quant_fp8_linear.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16,
+                                                             group_size)
+    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16, group_size)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())

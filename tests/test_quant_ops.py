@@ -141,6 +141,9 @@ def test_int_linear_bad_layout_is_an_error():
         ops.int_linear(torch.randn(1, 64), qweight, scales, None, None, None, 4, 32)
 
 
+GROUP = 32  # act_quant="group": columns per activation scale (LINEAR_SHAPES' K: divided, and not)
+
+
 def explicit_fp8_linear(x, w_fp8, w_scale, sx, bias=None):
     qx = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float()
     w = w_fp8.float() * (w_scale[:, None] if w_scale.dim() else w_scale)
@@ -150,30 +153,51 @@ def explicit_fp8_linear(x, w_fp8, w_scale, sx, bias=None):
 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("act_quant", ["token", "tensor", "static"])
+@pytest.mark.parametrize("act_quant", ["token", "tensor", "static", "group"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp8_linear_equals_dequantize_then_matmul(shape, per_channel, act_quant, with_bias):
     m, n, k = shape
     g = seeded(shape, per_channel, act_quant, with_bias)
     w_fp8, w_scale = quantize_fp8(torch.randn(n, k, generator=g), per_channel)
-    x = torch.randn(m, k, generator=g) * torch.linspace(0.1, 4, m)[:, None]
+    x = torch.randn(m, k, generator=g) * torch.linspace(0.1, 4, m)[:, None] * torch.linspace(0.05, 3, k)
     bias = torch.randn(n, generator=g) if with_bias else None
     input_scale = torch.tensor(0.05) if act_quant == "static" else None
     if act_quant == "token":
         sx = x.abs().amax(-1, keepdim=True) / 448
     elif act_quant == "tensor":
         sx = x.abs().amax() / 448
+    elif act_quant == "group":  # per row and span of GROUP columns, the last span short where GROUP does not divide k
+        sx = torch.empty(m, k)
+        for start in range(0, k, GROUP):
+            sx[:, start:start + GROUP] = x[:, start:start + GROUP].abs().amax(-1, keepdim=True) / 448
     else:
         sx = input_scale
     want = explicit_fp8_linear(x, w_fp8, w_scale, sx, bias)
-    got = ops.fp8_linear(x, w_fp8, w_scale, input_scale, bias, "tensor" if act_quant == "static" else act_quant)
+    got = ops.fp8_linear(x, w_fp8, w_scale, input_scale, bias, "tensor" if act_quant == "static" else act_quant, GROUP)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     # and within e4m3's rounding of x from the unquantized product: each x value moves by at most 2**-4
     # of itself (normal range) or half the smallest subnormal, 2**-10 * sx
     w = dequantize_fp8(w_fp8, w_scale)
     exact = x @ w.t() + (bias if bias is not None else 0)
-    bound = (x.abs() @ w.abs().t()) * 2**-4 + sx * 2**-10 * w.abs().sum(-1)
+    bound = (x.abs() @ w.abs().t()) * 2**-4 + (torch.as_tensor(sx).expand(m, k) * 2**-10) @ w.abs().t()
     assert ((got - exact).abs() <= bound + 1e-4).all()
+
+
+def test_fp8_group_scales_follow_the_columns():
+    """Columns of very different size: a per-row scale set by the large ones flushes the small ones to zero,
+    one scale per group of columns keeps them (the weights read only the small columns, so y shows them);
+    a group as wide as the row is the per-token scale."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(24, 96, generator=g)
+    weight[:, 32:] = 0
+    w_fp8, w_scale = quantize_fp8(weight, True)
+    x = torch.randn(4, 96, generator=g) * torch.cat([torch.full((32,), 1e-4), torch.full((64,), 100.0)])
+    exact = x @ dequantize_fp8(w_fp8, w_scale).t()
+    per_token, grouped = (ops.fp8_linear(x, w_fp8, w_scale, None, None, act, 32) for act in ("token", "group"))
+    assert (per_token - exact).abs().max() > 0.5 * exact.abs().max()
+    torch.testing.assert_close(grouped, exact, rtol=0, atol=0.07 * exact.abs().max().item())
+    assert torch.equal(ops.fp8_linear(x, w_fp8, w_scale, None, None, "group", 128),
+                       ops.fp8_linear(x, w_fp8, w_scale, None, None, "token"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -54,6 +54,10 @@ def test_unknown_scheme(capsys, llama_dir):
                     "unknown quantization algo 'fp4' (supported: auto, none, fp8, int8, int4)")
     _one_line_error(capsys, ["optimize", str(llama_dir), "--kv-cache-dtype", "int8", *QUIET],
                     "unknown quantization kv_cache_dtype 'int8'")
+    _one_line_error(capsys, ["optimize", str(llama_dir), "quantization.act_quant=block", *QUIET],
+                    "unknown quantization act_quant 'block' (supported: token, tensor, group)")
+    _one_line_error(capsys, ["optimize", str(llama_dir), "quantization.act_group_size=96", *QUIET],
+                    "quantization act_group_size must be a power of two >= 16")
 
 
 def test_group_size_not_dividing_in_features(capsys, llama_dir):

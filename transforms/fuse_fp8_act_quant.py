@@ -4,9 +4,11 @@
 GEMM that reads x already in e4m3 streams its weights ~1.5-2x faster than one that finds each row's amax
 and scales every tile itself (BENCHMARKS.md), so the graph is rewritten:
     fp8_linear(x)  ->  q, s = quantize_fp8_per_token(x);  fp8_linear_quantized_input(q, s, ...)
-with one quantization per tensor whatever the number of linears reading it, and where x is the normalized
-output of a residual add + RMSNorm read by nothing else, the quantization moves into that kernel:
+with one quantization per tensor and scale layout whatever the number of linears reading it, and where x
+is the normalized output of a residual add + RMSNorm read by nothing else, the quantization moves into
+that kernel:
     fused_add_rms_norm(a, b) -> (normed, a + b)  ->  fused_add_rms_norm_quant_fp8(a, b) -> (q, s, a + b)
+Per-token-group scales (`act_quant="group"`) take the same path, the group size passed to all three ops.
 Linears with a static input scale or per-tensor dynamic scales are left as they are. The numbers do not
 change: the ops compose to fp8_linear's reference exactly (kernels/quant_act.py).
 """
@@ -30,39 +32,43 @@ ADD_NORM = torch.ops.autodeploy.fused_add_rms_norm.default
 ADD_NORM_QUANT = torch.ops.autodeploy.fused_add_rms_norm_quant_fp8.default
 
 
-def _per_token(node: Node) -> bool:
-    """fp8_linear with dynamic per-token activation scales (no static input scale)."""
+def _token_groups(node: Node) -> int | None:
+    """The activation group size of an fp8_linear with dynamic per-token scales (-1: one per row), or None
+    (a static input scale, or per-tensor scales)."""
     args = bind_args(node)
-    return args["input_scale"] is None and args["act_quant"] == "token"
+    if args["input_scale"] is not None or args["act_quant"] not in ("token", "group"):
+        return None
+    return args["act_group_size"] if args["act_quant"] == "group" else -1
 
 
-def _quantize_once(graph, x: Node) -> tuple[Node, Node]:
+def _quantize_once(graph, x: Node, group_size: int) -> tuple[Node, Node]:
     """(q, scale) nodes of x, placed right after x."""
     with graph.inserting_after(x):
-        quant = insert_call(graph, QUANTIZE, (x,))
+        quant = insert_call(graph, QUANTIZE, (x, group_size))
     with graph.inserting_after(quant):
         scale = insert_call(graph, operator.getitem, (quant, 1))
         q = insert_call(graph, operator.getitem, (quant, 0))
     return q, scale
 
 
-def _split_linears(gm: GraphModule) -> tuple[int, dict[Node, Node]]:
-    """Every per-token fp8_linear -> fp8_linear_quantized_input; returns (how many, {x: quantize node})."""
+def _split_linears(gm: GraphModule) -> tuple[int, list[tuple[Node, Node]]]:
+    """Every per-token fp8_linear -> fp8_linear_quantized_input; returns (how many, [(x, quantize node)])."""
     graph = gm.graph
-    quantized: dict[Node, tuple[Node, Node]] = {}
+    quantized: dict[tuple[Node, int], tuple[Node, Node]] = {}
     for node in list(graph.nodes):
-        if not is_op(node, FP8_LINEAR) or not _per_token(node) or val(node.args[0]) is None:
+        group_size = _token_groups(node) if is_op(node, FP8_LINEAR) else None
+        if group_size is None or val(node.args[0]) is None:
             continue
         args = bind_args(node)
         x = args["x"]
-        if x not in quantized:
-            quantized[x] = _quantize_once(graph, x)
-        q, scale = quantized[x]
+        if (x, group_size) not in quantized:
+            quantized[x, group_size] = _quantize_once(graph, x, group_size)
+        q, scale = quantized[x, group_size]
         replace_with_call(gm, node, QUANTIZED_INPUT,
-                          (q, scale, args["weight"], args["weight_scale"], args["bias"], val(x).dtype))
+                          (q, scale, args["weight"], args["weight_scale"], args["bias"], val(x).dtype, group_size))
         graph.erase_node(node)
     linears = sum(len(q.users) for q, _ in quantized.values())  # q's readers: the rewritten linears
-    return linears, {x: q.args[0] for x, (q, _) in quantized.items()}
+    return linears, [(x, q.args[0]) for (x, _), (q, _) in quantized.items()]
 
 
 def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
@@ -72,7 +78,7 @@ def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
         return False
     graph = gm.graph
     with graph.inserting_after(fused):
-        new = insert_call(graph, ADD_NORM_QUANT, fused.args)
+        new = insert_call(graph, ADD_NORM_QUANT, (*fused.args, quant.args[1]))
     new.meta.update({k: v for k, v in fused.meta.items() if k in ("nn_module_stack", "stack_trace")})
     with graph.inserting_after(new):
         added = insert_call(graph, operator.getitem, (new, 2))
@@ -101,6 +107,6 @@ class FuseFP8ActQuant(Transform):
             split, quants = _split_linears(module)
             linears += split
             quantizations += len(quants)
-            into_norm += sum(_fold_into_norm(module, x, quant) for x, quant in quants.items())
+            into_norm += sum(_fold_into_norm(module, x, quant) for x, quant in quants)
         return {"fp8_linears_on_quantized_input": linears, "activation_quantizations": quantizations,
                 "quantizations_in_rms_norm": into_norm}

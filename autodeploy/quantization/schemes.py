@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
+from autodeploy.kernels.quant_linear import ACT_GROUP_SIZE
 
 from .scale_search import quantize_fp8_search, quantize_int_search
 
@@ -24,7 +25,8 @@ class LinearScheme:
     symmetric: bool = True  # int: implicit zero point 2**(bits-1)
     per_channel: bool = True  # fp8: one weight scale per output channel, else one per tensor
     static_input: bool = False  # fp8: a per-tensor activation scale stored in the checkpoint
-    act_quant: str = "token"  # fp8 without a static scale: per token | per tensor
+    act_quant: str = "token"  # fp8 without a static scale: per token | per token and group of columns | per tensor
+    act_group_size: int = ACT_GROUP_SIZE  # fp8, act_quant "group": columns per activation scale
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
     groups: int | None = None  # int act-order on a tensor-parallel slice of K: the whole row's groups (g_idx's range)
     scale_search: bool = False  # online: scales fitted to the weight (scale_search.py) instead of round-to-nearest
@@ -60,8 +62,10 @@ class LinearScheme:
     def linear_call(self, x, params: dict, bias) -> tuple[object, tuple, dict]:
         """(op, args, kwargs) of the quantized linear reading `params` (name -> graph node)."""
         if self.kind == "fp8":
-            return (torch.ops.autodeploy.fp8_linear.default, (x, params["weight"], params["weight_scale"]),
-                    {"input_scale": params.get("input_scale"), "bias": bias, "act_quant": self.act_quant})
+            kwargs = {"input_scale": params.get("input_scale"), "bias": bias, "act_quant": self.act_quant}
+            if self.act_quant == "group":
+                kwargs["act_group_size"] = self.act_group_size
+            return torch.ops.autodeploy.fp8_linear.default, (x, params["weight"], params["weight_scale"]), kwargs
         return (torch.ops.autodeploy.int_linear.default, (x, params["qweight"], params["scales"]),
                 {"zeros": params.get("zeros"), "g_idx": params.get("g_idx"), "bias": bias,
                  "bits": self.bits, "group_size": self.group_size})
@@ -86,6 +90,7 @@ class LinearScheme:
 def online_scheme(settings) -> LinearScheme:
     """The scheme `quantization.algo` asks for (fp8: per-channel weights, dynamic activations)."""
     if settings.algo == "fp8":
-        return LinearScheme("fp8", act_quant=settings.act_quant, scale_search=settings.scale_search)
+        return LinearScheme("fp8", act_quant=settings.act_quant, act_group_size=settings.act_group_size,
+                            scale_search=settings.scale_search)
     return LinearScheme("int", bits=int(settings.algo.removeprefix("int")), group_size=settings.group_size,
                         symmetric=settings.symmetric, scale_search=settings.scale_search)

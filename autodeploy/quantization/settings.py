@@ -10,7 +10,7 @@ from autodeploy.errors import QuantizationError
 
 ALGOS = ("auto", "none", "fp8", "int8", "int4")  # auto: what the checkpoint says, else unquantized
 KV_CACHE_DTYPES = ("auto", "fp8")
-ACT_QUANTS = ("token", "tensor")
+ACT_QUANTS = ("token", "tensor", "group")
 # group_size unset: a linear gets the first of these that divides its in_features. int8 is per channel
 # (what vLLM / TensorRT-LLM W8A16 checkpoints hold), int4 group 128 (GPTQ / AWQ / llm-compressor's W4A16),
 # falling back to 64 / 32 for the linears 128 does not divide (SmolLM2's 576 columns) with a warning.
@@ -25,7 +25,10 @@ class QuantizationSettings:
     symmetric: bool = False  # int4 / int8: implicit zero point, else a (fractional) zero point per group
     exclude: list = field(default_factory=lambda: ["lm_head", "*router*", "*.gate"])  # module-path globs kept as is
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8: e4m3 with per-layer scales (checkpoint's, else 1.0)
-    act_quant: str = "token"  # fp8 dynamic activation scales: per token | per tensor
+    # fp8 dynamic activation scales: per token and group of act_group_size columns (the last group short where
+    # it does not divide in_features; DeepSeek-V3 / vLLM's per-token-group FP8) | per token | per tensor
+    act_quant: str = "group"
+    act_group_size: int = 128
     scale_search: bool = True  # online: scales fitted to each weight (scale_search.py), else round-to-nearest
 
     def __post_init__(self):
@@ -35,6 +38,9 @@ class QuantizationSettings:
                 raise QuantizationError(f"unknown quantization {key} '{value}' (supported: {', '.join(valid)})")
         if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
             raise QuantizationError(f"quantization group_size must be positive or -1, not {self.group_size}")
+        if self.act_group_size < 16 or self.act_group_size & (self.act_group_size - 1):
+            raise QuantizationError(f"quantization act_group_size must be a power of two >= 16 (the kernels' K tiles "
+                                    f"divide it), not {self.act_group_size}")
 
     @property
     def online(self) -> bool:
