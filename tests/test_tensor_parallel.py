@@ -41,6 +41,20 @@ def test_all_reduce_is_identity_without_a_group():
     assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
 
 
+def test_a_second_shutdown_leaves_a_newer_process_group_alone(tmp_path):
+    from autodeploy.parallel.channel import StepChannel
+    from autodeploy.parallel.ranks import Ranks
+
+    ranks = Ranks(StepChannel(None), [])
+    ranks.shutdown()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ranks.shutdown()  # LLM.shutdown() ran first; now the finalizer
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_slice_reads_only_the_ranges_and_matches_take(tmp_path):
     full = torch.randn(7, 11)
     save_file({"w": full}, tmp_path / "w.safetensors")

@@ -113,6 +113,7 @@ class Ranks:
     def __init__(self, channel: StepChannel, processes: list):
         self.channel = channel
         self.processes = processes
+        self.closed = False
         channel.alive = self.failure
 
     @classmethod
@@ -162,7 +163,11 @@ class Ranks:
         return None
 
     def shutdown(self) -> None:
-        """Tell the workers to stop, wait briefly, then make sure none is left."""
+        """Tell the workers to stop, wait briefly, then make sure none is left. Runs once: a second call
+        (LLM.shutdown, then the finalizer) must not destroy the process group a newer LLM made."""
+        if self.closed:
+            return
+        self.closed = True
         if self.channel.group is not None and self.failure() is None:
             try:
                 self.channel.deadline_s = 10.0
