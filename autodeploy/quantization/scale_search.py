@@ -24,12 +24,15 @@ from autodeploy.kernels.quant_format import FP8_DTYPE, FP8_MAX, check_bits, grou
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # symmetric: 1.0 .. 0.5 of the group's range
 FIT_STEPS = 5  # asymmetric: alternating least-squares steps (the error settles within a few)
 FP8_FACTORS = tuple(1.0 + i / 16 for i in range(16))  # fp8: one octave of per-row scale factors
-_CHUNK_ELEMENTS = 1 << 18  # rows per chunk: about 1 MiB of float32 per temporary
+# Elements per chunk of rows: about 1 MiB of float32 per temporary on the CPU; 16 MiB on a GPU, where the small
+# chunks' kernel launches dominated (H200, one 8B gate_up: int4 1,467 -> 92 ms, fp8 1,129 -> 77 ms).
+_CHUNK_ELEMENTS = 1 << 18
+_CUDA_CHUNK_ELEMENTS = 1 << 22
 _MIN_SCALE = 1e-12
 
 
-def _row_chunks(n: int, k: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMENTS // k)
+def _row_chunks(n: int, k: int, device: torch.device) -> list[slice]:
+    step = max(1, (_CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CHUNK_ELEMENTS) // k)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
@@ -102,7 +105,7 @@ def quantize_int_search(w: torch.Tensor, bits: int, group_size: int, symmetric: 
     qweight = torch.empty(n, k * bits // 32, dtype=torch.int32, device=w.device)
     scales = torch.empty(n, g, dtype=out_dtype, device=w.device)
     zeros = torch.empty(n, g, dtype=out_dtype, device=w.device)
-    for rows in _row_chunks(n, k):
+    for rows in _row_chunks(n, k, w.device):
         wg = w[rows].float().reshape(-1, g, k // g)
         scale, zero = _clip_search(wg, bits, ratios) if symmetric else _least_squares_fit(wg, bits, steps)
         scales[rows], zeros[rows] = scale.clamp(min=_MIN_SCALE), zero
@@ -126,7 +129,7 @@ def quantize_fp8_search(w: torch.Tensor, factors: tuple[float, ...] = FP8_FACTOR
     every rank's slice of K (autodeploy/parallel/rank_reduce.py: one collective each per tensor), so
     each rank picks the row's factor."""
     n, k = w.shape
-    chunks = _row_chunks(n, k)
+    chunks = _row_chunks(n, k, w.device)
     amax = torch.cat([w[chunk].float().abs().amax(-1) for chunk in chunks])
     base = ((amax if combine is None else combine(amax, "max")) / FP8_MAX).clamp(min=1e-12)
     errors = torch.cat([torch.stack([_fp8_error(w[chunk].float(), base[chunk] * factor) for factor in factors])
