@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig
 
 import autodeploy.kernels  # noqa: F401
+from autodeploy.bench.device import bytes_read_per_token
 from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import finalize, weight_bytes
 from autodeploy.kernels.int4_tinygemm import ineligible, nibble_swapped, tinygemm_weights
@@ -132,11 +133,14 @@ def test_rewrite_of_fused_int4_linears(llama_dir):
                          progress=False)
     short, long = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 12))
     before_short, before_long = opt.logits(short), opt.logits(long)
-    bytes_before = weight_bytes(opt.gm)
+    bytes_before, read_before = weight_bytes(opt.gm), bytes_read_per_token(opt.gm)
     counts = rewrite_int4_linears(opt.gm, max_rows=16)
     finalize(opt.gm)
     assert counts["rewritten"] == 8 and _tinygemm_ops(opt.gm) == 8 and set(counts) == {"rewritten", "tinygemm_bytes"}
     assert weight_bytes(opt.gm) == bytes_before + counts["tinygemm_bytes"]  # the extra copy shows in every report
+    ours = sum(t.numel() * t.element_size() for n in opt.gm.graph.nodes if str(n.target) == TINYGEMM_OP
+               for t in (opt.gm.get_parameter(a.target) for a in n.args[1:4] if a is not None))
+    assert bytes_read_per_token(opt.gm) == read_before - ours + counts["tinygemm_bytes"]  # one row reads tinygemm's
     _assert_close(opt.logits(short), before_short, tol=3e-2)
     assert torch.equal(opt.logits(long), before_long)
 
