@@ -20,3 +20,4 @@ if __name__ == "autodeploy.kernels":
     from . import collectives  # noqa: E402,F401  (all_reduce of tensor-parallel graphs)
     from . import ssm  # noqa: E402,F401  (causal conv1d, selective / SSD scans, gated delta rule; cached forms)
     from . import triton_backends  # noqa: E402,F401  (<op>_triton backends, chosen by select_backends)
+    from . import int4_tinygemm  # noqa: E402,F401  (INT4 decode through tinygemm: use_int4_tinygemm)

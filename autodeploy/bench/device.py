@@ -2,7 +2,8 @@
 
 Batch-1 decode reads every weight once per token, so its ceiling is the bytes a token reads over
 memory bandwidth: the weights as stored (quantized codes and their scales for a quantized model),
-except an embedding table that is only gathered, of which a token reads one row. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+except an embedding table that is only gathered, of which a token reads one row, and the INT4 tensors
+of an `int4_linear_tinygemm` that only its many-row path reads (one row reads the tinygemm copy). The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
 counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
@@ -13,9 +14,10 @@ import platform
 import time
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from autodeploy.graph_utils import distinct_tensors
+from autodeploy.patterns.helpers import bind_args
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,20 +55,34 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
     return 2 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
+def _use(node: Node, user: Node) -> str:
+    """How a batch-1 step reads the tensor of get_attr `node` in `user`: gather (one row), many_rows (not at
+    all: an int4_linear_tinygemm's own INT4 tensors when one row runs tinygemm) or other (whole)."""
+    if user.target is torch.ops.aten.embedding.default and user.args[0] is node:
+        return "gather"
+    if user.target is torch.ops.autodeploy.int4_linear_tinygemm.default:
+        args = bind_args(user)
+        if node in (args["qweight"], args["scales"], args["zeros"]) and args["max_rows"] >= 1:
+            return "many_rows"
+    return "other"
+
+
 def bytes_read_per_token(gm: GraphModule) -> int:
     """Bytes one batch-1 decode step reads from weights: all of them (as stored), but one row of a
-    table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole)."""
+    table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole),
+    and none of tensors only the many-row path of int4_linear_tinygemm reads."""
     uses: dict[int, set] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = operator.attrgetter(node.target)(gm)
-            uses.setdefault(id(t), set()).update(
-                "gather" if u.target is torch.ops.aten.embedding.default and u.args[0] is node else "other"
-                for u in node.users)
+            uses.setdefault(id(t), set()).update(_use(node, u) for u in node.users)
     total = 0
     for key, t in distinct_tensors(gm).items():
         nbytes = t.numel() * t.element_size()
-        total += nbytes // t.shape[0] if uses.get(key) == {"gather"} else nbytes
+        if uses.get(key) == {"gather"}:
+            total += nbytes // t.shape[0]
+        elif uses.get(key) != {"many_rows"}:
+            total += nbytes
     return total
 
 

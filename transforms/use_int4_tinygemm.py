@@ -1,0 +1,105 @@
+"""use_int4_tinygemm: INT4 linears decode through PyTorch's tinygemm (kernels/int4_tinygemm.py).
+
+On an H200, tinygemm runs the Llama-3.1-8B decode linears ~2x faster than our Triton GEMV at one row
+and 3-4x at eight, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
+weights tinygemm can take becomes `int4_linear_tinygemm`, which runs tinygemm up to `max_rows` rows
+and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph takes one path).
+
+Memory: the tinygemm copy (packed codes + bf16 scales and zero offsets) is kept beside our packed codes,
+~0.5 byte per weight more (+~100 % of the INT4 weights), because tinygemm is slow past a few rows and
+the prefill path dequantizes from our layout. The report counts those bytes (`tinygemm_bytes`), and
+they are parameters, so every weight-bytes figure includes them.
+
+Runs after select_backends (it rewrites the Triton backend's nodes), on CUDA only: elsewhere it does
+nothing. Works on whatever int_linear nodes exist: fused q/k/v and gate/up, one rank's shards.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._guards import detect_fake_mode
+from torch.fx import GraphModule, Node
+
+from autodeploy.errors import RecipeError
+from autodeploy.graph_utils import graph_modules, is_op, replace_with_call
+from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
+from autodeploy.patterns.helpers import bind_args, val
+
+from .registry import Stage, Transform, TransformConfig, TransformContext, register
+
+INT_LINEAR_TRITON = torch.ops.autodeploy.int_linear_triton.default
+TINYGEMM = torch.ops.autodeploy.int4_linear_tinygemm.default
+
+
+@dataclass
+class UseInt4TinygemmConfig(TransformConfig):
+    max_rows: int = 16  # rows (tokens) up to which tinygemm runs; 0 = off. H200: it wins at 8, loses at 64
+
+    def __post_init__(self):
+        if self.max_rows < 0:
+            raise RecipeError(f"use_int4_tinygemm: max_rows must be >= 0, not {self.max_rows}")
+
+
+def _tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
+    """The parameter (or buffer) a get_attr node reads."""
+    return None if node is None else operator.attrgetter(node.target)(gm)
+
+
+def _add_param(gm: GraphModule, anchor: Node, name: str, value: torch.Tensor) -> Node:
+    """Register `value` as parameter `name` (a dotted path to an existing module) and get_attr it before anchor."""
+    owner, _, attr = name.rpartition(".")
+    gm.get_submodule(owner).register_parameter(attr, nn.Parameter(value, requires_grad=False))
+    with gm.graph.inserting_before(anchor):
+        node = gm.graph.get_attr(name)
+    mode = detect_fake_mode([val(anchor)])
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(value)
+    return node
+
+
+def rewrite_int4_linears(gm: GraphModule, max_rows: int) -> dict[str, int]:
+    """Every eligible 4-bit int_linear_triton node of gm -> int4_linear_tinygemm, its tinygemm tensors made on
+    the weights' device next to qweight. Counts: rewritten, tinygemm_bytes, skipped_<reason>."""
+    counts: Counter = Counter(rewritten=0, tinygemm_bytes=0)
+    for node in [n for n in gm.graph.nodes if is_op(n, INT_LINEAR_TRITON)]:
+        args = bind_args(node)
+        if args["bits"] != 4:
+            continue
+        qweight = _tensor(gm, args["qweight"])
+        out = val(node)
+        reason = ineligible(qweight.shape[0], qweight.shape[1] * 8, args["group_size"], args["g_idx"],
+                            out.dtype if out is not None else None, qweight.device)
+        if reason is not None:
+            counts[f"skipped_{reason}"] += 1
+            continue
+        packed, scales_and_zeros = tinygemm_weights(qweight, _tensor(gm, args["scales"]), _tensor(gm, args["zeros"]),
+                                                    args["group_size"])
+        name = args["qweight"].target
+        packed_node = _add_param(gm, node, f"{name}_tinygemm", packed)
+        sz_node = _add_param(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
+        replace_with_call(gm, node, TINYGEMM, (args["x"], args["qweight"], args["scales"], args["zeros"], packed_node,
+                                               sz_node, args["bias"], args["group_size"], max_rows))
+        gm.graph.erase_node(node)
+        counts["rewritten"] += 1
+        counts["tinygemm_bytes"] += sum(t.numel() * t.element_size() for t in (packed, scales_and_zeros))
+    return dict(counts)
+
+
+@register
+class UseInt4Tinygemm(Transform):
+    name = "use_int4_tinygemm"
+    stage = Stage.FUSION
+    config_cls = UseInt4TinygemmConfig
+
+    def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
+        if ctx.device.type != "cuda" or self.config.max_rows == 0:
+            return {"rewritten": 0}
+        counts: Counter = Counter()
+        for module in graph_modules(gm):
+            counts.update(rewrite_int4_linears(module, self.config.max_rows))
+        return dict(counts)
