@@ -1,9 +1,8 @@
 """Knob sweep of the decode linears (bf16 skinny, FP8 W8A8, INT4 g128) on the Llama-3.1-8B shapes: us per call
 over a pool of weight copies larger than L2 (CUDA graph, no PDL), and GB/s of the bytes each format reads.
 Batch 1 for every kernel form, batch 64 for the many-row paths. Each line: the best four knob sets.
---given --group 128: the same dot on per-token-group activation scales (the online fp8 default; both forms:
-x dequantized into a bf16 dot, and promoted e4m3 partial sums), plus the dot tiled over rows at 256 / 2048
-rows against cuBLASLt's per-token FP8 GEMM.
+--given --group 128: the same dot on per-token-group activation scales (the online fp8 default), plus the
+dot tiled over rows at 256 / 2048 rows against cuBLASLt's per-token FP8 GEMM.
 Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given [--group G]]"""
 
 import sys
@@ -83,8 +82,7 @@ GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True
 
 
 # (block_m, block_n, block_k, warps, stages) of the dot tiled over rows (group scales past 64 rows)
-TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4),
-         (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]
+TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
 
 
 def given_sweep(group: int) -> None:
@@ -100,16 +98,14 @@ def given_sweep(group: int) -> None:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             ref = torch.ops.autodeploy.fp8_linear(x, *f8, None, None, act, group).float()
             qx, sx = quantize_rows_fp8(x, group)
-            for deq in (True, False) if group > 0 else (False,):  # x dequantized into bf16, or promoted sums
-                form = "deq" if deq else "e4m3"
-                if rows > 64:
-                    sweep(f"tiled {form} {rows}", lambda p, *kn: skinny_fp8_linear(
-                        qx, p[0], p[1], None, None, "token", *kn[1:], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
-                        x_group=group, block_m=kn[0], x_deq=deq), f8, knobs, ref)
-                else:
-                    sweep(f"given {form} {rows}", lambda p, *kn: skinny_fp8_linear(
-                        qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16, x_group=group,
-                        x_deq=deq), f8, knobs, ref)
+            if rows > 64:
+                sweep(f"tiled {rows}", lambda p, *kn: skinny_fp8_linear(
+                    qx, p[0], p[1], None, None, "token", *kn[1:], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
+                    x_group=group, block_m=kn[0]), f8, knobs, ref)
+            else:
+                sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
+                    qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16, x_group=group),
+                    f8, knobs, ref)
             sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x, group), f8, [()])
             sweep(f"bf16 cublas {rows}", lambda p: F.linear(x, p[0]), (w,), [()])
             if rows > 1:

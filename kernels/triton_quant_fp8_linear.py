@@ -11,13 +11,10 @@ More rows on sm_89+ (Ada, Hopper): cuBLASLt's FP8 GEMM through `torch._scaled_mm
 [M, 1] for x, [1, N] for w; bf16 out, which row-wise scaling requires in torch 2.11). Elsewhere the
 reference.
 Activation scales per token and group of columns (`act_quant="group"`, [M, G]) always go through the dot
-on x quantized beforehand, in one of two forms (`x_deq`). Promoted partial sums (DeepSeek-V3's): the K tile
-cut to divide the group, each K step multiplies its tile into a fresh accumulator, scales that by the rows'
-scale of the step's group (one [M] load) and adds it. Or x dequantized: each tile of x times its columns'
-scales, and the e4m3 weights, as bf16 in one chained accumulator (e4m3 is exact in bf16; x * scale rounds
-to bf16), so the K tile is free and the MMAs stay asynchronous. The per-channel weight scale stays in the
-epilogue. Past QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm`
-cannot take group scales.
+on x quantized beforehand, with the K tile cut to divide the group: each K step multiplies its tile into a
+fresh accumulator, scales that by the rows' scale of the step's group (one [M] load) and adds it, the
+per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of partial sums). Past
+QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them.
 """
 
 from __future__ import annotations
@@ -51,10 +48,6 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
     (False, False): (64, 256, 4, 6), (False, True): (128, 256, 4, 5),
     (True, False): (64, 256, 4, 4), (True, True): (128, 128, 4, 6),
 }
-# Group activation scales: x dequantized into a bf16 dot (True) or promoted e4m3 partial sums (False); on an
-# H200 the promoted form took 13.3 / 12.4 / 33.7 / 36.6 us at batch 1 on the 8B shapes against 9.6 / 6.3 /
-# 32.1 / 16.8 per token: a fresh accumulator per 128 columns waits for each MMA.
-GROUP_X_DEQ = True
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot (a first choice, not yet swept on a GPU).
 TILED_KNOBS = (64, 128, 128, 4, 3)
@@ -67,7 +60,6 @@ def _skinny_fp8_kernel(
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
-    X_DEQ: tl.constexpr = False,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,18 +92,7 @@ def _skinny_fp8_kernel(
             qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
-        if X_GROUP > 0 and X_DEQ:  # x times its columns' scales, then one chained bf16 dot
-            sxk = tl.load(xs_rows[:, None] + (offs_k // X_GROUP)[None, :], mask=m_valid[:, None] & k_valid[None, :],
-                          other=0.0)
-            xd = qx.to(tl.float32) * sxk
-            if not INTERPRET:
-                xd = xd.to(tl.bfloat16)
-                w = w.to(tl.bfloat16)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(xd), acc)
-            else:
-                acc = tl.dot(xd, tl.trans(w), acc)
-        elif X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
+        if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
             sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
             if SWAP:
                 acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
@@ -130,10 +111,10 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
-                      x_deq: bool = GROUP_X_DEQ) -> torch.Tensor:
+                      ) -> torch.Tensor:
     """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
-    that the K tile is then cut to divide unless `x_deq`), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
+    that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
     many rows. The knobs are for benchmarks/quant_knob_sweep.py."""
     if input_scale is None and act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
@@ -159,8 +140,8 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
-        BLOCK_K=min(block_k, x_group) if grouped and not x_deq else block_k, SWAP=swap,
-        X_GROUP=x_group if grouped else 0, X_DEQ=grouped and x_deq, num_warps=num_warps, num_stages=num_stages, **launch,
+        BLOCK_K=min(block_k, x_group) if grouped else block_k, SWAP=swap, X_GROUP=x_group if grouped else 0,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -207,11 +188,11 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
-                                 x_group=group_size, x_deq=GROUP_X_DEQ)
+                                 x_group=group_size)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS
     return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
                              num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
-                             block_m=block_m, x_deq=GROUP_X_DEQ)
+                             block_m=block_m)
 
 
 def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
