@@ -51,6 +51,20 @@ def replace_with_call(gm: GraphModule, anchor: Node, target, args: tuple, kwargs
     return new
 
 
+def add_parameter(gm: GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
+    """Register `value` as frozen parameter `name` (a dotted path; missing owner modules are made) and
+    get_attr it before `before`. The caller sets the node's meta["val"]."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = gm
+    for part in owner_path.split(".") if owner_path else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
 def module_path(node: Node) -> str | None:
     """The HF module (e.g. 'model.layers.3.self_attn') a node was traced from, if recorded."""
     stack = node.meta.get("nn_module_stack")

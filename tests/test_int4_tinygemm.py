@@ -50,12 +50,10 @@ def _assert_close(got, want, tol=1e-2):
 
 
 # odd multiples of 16 rows (the CPU packer's block; CUDA's is 8); K packed with inner_k_tiles 8, 4 and 2
-@pytest.mark.parametrize("n,k", [(48, 256), (80, 192), (48, 96)], ids=str)
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("n,k,group_size", [(n, k, group) for n, k in [(48, 256), (80, 192), (48, 96)]
+                                            for group in (32, 64, 128) if k % group == 0])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_tinygemm_matches_reference(n, k, group_size, symmetric):
-    if k % group_size:
-        pytest.skip("group does not divide K")
     qweight, scales, zeros, bias = _weights(n, k, group_size, symmetric)
     packed, scales_and_zeros = tinygemm_weights(qweight, scales, zeros, group_size)
     assert scales_and_zeros.shape == (k // group_size, n, 2) and scales_and_zeros.dtype == torch.bfloat16
@@ -104,33 +102,24 @@ def test_max_rows_is_validated():
         load_recipe(overrides=["transforms.use_int4_tinygemm.max_rows=-1"])
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    save_tiny_checkpoint(path, LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
-    return path
-
-
 INT4_BF16 = ["quantization.algo=int4", "model.dtype=bfloat16", "transforms.insert_kv_cache.enabled=false"]
+TRITON_INT = ["transforms.select_backends.backends.int_linear=triton"]
 
 
 def _tinygemm_ops(gm) -> int:
     return sum(str(n.target) == TINYGEMM_OP for n in gm.graph.nodes if n.op == "call_function")
 
 
-def test_transform_does_nothing_on_cpu(llama_dir):
-    opt = optimize_model(llama_dir, overrides=INT4_BF16 + ["transforms.select_backends.backends.int_linear=triton"],
-                         progress=False)
+def test_transform_does_nothing_on_cpu(tiny_llama_dir):
+    opt = optimize_model(tiny_llama_dir, overrides=INT4_BF16 + TRITON_INT, progress=False)
     report = next(r for r in opt.reports if r.name == "use_int4_tinygemm")
     assert report.matched == {"rewritten": 0} and not report.warnings and _tinygemm_ops(opt.gm) == 0
 
 
-def test_rewrite_of_fused_int4_linears(llama_dir):
+def test_rewrite_of_fused_int4_linears(tiny_llama_dir):
     """The rewrite the transform runs on CUDA, here with the CPU tinygemm: the fused q/k/v and gate/up, o and down
     of both layers; 16 rows run tinygemm, 24 our backend (the same numbers as before)."""
-    opt = optimize_model(llama_dir, overrides=INT4_BF16 + ["transforms.select_backends.backends.int_linear=triton"],
-                         progress=False)
+    opt = optimize_model(tiny_llama_dir, overrides=INT4_BF16 + TRITON_INT, progress=False)
     short, long = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 12))
     before_short, before_long = opt.logits(short), opt.logits(long)
     bytes_before, read_before = weight_bytes(opt.gm), bytes_read_per_token(opt.gm)
@@ -145,10 +134,10 @@ def test_rewrite_of_fused_int4_linears(llama_dir):
     assert torch.equal(opt.logits(long), before_long)
 
 
-def test_rewrite_counts_what_it_skips(llama_dir):
+def test_rewrite_counts_what_it_skips(tiny_llama_dir):
     """float32 activations: tinygemm takes bf16 only; every linear is left as it was and counted."""
-    opt = optimize_model(llama_dir, overrides=["quantization.algo=int4", "transforms.insert_kv_cache.enabled=false",
-                                               "transforms.select_backends.backends.int_linear=triton"], progress=False)
+    opt = optimize_model(tiny_llama_dir, progress=False,
+                         overrides=["quantization.algo=int4", "transforms.insert_kv_cache.enabled=false"] + TRITON_INT)
     assert rewrite_int4_linears(opt.gm, max_rows=16) == {"rewritten": 0, "tinygemm_bytes": 0, "skipped_dtype": 8}
 
 

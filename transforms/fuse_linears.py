@@ -29,7 +29,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map
 
-from autodeploy.graph_utils import graph_modules, is_op
+from autodeploy.graph_utils import add_parameter, graph_modules, is_op
 from autodeploy.patterns.helpers import bind_args, insert_call, val
 from autodeploy.quantization.rewrite import hf_path
 
@@ -84,15 +84,7 @@ class _Params:
 
     def replace(self, old: list[Node], name: str, value: torch.Tensor) -> Node:
         """Register `value` as parameter `name`, get_attr it before old[0], delete the old ones."""
-        owner_path, _, attr = name.rpartition(".")
-        owner = self.gm
-        for part in owner_path.split(".") if owner_path else []:  # the fused projection is a new module
-            if not hasattr(owner, part):
-                owner.add_module(part, nn.Module())
-            owner = getattr(owner, part)
-        owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
-        with self.gm.graph.inserting_before(old[0]):
-            node = self.gm.graph.get_attr(name)
+        node = add_parameter(self.gm, name, value, old[0])  # the fused projection may be a new module
         node.meta["val"] = _fake(old, value)
         for n in old:
             owner, _, old_attr = n.target.rpartition(".")

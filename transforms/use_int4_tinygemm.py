@@ -21,12 +21,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
 from autodeploy.errors import RecipeError
-from autodeploy.graph_utils import graph_modules, is_op, replace_with_call
+from autodeploy.graph_utils import add_parameter, graph_modules, is_op, replace_with_call
 from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
 from autodeploy.patterns.helpers import bind_args, val
 
@@ -51,11 +50,8 @@ def _tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
 
 
 def _add_param(gm: GraphModule, anchor: Node, name: str, value: torch.Tensor) -> Node:
-    """Register `value` as parameter `name` (a dotted path to an existing module) and get_attr it before anchor."""
-    owner, _, attr = name.rpartition(".")
-    gm.get_submodule(owner).register_parameter(attr, nn.Parameter(value, requires_grad=False))
-    with gm.graph.inserting_before(anchor):
-        node = gm.graph.get_attr(name)
+    """`value` as parameter `name`, read by a get_attr before anchor (with a fake value when the graph has them)."""
+    node = add_parameter(gm, name, value, anchor)
     mode = detect_fake_mode([val(anchor)])
     if mode is not None:
         node.meta["val"] = mode.from_tensor(value)

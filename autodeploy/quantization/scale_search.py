@@ -130,8 +130,8 @@ def quantize_fp8_search(w: torch.Tensor, factors: tuple[float, ...] = FP8_FACTOR
     each rank picks the row's factor."""
     n, k = w.shape
     chunks = _row_chunks(n, k, w.device)
-    amax = torch.cat([w[chunk].float().abs().amax(-1) for chunk in chunks])
-    base = ((amax if combine is None else combine(amax, "max")) / FP8_MAX).clamp(min=1e-12)
+    amax = torch.cat([w[chunk].abs().amax(-1).float() for chunk in chunks])  # no float32 copy of the rows
+    base = ((amax if combine is None else combine(amax, "max")) / FP8_MAX).clamp(min=_MIN_SCALE)
     errors = torch.cat([torch.stack([_fp8_error(w[chunk].float(), base[chunk] * factor) for factor in factors])
                         for chunk in chunks], dim=1)  # [factors, N]
     if combine is not None:
