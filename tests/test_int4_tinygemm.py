@@ -169,24 +169,24 @@ def test_op_on_gpu(rows, n, k, group_size, symmetric, poisoned):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_same_greedy_tokens_on_gpu(tmp_path):
-    """An int4 SmolLM2-shaped model (576 columns: group 64, inner_k_tiles 4; down_proj group 128) on CUDA with
-    CUDA graphs: 24-token prompts prefill through our backend, decode steps through tinygemm. Weights drawn
-    wider than HF's init so the greedy choice is not a near tie."""
-    from autodeploy import LLM, SamplingParams
-
+def test_tinygemm_model_is_as_close_to_the_reference_as_triton_on_gpu(tmp_path):
+    """An int4 SmolLM2-shaped model (576 columns: group 64, inner_k_tiles 4; down_proj group 128) in bf16 on CUDA:
+    an 8-token prompt runs every linear through tinygemm. Its logits stay as close to the torch reference's as our
+    Triton backend's do (H200: 2.3e-2 and 1.9e-2 of the largest logit, bf16 noise; a wrong layout or scale is far
+    off). Greedy tokens are not compared: in this random model the top two logits are sometimes within that noise
+    (H200: 2 of 4 prompts parted within 16 tokens, with either backend against the other)."""
     save_tiny_checkpoint(tmp_path, LlamaConfig(
         vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, max_position_embeddings=256, tie_word_embeddings=True,
         initializer_range=0.2))
-    prompts = [torch.randint(0, 512, (24,), generator=_gen("prompt", i)).tolist() for i in range(2)]
-    params = SamplingParams(max_tokens=16, temperature=0.0)
-    tokens = {}
-    for on in (True, False):
-        llm = LLM(str(tmp_path), quantization="int4", overrides=[f"transforms.use_int4_tinygemm.enabled={on}"])
-        if on:
-            assert next(r for r in llm.model.reports if r.name == "use_int4_tinygemm").matched["rewritten"] == 8
-        tokens[on] = [o.token_ids for o in llm.generate(prompts, params)]
-        del llm
-        torch.cuda.empty_cache()
-    assert tokens[True] == tokens[False]
+    prompt = torch.randint(0, 512, (1, 8), generator=_gen("prompt", 0)).cuda()
+    off = ["transforms.use_int4_tinygemm.enabled=false"]
+    runs = {"tinygemm": [], "triton": off, "reference": off + ["transforms.select_backends.backends.int_linear=torch"]}
+    models = {name: optimize_model(str(tmp_path), overrides=INT4_BF16 + extra, progress=False)
+              for name, extra in runs.items()}
+    assert next(r for r in models["tinygemm"].reports if r.name == "use_int4_tinygemm").matched["rewritten"] == 8
+    logits = {name: model.logits(prompt).float() for name, model in models.items()}
+    scale = logits["reference"].abs().max()
+    distance = {name: ((logits[name] - logits["reference"]).abs().max() / scale).item()
+                for name in ("tinygemm", "triton")}
+    assert distance["tinygemm"] < max(2 * distance["triton"], 1e-2) and distance["tinygemm"] < 5e-2, distance
