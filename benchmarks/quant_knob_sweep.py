@@ -16,7 +16,7 @@ import autodeploy.kernels  # noqa: F401  (registers the reference ops)
 from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
 from autodeploy.kernels.triton_fp8_act_quant import quantize_rows_fp8
 from autodeploy.kernels.triton_linear import skinny_linear
-from autodeploy.kernels.triton_quant_fp8_linear import scaled_mm_fp8_linear, skinny_fp8_linear
+from autodeploy.kernels.triton_quant_fp8_linear import given_fp8_linear, scaled_mm_fp8_linear, skinny_fp8_linear
 from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
 from autodeploy.kernels.triton_quant_int_linear import dequantize_int_triton, skinny_int_linear
 
@@ -81,8 +81,15 @@ GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True
               (128, 256, 8, 3, True), (64, 512, 4, 3, True), (128, 128, 8, 5, True)]}
 
 
+# (block_n, block_k, warps, stages, swap, split_k, promote_lag): the same dot with K split over programs, group
+# sums scaled in the step after
+SPLITS = [(bn, 128, 4, st, True, sp, lag) for bn in (64, 128) for st in (4, 6) for sp in (1, 2, 4, 8)
+          for lag in (False, True)]
+
+
 # (block_m, block_n, block_k, warps, stages) of the dot tiled over rows (group scales past 64 rows)
 TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
+TILED = [kn + (lag,) for kn in TILED for lag in (False, True)]  # + promote_lag
 
 
 def given_sweep(group: int) -> None:
@@ -100,12 +107,17 @@ def given_sweep(group: int) -> None:
             qx, sx = quantize_rows_fp8(x, group)
             if rows > 64:
                 sweep(f"tiled {rows}", lambda p, *kn: skinny_fp8_linear(
-                    qx, p[0], p[1], None, None, "token", *kn[1:], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
-                    x_group=group, block_m=kn[0]), f8, knobs, ref)
+                    qx, p[0], p[1], None, None, "token", *kn[1:5], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
+                    x_group=group, block_m=kn[0], promote_lag=kn[5]), f8, knobs, ref)
             else:
-                sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
-                    qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16, x_group=group),
-                    f8, knobs, ref)
+                if group < 0:
+                    sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
+                        qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16), f8, knobs, ref)
+                sweep(f"split {rows}", lambda p, *kn: skinny_fp8_linear(
+                    qx, p[0], p[1], None, None, "token", *kn[:5], x_scale=sx, out_dtype=torch.bfloat16,
+                    x_group=group, split_k=kn[5], promote_lag=kn[6]), f8, SPLITS if group > 0 else SPLITS[::2], ref)
+                sweep(f"default {rows}", lambda p: given_fp8_linear(qx, sx, p[0], p[1], None, torch.bfloat16, group),
+                      f8, [()], ref)
             sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x, group), f8, [()])
             sweep(f"bf16 cublas {rows}", lambda p: F.linear(x, p[0]), (w,), [()])
             if rows > 1:

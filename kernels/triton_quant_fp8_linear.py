@@ -13,7 +13,11 @@ reference.
 Activation scales per token and group of columns (`act_quant="group"`, [M, G]) always go through the dot
 on x quantized beforehand, with the K tile cut to divide the group: each K step multiplies its tile into a
 fresh accumulator, scales that by the rows' scale of the step's group (one [M] load) and adds it, the
-per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of partial sums). Past
+per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of partial sums). Since each step
+then waits for its MMA, a program's time follows its number of K steps, and N = 4096 makes only 64 tiles
+for 132 SMs: up to QUANTIZED_X_ROWS, K is split over programs (float32 partials; the tile's last program to
+arrive, counted by an atomic, adds them in split order and stores y: one kernel, the same y every call).
+On an H200 at batch 1 this took the 4096 x 14336 down projection from 37.3 to ~21 us. Past
 QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them.
 """
 
@@ -41,7 +45,7 @@ NUM_STAGES = 4
 SWAP = False
 # Rows up to here with per-token activation scales take `prequantized_fp8_linear`; its (block_n, block_k, warps,
 # stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md), swept with per-token scales
-# (with group scales block_k is cut to the group: 128).
+# (group activation scales take GROUP_KNOBS below).
 QUANTIZED_X_ROWS = 64
 QUANTIZED_X_WIDE_N = 8192
 QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N outputs) -> knobs
@@ -49,9 +53,23 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
     (True, False): (64, 256, 4, 4), (True, True): (128, 128, 4, 6),
 }
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
-# tiled dot (a first choice, not yet swept on a GPU).
-TILED_KNOBS = (64, 128, 128, 4, 3)
+# tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
+TILED_KNOBS = (128, 128, 128, 8, 3)
+# The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
+# split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
+GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
+               (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
+SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
+PROMOTE_LAG = False
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
+
+
+@triton.jit
+def _rows_scaled(sums, row_scale, SWAP: tl.constexpr):
+    """Partial sums times each row's scale (rows are the last axis when SWAP)."""
+    if SWAP:
+        return sums * row_scale[None, :]
+    return sums * row_scale[:, None]
 
 
 @triton.jit
@@ -59,15 +77,20 @@ def _skinny_fp8_kernel(
     x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_xsm,
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-    X_GROUP: tl.constexpr = 0, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
+    PROMOTE_LAG: tl.constexpr = False, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
     m_valid = offs_m < M
+    # this program's share of K: whole K tiles, the last split taking what is left
+    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = tl.program_id(2) * k_span
+    k_end = tl.minimum(K, k_start + k_span)
     w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
     if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
-        prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
+        prefetch_l2(w_rows + tl.minimum(k_start + tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
     wait_for_inputs(USE_PDL)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     xs_rows = xs_ptr + offs_m * stride_xsm
@@ -81,9 +104,10 @@ def _skinny_fp8_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    held, held_scale = tl.zeros_like(acc), tl.zeros([BLOCK_M], tl.float32)  # PROMOTE_LAG: the step before's sums
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < K
+        k_valid = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
         if ACT == 3:
@@ -95,27 +119,52 @@ def _skinny_fp8_kernel(
         if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
             sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
             if SWAP:
-                acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
+                part = tl.dot(w, tl.trans(qx))
             else:
-                acc += tl.dot(qx, tl.trans(w)) * sxg[:, None]
+                part = tl.dot(qx, tl.trans(w))
+            if PROMOTE_LAG:  # scale the step before's sums while this step's MMA may still run
+                acc += _rows_scaled(held, held_scale, SWAP)
+                held, held_scale = part, sxg
+            else:
+                acc += _rows_scaled(part, sxg, SWAP)
         elif SWAP:
             acc = tl.dot(w, tl.trans(qx), acc)
         else:
             acc = tl.dot(qx, tl.trans(w), acc)
+    if PROMOTE_LAG:
+        acc += _rows_scaled(held, held_scale, SWAP)
     if SWAP:
         acc = tl.trans(acc)
-    store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym, W_PER_CHANNEL, HAS_BIAS)
+    if SPLIT_K > 1:  # float32 partials; the tile's last split to arrive adds them up and stores y
+        split = tl.program_id(2)
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        mask = m_valid[:, None] & n_valid[None, :]
+        parts = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(parts + split * M * N, acc, mask=mask)
+        tl.debug_barrier()  # all of this program's partial is written before its arrival counts
+        arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the earlier arrivals' partials are visible
+        if arrived == SPLIT_K - 1:  # summed in split order, whichever arrives last: the same y every call
+            acc = tl.load(parts, mask=mask, other=0.0, cache_modifier=".cg")
+            for other in tl.static_range(1, SPLIT_K):
+                acc += tl.load(parts + other * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)  # zero again for the next call (and CUDA graph replay)
+            store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
+                         W_PER_CHANNEL, HAS_BIAS)
+    else:
+        store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
+                     W_PER_CHANNEL, HAS_BIAS)
 
 
 def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
-                      ) -> torch.Tensor:
+                      split_k: int = 1, promote_lag: bool = False) -> torch.Tensor:
     """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
     that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
-    many rows. The knobs are for benchmarks/quant_knob_sweep.py."""
+    many rows. `split_k` programs share each output tile's K (float32 partials, summed by the last to finish).
+    The knobs are for benchmarks/quant_knob_sweep.py."""
     if input_scale is None and act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
     n, k = weight.shape
@@ -135,15 +184,37 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         act = "static" if input_scale is not None else act_quant
         xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
     block_m = min(block_m or rows, rows) if act == "given" else rows  # scales found in the kernel need every row
-    _skinny_fp8_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_m))](
+    block_k = min(block_k, x_group) if grouped else block_k
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
+    split_k = min(split_k, triton.cdiv(k, block_k))
+    counts = split_counters(x.device) if split_k > 1 else None
+    if counts is None or grid[0] * grid[1] > counts.numel():
+        split_k = 1
+    _skinny_fp8_kernel[grid + (split_k,)](
         x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
         x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
-        BLOCK_K=min(block_k, x_group) if grouped else block_k, SWAP=swap, X_GROUP=x_group if grouped else 0,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k, PROMOTE_LAG=promote_lag and grouped,
+        part_ptr=torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else None,
+        count_ptr=counts if split_k > 1 else None, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
+
+
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+SPLIT_COUNTER_TILES = 4096
+
+
+def split_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's arrival counters of split-K tiles (zero between calls: the last split of a tile resets its
+    own), made outside any CUDA graph capture (a buffer made in one would live in the graph's pool); None
+    when the first call is being captured (it then runs unsplit)."""
+    if device not in _SPLIT_COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _SPLIT_COUNTERS[device] = torch.zeros(SPLIT_COUNTER_TILES, dtype=torch.int32, device=device)
+    return _SPLIT_COUNTERS[device]
 
 
 @functools.cache
@@ -183,16 +254,31 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     """The Triton e4m3 x e4m3 dot on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows
     with the weights as the MMA's A operand (knobs from the sweep), more in tiles of rows (TILED_KNOBS: the
     path of group scales, which cuBLASLt's row-wise scaling cannot take)."""
-    rows, n = q2.shape[0], weight.shape[0]
-    if rows <= QUANTIZED_X_ROWS:
+    rows, (n, k) = q2.shape[0], weight.shape
+    grouped = scale2.shape[-1] > 1
+    if rows <= QUANTIZED_X_ROWS and not grouped:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
+                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
+    if rows <= QUANTIZED_X_ROWS:
+        block_n, warps, stages = GROUP_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
+        split = split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, group_size), q2.device) if q2.is_cuda else 1
+        return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=128,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
-                                 x_group=group_size)
+                                 x_group=group_size, split_k=split, promote_lag=PROMOTE_LAG)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS
     return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
                              num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
-                             block_m=block_m)
+                             block_m=block_m, promote_lag=PROMOTE_LAG)
+
+
+def split_k_for(tiles: int, k_steps: int, device: torch.device) -> int:
+    """Splits of K per output tile of the group-scaled dot. Each K step of its promoted sums waits for its MMA,
+    so a program's time grows with its steps rather than its bytes, and 64 tiles (N = 4096) leave half of an
+    H200's SMs idle: split until there are SPLIT_K_PROGRAMS_PER_SM programs per SM, each keeping at least
+    SPLIT_K_MIN_STEPS steps. (Per-token sums stream without waiting and stay whole.)"""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(SPLIT_K_PROGRAMS_PER_SM * sms // tiles, k_steps // SPLIT_K_MIN_STEPS, SPLIT_K_MAX))
 
 
 def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

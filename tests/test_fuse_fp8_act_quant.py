@@ -92,6 +92,37 @@ def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
     assert (q.float() != ref_q.float()).float().mean() < 0.03
 
 
+# rows, N, K, activation group size, K tile, splits: K steps that the splits share unevenly (7 over 3), more
+# splits than steps, rows tiled (block_m 16 of 21 rows: two tiles, each with its own arrival counter)
+SPLITS = [(1, 37, 448, 64, 64, 3), (3, 72, 200, 32, 32, 4), (21, 40, 160, 32, 32, 2), (2, 24, 64, 32, 32, 5),
+          (5, 33, 448, -1, 64, 3)]
+
+
+@pytest.mark.parametrize("rows,n,k,group_size,block_k,split_k", SPLITS)
+def test_split_k_equals_whole_k(rows, n, k, group_size, block_k, split_k, poisoned):
+    """Programs sharing an output tile's K (float32 partials summed by the last to arrive) give the unsplit sums,
+    and leave the arrival counters at zero for the next call; so does scaling each group's sums a step late."""
+    from autodeploy.kernels import triton_fp8_act_quant
+    from autodeploy.kernels.triton_quant_fp8_linear import skinny_fp8_linear, split_counters
+
+    torch.manual_seed(rows + k + split_k)
+    x = torch.randn(rows, k) * torch.linspace(0.05, 4, k)
+    weight, weight_scale = quantize_fp8(torch.randn(n, k), True)
+    bias = torch.randn(n)
+    q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x, group_size)
+    knobs = dict(block_n=16, block_k=block_k, swap=rows < 16, x_scale=scale, out_dtype=torch.float32,
+                 x_group=group_size, block_m=16)
+    whole = skinny_fp8_linear(q, weight, weight_scale, None, bias, **knobs)
+    split = skinny_fp8_linear(q, weight, weight_scale, None, bias, split_k=split_k, **knobs)
+    lagged = skinny_fp8_linear(q, weight, weight_scale, None, bias, split_k=split_k, promote_lag=True, **knobs)
+    assert not split.isnan().any() and not lagged.isnan().any()
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lagged, whole, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(split, ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, bias,
+                                                                     torch.float32, group_size), rtol=1e-5, atol=1e-4)
+    assert not split_counters(x.device).any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("group_size", [-1, 128])
