@@ -16,7 +16,8 @@ import autodeploy.kernels  # noqa: F401  (registers the reference ops)
 from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
 from autodeploy.kernels.triton_fp8_act_quant import quantize_rows_fp8
 from autodeploy.kernels.triton_linear import skinny_linear
-from autodeploy.kernels.triton_quant_fp8_linear import given_fp8_linear, scaled_mm_fp8_linear, skinny_fp8_linear
+from autodeploy.kernels.triton_quant_fp8_linear import (blockwise_scaled_mm, given_fp8_linear, scaled_mm_fp8_linear,
+                                                         skinny_fp8_linear)
 from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
 from autodeploy.kernels.triton_quant_int_linear import dequantize_int_triton, skinny_int_linear
 
@@ -118,6 +119,9 @@ def given_sweep(group: int) -> None:
                     x_group=group, split_k=kn[5], promote_lag=kn[6]), f8, SPLITS if group > 0 else SPLITS[::2], ref)
                 sweep(f"default {rows}", lambda p: given_fp8_linear(qx, sx, p[0], p[1], None, torch.bfloat16, group),
                       f8, [()], ref)
+            if group == 128:
+                sweep(f"blockwise scaled_mm {rows}", lambda p: blockwise_scaled_mm(
+                    qx, sx, p[0], p[1], None, torch.bfloat16), f8, [()], ref)
             sweep(f"act quant {rows}", lambda p: quantize_rows_fp8(x, group), f8, [()])
             sweep(f"bf16 cublas {rows}", lambda p: F.linear(x, p[0]), (w,), [()])
             if rows > 1:

@@ -55,6 +55,7 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
 TILED_KNOBS = (128, 128, 128, 8, 3)
+BLOCKWISE_MIN_ROWS = 1 << 30
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
@@ -218,6 +219,12 @@ def split_counters(device: torch.device) -> torch.Tensor | None:
 
 
 @functools.cache
+def _has_blockwise_fp8_gemm(index: int) -> bool:
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(index) == (9, 0) and cuda >= (12, 9)
+
+
+@functools.cache
 def _has_fp8_gemm(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
@@ -233,6 +240,21 @@ def _scaled_mm(q2: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, we
                                 bias=bias.to(out_dtype) if bias is not None else None, out_dtype=torch.bfloat16)
     y = torch._scaled_mm(q2, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
     y = y.float() + bias.float() if bias is not None else y
+    return y.to(out_dtype)
+
+
+def blockwise_scaled_mm(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt's e4m3 GEMM with 1 x 128 block scales on both sides (CUDA 12.9+, sm_90): x's per-token-group
+    scales [M, K / 128] as they are, the weight's per-channel (or per-tensor) scale repeated over its K blocks.
+    Both scale tensors go in outer-dim-major, as cuBLASLt's block scaling reads them."""
+    n, k = weight.shape
+    blocks = scale2.shape[-1]
+    scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M)
+    scale_b = weight_scale.float().reshape(-1, 1).expand(n, blocks).contiguous().t()  # [K/128, N], stride (1, K/128)
+    y = torch._scaled_mm(q2.contiguous(), weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y.float() + bias.float()
     return y.to(out_dtype)
 
 
@@ -266,6 +288,8 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=128,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
                                  x_group=group_size, split_k=split, promote_lag=PROMOTE_LAG)
+    if grouped and group_size == 128 and rows > BLOCKWISE_MIN_ROWS and _has_blockwise_fp8_gemm(q2.device.index or 0):
+        return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS
     return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
                              num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
