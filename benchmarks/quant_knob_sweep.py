@@ -1,8 +1,9 @@
 """Knob sweep of the decode linears (bf16 skinny, FP8 W8A8, INT4 g128) on the Llama-3.1-8B shapes: us per call
 over a pool of weight copies larger than L2 (CUDA graph, no PDL), and GB/s of the bytes each format reads.
 Batch 1 for every kernel form, batch 64 for the many-row paths. Each line: the best four knob sets.
---given --group 128: the same dot on per-token-group activation scales (the online fp8 default), plus the
-dot tiled over rows at 256 / 2048 rows against cuBLASLt's per-token FP8 GEMM.
+--given --group 128: the same dot on per-token-group activation scales (the online fp8 default) with K split
+over programs, the backend's default choice, cuBLASLt's 1 x 128 block-scaled GEMM, and the dot tiled over
+rows at 256 / 2048 rows against cuBLASLt's per-token FP8 GEMM.
 Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given [--group G]]"""
 
 import sys
@@ -82,15 +83,12 @@ GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True
               (128, 256, 8, 3, True), (64, 512, 4, 3, True), (128, 128, 8, 5, True)]}
 
 
-# (block_n, block_k, warps, stages, swap, split_k, promote_lag): the same dot with K split over programs, group
-# sums scaled in the step after
-SPLITS = [(bn, 128, 4, st, True, sp, lag) for bn in (64, 128) for st in (4, 6) for sp in (1, 2, 4, 8)
-          for lag in (False, True)]
+# (block_n, block_k, warps, stages, swap, split_k): the same dot with K split over programs
+SPLITS = [(bn, 128, 4, st, True, sp) for bn in (64, 128) for st in (4, 6) for sp in (1, 2, 4, 8)]
 
 
 # (block_m, block_n, block_k, warps, stages) of the dot tiled over rows (group scales past 64 rows)
 TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
-TILED = [kn + (lag,) for kn in TILED for lag in (False, True)]  # + promote_lag
 
 
 def given_sweep(group: int) -> None:
@@ -108,15 +106,15 @@ def given_sweep(group: int) -> None:
             qx, sx = quantize_rows_fp8(x, group)
             if rows > 64:
                 sweep(f"tiled {rows}", lambda p, *kn: skinny_fp8_linear(
-                    qx, p[0], p[1], None, None, "token", *kn[1:5], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
-                    x_group=group, block_m=kn[0], promote_lag=kn[5]), f8, knobs, ref)
+                    qx, p[0], p[1], None, None, "token", *kn[1:], swap=False, x_scale=sx, out_dtype=torch.bfloat16,
+                    x_group=group, block_m=kn[0]), f8, knobs, ref)
             else:
                 if group < 0:
                     sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
                         qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16), f8, knobs, ref)
                 sweep(f"split {rows}", lambda p, *kn: skinny_fp8_linear(
                     qx, p[0], p[1], None, None, "token", *kn[:5], x_scale=sx, out_dtype=torch.bfloat16,
-                    x_group=group, split_k=kn[5], promote_lag=kn[6]), f8, SPLITS if group > 0 else SPLITS[::2], ref)
+                    x_group=group, split_k=kn[5]), f8, SPLITS, ref)
                 sweep(f"default {rows}", lambda p: given_fp8_linear(qx, sx, p[0], p[1], None, torch.bfloat16, group),
                       f8, [()], ref)
             if group == 128:

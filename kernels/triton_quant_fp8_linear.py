@@ -55,22 +55,12 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
 TILED_KNOBS = (128, 128, 128, 8, 3)
-BLOCKWISE_MIN_ROWS = 1 << 30
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
                (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
 SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
-PROMOTE_LAG = False
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
-
-
-@triton.jit
-def _rows_scaled(sums, row_scale, SWAP: tl.constexpr):
-    """Partial sums times each row's scale (rows are the last axis when SWAP)."""
-    if SWAP:
-        return sums * row_scale[None, :]
-    return sums * row_scale[:, None]
 
 
 @triton.jit
@@ -79,7 +69,7 @@ def _skinny_fp8_kernel(
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
-    PROMOTE_LAG: tl.constexpr = False, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,7 +95,6 @@ def _skinny_fp8_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    held, held_scale = tl.zeros_like(acc), tl.zeros([BLOCK_M], tl.float32)  # PROMOTE_LAG: the step before's sums
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < k_end
@@ -120,20 +109,13 @@ def _skinny_fp8_kernel(
         if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
             sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
             if SWAP:
-                part = tl.dot(w, tl.trans(qx))
+                acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
             else:
-                part = tl.dot(qx, tl.trans(w))
-            if PROMOTE_LAG:  # scale the step before's sums while this step's MMA may still run
-                acc += _rows_scaled(held, held_scale, SWAP)
-                held, held_scale = part, sxg
-            else:
-                acc += _rows_scaled(part, sxg, SWAP)
+                acc += tl.dot(qx, tl.trans(w)) * sxg[:, None]
         elif SWAP:
             acc = tl.dot(w, tl.trans(qx), acc)
         else:
             acc = tl.dot(qx, tl.trans(w), acc)
-    if PROMOTE_LAG:
-        acc += _rows_scaled(held, held_scale, SWAP)
     if SWAP:
         acc = tl.trans(acc)
     if SPLIT_K > 1:  # float32 partials; the tile's last split to arrive adds them up and stores y
@@ -160,7 +142,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
-                      split_k: int = 1, promote_lag: bool = False) -> torch.Tensor:
+                      split_k: int = 1) -> torch.Tensor:
     """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
     that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
@@ -196,7 +178,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k, PROMOTE_LAG=promote_lag and grouped,
+        BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k,
         part_ptr=torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else None,
         count_ptr=counts if split_k > 1 else None, num_warps=num_warps, num_stages=num_stages, **launch,
     )
@@ -247,11 +229,12 @@ def blockwise_scaled_mm(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Te
                         bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """cuBLASLt's e4m3 GEMM with 1 x 128 block scales on both sides (CUDA 12.9+, sm_90): x's per-token-group
     scales [M, K / 128] as they are, the weight's per-channel (or per-tensor) scale repeated over its K blocks.
-    Both scale tensors go in outer-dim-major, as cuBLASLt's block scaling reads them."""
+    Both scale tensors go in outer-dim-major (stride 1 along M, and along N), as cuBLASLt's block scaling reads
+    them."""
     n, k = weight.shape
     blocks = scale2.shape[-1]
     scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M)
-    scale_b = weight_scale.float().reshape(-1, 1).expand(n, blocks).contiguous().t()  # [K/128, N], stride (1, K/128)
+    scale_b = weight_scale.float().reshape(1, -1).expand(blocks, n).contiguous()  # [K/128, N], stride (N, 1)
     y = torch._scaled_mm(q2.contiguous(), weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
     if bias is not None:
         y = y.float() + bias.float()
@@ -273,9 +256,11 @@ def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, a
 
 def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
-    """The Triton e4m3 x e4m3 dot on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows
-    with the weights as the MMA's A operand (knobs from the sweep), more in tiles of rows (TILED_KNOBS: the
-    path of group scales, which cuBLASLt's row-wise scaling cannot take)."""
+    """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows the
+    Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); more rows
+    with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists (H200, 2,048 rows: 532 us for
+    gate_up against the Triton dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row
+    scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
     if rows <= QUANTIZED_X_ROWS and not grouped:
@@ -287,13 +272,14 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
         split = split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, group_size), q2.device) if q2.is_cuda else 1
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=128,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
-                                 x_group=group_size, split_k=split, promote_lag=PROMOTE_LAG)
-    if grouped and group_size == 128 and rows > BLOCKWISE_MIN_ROWS and _has_blockwise_fp8_gemm(q2.device.index or 0):
+                                 x_group=group_size, split_k=split)
+    if (q2.is_cuda and group_size == 128 and k % 128 == 0 and n % 16 == 0
+            and _has_blockwise_fp8_gemm(q2.device.index or 0)):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS
     return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
                              num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
-                             block_m=block_m, promote_lag=PROMOTE_LAG)
+                             block_m=block_m)
 
 
 def split_k_for(tiles: int, k_steps: int, device: torch.device) -> int:
