@@ -55,6 +55,9 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
 TILED_KNOBS = (128, 128, 128, 8, 3)
+# Past QUANTIZED_X_ROWS with groups of 128, cuBLASLt's block-scaled GEMM takes row counts that are multiples of
+# this: on an H200 it passed the reference at 300 rows (and ran the 8B prefills) but failed at 65.
+BLOCKWISE_ROWS_MULTIPLE = 4
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
@@ -273,7 +276,7 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=128,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
                                  x_group=group_size, split_k=split)
-    if (q2.is_cuda and group_size == 128 and k % 128 == 0 and n % 16 == 0
+    if (q2.is_cuda and group_size == 128 and rows % BLOCKWISE_ROWS_MULTIPLE == 0 and k % 128 == 0 and n % 16 == 0
             and _has_blockwise_fp8_gemm(q2.device.index or 0)):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS

@@ -152,10 +152,11 @@ def test_compiled_backends_on_gpu(rows, group_size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows", [65, 300])
+@pytest.mark.parametrize("rows", [65, 68, 300])
 def test_block_scaled_gemm_past_64_rows_on_gpu(rows, poisoned):
     """Group scales of 128 past 64 rows go to cuBLASLt's 1 x 128 block-scaled GEMM where it exists (sm_90,
-    CUDA 12.9+), else the tiled Triton dot: either way the reference's sums, with the bias."""
+    CUDA 12.9+) and takes the row count, else the tiled Triton dot: either way the reference's sums, with the
+    bias."""
     from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear
 
     torch.manual_seed(rows)
