@@ -1,4 +1,5 @@
-"""`autodeploy::rope`: rotary position embedding applied to one tensor (q or k).
+"""`autodeploy::rope`: rotary position embedding applied to one tensor (q or k); `rope_pair`: to q and k
+with the same cos/sin at once (`fuse_rope_pairs`: one kernel launch per layer instead of two).
 
 cos/sin are tensors computed by the graph (HF's rotary embedding module, whatever its scaling
 variant: default, llama3, yarn, longrope, ...), already broadcastable against x; the op only does
@@ -37,3 +38,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
 @rope.register_fake
 def _(x, cos, sin, interleaved=False):
     return torch.empty_like(x)
+
+
+PAIR_SCHEMA = "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved=False) -> (Tensor, Tensor)"
+
+
+@torch.library.custom_op("autodeploy::rope_pair", mutates_args=(), schema=PAIR_SCHEMA)
+def rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: rope(q) and rope(k), each exactly as `rope`."""
+    return rope(q, cos, sin, interleaved), rope(k, cos, sin, interleaved)
+
+
+@rope_pair.register_fake
+def _(q, k, cos, sin, interleaved=False):
+    return torch.empty_like(q), torch.empty_like(k)

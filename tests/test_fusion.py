@@ -1,4 +1,4 @@
-"""Fusion-stage transforms: cleanup_noops, fuse_shared_input_linears, fuse_add_rms_norm,
+"""Fusion-stage transforms: cleanup_noops, fuse_shared_input_linears, fuse_add_rms_norm, fuse_rope_pairs,
 select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters and
 logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
 
@@ -13,9 +13,10 @@ from autodeploy.transforms.fuse_select_backends import resolve_backend
 
 from runtime_helpers import NO_CACHE
 
-FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "select_backends"]
+FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs", "select_backends"]
 UNFUSED = [f"transforms.{name}.enabled=false" for name in FUSIONS]
-TRITON = [f"transforms.select_backends.backends.{op}=triton" for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope")]
+TRITON = [f"transforms.select_backends.backends.{op}=triton" for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope",
+                                                                    "rope_pair")]
 linear = torch.ops.autodeploy.linear.default
 
 
@@ -45,6 +46,8 @@ def ids():
 def test_reports_on_tiny_llama(fused):
     assert matched(fused, "fuse_shared_input_linears") == {"qkv": 2, "gate_up": 2, "other": 0}
     assert matched(fused, "fuse_add_rms_norm") == {"fused_add_rms_norm": 4}  # every norm but the first
+    assert matched(fused, "fuse_rope_pairs") == {"rope_pair": 2}  # q and k of each layer
+    assert not any(n.target == torch.ops.autodeploy.rope.default for n in fused.gm.graph.nodes)
     assert matched(fused, "cleanup_noops")["alias"] == 1 and matched(fused, "cleanup_noops")["cast"] > 0
     assert matched(fused, "select_backends")["rms_norm_torch"] == 1  # auto on CPU: the references
     assert all(not r.warnings for r in fused.reports)
@@ -70,6 +73,7 @@ def test_triton_backends_with_kv_cache(tiny_llama_dir, unfused, ids):
     opt = optimize_model(tiny_llama_dir, overrides=cpu("float32") + TRITON + ["transforms.insert_kv_cache.num_blocks=16"],
                          progress=False)
     assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 4
+    assert matched(opt, "select_backends")["rope_pair_triton"] == 2
     torch.testing.assert_close(opt.logits(ids), unfused.logits(ids), atol=1e-4, rtol=1e-4)
 
 

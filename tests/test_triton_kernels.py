@@ -112,6 +112,30 @@ def test_rope(n_heads, head_dim, fused_qkv, tokens, dtype, interleaved, poisoned
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("q_heads,k_heads,head_dim", [(9, 3, 64), (32, 8, 128), (5, 5, 32)])
+def test_rope_pair(q_heads, k_heads, head_dim, tokens, dtype, interleaved, poisoned):
+    """q and k in one launch: each exactly what the one-tensor kernel gives it (q strided out of a fused
+    projection, k contiguous), and close to the reference."""
+    from autodeploy.kernels.triton_rope import rope, rope_pair
+
+    q, cos, sin = rope_inputs(tokens, q_heads, head_dim, dtype, fused_qkv=True)
+    k = rope_inputs(tokens, k_heads, head_dim, dtype, fused_qkv=False)[0].contiguous()
+    assert_matches(ops.rope_pair_triton, ops.rope_pair, q, k, cos, sin, interleaved)
+    q_out, k_out = rope_pair(q, k, cos, sin, interleaved)
+    assert torch.equal(q_out, rope(q, cos, sin, interleaved)) and torch.equal(k_out, rope(k, cos, sin, interleaved))
+
+
+def test_rope_pair_refuses_unlike_tensors():
+    from autodeploy.kernels.triton_rope import rope_pair
+
+    q, cos, sin = rope_inputs(7, 4, 64, torch.float32, fused_qkv=False)
+    with pytest.raises(ValueError, match="differ in more than their heads"):
+        rope_pair(q, q[:, :, :5], cos, sin)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_in_place(interleaved):
     from autodeploy.kernels.triton_rope import rope
 

@@ -33,6 +33,7 @@ def _cases(tokens: int) -> dict[str, tuple[Callable, Callable, tuple]]:
     gate, up = torch.randn(tokens, 2 * INTER, device=dev, dtype=bf16).chunk(2, dim=-1)  # fused gate_up output
     qkv = torch.randn(1, tokens, 3 * HIDDEN, device=dev, dtype=bf16)
     q = qkv[..., :HIDDEN].view(1, tokens, N_HEADS, HEAD_DIM).transpose(1, 2)
+    k = qkv[..., HIDDEN:HIDDEN + HIDDEN // 4].view(1, tokens, N_HEADS // 4, HEAD_DIM).transpose(1, 2)
     angles = torch.rand(1, 1, tokens, HEAD_DIM // 2, device=dev) * 6.28
     cos, sin = (torch.cat([f(angles)] * 2, -1).to(bf16) for f in (torch.cos, torch.sin))
 
@@ -48,6 +49,7 @@ def _cases(tokens: int) -> dict[str, tuple[Callable, Callable, tuple]]:
                               (gate, up, "gelu_tanh")),
         "rope": (ops.rope_triton, ops.rope, (q, cos, sin, False)),
         "rope_interleaved": (ops.rope_triton, ops.rope, (q, cos, sin, True)),
+        "rope_pair": (ops.rope_pair_triton, ops.rope_pair, (q, k, cos, sin, False)),
     }
 
 
@@ -90,7 +92,8 @@ def fused_graph_agreement(tmp_dir: Path) -> dict:
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_dir)
     base = ["model.device=cuda", "model.dtype=bfloat16", "transforms.insert_kv_cache.num_blocks=64"]
     unfused = [f"transforms.{t}.enabled=false"
-               for t in ("cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "select_backends")]
+               for t in ("cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs",
+                         "select_backends")]
     fused, plain = (optimize_model(tmp_dir, overrides=base + extra, progress=False) for extra in ([], unfused))
     ids = torch.randint(0, config.vocab_size, (2, 77), device="cuda")
     got, want = fused.logits(ids).double(), plain.logits(ids).double()
