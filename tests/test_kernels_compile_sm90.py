@@ -1,0 +1,151 @@
+"""Every Triton kernel compiles for sm_90 (Hopper), on a machine without a GPU.
+
+The CPU tests run the kernels in Triton's interpreter, which accepts code the compiler refuses: an early
+`return` under a constexpr `if` in a @triton.jit helper passed every interpreter test and failed to compile
+on an H200, costing a device call. Here each kernel wrapper runs once on small CPU tensors in the
+interpreter while every launch's argument types and constexprs are recorded; a subprocess without the
+interpreter then compiles each launch for sm_90 (Triton's front end, its passes and PTX; ptxas ships with
+Triton), also with PDL on where the kernel takes it. No GPU, so nothing here runs compiled code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+import triton
+
+import autodeploy.kernels  # noqa: F401
+from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="records the interpreter's launches (CPU runs)")
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
+         torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
+COMPILE = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+failures = []
+for launch in json.load(sys.stdin):
+    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+    names = kernel.arg_names
+    for pdl in ([False, True] if "USE_PDL" in launch["constexprs"] else [False]):
+        constexprs = dict(launch["constexprs"], **({"USE_PDL": pdl} if pdl else {}))
+        source = ASTSource(fn=kernel, signature=launch["signature"],
+                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        except Exception as e:
+            failures.append(f"{launch['name']} (PDL {pdl}): {type(e).__name__}: {str(e)[:600]}")
+print(json.dumps(failures))
+"""
+
+
+def _describe(fn, args: tuple, kwargs: dict) -> dict:
+    """A launch as the compiler wants it: a type per runtime argument, the constexprs' values, the options."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    kwargs.pop("launch_pdl", None)
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs = {}, {}
+    for name, parameter in inspect.signature(fn).parameters.items():
+        value = bound.arguments[name]
+        if "constexpr" in str(parameter.annotation) or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+        else:
+            signature[name] = "fp32"
+    if constexprs.get("INTERPRET"):
+        constexprs["INTERPRET"] = False  # the GPU form of the e4m3 conversions
+    return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": options}
+
+
+@contextmanager
+def recorded_launches():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches, run = [], InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        launches.append(_describe(self.fn, args, dict(kwargs)))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run = run
+
+
+def _run_every_wrapper() -> None:
+    """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
+    from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
+                                    triton_fp8_act_quant, triton_gated_act, triton_linear, triton_quant_fp8_linear,
+                                    triton_quant_gemv, triton_quant_int_linear, triton_rms_norm, triton_rope)
+
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    x, residual = (torch.randn(3, 256, generator=g).to(bf16) for _ in range(2))
+    w = torch.ones(256, dtype=bf16)
+    triton_rms_norm.rms_norm(x, w, 1e-6)
+    triton_rms_norm.fused_add_rms_norm(x, residual, w, 1e-6)
+    for group in (-1, 128):
+        triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, group)
+        triton_fp8_act_quant.quantize_rows_fp8(x, group)
+    triton_gated_act.gated_act(x, residual, "silu")
+    q = torch.randn(1, 4, 3, 64, generator=g).to(bf16)
+    k, cos = torch.randn(1, 2, 3, 64, generator=g).to(bf16), torch.randn(1, 1, 3, 64, generator=g).to(bf16)
+    triton_rope.rope(q, cos, cos)
+    triton_rope.rope_pair(q, k, cos, cos, True)
+    weight = torch.randn(48, 256, generator=g)
+    triton_linear.skinny_linear(x, weight.to(bf16))
+    qweight, scales, zeros = quantize_int(weight.to(bf16), 4, 128, False)
+    triton_quant_gemv.gemv_int_linear(x[:1], qweight, scales, zeros, None, 4, 128)
+    triton_quant_int_linear.skinny_int_linear(x, qweight, scales, zeros, None, None, 4, 128)
+    triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
+    f8, f8_scale = quantize_fp8(weight, True)
+    triton_quant_gemv.gemv_fp8_linear(x[:1], f8, f8_scale, None, None, 1)
+    triton_quant_fp8_linear.skinny_fp8_linear(x, f8, f8_scale, None, None, "token")
+    for group, split, rows, block_m in ((-1, 1, 3, None), (128, 2, 3, None), (128, 1, 70, 64)):
+        qx, sx = triton_fp8_act_quant.quantize_rows_fp8(torch.randn(rows, 256, generator=g).to(bf16), group)
+        triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=128,
+                                                  swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=group,
+                                                  block_m=block_m, split_k=split)
+    for dtype in (bf16, torch.float8_e4m3fn):
+        k_cache, v_cache = (torch.zeros(4, 16, 2, 64).to(dtype) for _ in range(2))
+        slots = torch.tensor([0, 1, 17])
+        triton_decode_attention.write_kv_cache(k, k, k_cache, v_cache, slots)
+        seq_lens, tables = torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+        triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125)
+        triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
+                                                seq_lens, tables, 0.125)
+    triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
+
+
+def test_every_kernel_compiles_for_sm90():
+    with recorded_launches() as launches:
+        _run_every_wrapper()
+    unique = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+    assert {launch["name"] for launch in unique} >= {
+        "_rope_pair_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_decode_attention_kernel", "_kv_write_kernel"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not failures, "\n".join(failures)
