@@ -1,4 +1,4 @@
-"""Triton RoPE (the `rope` backend): rotate-half or interleaved, out of place or in place.
+"""Triton RoPE (the `rope` and `rope_pair` backends): rotate-half or interleaved, out of place or in place.
 
 x is any strided [b, h, s, d] tensor (q or k straight after the head transpose, which is not
 contiguous, or a slice of a fused qkv projection); cos/sin broadcast against it by stride 0. One
@@ -6,7 +6,9 @@ program rotates a block of heads of one token: with (first, second) the pair an 
 with ((i, i + d/2) for rotate-half, (2i, 2i + 1) for interleaved), both forms are
   out[first]  = x[first]  * cos[first]  - x[second] * sin[first]
   out[second] = x[second] * cos[second] + x[first]  * sin[second]
-Each program loads both elements of its pairs before it stores them, so `out` may be x itself.
+Each program loads both elements of its pairs before it stores them, so `out` may be x itself. One kernel
+serves both ops: its grid's second axis runs over q's head blocks and then k's (none for `rope`), so a
+layer's q and k take one launch.
 Math in float32; when x and cos are both half precision, each product is rounded to x's dtype before
 the sum, as the eager `x * cos + rotate(x) * sin` rounds (HF's own numbers, not just close to them).
 Imported lazily (`triton.jit` fixes interpreter mode).
@@ -71,23 +73,6 @@ def _rotate_heads(
 
 @triton.jit
 def _rope_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
-    sx_b, sx_h, sx_s, sx_d, sc_b, sc_h, sc_s, sc_d, ss_b, ss_h, ss_s, ss_d, so_b, so_h, so_s, so_d,
-    n_heads, seq_len,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-    ROUND_PRODUCTS: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    wait_for_inputs(USE_PDL)
-    token = tl.program_id(0)
-    b = (token // seq_len).to(tl.int64)
-    s = (token % seq_len).to(tl.int64)
-    _rotate_heads(x_ptr, cos_ptr, sin_ptr, out_ptr, sx_b, sx_h, sx_s, sx_d, sc_b, sc_h, sc_s, sc_d,
-                  ss_b, ss_h, ss_s, ss_d, so_b, so_h, so_s, so_d, n_heads, b, s, tl.program_id(1),
-                  HALF, BLOCK_HALF, BLOCK_H, INTERLEAVED, ROUND_PRODUCTS)
-
-
-@triton.jit
-def _rope_pair_kernel(
     q_ptr, qcos_ptr, qsin_ptr, qout_ptr,
     sq_b, sq_h, sq_s, sq_d, sqc_b, sqc_h, sqc_s, sqc_d, sqs_b, sqs_h, sqs_s, sqs_d, sqo_b, sqo_h, sqo_s, sqo_d,
     k_ptr, kcos_ptr, ksin_ptr, kout_ptr,
@@ -96,7 +81,7 @@ def _rope_pair_kernel(
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
     ROUND_PRODUCTS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    """q's head blocks, then k's, along the grid's second axis: one launch for both."""
+    """q's head blocks, then k's, along the grid's second axis: one launch for both (one tensor: no k blocks)."""
     wait_for_inputs(USE_PDL)
     token = tl.program_id(0)
     b = (token // seq_len).to(tl.int64)
@@ -142,8 +127,9 @@ def rope(
     args, (batch, n_heads, seq_len, head_dim) = _operands(x, cos, sin, out)
     if x.numel() == 0:
         return out
-    _rope_kernel[(batch * seq_len, triton.cdiv(n_heads, BLOCK_H))](
-        *args, n_heads, seq_len, **_constants(x, cos, head_dim, interleaved))
+    blocks = triton.cdiv(n_heads, BLOCK_H)
+    _rope_kernel[(batch * seq_len, blocks)](*args, *args, n_heads, 0, blocks, seq_len,
+                                            **_constants(x, cos, head_dim, interleaved))
     return out
 
 
@@ -161,6 +147,6 @@ def rope_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     if q.numel() == 0:
         return q_out, k_out
     q_blocks = triton.cdiv(q_heads, BLOCK_H)
-    _rope_pair_kernel[(batch * seq_len, q_blocks + triton.cdiv(k_shape[1], BLOCK_H))](
+    _rope_kernel[(batch * seq_len, q_blocks + triton.cdiv(k_shape[1], BLOCK_H))](
         *q_args, *k_args, q_heads, k_shape[1], q_blocks, seq_len, **_constants(q, cos, head_dim, interleaved))
     return q_out, k_out

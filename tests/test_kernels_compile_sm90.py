@@ -143,7 +143,7 @@ def test_every_kernel_compiles_for_sm90():
         _run_every_wrapper()
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     assert {launch["name"] for launch in unique} >= {
-        "_rope_pair_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_decode_attention_kernel", "_kv_write_kernel"}
+        "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_decode_attention_kernel", "_kv_write_kernel"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
