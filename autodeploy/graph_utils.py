@@ -42,11 +42,18 @@ def finalize(gm: GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def inherit_meta(new: Node, old: Node, with_val: bool = False) -> None:
+    """Give `new` the source provenance of `old` (module stack, stack trace), and its fake value when it stands
+    for `old` whole (`with_val`)."""
+    keys = ("val", "nn_module_stack", "stack_trace") if with_val else ("nn_module_stack", "stack_trace")
+    new.meta.update({k: v for k, v in old.meta.items() if k in keys})
+
+
 def replace_with_call(gm: GraphModule, anchor: Node, target, args: tuple, kwargs: dict | None = None) -> Node:
     """Insert `target(*args, **kwargs)` before `anchor`, reroute anchor's users to it, keep metadata."""
     with gm.graph.inserting_before(anchor):
         new = gm.graph.call_function(target, args, kwargs or {})
-    new.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    inherit_meta(new, anchor, with_val=True)
     anchor.replace_all_uses_with(new)
     return new
 

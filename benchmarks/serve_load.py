@@ -220,7 +220,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=128, help="requests of the throughput comparison (default 128)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of server and LLM.generate (default 1)")
     p.add_argument("--max-seq-len", type=int, default=96, help="tokens per sequence, prompt included (default 96)")
-    p.add_argument("--device", default="cpu", help="cpu (float32, the default) or cuda (the model's half type)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (float32, the default) or cuda (the model's half type)")
     p.add_argument("--config-only", action="store_true", help="random weights from --model's config.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-load", action="store_true", help="only the throughput comparison")

@@ -234,7 +234,7 @@ def blockwise_scaled_mm(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Te
     scales [M, K / 128] as they are, the weight's per-channel (or per-tensor) scale repeated over its K blocks.
     Both scale tensors go in outer-dim-major (stride 1 along M, and along N), as cuBLASLt's block scaling reads
     them."""
-    n, k = weight.shape
+    n = weight.shape[0]
     blocks = scale2.shape[-1]
     scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M)
     scale_b = weight_scale.float().reshape(1, -1).expand(blocks, n).contiguous()  # [K/128, N], stride (N, 1)

@@ -13,7 +13,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, is_op
+from autodeploy.graph_utils import graph_modules, inherit_meta, is_op
 from autodeploy.patterns.helpers import val
 
 from .registry import Stage, Transform, TransformContext, register
@@ -46,7 +46,7 @@ def _fuse(gm: GraphModule, norm: Node, add: Node, a: Node, b: Node) -> None:
     with graph.inserting_after(fused):
         total = graph.call_function(operator.getitem, (fused, 1))
         normed = graph.call_function(operator.getitem, (fused, 0))
-    fused.meta.update({k: v for k, v in norm.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    inherit_meta(fused, norm)
     fused.meta["val"] = (val(norm), val(add))
     normed.meta["val"], total.meta["val"] = val(norm), val(add)
     norm.replace_all_uses_with(normed)

@@ -20,7 +20,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, is_op, replace_with_call
+from autodeploy.graph_utils import graph_modules, inherit_meta, is_op, replace_with_call
 from autodeploy.patterns.helpers import bind_args, insert_call, val
 
 from .registry import Stage, Transform, TransformContext, register
@@ -79,7 +79,7 @@ def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
     graph = gm.graph
     with graph.inserting_after(fused):
         new = insert_call(graph, ADD_NORM_QUANT, (*fused.args, quant.args[1]))
-    new.meta.update({k: v for k, v in fused.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    inherit_meta(new, fused)
     with graph.inserting_after(new):
         added = insert_call(graph, operator.getitem, (new, 2))
         scale = insert_call(graph, operator.getitem, (new, 1))

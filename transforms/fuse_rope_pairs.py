@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, is_op
+from autodeploy.graph_utils import graph_modules, inherit_meta, is_op
 from autodeploy.patterns.helpers import val
 
 from .registry import Stage, Transform, TransformContext, register
@@ -64,7 +64,7 @@ def _fuse(module: GraphModule, first: Node, second: Node) -> None:
         pair = graph.call_function(PAIR, (q, k, cos, sin, interleaved))
         q_out = graph.call_function(operator.getitem, (pair, 0))
         k_out = graph.call_function(operator.getitem, (pair, 1))
-    pair.meta.update({key: v for key, v in second.meta.items() if key in ("nn_module_stack", "stack_trace")})
+    inherit_meta(pair, second)
     pair.meta["val"] = (val(first), val(second))
     q_out.meta["val"], k_out.meta["val"] = val(first), val(second)
     first.replace_all_uses_with(q_out)

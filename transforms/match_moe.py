@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.export import WRAPPER_PREFIX
+from autodeploy.graph_utils import inherit_meta
 from autodeploy.patterns.moe import (
     ExpertsLayout,
     ExpertsRegion,
@@ -46,7 +47,7 @@ def replace_experts_region(gm: GraphModule, region: ExpertsRegion, path: str, la
             torch.ops.autodeploy.moe.default,
             (region.hidden, region.topk_ids, weights, w_gate_up, w_down, layout.activation, *biases),
         )
-    moe.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    inherit_meta(moe, anchor, with_val=True)
     anchor.replace_all_uses_with(moe)
     # In-place ops (index_add_, ...) are not dead code to FX, so the region is erased explicitly;
     # symbolic sizes still used elsewhere stay.

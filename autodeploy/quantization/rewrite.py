@@ -17,7 +17,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
 from autodeploy.export import WRAPPER_PREFIX
-from autodeploy.graph_utils import is_op
+from autodeploy.graph_utils import inherit_meta, is_op
 from autodeploy.patterns.helpers import bind_args, val
 
 from .schemes import LinearScheme
@@ -115,7 +115,7 @@ def swap_linear(site: LinearSite, scheme: LinearScheme, scale_dtype: torch.dtype
     op, op_args, kwargs = scheme.linear_call(args["x"], nodes, args["bias"])
     with module.graph.inserting_before(node):
         new = module.graph.call_function(op, op_args, kwargs)
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    inherit_meta(new, node, with_val=True)
     node.replace_all_uses_with(new)
     module.graph.erase_node(node)
     module.graph.erase_node(weight)
@@ -178,7 +178,7 @@ def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
                    args["activation"], scheme.bits, scheme.group_size)
     with module.graph.inserting_before(node):
         new = module.graph.call_function(op, op_args, kwargs)
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    inherit_meta(new, node, with_val=True)
     node.replace_all_uses_with(new)
     old_weights = [args["w_gate_up"], args["w_down"]]
     module.graph.erase_node(node)
