@@ -1,8 +1,9 @@
 """INT4 g128 (asymmetric) linears on the Llama-3.1-8B shapes: PyTorch's tinygemm against our Triton int_linear
-backend and bf16 F.linear, us per call at 1-64 rows, timed as quant_knob_sweep.py times (CUDA graph over a pool
+backend, our GEMV on its interleaved copy (up to 4 rows) and bf16 F.linear, us per call at 1-64 rows, timed as quant_knob_sweep.py times (CUDA graph over a pool
 of weight copies larger than L2). Settles use_int4_tinygemm's max_rows: the last row count where tinygemm wins
-on every shape. Every path is first checked against the int_linear reference; --check stops there.
-Usage: python3 benchmarks/int4_tinygemm_bench.py [--check]"""
+on every shape. Every path is first checked against the int_linear reference; --check stops there; --knobs
+sweeps the GEMV's (block_n, num_warps) instead.
+Usage: python3 benchmarks/int4_tinygemm_bench.py [--check | --knobs]"""
 
 import sys
 
@@ -12,17 +13,22 @@ import torch.nn.functional as F
 import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.int4_tinygemm import tinygemm_weights
 from autodeploy.kernels.quant_format import quantize_int
-from quant_knob_sweep import SHAPES, timed
+from autodeploy.kernels.triton_int4_gemv import MAX_ROWS, gemv_coefficients, int4_gemv, interleave_int4
+from quant_knob_sweep import SHAPES, sweep, timed
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 GROUP = 128
+GEMV_KNOBS = [(4, 1), (8, 1), (4, 2), (8, 2), (16, 2), (4, 4), (8, 4)]  # (block_n, num_warps)
 
 
 def paths(x: torch.Tensor) -> dict:
     """name -> (call on a parameter tuple, which of the shape's tensors it reads)."""
-    return {"tinygemm": (lambda p: torch.ops.aten._weight_int4pack_mm(x, p[0], GROUP, p[1]), "tinygemm"),
-            "triton": (lambda p: torch.ops.autodeploy.int_linear_triton(x, *p, None, None, 4, GROUP), "int4"),
-            "bf16": (lambda p: F.linear(x, p[0]), "bf16")}
+    found = {"tinygemm": (lambda p: torch.ops.aten._weight_int4pack_mm(x, p[0], GROUP, p[1]), "tinygemm"),
+             "triton": (lambda p: torch.ops.autodeploy.int_linear_triton(x, *p, None, None, 4, GROUP), "int4"),
+             "bf16": (lambda p: F.linear(x, p[0]), "bf16")}
+    if x.shape[0] <= MAX_ROWS:
+        found["gemv"] = (lambda p: int4_gemv(x, *p, None, GROUP), "gemv")
+    return found
 
 
 def check(tensors: dict, k: int) -> bool:
@@ -42,24 +48,33 @@ def check(tensors: dict, k: int) -> bool:
 
 def main() -> int:
     torch.manual_seed(0)
-    only_check = "--check" in sys.argv
+    only_check, knobs = "--check" in sys.argv, "--knobs" in sys.argv
     wins: dict[int, bool] = dict.fromkeys(ROWS, True)
     ok = True
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         q4 = quantize_int(w, 4, GROUP, False)
-        tensors = {"bf16": (w,), "int4": q4, "tinygemm": tinygemm_weights(*q4, GROUP)}
+        tensors = {"bf16": (w,), "int4": q4, "tinygemm": tinygemm_weights(*q4, GROUP),
+                   "gemv": (interleave_int4(q4[0]), gemv_coefficients(q4[1], q4[2]))}
         ok &= check(tensors, k)
         print(f"{name} {n}x{k}: checked", flush=True)
         if only_check:
             continue
-        print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("tinygemm", "triton", "bf16")) + "  (us)", flush=True)
+        if knobs:
+            for rows in (1, 2):
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                ref = torch.ops.autodeploy.int_linear(x, *q4, None, None, 4, GROUP).float()
+                sweep(f"gemv {rows} rows", lambda p, bn, nw: int4_gemv(x, *p, None, GROUP, bn, nw), tensors["gemv"],
+                      GEMV_KNOBS, ref)
+            continue
+        print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("tinygemm", "triton", "bf16", "gemv")) + "  (us)",
+              flush=True)
         for rows in ROWS:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             us = {p: timed(call, tensors[params]) for p, (call, params) in paths(x).items()}
             wins[rows] &= us["tinygemm"] < us["triton"]
             print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" for p in us), flush=True)
-    if not only_check:
+    if not (only_check or knobs):
         faster = [r for r in ROWS if all(wins[s] for s in ROWS if s <= r)]
         print(f"tinygemm faster on every shape up to {faster[-1] if faster else 0} rows "
               "(use_int4_tinygemm.max_rows)", flush=True)

@@ -1,10 +1,11 @@
 """`autodeploy::int4_linear_tinygemm`: INT4 weight-only linears at decode through PyTorch's tinygemm.
 
 tinygemm (`aten._weight_int4pack_mm`, bf16 activations, tensor-core tiles) runs a Llama-3.1-8B decode
-linear in about half the time of our Triton GEMV at one row, and 3-4x faster at eight (H200), but past a
-few tens of rows it falls far behind dequantize + cuBLAS. So the op takes both weight copies and picks
-per call (the row count is fixed per captured graph): tinygemm up to `max_rows` rows, the Triton
-`int_linear` backend (which reads our layout) beyond.
+linear 3-4x faster than our Triton backend at a few rows (H200), but past a few tens of rows it falls far
+behind dequantize + cuBLAS. So the op takes the weight copies and picks per call (the row count is fixed
+per captured graph): our INT4 GEMV on its interleaved copy up to `gemv_rows` rows when given
+(kernels/triton_int4_gemv.py, faster than tinygemm at one row), tinygemm up to `max_rows` rows, the
+Triton `int_linear` backend (which reads our layout) beyond.
 
 tinygemm's layout, made once at load time by `tinygemm_weights`:
 - codes: uint8 [N, K / 2] with (code of even column << 4) | code of odd column, then
@@ -22,11 +23,13 @@ from __future__ import annotations
 import torch
 
 from .quant_format import unpack_int
+from .triton_int4_gemv import int4_gemv
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = (8, 4, 2)  # K tiles of 16 columns per inner step; the largest that divides K is the fastest
 SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor packed, Tensor scales_and_zeros, "
-          "Tensor? bias=None, int group_size=128, int max_rows=16) -> Tensor")
+          "Tensor? bias=None, int group_size=128, int max_rows=16, Tensor? gemv_words=None, Tensor? gemv_coeffs=None, "
+          "int gemv_rows=0) -> Tensor")
 
 
 def inner_k_tiles(k: int) -> int | None:
@@ -81,10 +84,16 @@ def int4_linear_tinygemm(
     bias: torch.Tensor | None = None,
     group_size: int = 128,
     max_rows: int = 16,
+    gemv_words: torch.Tensor | None = None,
+    gemv_coeffs: torch.Tensor | None = None,
+    gemv_rows: int = 0,
 ) -> torch.Tensor:
-    """int_linear(x, qweight, scales, zeros, bits=4) through tinygemm up to max_rows rows, else the Triton backend."""
+    """int_linear(x, qweight, scales, zeros, bits=4) through our GEMV up to gemv_rows rows (when its copy is
+    given), tinygemm up to max_rows rows, else the Triton backend."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
+    if gemv_words is not None and 0 < rows <= gemv_rows:
+        return int4_gemv(x, gemv_words, gemv_coeffs, bias, group_size)
     if not 0 < rows <= max_rows:
         return torch.ops.autodeploy.int_linear_triton(x, qweight, scales, zeros, None, bias, 4, group_size)
     mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -95,7 +104,11 @@ def int4_linear_tinygemm(
 
 
 @int4_linear_tinygemm.register_fake
-def _(x, qweight, scales, zeros, packed, scales_and_zeros, bias=None, group_size=128, max_rows=16):
+def _(x, qweight, scales, zeros, packed, scales_and_zeros, bias=None, group_size=128, max_rows=16, gemv_words=None,
+      gemv_coeffs=None, gemv_rows=0):
     torch._check(tuple(scales_and_zeros.shape) == (scales.shape[1], qweight.shape[0], 2),
                  lambda: "scales_and_zeros must be [G, N, 2]")
+    if gemv_words is not None:
+        torch._check(gemv_words.shape == qweight.shape and tuple(gemv_coeffs.shape) == (*scales.shape, 2),
+                     lambda: "gemv_words must be qweight's shape and gemv_coeffs [N, G, 2]")
     return torch.ops.autodeploy.int_linear(x, qweight, scales, zeros, None, bias, 4, group_size)

@@ -125,7 +125,8 @@ def test_rewrite_of_fused_int4_linears(tiny_llama_dir):
     bytes_before, read_before = weight_bytes(opt.gm), bytes_read_per_token(opt.gm)
     counts = rewrite_int4_linears(opt.gm, max_rows=16)
     finalize(opt.gm)
-    assert counts["rewritten"] == 8 and _tinygemm_ops(opt.gm) == 8 and set(counts) == {"rewritten", "tinygemm_bytes"}
+    assert counts["rewritten"] == 8 and _tinygemm_ops(opt.gm) == 8 and counts["gemv_bytes"] == 0
+    assert set(counts) == {"rewritten", "tinygemm_bytes", "gemv_bytes"}
     assert weight_bytes(opt.gm) == bytes_before + counts["tinygemm_bytes"]  # the extra copy shows in every report
     ours = sum(t.numel() * t.element_size() for n in opt.gm.graph.nodes if str(n.target) == TINYGEMM_OP
                for t in (opt.gm.get_parameter(a.target) for a in n.args[1:4] if a is not None))
@@ -134,11 +135,33 @@ def test_rewrite_of_fused_int4_linears(tiny_llama_dir):
     assert torch.equal(opt.logits(long), before_long)
 
 
+def test_rewrite_with_the_gemv_copy(tiny_llama_dir):
+    """gemv_rows 1: one row runs our GEMV on its interleaved copy (and reads only that copy), 8 rows tinygemm."""
+    opt = optimize_model(tiny_llama_dir, overrides=INT4_BF16 + TRITON_INT, progress=False)
+    one, short = torch.randint(0, 256, (1, 1)), torch.randint(0, 256, (2, 4))
+    before_one, before_short = opt.logits(one), opt.logits(short)
+    read_before = bytes_read_per_token(opt.gm)
+    counts = rewrite_int4_linears(opt.gm, max_rows=16, gemv_rows=1)
+    finalize(opt.gm)
+    assert counts["rewritten"] == 8 and counts["gemv_bytes"] > 0
+    ours = sum(t.numel() * t.element_size() for n in opt.gm.graph.nodes if str(n.target) == TINYGEMM_OP
+               for t in (opt.gm.get_parameter(a.target) for a in n.args[1:4] if a is not None))
+    assert bytes_read_per_token(opt.gm) == read_before - ours + counts["gemv_bytes"]
+    _assert_close(opt.logits(one), before_one, tol=3e-2)
+    _assert_close(opt.logits(short), before_short, tol=3e-2)
+
+
+def test_gemv_rows_is_validated():
+    with pytest.raises(RecipeError, match="gemv_rows"):
+        load_recipe(overrides=["transforms.use_int4_tinygemm.gemv_rows=5"])
+
+
 def test_rewrite_counts_what_it_skips(tiny_llama_dir):
     """float32 activations: tinygemm takes bf16 only; every linear is left as it was and counted."""
     opt = optimize_model(tiny_llama_dir, progress=False,
                          overrides=["quantization.algo=int4", "transforms.insert_kv_cache.enabled=false"] + TRITON_INT)
-    assert rewrite_int4_linears(opt.gm, max_rows=16) == {"rewritten": 0, "tinygemm_bytes": 0, "skipped_dtype": 8}
+    assert rewrite_int4_linears(opt.gm, max_rows=16) == {"rewritten": 0, "tinygemm_bytes": 0, "gemv_bytes": 0,
+                                                         "skipped_dtype": 8}
 
 
 @pytest.fixture

@@ -96,8 +96,9 @@ def recorded_launches():
 def _run_every_wrapper() -> None:
     """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
-                                    triton_fp8_act_quant, triton_gated_act, triton_linear, triton_quant_fp8_linear,
-                                    triton_quant_gemv, triton_quant_int_linear, triton_rms_norm, triton_rope)
+                                    triton_fp8_act_quant, triton_gated_act, triton_int4_gemv, triton_linear,
+                                    triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
+                                    triton_rms_norm, triton_rope)
 
     g = torch.Generator().manual_seed(0)
     bf16 = torch.bfloat16
@@ -117,6 +118,13 @@ def _run_every_wrapper() -> None:
     triton_linear.skinny_linear(x, weight.to(bf16))
     qweight, scales, zeros = quantize_int(weight.to(bf16), 4, 128, False)
     triton_quant_gemv.gemv_int_linear(x[:1], qweight, scales, zeros, None, 4, 128)
+    words, coeffs = triton_int4_gemv.interleave_int4(qweight), triton_int4_gemv.gemv_coefficients(scales, zeros)
+    for rows in (1, 3):  # K 256: one uneven K step
+        triton_int4_gemv.int4_gemv(x[:rows], words, coeffs, w, 128)
+    big = torch.randn(16, 1024, generator=g)
+    q1024, s1024, _ = quantize_int(big, 4, 128, True)
+    triton_int4_gemv.int4_gemv(big[:1].to(bf16), triton_int4_gemv.interleave_int4(q1024),
+                               triton_int4_gemv.gemv_coefficients(s1024, None), None, 128)  # even K steps
     triton_quant_int_linear.skinny_int_linear(x, qweight, scales, zeros, None, None, 4, 128)
     triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
     f8, f8_scale = quantize_fp8(weight, True)
@@ -143,7 +151,8 @@ def test_every_kernel_compiles_for_sm90():
         _run_every_wrapper()
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     assert {launch["name"] for launch in unique} >= {
-        "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_decode_attention_kernel", "_kv_write_kernel"}
+        "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int4_gemv_kernel", "_decode_attention_kernel",
+        "_kv_write_kernel"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

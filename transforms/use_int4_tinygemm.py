@@ -1,14 +1,17 @@
 """use_int4_tinygemm: INT4 linears decode through PyTorch's tinygemm (kernels/int4_tinygemm.py).
 
-On an H200, tinygemm runs the Llama-3.1-8B decode linears ~2x faster than our Triton GEMV at one row
-and 3-4x at eight, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
-weights tinygemm can take becomes `int4_linear_tinygemm`, which runs tinygemm up to `max_rows` rows
-and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph takes one path).
+On an H200, tinygemm runs the Llama-3.1-8B decode linears 2-4x faster than our Triton backend at two to
+sixteen rows, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
+weights tinygemm can take becomes `int4_linear_tinygemm`, which runs our INT4 GEMV on its interleaved
+copy up to `gemv_rows` rows (kernels/triton_int4_gemv.py; faster than tinygemm at one row), tinygemm up
+to `max_rows` rows and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph
+takes one path).
 
-Memory: the tinygemm copy (packed codes + bf16 scales and zero offsets) is kept beside our packed codes,
-~0.5 byte per weight more (+~100 % of the INT4 weights), because tinygemm is slow past a few rows and
-the prefill path dequantizes from our layout. The report counts those bytes (`tinygemm_bytes`), and
-they are parameters, so every weight-bytes figure includes them.
+Memory: the tinygemm copy (packed codes + bf16 scales and zero offsets) and the GEMV's (interleaved codes
++ float32 coefficients) are kept beside our packed codes, ~0.5 byte per weight more each, because each
+kernel is the fastest only over its range of rows and the prefill path dequantizes from our layout. The
+report counts those bytes (`tinygemm_bytes`, `gemv_bytes`), and they are parameters, so every
+weight-bytes figure includes them.
 
 Runs after select_backends (it rewrites the Triton backend's nodes), on CUDA only: elsewhere it does
 nothing. Works on whatever int_linear nodes exist: fused q/k/v and gate/up, one rank's shards.
@@ -27,6 +30,7 @@ from torch.fx import GraphModule, Node
 from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import add_parameter, graph_modules, is_op, replace_with_call
 from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
+from autodeploy.kernels.triton_int4_gemv import MAX_ROWS, gemv_coefficients, int4_gemv_supported, interleave_int4
 from autodeploy.patterns.helpers import bind_args, val
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -38,10 +42,13 @@ TINYGEMM = torch.ops.autodeploy.int4_linear_tinygemm.default
 @dataclass
 class UseInt4TinygemmConfig(TransformConfig):
     max_rows: int = 16  # rows (tokens) up to which tinygemm runs; 0 = off. H200: it wins at 8, loses at 64
+    gemv_rows: int = 1  # rows up to which our GEMV runs (0 = no GEMV copy). H200: it wins at 1, loses at 2
 
     def __post_init__(self):
         if self.max_rows < 0:
             raise RecipeError(f"use_int4_tinygemm: max_rows must be >= 0, not {self.max_rows}")
+        if not 0 <= self.gemv_rows <= MAX_ROWS:
+            raise RecipeError(f"use_int4_tinygemm: gemv_rows must be 0 .. {MAX_ROWS}, not {self.gemv_rows}")
 
 
 def _tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
@@ -58,10 +65,11 @@ def _add_param(gm: GraphModule, anchor: Node, name: str, value: torch.Tensor) ->
     return node
 
 
-def rewrite_int4_linears(gm: GraphModule, max_rows: int) -> dict[str, int]:
-    """Every eligible 4-bit int_linear_triton node of gm -> int4_linear_tinygemm, its tinygemm tensors made on
-    the weights' device next to qweight. Counts: rewritten, tinygemm_bytes, skipped_<reason>."""
-    counts: Counter = Counter(rewritten=0, tinygemm_bytes=0)
+def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> dict[str, int]:
+    """Every eligible 4-bit int_linear_triton node of gm -> int4_linear_tinygemm, its tinygemm tensors (and with
+    gemv_rows, the GEMV's) made on the weights' device next to qweight. Counts: rewritten, tinygemm_bytes,
+    gemv_bytes, skipped_<reason>."""
+    counts: Counter = Counter(rewritten=0, tinygemm_bytes=0, gemv_bytes=0)
     for node in [n for n in gm.graph.nodes if is_op(n, INT_LINEAR_TRITON)]:
         args = bind_args(node)
         if args["bits"] != 4:
@@ -78,8 +86,15 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int) -> dict[str, int]:
         name = args["qweight"].target
         packed_node = _add_param(gm, node, f"{name}_tinygemm", packed)
         sz_node = _add_param(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
+        gemv = ()
+        if gemv_rows and int4_gemv_supported(1, qweight.shape[1] * 8, args["group_size"]):
+            words, coeffs = interleave_int4(qweight), gemv_coefficients(_tensor(gm, args["scales"]),
+                                                                       _tensor(gm, args["zeros"]))
+            gemv = (_add_param(gm, node, f"{name}_gemv", words), _add_param(gm, node, f"{name}_gemv_coeffs", coeffs),
+                    gemv_rows)
+            counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in (words, coeffs))
         replace_with_call(gm, node, TINYGEMM, (args["x"], args["qweight"], args["scales"], args["zeros"], packed_node,
-                                               sz_node, args["bias"], args["group_size"], max_rows))
+                                               sz_node, args["bias"], args["group_size"], max_rows, *gemv))
         gm.graph.erase_node(node)
         counts["rewritten"] += 1
         counts["tinygemm_bytes"] += sum(t.numel() * t.element_size() for t in (packed, scales_and_zeros))
@@ -97,5 +112,5 @@ class UseInt4Tinygemm(Transform):
             return {"rewritten": 0}
         counts: Counter = Counter()
         for module in graph_modules(gm):
-            counts.update(rewrite_int4_linears(module, self.config.max_rows))
+            counts.update(rewrite_int4_linears(module, self.config.max_rows, self.config.gemv_rows))
         return dict(counts)

@@ -2,8 +2,9 @@
 
 Batch-1 decode reads every weight once per token, so its ceiling is the bytes a token reads over
 memory bandwidth: the weights as stored (quantized codes and their scales for a quantized model),
-except an embedding table that is only gathered, of which a token reads one row, and the INT4 tensors
-of an `int4_linear_tinygemm` that only its many-row path reads (one row reads the tinygemm copy). The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+except an embedding table that is only gathered, of which a token reads one row, and the INT4 copies
+of an `int4_linear_tinygemm` that one row does not read (it reads the GEMV's copy when the op has one and
+runs it at one row, else the tinygemm copy). The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
 counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
@@ -57,12 +58,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
 
 def _use(node: Node, user: Node) -> str:
     """How a batch-1 step reads the tensor of get_attr `node` in `user`: gather (one row), many_rows (not at
-    all: an int4_linear_tinygemm's own INT4 tensors when one row runs tinygemm) or other (whole)."""
+    all: the copies of an int4_linear_tinygemm that one row does not run on) or other (whole)."""
     if user.target is torch.ops.aten.embedding.default and user.args[0] is node:
         return "gather"
     if user.target is torch.ops.autodeploy.int4_linear_tinygemm.default:
         args = bind_args(user)
-        if node in (args["qweight"], args["scales"], args["zeros"]) and args["max_rows"] >= 1:
+        ours = (args["qweight"], args["scales"], args["zeros"])
+        if args["gemv_words"] is not None and args["gemv_rows"] >= 1:
+            unread = ours + (args["packed"], args["scales_and_zeros"])
+        else:
+            unread = ours if args["max_rows"] >= 1 else ()
+        if node in unread:
             return "many_rows"
     return "other"
 
