@@ -67,6 +67,16 @@ def test_gemv_knobs_and_bf16(block_n, num_warps, poisoned):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * want.float().abs().max().item())
 
 
+def test_gemv_takes_large_activations(poisoned):
+    """Products are code * x * 2**-30 from x * 2**(119 - b): activations far past LLMs' stay finite and exact."""
+    qweight, scales, zeros = _weights(16, 256, 32, False)
+    x = torch.randn(1, 256, generator=_gen("large")) * 3e4
+    x[0, 0:32:4] = torch.tensor([1e5, -1e5, 6e4, -6e4, 1e-30, -1e-30, 0.0, -0.0])  # the 8 code slots of word 0
+    want = ops.int_linear(x, qweight, scales, zeros, None, None, 4, 32)
+    got = int4_gemv(x, interleave_int4(qweight), gemv_coefficients(scales, zeros), None, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("rows,k,group_size,ok", [
     (1, 4096, 128, True), (4, 4096, -1, True), (5, 4096, 128, False), (0, 4096, 128, False),
     (1, 4112, 16, False),  # K not in blocks of 32
