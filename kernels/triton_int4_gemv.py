@@ -9,11 +9,9 @@ and gets a layout of its own. This kernel reads a copy of the codes re-packed fo
 - `interleave_int4`: in each block of 4 words (32 columns) word i holds column 4j + i at bits 4j, so for
   slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load) and every
   tensor has the same layout: no layout conversion in the loop.
-- each code becomes a subnormal float32, code * 2**(b - 149) with b its lowest bit, by one AND after one of
-  two shifts per word (codes at bits 8, 12 or 16), multiplied by x * 2**(119 - b): AND + FFMA per weight, no
-  int-to-float conversion, one constant per instruction (nothing for ptxas to keep re-loading into a
-  register): ~3.2 SASS instructions per weight at 8 rows per program. Every product is code * x * 2**-30;
-  x up to 2**17 in magnitude stays finite (LLM activations stay far below);
+- each code becomes the subnormal float32 code * 2**-130 (one shift and one AND with a single constant put it
+  at mantissa bits 19-22, exponent 0), multiplied by x * 2**100: shift + AND + FFMA per weight, no
+  int-to-float conversion and no second constant for ptxas to keep re-loading into a register;
 - sum (code - zero) * x = 2**30 * part - zero * sum x per group, so `gemv_coefficients` stores
   (2**30 s, -zero s) in float32 per group and each thread's 4 words (one group) are scaled once.
 """
@@ -61,23 +59,14 @@ def int4_gemv_supported(rows: int, k: int, group_size: int) -> bool:
 
 
 @triton.jit
-def _slot_bit(J: tl.constexpr):
-    """Where code J sits when read: codes 0-1 from words << 8, 2-4 in place, 5-7 from words >> 12, so every
-    code is at bit 8, 12 or 16 and two shifts per word (shared by its codes) are all it takes."""
-    return 8 + 4 * (J % 2) if J < 2 else (4 * J if J < 5 else 4 * J - 12)
-
-
-@triton.jit
-def _code_as_subnormal(words, J: tl.constexpr):
-    """Code J of each word as the subnormal float32 code * 2**(b - 149), b = _slot_bit(J): one AND after
-    the word's shared shift. FFMA takes subnormals at full rate (Triton does not flush them)."""
-    if J < 2:
-        src = words << 8
-    elif J < 5:
-        src = words
+def _code_times_2_pow_m130(words, J: tl.constexpr):
+    """Code J of each word moved to bits 19-22 of an otherwise zero float32: code * 2**-130 exactly (a
+    subnormal, which FFMA takes at full rate without flush-to-zero). One shift and one AND with one constant."""
+    if J * 4 <= 19:
+        bits = (words << (19 - 4 * J)) & 0x00780000
     else:
-        src = words >> 12
-    return (src & (0xF << _slot_bit(J))).to(tl.float32, bitcast=True)
+        bits = (words >> (4 * J - 19)) & 0x00780000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -86,6 +75,7 @@ def _int4_gemv_kernel(
     GROUP_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    X_SCALE: tl.constexpr = 2.0**100  # code * 2**-130 * x * 2**100 = code * x * 2**-30: normal for |x| in 2**-96 .. 2**28
     words_per_row = K // 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N read row N - 1; their outputs are not stored
@@ -110,20 +100,18 @@ def _int4_gemv_kernel(
             words = tl.load(q_rows + w0 + lane, mask=w_valid, other=0)
         words = words.to(tl.uint32, bitcast=True)
         for j in tl.static_range(8):
-            w = _code_as_subnormal(words, j)
+            w = _code_times_2_pow_m130(words, j)
             if EVEN_K and ROWS == 1:
                 x = tl.load(x_cols + w0 * 8 + 4 * j)
             else:
                 x = tl.load(x_cols + w0 * 8 + 4 * j, mask=m_valid & w_valid, other=0.0)
             x = x.to(tl.float32)
-            # x * 2**(119 - b): every product is code * x * 2**-30, finite for |x| < 2**(b + 9)
-            x_scaled = x * 2.0 ** (119 - _slot_bit(j))
             if j == 0:
                 x_sum = x
-                part = w * x_scaled
+                part = w * (x * X_SCALE)
             else:
                 x_sum += x
-                part += w * x_scaled
+                part += w * (x * X_SCALE)
         part = tl.sum(tl.reshape(part, [ROWS, BLOCK_N, BLOCK_W // 4, 4]), axis=3)
         x_sum = tl.sum(tl.reshape(x_sum, [ROWS, 1, BLOCK_W // 4, 4]), axis=3)
         coeff = c_rows + ((w0 // 4 + lane4) // (GROUP_WORDS // 4)) * 2
