@@ -68,7 +68,7 @@ def test_gemv_knobs_and_bf16(block_n, num_warps, poisoned):
 
 
 def test_gemv_takes_large_activations(poisoned):
-    """Products are code * x * 2**-30 from x * 2**(119 - b): activations far past LLMs' stay finite and exact."""
+    """Products are code * x * 2**-30 (x scaled up by a power of two): activations far past LLMs' stay exact."""
     qweight, scales, zeros = _weights(16, 256, 32, False)
     x = torch.randn(1, 256, generator=_gen("large")) * 3e4
     x[0, 0:32:4] = torch.tensor([1e5, -1e5, 6e4, -6e4, 1e-30, -1e-30, 0.0, -0.0])  # the 8 code slots of word 0
