@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from autodeploy.graph_utils import graph_modules, inherit_meta, is_op
-from autodeploy.patterns.helpers import val
+from autodeploy.patterns.helpers import insert_call, val
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -61,12 +61,10 @@ def _fuse(module: GraphModule, first: Node, second: Node) -> None:
     q, cos, sin, interleaved = _operands(first)
     k = _operands(second)[0]
     with graph.inserting_before(second):
-        pair = graph.call_function(PAIR, (q, k, cos, sin, interleaved))
-        q_out = graph.call_function(operator.getitem, (pair, 0))
-        k_out = graph.call_function(operator.getitem, (pair, 1))
+        pair = insert_call(graph, PAIR, (q, k, cos, sin, interleaved))
+        q_out = insert_call(graph, operator.getitem, (pair, 0))
+        k_out = insert_call(graph, operator.getitem, (pair, 1))
     inherit_meta(pair, second)
-    pair.meta["val"] = (val(first), val(second))
-    q_out.meta["val"], k_out.meta["val"] = val(first), val(second)
     first.replace_all_uses_with(q_out)
     second.replace_all_uses_with(k_out)
     graph.erase_node(first)

@@ -81,15 +81,14 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> 
         if reason is not None:
             counts[f"skipped_{reason}"] += 1
             continue
-        packed, scales_and_zeros = tinygemm_weights(qweight, _tensor(gm, args["scales"]), _tensor(gm, args["zeros"]),
-                                                    args["group_size"])
+        scales, zeros = _tensor(gm, args["scales"]), _tensor(gm, args["zeros"])
+        packed, scales_and_zeros = tinygemm_weights(qweight, scales, zeros, args["group_size"])
         name = args["qweight"].target
         packed_node = _add_param(gm, node, f"{name}_tinygemm", packed)
         sz_node = _add_param(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
         gemv = ()
         if gemv_rows and int4_gemv_supported(1, qweight.shape[1] * 8, args["group_size"]):
-            words, coeffs = interleave_int4(qweight), gemv_coefficients(_tensor(gm, args["scales"]),
-                                                                       _tensor(gm, args["zeros"]))
+            words, coeffs = interleave_int4(qweight), gemv_coefficients(scales, zeros)
             gemv = (_add_param(gm, node, f"{name}_gemv", words), _add_param(gm, node, f"{name}_gemv_coeffs", coeffs),
                     gemv_rows)
             counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in (words, coeffs))
