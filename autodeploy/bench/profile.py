@@ -1,7 +1,8 @@
 """Where a decode step's time goes: torch.profiler over a few all-decode steps of the engine.
 
-The requests' prefill steps are skipped (profiler schedule `wait`), then `steps` decode steps are
-recorded; the table lists the ops/kernels with the most device time (host time on CPU) per step,
+The profiler's schedule only advances once every request is decoding (prefill chunks, which the
+decode-aware bound spreads over many steps at large batch, never enter the window), then `steps` decode
+steps are recorded; the table lists the ops/kernels with the most device time (host time on CPU) per step,
 next to the wall time per step, so the gap between them is the host's share. With programmatic
 dependent launch (kernels/triton_pdl.py) a kernel starts, and waits, while its predecessor runs, so
 each kernel's time includes some of its predecessor's and the sum exceeds the step: the table then
@@ -22,16 +23,22 @@ from . import ours
 
 def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top: int = 15) -> dict:
     device = engine.executor.device
-    budget = engine.scheduler.max_num_tokens
-    wait = -(-sum(map(len, prompts)) // budget) + 1  # prefill steps, then one decode step to settle
+    scheduler = engine.scheduler
+    # an upper bound on the steps before all requests decode: the smallest prefill share of a step
+    chunk = max(1, min(scheduler.max_num_tokens, scheduler.max_prefill_tokens_with_decodes // 4))
+    prefill_steps = -(-sum(map(len, prompts)) // chunk) + 2
     stamps: list[float] = []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=steps, repeat=1)) as prof:
+    warmup = 2  # the step in flight when the last prefill was scheduled, and one to settle
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=warmup, active=steps, repeat=1)) as prof:
         def after_step() -> None:
-            stamps.append(time.perf_counter())
-            prof.step()
+            if stamps or _all_decoding(scheduler):
+                stamps.append(time.perf_counter())
+                prof.step()
 
-        ours.run(engine, prompts, [wait + steps + 3] * len(prompts), after_step)
+        ours.run(engine, prompts, [prefill_steps + warmup + steps + 3] * len(prompts), after_step)
+    if len(stamps) < 1 + warmup + steps:
+        raise RuntimeError(f"only {len(stamps)} all-decode steps ran; the profile needs {1 + warmup + steps}")
     on_gpu = device.type == "cuda"
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     # On the GPU, the kernels themselves (an op's device time would count its kernels twice); the
@@ -41,8 +48,8 @@ def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top
               and (not on_gpu or e.device_type == DeviceType.CUDA)]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total_us = sum(getattr(e, key) for e in events)
-    profiled = stamps[wait + 1:wait + 1 + steps]  # stamps[i] ends step i; the active steps
-    wall_ms = (profiled[-1] - stamps[wait]) / len(profiled) * 1e3
+    first = warmup  # stamps[i] ends gated step i; the active steps are 1 + warmup ..
+    wall_ms = (stamps[first + steps] - stamps[first]) / steps * 1e3
     return {
         "batch": len(prompts),
         "steps": steps,
@@ -51,3 +58,8 @@ def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top
         "top": [{"name": e.key[:120], "calls_per_step": e.count / steps,
                  "ms_per_step": getattr(e, key) / steps / 1e3} for e in events[:top]],
     }
+
+
+def _all_decoding(scheduler) -> bool:
+    """No request waits or still has prompt tokens to run."""
+    return not scheduler.waiting and all(seq.num_pending <= 1 for seq in scheduler.running)
