@@ -13,6 +13,8 @@ kernel writes e4m3 and the scales instead of the normalized row:
   `fp8_linear` (group_size: the columns per scale the quantization used).
 - `fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size=-1) -> (q, scale, x + residual)`: the
   normalized row rounded to x's dtype (as the unfused graph hands it on), then quantized.
+- `gated_act_quant_fp8(gate, up, activation, group_size=-1) -> (q, scale)`: a gated MLP's act(gate) * up,
+  quantized for the down projection in the same kernel.
 Composed, they give `fp8_linear`'s reference results bit for bit.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .fused_add_rms_norm import fused_add_rms_norm
+from .gated_act import gated_act
 from .quant_linear import activation_groups, activation_scale, quantize_activation, scaled_fp8_matmul
 
 
@@ -88,3 +91,16 @@ def fused_add_rms_norm_quant_fp8(x: torch.Tensor, residual: torch.Tensor, weight
 def _(x, residual, weight, eps, group_size=-1):
     torch._check(x.shape == residual.shape, lambda: "x and residual must have the same shape")
     return (*empty_quantized(x, group_size), torch.empty_like(x))
+
+
+@torch.library.custom_op("autodeploy::gated_act_quant_fp8", mutates_args=(),
+                         schema="(Tensor gate, Tensor up, str activation, int group_size=-1) -> (Tensor, Tensor)")
+def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str,
+                        group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: gated_act, then quantized per token (or per token and group)."""
+    return quantize_fp8_per_token(gated_act(gate, up, activation), group_size)
+
+
+@gated_act_quant_fp8.register_fake
+def _(gate, up, activation, group_size=-1):
+    return empty_quantized(gate.new_empty(torch.broadcast_shapes(gate.shape, up.shape)), group_size)

@@ -14,22 +14,30 @@ import triton
 import triton.language as tl
 
 from .gated_act import ACTIVATIONS
+from .quant_act import empty_quantized, kernel_groups
+from .quant_linear import activation_groups
+from .triton_fp8 import saturate_e4m3
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
+MAX_ROW_COLUMNS = 16384  # per-token scales: one program holds the whole row
 _ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 assert set(_ACTIVATION_IDS) == set(ACTIVATIONS), "every canonical activation needs a Triton branch"
 
 
 @triton.jit
 def _gated_act_kernel(
-    gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols,
-    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+    gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, scale_ptr,
+    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1,
+    NUM_GROUPS: tl.constexpr = 1, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
+    """Program (row, block of BLOCK columns), the block as a [BLOCK // GROUP, GROUP] tile: with QUANT_FP8 the
+    product comes out as e4m3 with one scale per tile row (a group of GROUP columns, or the whole row when one
+    block covers it), as quantize_fp8_per_token would quantize the unfused output."""
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = cols < n_cols
     gate = tl.load(gate_ptr + row * stride_g + cols, mask=valid, other=0.0)
     up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
@@ -44,22 +52,55 @@ def _gated_act_kernel(
     else:
         act = tl.maximum(g, 0.0)
     act = act.to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid)
+    y = (act * up.to(tl.float32)).to(gate.dtype)
+    if QUANT_FP8:
+        yf = y.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(yf), axis=1) / 448.0, 1e-12)
+        tl.store(out_ptr + row * stride_o + cols, saturate_e4m3(yf / scale[:, None], INTERPRET).to(
+            out_ptr.dtype.element_ty), mask=valid)
+        groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+        tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
+
+def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: int | None = None):
+    """act(gate) * up, or with `group_size` (quant_act's convention: -1 = one scale per row) (e4m3, scales)."""
+    quant = group_size is not None
+    out, scale = (empty_quantized(gate, group_size) if quant
+                  else (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), None))
+    gate2, up2, out2 = as_rows(gate), as_rows(up), out.view(-1, gate.shape[-1])
+    n_rows, n_cols = out2.shape
+    if out.numel() == 0:
+        return out if not quant else (out, scale)
+    groups = 1 if not quant else scale.shape[-1]
+    block = triton.next_power_of_2(n_cols) if quant and groups == 1 else max(BLOCK, group_size or 0)
+    group = block if not quant or groups == 1 else group_size
+    _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale if quant else out2,
+        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
+        INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), **pdl_launch(gate.device),
+    )
+    return out if not quant else (out, scale)
+
+
+def _fused(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    return gate.shape == up.shape and gate.dtype == up.dtype  # broadcasting / mixed dtypes: not a fused case
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Same contract as `torch.ops.autodeploy.gated_act`, for gate and up of one shape and dtype."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        return ACTIVATIONS[activation](gate) * up  # broadcasting / mixed dtypes: not a fused case
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    gate2, up2, out2 = as_rows(gate), as_rows(up), out.view(-1, gate.shape[-1])
-    n_rows, n_cols = out2.shape
-    if out.numel() == 0:
-        return out
-    _gated_act_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
-        gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols,
-        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=BLOCK, **pdl_launch(gate.device),
-    )
-    return out
+    if not _fused(gate, up):
+        return ACTIVATIONS[activation](gate) * up
+    return _launch(gate, up, activation)
 
+
+def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str,
+                        group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `torch.ops.autodeploy.gated_act_quant_fp8`: (e4m3 act(gate) * up, float32 scale [..., G]).
+    Groups the kernel does not take, and one scale over rows wider than MAX_ROW_COLUMNS, go to the reference."""
+    whole_row = activation_groups(gate.shape[-1], group_size) == 1
+    if (not _fused(gate, up) or not kernel_groups(group_size, gate.shape[-1])
+            or (whole_row and gate.shape[-1] > MAX_ROW_COLUMNS)):
+        return torch.ops.autodeploy.gated_act_quant_fp8(gate, up, activation, group_size)
+    return _launch(gate, up, activation, group_size)

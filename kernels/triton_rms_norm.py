@@ -30,7 +30,9 @@ def _rms_norm_kernel(
 ):
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    # the row as a [BLOCK // GROUP, GROUP] tile from the start (one group per tile row when quantizing per
+    # group, else one tile row): per-group amaxes need no reshape, which costs a trip through shared memory
+    cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
     if HAS_RESIDUAL:
@@ -38,17 +40,16 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded like the model's add
         tl.store(sum_out_ptr + row * stride_s + cols, x, mask=valid)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)  # as the model computes it (torch.rsqrt)
+    rstd = tl.rsqrt(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / n_cols + eps)  # as the model computes it (torch.rsqrt)
     normed = xf * rstd
     if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
         normed = normed.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
     if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
-        y = tl.reshape((weight * normed).to(x.dtype).to(tl.float32), [BLOCK // GROUP, GROUP])
+        y = (weight * normed).to(x.dtype).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
         q = saturate_e4m3(y / scale[:, None], INTERPRET)
-        tl.store(out_ptr + row * stride_o + tl.reshape(cols, [BLOCK // GROUP, GROUP]), q.to(out_ptr.dtype.element_ty),
-                 mask=tl.reshape(valid, [BLOCK // GROUP, GROUP]))
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=valid)
         groups = tl.arange(0, BLOCK // GROUP)
         tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
     else:

@@ -36,9 +36,12 @@ def test_graph_quantizes_each_activation_once_and_in_the_norm(llama_dir, act_qua
     # attention output, the post-attention norm and the gated activation: 4 tensors, 3 of them normalized
     assert report.matched["activation_quantizations"] == 8
     assert report.matched["quantizations_in_rms_norm"] == _count(fused, ops.fused_add_rms_norm_quant_fp8.default) == 3
+    assert report.matched["quantizations_in_gated_act"] == _count(fused, ops.gated_act_quant_fp8.default) == 2
+    assert _count(fused, ops.gated_act.default) == 0
     group_size = 32 if act_quant == "group" else -1
     quantizations = [n for n in fused.gm.graph.nodes if n.target in (ops.fused_add_rms_norm_quant_fp8.default,
-                                                                     ops.quantize_fp8_per_token.default)]
+                                                                     ops.quantize_fp8_per_token.default,
+                                                                     ops.gated_act_quant_fp8.default)]
     assert {n.args[-1] for n in quantizations} == {group_size}
     assert torch.equal(fused.logits(PROMPT), plain.logits(PROMPT))
 
@@ -56,7 +59,7 @@ CASES = [(1, 40, 96, -1), (3, 72, 200, -1), (21, 64, 128, -1), (3, 72, 200, 32),
 
 @pytest.mark.parametrize("rows,n,k,group_size", CASES)
 def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
-    from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear, triton_rms_norm
+    from autodeploy.kernels import triton_fp8_act_quant, triton_gated_act, triton_quant_fp8_linear, triton_rms_norm
 
     torch.manual_seed(rows + k)
     x, residual = torch.randn(rows, k) * torch.linspace(0.05, 4, k), torch.randn(rows, k)
@@ -76,15 +79,24 @@ def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
     act_quant = "token" if group_size == -1 else "group"
     assert torch.equal(ref, ops.fp8_linear(x, weight, weight_scale, None, bias, act_quant, group_size))
 
-    # The kernel's rsqrt and reduction order may move a normalized value by an ulp, and a value next to an e4m3
-    # rounding boundary then lands one e4m3 step (at most 1/8 of it) away: allow that for a few elements.
-    # (float32: the interpreter truncates to bf16 where GPUs round.) The residual sum is exact.
     (q, scale, added), (ref_q, ref_scale, ref_added) = (
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size),
         ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, group_size))
-    assert (q.dtype, scale.dtype, added.dtype, scale.shape) == (ref_q.dtype, ref_scale.dtype, ref_added.dtype,
-                                                                ref_scale.shape)
-    assert torch.equal(added, ref_added)
+    assert (added.dtype, added.shape) == (ref_added.dtype, ref_added.shape) and torch.equal(added, ref_added)
+    _assert_quantized_close(q, scale, ref_q, ref_scale, group_size)
+
+    gate_up = torch.randn(rows, 2 * k) * 3  # gate and up as the fused projection's strided halves
+    gate, up = gate_up[:, :k], gate_up[:, k:]
+    _assert_quantized_close(*triton_gated_act.gated_act_quant_fp8(gate, up, "silu", group_size),
+                            *ops.gated_act_quant_fp8(gate, up, "silu", group_size), group_size)
+
+
+def _assert_quantized_close(q, scale, ref_q, ref_scale, group_size: int) -> None:
+    """The kernel's rsqrt / sigmoid and reduction order may move a value by an ulp, and a value next to an e4m3
+    rounding boundary then lands one e4m3 step (at most 1/8 of it) away: allow that for a few elements.
+    (float32: the interpreter truncates to bf16 where GPUs round.)"""
+    k = q.shape[-1]
+    assert (q.dtype, scale.dtype, scale.shape) == (ref_q.dtype, ref_scale.dtype, ref_scale.shape)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
     ref_scale_cols = ref_scale.repeat_interleave(k if group_size == -1 else group_size, -1)[:, :k]
     torch.testing.assert_close(q.float() * ref_scale_cols, ref_q.float() * ref_scale_cols, rtol=0.13,
@@ -129,7 +141,7 @@ def test_compiled_backends_on_gpu(rows, group_size):
     """Compiled kernels (bf16, as decode runs them): the Triton dot up to 64 rows, beyond it cuBLASLt (per token)
     or the dot tiled over rows (groups, K with a short last group); the fused norm and the act-quant kernel.
     Against the references on the same device."""
-    from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear, triton_rms_norm
+    from autodeploy.kernels import triton_fp8_act_quant, triton_gated_act, triton_quant_fp8_linear, triton_rms_norm
 
     torch.manual_seed(rows)
     n, k = 272, 4096 + 64
@@ -144,6 +156,10 @@ def test_compiled_backends_on_gpu(rows, group_size):
     q2, scale2 = triton_fp8_act_quant.quantize_fp8_per_token(x, group_size)
     ref_q2, ref_scale2 = ops.quantize_fp8_per_token(x, group_size)
     assert torch.equal(scale2, ref_scale2) and (q2.float() != ref_q2.float()).float().mean() < 0.01
+    q3, scale3 = triton_gated_act.gated_act_quant_fp8(x, residual, "silu", group_size)
+    ref_q3, ref_scale3 = ops.gated_act_quant_fp8(x, residual, "silu", group_size)
+    torch.testing.assert_close(scale3, ref_scale3, rtol=1e-2, atol=0)
+    assert (q3.float() != ref_q3.float()).float().mean() < 0.01
     got = triton_quant_fp8_linear.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16,
                                                              group_size)
     ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.bfloat16, group_size)

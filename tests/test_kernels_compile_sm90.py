@@ -109,6 +109,7 @@ def _run_every_wrapper() -> None:
     for group in (-1, 128):
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, group)
         triton_fp8_act_quant.quantize_rows_fp8(x, group)
+        triton_gated_act.gated_act_quant_fp8(x, residual, "silu", group)
     triton_gated_act.gated_act(x, residual, "silu")
     q = torch.randn(1, 4, 3, 64, generator=g).to(bf16)
     k, cos = torch.randn(1, 2, 3, 64, generator=g).to(bf16), torch.randn(1, 1, 3, 64, generator=g).to(bf16)

@@ -8,6 +8,8 @@ with one quantization per tensor and scale layout whatever the number of linears
 is the normalized output of a residual add + RMSNorm read by nothing else, the quantization moves into
 that kernel:
     fused_add_rms_norm(a, b) -> (normed, a + b)  ->  fused_add_rms_norm_quant_fp8(a, b) -> (q, s, a + b)
+and where x is a gated MLP's act(gate) * up read by nothing else, into that kernel (one launch less per layer):
+    gated_act(gate, up) -> h  ->  gated_act_quant_fp8(gate, up) -> (q, s)
 Per-token-group scales (`act_quant="group"`) take the same path, the group size passed to all three ops.
 Linears with a static input scale or per-tensor dynamic scales are left as they are. The numbers do not
 change: the ops compose to fp8_linear's reference exactly (kernels/quant_act.py).
@@ -30,6 +32,8 @@ QUANTIZE = torch.ops.autodeploy.quantize_fp8_per_token.default
 QUANTIZED_INPUT = torch.ops.autodeploy.fp8_linear_quantized_input.default
 ADD_NORM = torch.ops.autodeploy.fused_add_rms_norm.default
 ADD_NORM_QUANT = torch.ops.autodeploy.fused_add_rms_norm_quant_fp8.default
+GATED_ACT = torch.ops.autodeploy.gated_act.default
+GATED_ACT_QUANT = torch.ops.autodeploy.gated_act_quant_fp8.default
 
 
 def _token_groups(node: Node) -> int | None:
@@ -71,6 +75,18 @@ def _split_linears(gm: GraphModule) -> tuple[int, list[tuple[Node, Node]]]:
     return linears, [(x, q.args[0]) for (x, _), (q, _) in quantized.items()]
 
 
+def _take_over_quantization(gm: GraphModule, quant: Node, new: Node) -> None:
+    """The getitems of the standalone quantization `quant` read (q, scale) from `new`'s outputs 0 and 1."""
+    graph = gm.graph
+    with graph.inserting_after(new):
+        scale = insert_call(graph, operator.getitem, (new, 1))
+        q = insert_call(graph, operator.getitem, (new, 0))
+    for user in list(quant.users):
+        user.replace_all_uses_with(q if user.args[1] == 0 else scale)
+        graph.erase_node(user)
+    graph.erase_node(quant)
+
+
 def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
     """normed = fused_add_rms_norm(...)[0] read only by `quant`: one fused_add_rms_norm_quant_fp8 instead."""
     fused = normed.args[0] if normed.target is operator.getitem and normed.args[1] == 0 else None
@@ -82,17 +98,28 @@ def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
     inherit_meta(new, fused)
     with graph.inserting_after(new):
         added = insert_call(graph, operator.getitem, (new, 2))
-        scale = insert_call(graph, operator.getitem, (new, 1))
-        q = insert_call(graph, operator.getitem, (new, 0))
-    for user in list(quant.users):  # the getitems of the standalone quantization
-        user.replace_all_uses_with(q if user.args[1] == 0 else scale)
-        graph.erase_node(user)
-    graph.erase_node(quant)
+    _take_over_quantization(gm, quant, new)
     graph.erase_node(normed)
     for user in list(fused.users):  # getitem 1: the residual sum
         user.replace_all_uses_with(added)
         graph.erase_node(user)
     graph.erase_node(fused)
+    return True
+
+
+def _fold_into_gated_act(gm: GraphModule, h: Node, quant: Node) -> bool:
+    """h = gated_act(gate, up, act) read only by `quant`: one gated_act_quant_fp8 instead."""
+    if not is_op(h, GATED_ACT) or len(h.users) != 1:
+        return False
+    args = bind_args(h)
+    if val(args["gate"]) is None or val(args["gate"]).shape != val(args["up"]).shape:
+        return False
+    graph = gm.graph
+    with graph.inserting_after(h):
+        new = insert_call(graph, GATED_ACT_QUANT, (args["gate"], args["up"], args["activation"], quant.args[1]))
+    inherit_meta(new, h)
+    _take_over_quantization(gm, quant, new)
+    graph.erase_node(h)
     return True
 
 
@@ -102,11 +129,15 @@ class FuseFP8ActQuant(Transform):
     stage = Stage.FUSION
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        linears = quantizations = into_norm = 0
+        linears = quantizations = into_norm = into_gated_act = 0
         for module in graph_modules(gm):
             split, quants = _split_linears(module)
             linears += split
             quantizations += len(quants)
-            into_norm += sum(_fold_into_norm(module, x, quant) for x, quant in quants)
+            for x, quant in quants:
+                if _fold_into_norm(module, x, quant):
+                    into_norm += 1
+                else:
+                    into_gated_act += _fold_into_gated_act(module, x, quant)
         return {"fp8_linears_on_quantized_input": linears, "activation_quantizations": quantizations,
-                "quantizations_in_rms_norm": into_norm}
+                "quantizations_in_rms_norm": into_norm, "quantizations_in_gated_act": into_gated_act}
