@@ -125,12 +125,14 @@ def cached_attention_triton(
     from .triton_decode_attention import decode_attention, write_kv_cache as triton_write_kv_cache
 
     _check(q, k, k_cache)
-    triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if q.shape[2] == seq_lens.shape[0]:
         # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
-        # T == B decides it from shapes alone - fixed when a CUDA graph is captured.
+        # T == B decides it from shapes alone - fixed when a CUDA graph is captured. The decode
+        # kernel also writes the new k/v into the cache.
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
-                                alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
+                                alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+                                k=k, v=v, slot_mapping=slot_mapping)
+    triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
                            alibi_slopes, k_scale, v_scale)
 

@@ -4,19 +4,23 @@ A decode-only step (every sequence runs exactly one new token: T == B, which the
 decide, so the choice is fixed when a CUDA graph is captured) needs a different kernel shape from
 prefill. The general kernel (triton_cached_attention.py) runs one program per (16-row query tile,
 query head): for one query token that is 1 useful row in 16, and with GQA each KV head is read once
-per query head of its group. Here (flash-decoding):
+per query head of its group. Here (flash-decoding), in one launch per layer:
   - one program per (sequence, KV head, context split): the q tile holds the GROUP query heads that
     share the KV head (rows padded to 16 for tl.dot), so each K/V block is read once;
+  - given this step's k/v (cached_attention_triton does), the program whose split holds the new
+    token's position ctx - 1 first stores its k/v into the cache slot, so no separate write kernel
+    runs (no other program of the step reads that slot);
   - the context is split NUM_SPLITS ways so that batch 1 still fills the GPU; each split writes its
-    unnormalised partial output with its running max and sum, and a small second kernel merges the
-    splits (log-sum-exp). With enough (sequence, KV head) programs NUM_SPLITS is 1 and the first
-    kernel writes the output directly.
+    unnormalised partial output with its running max and sum and counts itself in a per-(sequence,
+    KV head) counter; the last split to arrive merges them (log-sum-exp) and resets the counter to 0.
+    With enough (sequence, KV head) programs NUM_SPLITS is 1 and each program writes its output.
+    The merge runs as a second kernel only without counters (see `_split_counters`).
 NUM_SPLITS depends only on the batch size and head counts (not on the context length), so it is a
 constant of each captured graph; each split covers ceil(context / NUM_SPLITS) keys, computed in the
 kernel. Keys are gathered through the block table per key, so any page size works.
 
-`write_kv_cache` replaces two `index_copy_` calls (each with a transpose copy and a cast) with one
-launch that stores K and V of every new token straight into their slots.
+`write_kv_cache` (prefill and mixed steps) replaces two `index_copy_` calls (each with a transpose
+copy and a cast) with one launch that stores K and V of every new token straight into their slots.
 """
 
 from __future__ import annotations
@@ -34,21 +38,19 @@ MAX_SPLITS = 32
 
 
 @triton.jit
-def _kv_write_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _store_kv(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, t, heads, h_valid,
     stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    page_size, n_kv, k_scale, v_scale,
+    page_size, k_scale, v_scale,
     K_DIM: tl.constexpr, BLOCK_K: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, USE_PDL: tl.constexpr = False,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    wait_for_inputs(USE_PDL)
-    t = tl.program_id(0)
+    """Token t's keys and values of `heads` into its cache slot (an fp8 cache: value / scale, saturated,
+    as kernels/cached_attention.py stores them)."""
     slot = tl.load(slot_ptr + t).to(tl.int64)
     block = slot // page_size
     offset = slot % page_size
-    heads = tl.arange(0, BLOCK_H)
-    h_valid = heads < n_kv
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     k_mask = h_valid[:, None] & (offs_k < K_DIM)[None, :]
@@ -58,11 +60,28 @@ def _kv_write_kernel(
     k_dst = k_cache_ptr + block * stride_cb + offset * stride_cs + heads[:, None] * stride_ch + offs_k[None, :] * stride_cd
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch \
         + offs_v[None, :] * stride_vcd
-    if FP8:  # stored as value / scale, saturated (kernels/cached_attention.py)
+    if FP8:
         k = saturate_e4m3(k.to(tl.float32) / k_scale, INTERPRET)
         v = saturate_e4m3(v.to(tl.float32) / v_scale, INTERPRET)
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+
+
+@triton.jit
+def _kv_write_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
+    stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
+    page_size, n_kv, k_scale, v_scale,
+    K_DIM: tl.constexpr, BLOCK_K: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    wait_for_inputs(USE_PDL)
+    heads = tl.arange(0, BLOCK_H)
+    _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, tl.program_id(0), heads, heads < n_kv,
+              stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
+              stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
+              page_size, k_scale, v_scale, K_DIM, BLOCK_K, V_DIM, BLOCK_V, FP8, INTERPRET)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -84,22 +103,52 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 @triton.jit
+def _merge_splits(
+    out_ptr, part_acc_ptr, part_ml_ptr, b, first_head, n_heads, stride_oh, stride_ot, stride_od,
+    HEADS: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Output of query heads first_head .. + HEADS of sequence b from their NUM_SPLITS partials
+    (log-sum-exp; an empty split has m = -inf and weighs 0). The loads skip L1 (.cg): other programs
+    of the same kernel may have written the partials."""
+    splits = tl.arange(0, NUM_SPLITS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_valid = offs_dv < V_DIM
+    for g in range(HEADS):
+        head = first_head + g
+        rows = (b * n_heads + head) * NUM_SPLITS + splits
+        m = tl.load(part_ml_ptr + rows * 2, cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + rows * 2 + 1, cache_modifier=".cg")
+        acc = tl.load(part_acc_ptr + rows[:, None] * V_DIM + offs_dv[None, :], mask=dv_valid[None, :], other=0.0,
+                      cache_modifier=".cg")
+        m_max = tl.max(m, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp(m - m_max)  # empty splits: exp(-inf) = 0
+        denom = tl.sum(w * l, axis=0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)
+        tl.store(out_ptr + head * stride_oh + b * stride_ot + offs_dv * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=dv_valid)
+
+
+@triton.jit
 def _decode_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counts_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr,
+    block_tables_ptr, k_ptr, v_ptr, slot_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
+    stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,  # this step's k/v
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    page_size, scale, sliding_window, logit_cap, alibi_ptr, v_scale,
+    page_size, scale, sliding_window, logit_cap, alibi_ptr, k_scale, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, WRITE_KV: tl.constexpr, MERGE: tl.constexpr, INTERPRET: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    n_heads = tl.num_programs(1) * GROUP
+    n_kv = tl.num_programs(1)
+    n_heads = n_kv * GROUP
     ctx = tl.load(seq_lens_ptr + b)
     key_begin = 0
     if HAS_WINDOW:
@@ -108,6 +157,18 @@ def _decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = key_begin + split * chunk
     end = tl.minimum(start + chunk, ctx)
+
+    if WRITE_KV:
+        # This step's token (position ctx - 1) lies in exactly one split; that program stores its k/v
+        # first, and no other program of this step reads the slot. The barrier makes the store
+        # visible to all of the program's threads before the key loop reads the cache.
+        if (start <= ctx - 1) & (ctx - 1 < end):
+            own = kv_head + tl.arange(0, 1)
+            _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, b, own, own < n_kv,
+                      stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,
+                      stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd,
+                      page_size, k_scale, v_scale, HEAD_DIM, BLOCK_D, V_DIM, BLOCK_DV, FP8, INTERPRET)
+        tl.debug_barrier()
 
     offs_g = tl.arange(0, BLOCK_G)
     g_valid = offs_g < GROUP
@@ -164,6 +225,16 @@ def _decode_attention_kernel(
                  mask=g_valid[:, None] & dv_valid[None, :])
         tl.store(part_ml_ptr + row_ids * 2, m_i, mask=g_valid)
         tl.store(part_ml_ptr + row_ids * 2 + 1, l_i, mask=g_valid)
+        if MERGE:
+            # The last of the NUM_SPLITS programs of (b, kv_head) to get here merges them: the barrier
+            # puts all threads' partial stores before the release, the acquire lets the last one see
+            # everyone's. It resets the counter, so the buffer is all zeros again after the kernel.
+            tl.debug_barrier()
+            counter = counts_ptr + b * n_kv + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, b, kv_head * GROUP, n_heads,
+                              stride_oh, stride_ot, stride_od, GROUP, V_DIM, BLOCK_DV, NUM_SPLITS)
+                tl.store(counter, 0)
 
 
 @triton.jit
@@ -171,33 +242,22 @@ def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, stride_oh, stride_ot, stride_od,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    """The splits' merge as a second launch, one program per (sequence, query head): only when there
+    are no split counters (see `_split_counters`)."""
     wait_for_inputs(USE_PDL)
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    n_heads = tl.num_programs(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_valid = offs_dv < V_DIM
-    rows = (b * n_heads + head) * NUM_SPLITS + splits
-    m = tl.load(part_ml_ptr + rows * 2)
-    l = tl.load(part_ml_ptr + rows * 2 + 1)
-    acc = tl.load(part_acc_ptr + rows[:, None] * V_DIM + offs_dv[None, :], mask=dv_valid[None, :], other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_max)  # empty splits: exp(-inf) = 0
-    denom = tl.sum(w * l, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(out_ptr + head * stride_oh + b * stride_ot + offs_dv * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=dv_valid)
+    _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
+                  stride_oh, stride_ot, stride_od, 1, V_DIM, BLOCK_DV, NUM_SPLITS)
 
 
 _SM_COUNT: dict[int, int] = {}
+MAX_COUNTERS = 65536  # (sequence, KV head) pairs: 256 KiB of int32 per device
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _num_splits(num_seqs: int, n_kv: int, device: torch.device) -> int:
     """Enough (sequence, KV head, split) programs to cover the SMs about twice; 1 when there already are."""
     if device.type != "cuda":
-        sms = 8  # interpreter runs (tests): still exercise the split + reduce path
+        sms = 8  # interpreter runs (tests): still exercise the split + merge path
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
@@ -210,16 +270,34 @@ def _num_splits(num_seqs: int, n_kv: int, device: torch.device) -> int:
     return splits
 
 
+def _split_counters(pairs: int, device: torch.device) -> torch.Tensor | None:
+    """The device's arrival counters for the in-kernel merge (int32 zeros, which every call leaves
+    zero), or None: more pairs than counters, or a CUDA graph capture before any eager call (allocating
+    there would take graph-pool memory). The runtime runs each bucket eagerly before capturing it
+    (runtime/cuda_graphs.py), so the buffer exists by then. Calls on one device must not overlap (one
+    stream, as the runtime runs)."""
+    if pairs > MAX_COUNTERS:
+        return None
+    if device not in _SPLIT_COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _SPLIT_COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _SPLIT_COUNTERS[device]
+
+
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
     logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
-    over the paged cache, which already holds this step's k/v. `num_splits`, `block_n` and
-    `num_warps` override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales
-    are an fp8 cache's (kernels/cached_attention.py)."""
+    over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
+    stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
+    cache already holds them. `num_splits`, `block_n` and `num_warps` override the defaults
+    (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
+    (kernels/cached_attention.py)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
     v_dim = v_cache.shape[3]
@@ -229,25 +307,33 @@ def decode_attention(
         return out
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
     fp8 = k_cache.dtype == FP8_DTYPE
+    counters = None
     if splits > 1:
         part_acc = torch.empty(num_seqs, n_heads, splits, v_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_seqs, n_heads, splits, 2, dtype=torch.float32, device=q.device)
+        counters = _split_counters(num_seqs * n_kv, q.device)
     else:
         part_acc = part_ml = out  # unused
+    write_kv = k is not None
+    if not write_kv:
+        k = v = slot_mapping = q  # unused
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
     pdl = pdl_launch(q.device)
     _decode_attention_kernel[(num_seqs, n_kv, splits)](
-        q, out, part_acc, part_ml, k_cache, v_cache, seq_lens, block_tables,
+        q, out, part_acc, part_ml, counters if counters is not None else seq_lens, k_cache, v_cache, seq_lens,
+        block_tables, k, v, slot_mapping,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
+        k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
-        alibi_slopes.contiguous() if alibi_slopes is not None else q, v_scale,  # slopes [n_heads]
+        alibi_slopes.contiguous() if alibi_slopes is not None else q, k_scale, v_scale,  # slopes [n_heads]
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=num_warps, **pdl,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
+        MERGE=counters is not None, INTERPRET=not q.is_cuda, num_warps=num_warps, **pdl,
     )
-    if splits > 1:
+    if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, n_heads)](
             out, part_acc, part_ml, out.stride(1), out.stride(2), out.stride(3),
             V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, **pdl,

@@ -1,6 +1,8 @@
 """The decode-only Triton path (kernels/triton_decode_attention.py, interpreter on CPU) against the
 reference `cached_attention`: steps where every sequence runs one token (T == B), GQA groups 1/4/8,
-head dims 64/128, contexts crossing cache-block boundaries, split-K and single-pass, window and cap."""
+head dims 64/128, contexts crossing cache-block boundaries, split-K and single-pass, window and cap;
+and the fused form cached_attention_triton runs (the kernel writes this step's k/v and merges its
+splits itself) on odd shapes, page sizes, fp8 caches and ALiBi, twice on the same buffers."""
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 import autodeploy.kernels  # noqa: F401
+from autodeploy.kernels.quant_format import FP8_DTYPE
 from test_cached_attention import packed_case
 
 # (cached, new=1): contexts 1, 16 (block edge), 17, 33, 64+, odd lengths
@@ -91,3 +94,98 @@ def test_kv_write_matches_index_copy():
     write_kv_cache(k_view, v_view, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0)
     torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+
+
+def _fused_case(ctxs, n_heads, n_kv, head_dim, page, seed, dtype, fp8, k_scale, v_scale, device):
+    """A decode step over random caches (every slot holds something, so a stray write shows): q/k/v
+    strided views of one fused QKV tensor, shuffled blocks of `page` tokens, each sequence's new token
+    at position ctx - 1. Returns the op's arguments (q, k, v, k_cache, v_cache, cu, lens, tables, slots)."""
+    g = torch.Generator().manual_seed(seed)
+    num_seqs, max_blocks = len(ctxs), max(-(-c // page) for c in ctxs)
+    caches = [torch.randn(num_seqs * max_blocks + 1, page, n_kv, head_dim, generator=g) for _ in range(2)]
+    if fp8:
+        caches = [(c / s).clamp(-448, 448).to(FP8_DTYPE) for c, s in zip(caches, (k_scale, v_scale))]
+    else:
+        caches = [c.to(dtype) for c in caches]
+    tables = torch.randperm(num_seqs * max_blocks, generator=g).view(num_seqs, max_blocks).int()
+    slots = torch.tensor([int(tables[b, (c - 1) // page]) * page + (c - 1) % page for b, c in enumerate(ctxs)])
+    qkv = torch.randn(1, num_seqs, n_heads + 2 * n_kv, head_dim, generator=g).to(dtype).transpose(1, 2)
+    q, k, v = qkv[:, :n_heads], qkv[:, n_heads:n_heads + n_kv] * 3, qkv[:, n_heads + n_kv:]  # * 3: fp8 saturates
+    args = (q, k, v, *caches, torch.arange(num_seqs + 1, dtype=torch.int32), torch.tensor(ctxs, dtype=torch.int32),
+            tables, slots)
+    return tuple(a.to(device) for a in args)
+
+
+def _check_fused(ctxs, n_heads, n_kv, head_dim, page=16, seed=0, sliding_window=None, logit_cap=None, alibi=False,
+                 fp8=False, num_splits=None, dtype=torch.float32, device=DEVICE):
+    """decode_attention with this step's k/v (the fused cache write, and with more than one split
+    the in-kernel merge) against the reference, twice on the same buffers: same outputs, whole caches
+    equal to the reference's, split counters back to zero."""
+    from autodeploy.kernels import triton_decode_attention as mod
+
+    k_scale, v_scale = (0.02, 0.05) if fp8 else (1.0, 1.0)
+    args = _fused_case(ctxs, n_heads, n_kv, head_dim, page, seed, dtype, fp8, k_scale, v_scale, device)
+    q, k, v, k_cache, v_cache, cu, lens, tables, slots = args
+    slopes = torch.linspace(-0.5, -0.01, n_heads, device=device) if alibi else None
+    scale = head_dim ** -0.5
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, scale, sliding_window, logit_cap, slopes, k_scale, v_scale)
+    outs = []
+    for _ in range(2):
+        outs.append(mod.decode_attention(q, k_cache, v_cache, lens, tables, scale, sliding_window, logit_cap,
+                                         num_splits, alibi_slopes=slopes, k_scale=k_scale, v_scale=v_scale,
+                                         k=k, v=v, slot_mapping=slots))
+        for cache, ref_cache in ((k_cache, ref_args[3]), (v_cache, ref_args[4])):
+            assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        counters = mod._SPLIT_COUNTERS.get(q.device)
+        assert counters is None or not counters.any()
+    assert not outs[0].isnan().any()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0], want, atol=tol, rtol=tol)
+    assert torch.equal(outs[0], outs[1])
+
+
+# (contexts, n_heads, n_kv, head_dim, page, extra): in the interpreter, 1 sequence x 1 KV head runs 16
+# splits, 3 x 2 runs 4; contexts 5 and 70 leave splits empty; a window of 7 leaves one split in use
+FUSED = [
+    ([70], 4, 1, 64, 16, {}),
+    ([5, 70, 33], 6, 2, 32, 7, {}),
+    ([17, 1, 40], 2, 2, 32, 5, {"sliding_window": 7}),
+    ([50, 9], 5, 1, 16, 16, {"fp8": True}),
+    ([60, 3, 29], 6, 2, 32, 16, {"fp8": True, "sliding_window": 20, "logit_cap": 10.0}),
+    ([33, 64], 8, 2, 32, 16, {"alibi": True}),
+    ([20, 45, 3], 4, 2, 32, 9, {"num_splits": 1}),
+]
+
+
+@pytest.mark.parametrize("ctxs,n_heads,n_kv,head_dim,page,extra", FUSED)
+def test_fused_kv_write_and_merge(ctxs, n_heads, n_kv, head_dim, page, extra, monkeypatch):
+    _poison(monkeypatch)
+    _check_fused(ctxs, n_heads, n_kv, head_dim, page, seed=len(ctxs) + head_dim + page, **extra)
+
+
+def test_decode_step_launches_no_separate_kv_write(monkeypatch):
+    """cached_attention_triton on a decode-only step leaves the cache write to the decode kernel."""
+    from autodeploy.kernels import triton_decode_attention as mod
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("decode-only steps write the cache inside the decode kernel")
+
+    monkeypatch.setattr(mod, "write_kv_cache", no_write)
+    args = _fused_case([9, 40], 4, 2, 32, 16, 1, torch.float32, False, 1.0, 1.0, DEVICE)
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, 0.2)
+    got = torch.ops.autodeploy.cached_attention_triton(*args, 0.2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(args[3], ref_args[3]) and torch.equal(args[4], ref_args[4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("batch,ctx", [(1, 256), (1, 4096), (64, 256), (64, 4096)])
+def test_fused_decode_gpu_8b_shape(batch, ctx, fp8):
+    """Llama-3.1-8B's decode attention (32 / 8 heads, d 128, bf16): at batch 1 the merge runs in-kernel
+    over 32 splits; at batch 64 a single pass. Contexts differ per sequence."""
+    ctxs = [ctx - 37 * b % 200 for b in range(batch)]
+    _check_fused(ctxs, 32, 8, 128, seed=batch + ctx, fp8=fp8, dtype=torch.bfloat16, device="cuda")

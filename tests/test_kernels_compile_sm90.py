@@ -142,6 +142,15 @@ def _run_every_wrapper() -> None:
         triton_decode_attention.write_kv_cache(k, k, k_cache, v_cache, slots)
         seq_lens, tables = torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
         triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125)
+        for splits in (1, None):  # the fused KV write, single pass and with the in-kernel merge
+            triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
+                                                     num_splits=splits, k=k[:, :, :2], v=k[:, :, :2],
+                                                     slot_mapping=slots[:2])
+        limit, triton_decode_attention.MAX_COUNTERS = triton_decode_attention.MAX_COUNTERS, 0
+        try:  # no counters: the merge falls back to its own kernel
+            triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125)
+        finally:
+            triton_decode_attention.MAX_COUNTERS = limit
         triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
                                                 seq_lens, tables, 0.125)
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
@@ -153,7 +162,7 @@ def test_every_kernel_compiles_for_sm90():
     unique = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int4_gemv_kernel", "_decode_attention_kernel",
-        "_kv_write_kernel"}
+        "_kv_write_kernel", "_decode_reduce_kernel"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
