@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .quant_format import FP8_DTYPE
+from .triton_layout import token_major_output
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_M = 16
@@ -116,7 +117,7 @@ def paged_attention(
     n_kv = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     v_dim = v_cache.shape[3]
-    out = q.new_empty(1, n_heads, num_tokens, v_dim)
+    out = token_major_output(q, num_tokens, v_dim)
     if num_tokens == 0:
         return out
     grid = (num_tokens // BLOCK_M + num_seqs, n_heads)

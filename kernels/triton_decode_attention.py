@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .quant_format import FP8_DTYPE
 from .triton_fp8 import saturate_e4m3
+from .triton_layout import token_major_output
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_N = 32  # with 4 warps, best or within 10 % of it in BENCHMARKS.md's sweep (batch 1 and 64)
@@ -302,7 +303,7 @@ def decode_attention(
     n_kv = k_cache.shape[2]
     v_dim = v_cache.shape[3]
     group = n_heads // n_kv
-    out = q.new_empty(1, n_heads, num_seqs, v_dim)
+    out = token_major_output(q, num_seqs, v_dim)
     if num_seqs == 0:
         return out
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
