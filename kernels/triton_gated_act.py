@@ -3,7 +3,8 @@
 After `fuse_shared_input_linears` the gate and up projections are one linear whose output
 [..., 2I] is sliced into two views with row stride 2I; the kernel reads them in place, so the
 fused projection's output never needs a copy. Separate, contiguous gate and up work the same way.
-The activation is rounded to the input dtype before the product, as the eager `act(gate) * up` does.
+The arithmetic (the activation rounded to the input dtype before the product, as the eager `act(gate) * up`
+does) is `triton_activation.gated_product`, shared with the gated_linear prologue of the skinny GEMM.
 Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
 """
 
@@ -14,12 +15,11 @@ import triton
 import triton.language as tl
 
 from .gated_act import ACTIVATIONS
+from .triton_activation import ACTIVATION_IDS, gated_product
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
-_ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-assert set(_ACTIVATION_IDS) == set(ACTIVATIONS), "every canonical activation needs a Triton branch"
 
 
 @triton.jit
@@ -33,19 +33,8 @@ def _gated_act_kernel(
     valid = cols < n_cols
     gate = tl.load(gate_ptr + row * stride_g + cols, mask=valid, other=0.0)
     up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
-    g = gate.to(tl.float32)
-    if ACTIVATION == 0:
-        act = g * tl.sigmoid(g)
-    elif ACTIVATION == 1:
-        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACTIVATION == 2:  # tanh(z) = 2 * sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        act = g * tl.sigmoid(2.0 * z)  # 0.5 * g * (1 + tanh(z))
-    else:
-        act = tl.maximum(g, 0.0)
-    act = act.to(gate.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=valid)
-
+    out = gated_product(gate, up, ACTIVATION)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -59,7 +48,7 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
         return out
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
         gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols,
-        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=BLOCK, **pdl_launch(gate.device),
+        ACTIVATION=ACTIVATION_IDS[activation], BLOCK=BLOCK, **pdl_launch(gate.device),
     )
     return out
 
