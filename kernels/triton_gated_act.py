@@ -3,7 +3,8 @@
 After `fuse_shared_input_linears` the gate and up projections are one linear whose output
 [..., 2I] is sliced into two views with row stride 2I; the kernel reads them in place, so the
 fused projection's output never needs a copy. Separate, contiguous gate and up work the same way.
-The activation is rounded to the input dtype before the product, as the eager `act(gate) * up` does.
+The arithmetic (the activation rounded to the input dtype before the product, as the eager `act(gate) * up`
+does) is `triton_activation.gated_product`, shared with the gated_linear prologue of the skinny GEMM.
 Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
 """
 
@@ -16,14 +17,13 @@ import triton.language as tl
 from .gated_act import ACTIVATIONS
 from .quant_act import empty_quantized, kernel_groups
 from .quant_linear import activation_groups
+from .triton_activation import ACTIVATION_IDS, gated_product
 from .triton_fp8 import saturate_e4m3
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
 MAX_ROW_COLUMNS = 16384  # per-token scales: one program holds the whole row
-_ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-assert set(_ACTIVATION_IDS) == set(ACTIVATIONS), "every canonical activation needs a Triton branch"
 
 
 @triton.jit
@@ -41,18 +41,7 @@ def _gated_act_kernel(
     valid = cols < n_cols
     gate = tl.load(gate_ptr + row * stride_g + cols, mask=valid, other=0.0)
     up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
-    g = gate.to(tl.float32)
-    if ACTIVATION == 0:
-        act = g * tl.sigmoid(g)
-    elif ACTIVATION == 1:
-        act = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    elif ACTIVATION == 2:  # tanh(z) = 2 * sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        act = g * tl.sigmoid(2.0 * z)  # 0.5 * g * (1 + tanh(z))
-    else:
-        act = tl.maximum(g, 0.0)
-    act = act.to(gate.dtype).to(tl.float32)
-    y = (act * up.to(tl.float32)).to(gate.dtype)
+    y = gated_product(gate, up, ACTIVATION).to(gate.dtype)
     if QUANT_FP8:
         yf = y.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(yf), axis=1) / 448.0, 1e-12)
@@ -78,7 +67,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     group = block if not quant or groups == 1 else group_size
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](
         gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale if quant else out2,
-        ACTIVATION=_ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
+        ACTIVATION=ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
         INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), **pdl_launch(gate.device),
     )
     return out if not quant else (out, scale)

@@ -5,6 +5,11 @@ cuBLAS reaches that for the large MLP matrices but loses 10-20 % on the smaller 
 down) and adds a split-K reduce kernel. This kernel gives each program BLOCK_N output columns and
 walks the whole of K (no split, no second kernel); the rows (padded to 16 for tl.dot) ride along
 for free. Anything with more rows than SKINNY_ROWS goes to torch (cuBLAS), so prefill is unchanged.
+
+The same kernel is the `gated_linear_triton` backend: with the constexpr GATED its input rows are
+act(gate) * up, formed from the gate and up tiles as they load (two strided halves of the fused gate_up
+output) and rounded to their dtype as `gated_act` rounds its output, so the activation costs no kernel
+launch of its own. Without GATED the prologue is compiled out: the plain linear's code is unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_activation import ACTIVATION_IDS, gated_product
+from .triton_gated_act import gated_act
+from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 SKINNY_ROWS = 16
@@ -35,10 +43,13 @@ PREFETCH_K = 512 * int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_um, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    GATED: tl.constexpr = False, ACTIVATION: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+    PREFETCH_K: tl.constexpr = 0,
 ):
+    """y = x @ w.T (+ b); with GATED, x is the gate and the rows multiplied are act(x) * up (up_ptr, stride_um:
+    None without GATED)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
@@ -58,6 +69,10 @@ def _skinny_linear_kernel(
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        if GATED:  # masked elements: act(0) * 0 = 0
+            up = tl.load(up_ptr + offs_m[:, None] * stride_um + offs_k[None, :],
+                         mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+            x = gated_product(x, up, ACTIVATION).to(x.dtype)
         if SWAP:
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
         else:
@@ -72,30 +87,52 @@ def _skinny_linear_kernel(
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-                  num_stages: int = NUM_STAGES, swap: bool = SWAP) -> torch.Tensor:
+                  num_stages: int = NUM_STAGES, swap: bool = SWAP, up: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias), all rows of x in one tile (meant for a few: see `linear`).
-    The knobs are for benchmarks/linear_bench.py, which sweeps them."""
+    With `up` (x's shape and dtype) and `activation`, x is the gate and the rows multiplied are
+    gated_act(x, up, activation). The knobs are for benchmarks/linear_bench.py, which sweeps them."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
+    up2 = as_rows(up) if up is not None else None
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     launch = pdl_launch(x.device)
     prefetch = min(triton.next_power_of_2(PREFETCH_K), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 64 else 0
+    if up2 is not None:
+        launch.update(GATED=True, ACTIVATION=ACTIVATION_IDS[activation])
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
-        x2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        x2, up2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0),
+        up2.stride(0) if up2 is not None else None, weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
         SWAP=swap, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
 
+def _fits_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x's rows are few enough (1..SKINNY_ROWS) for the skinny kernel, of a half-precision linear on CUDA."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= SKINNY_ROWS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+def _knobs(weight: torch.Tensor) -> dict:
+    return WIDE_KNOBS if weight.shape[0] > WIDE_N else {}
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The backend: the skinny kernel for a few rows of a half-precision linear, else torch."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= SKINNY_ROWS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
-        return skinny_linear(x, weight, bias, **(WIDE_KNOBS if weight.shape[0] > WIDE_N else {}))
+    if _fits_skinny(x, weight):
+        return skinny_linear(x, weight, bias, **_knobs(weight))
     return F.linear(x, weight, bias)
+
+
+def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str) -> torch.Tensor:
+    """The gated_linear backend: the skinny kernel with the gated prologue where `linear` would run it (gate and
+    up of one shape and dtype), else the gated_act backend and then `linear` (prefill: as unfused)."""
+    if gate.shape == up.shape and gate.dtype == up.dtype and _fits_skinny(gate, weight):
+        return skinny_linear(gate, weight, bias, up=up, activation=activation, **_knobs(weight))
+    return linear(gated_act(gate, up, activation), weight, bias)

@@ -1,6 +1,6 @@
 """Fusion-stage transforms: cleanup_noops, fuse_shared_input_linears, fuse_add_rms_norm, fuse_rope_pairs,
-select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters and
-logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
+fuse_gated_linear, select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters
+and logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
 
 import pytest
 import torch
@@ -13,10 +13,11 @@ from autodeploy.transforms.fuse_select_backends import resolve_backend
 
 from runtime_helpers import NO_CACHE
 
-FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs", "select_backends"]
+FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs", "fuse_gated_linear",
+           "select_backends"]
 UNFUSED = [f"transforms.{name}.enabled=false" for name in FUSIONS]
 TRITON = [f"transforms.select_backends.backends.{op}=triton" for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope",
-                                                                    "rope_pair")]
+                                                                    "rope_pair", "gated_linear")]
 linear = torch.ops.autodeploy.linear.default
 
 
@@ -26,6 +27,10 @@ def cpu(dtype: str) -> list[str]:
 
 def matched(opt, name: str) -> dict[str, int]:
     return next(r.matched for r in opt.reports if r.name == name)
+
+
+def count(opt, op) -> int:
+    return sum(n.op == "call_function" and n.target == op for n in opt.gm.graph.nodes)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,9 @@ def test_reports_on_tiny_llama(fused):
     assert matched(fused, "fuse_add_rms_norm") == {"fused_add_rms_norm": 4}  # every norm but the first
     assert matched(fused, "fuse_rope_pairs") == {"rope_pair": 2}  # q and k of each layer
     assert not any(n.target == torch.ops.autodeploy.rope.default for n in fused.gm.graph.nodes)
+    assert matched(fused, "fuse_gated_linear") == {"gated_linear": 2}  # each layer's down projection
+    assert count(fused, torch.ops.autodeploy.gated_linear.default) == 2
+    assert count(fused, torch.ops.autodeploy.gated_act.default) == 0
     assert matched(fused, "cleanup_noops")["alias"] == 1 and matched(fused, "cleanup_noops")["cast"] > 0
     assert matched(fused, "select_backends")["rms_norm_torch"] == 1  # auto on CPU: the references
     assert all(not r.warnings for r in fused.reports)
@@ -74,6 +82,7 @@ def test_triton_backends_with_kv_cache(tiny_llama_dir, unfused, ids):
                          progress=False)
     assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 4
     assert matched(opt, "select_backends")["rope_pair_triton"] == 2
+    assert matched(opt, "select_backends")["gated_linear_triton"] == 2  # on CPU: gated_act's kernel, then torch
     torch.testing.assert_close(opt.logits(ids), unfused.logits(ids), atol=1e-4, rtol=1e-4)
 
 
@@ -85,6 +94,15 @@ def test_bf16_fused_logits_close_to_unfused(tiny_llama_dir, ids):
     assert matched(a, "fuse_shared_input_linears")["qkv"] == 2
     got, want = a.logits(ids).double(), b.logits(ids).double()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_gated_linear_leaves_fp8_models_alone(tiny_llama_dir):
+    """FP8 down projections read the activation quantized where it is made (gated_act_quant_fp8): no plain linear."""
+    opt = optimize_model(tiny_llama_dir, overrides=cpu("float32") + [NO_CACHE, "quantization.algo=fp8"], progress=False)
+    report = next(r for r in opt.reports if r.name == "fuse_gated_linear")
+    assert report.matched == {"gated_linear": 0} and report.nodes_before == report.nodes_after
+    assert count(opt, torch.ops.autodeploy.gated_act_quant_fp8.default) == 2
+    assert count(opt, torch.ops.autodeploy.gated_linear.default) == 0
 
 
 class Projections(nn.Module):

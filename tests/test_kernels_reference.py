@@ -150,8 +150,9 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         (lambda: ops.rms_norm(_meta(2, 7, 80), _meta(80, dtype=torch.float32), 1e-6), (2, 7, 80)),
         (lambda: ops.gated_act(_meta(2, 7, 96), _meta(2, 7, 96), "gelu_tanh"), (2, 7, 96)),
         (lambda: ops.linear(_meta(2, 7, 80), _meta(96, 80), _meta(96)), (2, 7, 96)),
+        (lambda: ops.gated_linear(_meta(2, 7, 80), _meta(2, 7, 80), _meta(96, 80), None, "silu"), (2, 7, 96)),
     ],
-    ids=["attention", "rope", "rms_norm", "gated_act", "linear"],
+    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear"],
 )
 def test_fake_impls_on_meta(call, shape) -> None:
     out = call()
@@ -166,8 +167,9 @@ def test_fake_impls_on_meta(call, shape) -> None:
         (ops.rms_norm.default, (torch.randn(3, 5, 16), torch.randn(16), 1e-6)),
         (ops.gated_act.default, (torch.randn(3, 16), torch.randn(3, 16), "silu")),
         (ops.linear.default, (torch.randn(3, 16), torch.randn(8, 16), torch.randn(8))),
+        (ops.gated_linear.default, (*torch.randn(3, 32).chunk(2, dim=-1), torch.randn(8, 16), torch.randn(8), "relu")),
     ],
-    ids=["attention", "rope", "rms_norm", "gated_act", "linear"],
+    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear"],
 )
 def test_opcheck(op, args) -> None:
     """torch.library's own consistency checks: schema, fake impl vs real, export-ability."""

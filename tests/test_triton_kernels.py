@@ -154,3 +154,4 @@ def test_fake_impls_give_reference_shapes():
         normed, added = ops.fused_add_rms_norm_triton(x, x, w, 1e-6)
         assert normed.shape == added.shape == x.shape
         assert ops.gated_act_triton(x, x, "silu").shape == x.shape
+        assert ops.gated_linear_triton(x, x, torch.empty(5, 64), None, "silu").shape == (3, 5)

@@ -1,9 +1,15 @@
-"""Small Triton kernels against torch: the skinny linear (odd shapes, 1..16 rows, with and without bias)
-and the split argmax (ties). Triton interpreter on CPU, compiled on CUDA."""
+"""Small Triton kernels against torch: the skinny linear (odd shapes, 1..16 rows, with and without bias), its
+gated prologue (gated_linear) and the split argmax (ties). Triton interpreter on CPU, compiled on CUDA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from test_triton_kernels import poisoned  # noqa: F401  (fixture: fresh outputs full of NaN)
+
+ops = torch.ops.autodeploy
+ACTIVATIONS = ["silu", "gelu", "gelu_tanh", "relu"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 BF16_ON_GPU = pytest.param(torch.bfloat16, marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 dot is wrong)")])
@@ -30,6 +36,51 @@ def test_backend_sends_many_rows_and_float32_to_torch():
 
     x, w = torch.randn(40, 8), torch.randn(6, 8)
     assert torch.equal(linear(x, w), F.linear(x, w))  # CPU / float32 / 40 rows: the torch path
+
+
+def gate_and_up(rows: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of one [rows, 2K] projection output: strided views, as after fuse_shared_input_linears."""
+    fused = torch.randn(rows, 2 * k, generator=torch.Generator().manual_seed(seed)) * 2
+    return fused.to(DEVICE, dtype).chunk(2, dim=-1)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 37, 300, True), (3, 64, 256, False), (16, 131, 96, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16_ON_GPU])
+def test_skinny_gated_linear_matches_reference(rows, n, k, bias, activation, dtype, poisoned):
+    """K 300 and 96 end in a short block of 64, N 37 and 131 in a short block of 16."""
+    from autodeploy.kernels.triton_linear import skinny_linear
+
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    gate, up = gate_and_up(rows, k, dtype, seed=n + k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    got = skinny_linear(gate, w, b, block_n=16, block_k=64, up=up, activation=activation)
+    assert not got.isnan().any(), "unwritten (poisoned) output elements"
+    torch.testing.assert_close(got, ops.gated_linear(gate, up, w, b, activation), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gated_prologue_rounds_as_gated_act(activation, poisoned):
+    """Through an identity weight the GEMM returns its input rows: bf16 act(gate) * up bit for bit as the gated_act
+    kernel gives it (the weight is float32 because the interpreter's bf16 dot is wrong; tf32 holds bf16 exactly)."""
+    from autodeploy.kernels.triton_gated_act import gated_act
+    from autodeploy.kernels.triton_linear import skinny_linear
+
+    gate, up = gate_and_up(5, 200, torch.bfloat16, seed=len(activation))
+    identity = torch.eye(200, device=DEVICE)
+    got = skinny_linear(gate, identity, block_n=16, block_k=64, up=up, activation=activation)
+    assert torch.equal(got, gated_act(gate, up, activation))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_gated_linear_backend(rows):
+    """On CUDA up to 16 rows take the gated prologue, more the gated_act kernel and cuBLAS; on CPU always the latter."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    gate, up = gate_and_up(rows, 96, dtype, seed=rows)
+    w = (torch.randn(40, 96, generator=torch.Generator().manual_seed(rows)) / 96 ** 0.5).to(DEVICE, dtype)
+    got = ops.gated_linear_triton(gate, up, w, None, "gelu_tanh")
+    torch.testing.assert_close(got, ops.gated_linear(gate, up, w, None, "gelu_tanh"), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 5000), (3, 4096), (2, 9001)])
