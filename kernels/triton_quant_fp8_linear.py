@@ -72,7 +72,7 @@ def _skinny_fp8_kernel(
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
-    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    PRESCALE: tl.constexpr = False, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,7 +88,13 @@ def _skinny_fp8_kernel(
     wait_for_inputs(USE_PDL)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     xs_rows = xs_ptr + offs_m * stride_xsm
-    if X_GROUP > 0:  # x is already e4m3 with a scale per row and group of X_GROUP columns: applied per K step
+    if PRESCALE:  # group scales folded into x in fp16, relative to the row's largest (applied in the epilogue)
+        sx = tl.full([BLOCK_M], 1e-12, tl.float32)
+        for g0 in range(0, tl.cdiv(K, X_GROUP), 64):
+            offs_g = g0 + tl.arange(0, 64)
+            g_valid = m_valid[:, None] & (offs_g < tl.cdiv(K, X_GROUP))[None, :]
+            sx = tl.maximum(sx, tl.max(tl.load(xs_rows[:, None] + offs_g[None, :], mask=g_valid, other=0.0), axis=1))
+    elif X_GROUP > 0:  # x is already e4m3 with a scale per row and group of X_GROUP columns: applied per K step
         sx = tl.full([BLOCK_M], 1.0, tl.float32)
     elif ACT == 3:  # x is already e4m3, its per-row scales at xs_ptr
         sx = tl.load(xs_rows, mask=m_valid, other=1.0)
@@ -103,13 +109,20 @@ def _skinny_fp8_kernel(
         k_valid = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        if ACT == 3:
+        if PRESCALE:  # |x * its group's scale / the row's largest| <= 448: fp16 holds it to 2**-11 (e4m3: 2**-4)
+            ratio = tl.load(xs_rows[:, None] + offs_k[None, :] // X_GROUP, mask=m_valid[:, None] & k_valid[None, :],
+                            other=0.0) / sx[:, None]
+            qx = (x.to(tl.float32) * ratio).to(tl.float16)
+            w = w.to(tl.float16)
+            if INTERPRET:
+                qx = qx.to(tl.float32)
+        elif ACT == 3:
             qx = x.to(tl.float32) if INTERPRET else x
         else:
             qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
-        if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
+        if X_GROUP > 0 and not PRESCALE:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
             sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
             if SWAP:
                 acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
@@ -145,7 +158,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
-                      split_k: int = 1) -> torch.Tensor:
+                      split_k: int = 1, prescale: bool = False) -> torch.Tensor:
     """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
     that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
@@ -170,7 +183,8 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         act = "static" if input_scale is not None else act_quant
         xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
     block_m = min(block_m or rows, rows) if act == "given" else rows  # scales found in the kernel need every row
-    block_k = min(block_k, x_group) if grouped else block_k
+    prescale = prescale and grouped
+    block_k = min(block_k, x_group) if grouped and not prescale else block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
     split_k = min(split_k, triton.cdiv(k, block_k))
     counts = split_counters(x.device) if split_k > 1 else None
@@ -183,7 +197,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
         BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k,
         part_ptr=torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else None,
-        count_ptr=counts if split_k > 1 else None, num_warps=num_warps, num_stages=num_stages, **launch,
+        count_ptr=counts if split_k > 1 else None, PRESCALE=prescale, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
