@@ -36,6 +36,7 @@ from .triton_rms_norm import fused_add_rms_norm, inverse_rms, rounded_sum, round
 SKINNY_ROWS = 16
 # The NORM prologue: every program reads its rows of x and residual once more to find their norms.
 NORM_ROWS = 4
+NORM_UNROLL = 4  # tiles of that pass in flight at once (it is not pipelined: a loop of L2 round trips otherwise)
 # From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): 32 x 256 tiles in 6 stages for the 4096-wide
 # outputs (128 programs); wider ones (fused q/k/v, gate/up) stream faster with 64 weight rows as the MMA's A operand.
 BLOCK_N = 32
@@ -56,7 +57,7 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     GATED: tl.constexpr = False, ACTIVATION: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
     PREFETCH_K: tl.constexpr = 0, residual_ptr=None, norm_weight_ptr=None, added_ptr=None, stride_rm=None, eps=None,
-    NORM: tl.constexpr = False, ROUND_NORMED: tl.constexpr = False,
+    NORM: tl.constexpr = False, ROUND_NORMED: tl.constexpr = False, NORM_UNROLL: tl.constexpr = 1,
 ):
     """y = x @ w.T (+ b); with GATED, x is the gate and the rows multiplied are act(x) * up (up_ptr, stride_um:
     None without GATED); with NORM they are rms_norm(x + residual) * norm weight, and program 0 stores x + residual
@@ -72,16 +73,16 @@ def _skinny_linear_kernel(
     wait_for_inputs(USE_PDL)
     if NORM:  # each row's inverse RMS over the whole of K before the first tile is normalized
         sum_of_squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # loads only (no store the compiler must keep them behind), unrolled so that several tiles are in flight
+        for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=NORM_UNROLL):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = m_valid[:, None] & (offs_k < K)[None, :]
             added = rounded_sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0),
                                 tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask,
-                                        other=0.0))
-            if tl.program_id(0) == 0:  # one writer of the next residual
-                tl.store(added_ptr + offs_m[:, None] * K + offs_k[None, :], added, mask=mask)
-            sum_of_squares += added.to(tl.float32) * added.to(tl.float32)
+                                        other=0.0)).to(tl.float32)
+            sum_of_squares += added * added
         rstd = inverse_rms(tl.sum(sum_of_squares, axis=1), K, eps)[:, None]
+        added_rows = offs_m < tl.where(tl.program_id(0) == 0, M, 0)  # program 0 stores the next residual
     if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -100,7 +101,9 @@ def _skinny_linear_kernel(
             residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :],
                                mask=m_valid[:, None] & k_valid[None, :], other=0.0)
             norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_valid, other=0.0)[None, :]
-            x = weighted_normed(rounded_sum(x, residual), rstd, norm_weight, ROUND_NORMED).to(x.dtype)
+            x = rounded_sum(x, residual)
+            tl.store(added_ptr + offs_m[:, None] * K + offs_k[None, :], x, mask=added_rows[:, None] & k_valid[None, :])
+            x = weighted_normed(x, rstd, norm_weight, ROUND_NORMED).to(x.dtype)
         if SWAP:
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
         else:
@@ -146,7 +149,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         residual2 = as_rows(norm.residual)
         launch.update(residual_ptr=residual2, norm_weight_ptr=norm.weight.contiguous(), added_ptr=norm.added,
                       stride_rm=residual2.stride(0), eps=norm.eps, NORM=True,
-                      ROUND_NORMED=rounds_normed(x, norm.weight))
+                      ROUND_NORMED=rounds_normed(x, norm.weight), NORM_UNROLL=NORM_UNROLL)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x2, up2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0),
         up2.stride(0) if up2 is not None else None, weight.stride(0), y.stride(0),
