@@ -151,7 +151,7 @@ def test_add_rms_norm_linear_backend(extra_rows, poisoned):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 4])
-@pytest.mark.parametrize("n", [6144, 28672])  # Llama-3.1-8B's fused q/k/v and gate/up
+@pytest.mark.parametrize("n", [6144, 28672, 128256])  # Llama-3.1-8B's fused q/k/v, gate/up and lm_head
 def test_add_rms_norm_linear_at_8b_decode_shapes(rows, n, poisoned):
     """The backend's NORM prologue (with the sizes' real knobs) against the reference in bf16, K 4096."""
     x, residual, norm_weight = norm_inputs(rows, 4096, torch.bfloat16, seed=rows)
