@@ -15,6 +15,7 @@ if __name__ == "autodeploy.kernels":
     from . import cached_attention  # noqa: E402,F401  (paged attention over packed batches)
     from . import fused_add_rms_norm  # noqa: E402,F401  (residual add + RMSNorm, made by fuse_add_rms_norm)
     from . import gated_linear  # noqa: E402,F401  (gated activation + down projection, made by fuse_gated_linear)
+    from . import add_rms_norm_linear  # noqa: E402,F401  (residual add + RMSNorm + projection: fuse_norm_linear)
     from . import quant_linear  # noqa: E402,F401  (fp8_linear, int_linear: formats in quant_format.py)
     from . import quant_act  # noqa: E402,F401  (FP8 activations quantized where produced: fuse_fp8_act_quant)
     from . import quant_moe  # noqa: E402,F401  (fp8_moe, int_moe: moe with quantized experts)

@@ -9,12 +9,18 @@ for free. Anything with more rows than SKINNY_ROWS goes to torch (cuBLAS), so pr
 The same kernel is the `gated_linear_triton` backend: with the constexpr GATED its input rows are
 act(gate) * up, formed from the gate and up tiles as they load (two strided halves of the fused gate_up
 output) and rounded to their dtype as `gated_act` rounds its output, so the activation costs no kernel
-launch of its own. Without GATED the prologue is compiled out: the plain linear's code is unchanged.
+launch of its own. With the constexpr NORM (the `add_rms_norm_linear_triton` backend) its input rows are
+RMSNorm(x + residual): a first pass over K finds each row's inverse RMS, then the K loop normalizes the tiles
+as they load, rounded as the fused_add_rms_norm kernel rounds them (the same @triton.jit helpers), and program
+0 stores x + residual, the next residual, so the norm costs no launch of its own. Every program recomputes the
+norm, a cost that grows with the rows: NORM runs up to NORM_ROWS. Without GATED and NORM the prologues are
+compiled out: the plain linear's code is unchanged.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +31,12 @@ from .triton_activation import ACTIVATION_IDS, gated_product
 from .triton_gated_act import gated_act
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+from .triton_rms_norm import fused_add_rms_norm, inverse_rms, rounded_sum, rounds_normed, weighted_normed
 
 SKINNY_ROWS = 16
+# The NORM prologue: every program reads its rows of x and residual once more to find their norms.
+NORM_ROWS = 4
+NORM_UNROLL = 4  # tiles of that pass in flight at once (it is not pipelined: a loop of L2 round trips otherwise)
 # From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): 32 x 256 tiles in 6 stages for the 4096-wide
 # outputs (128 programs); wider ones (fused q/k/v, gate/up) stream faster with 64 weight rows as the MMA's A operand.
 BLOCK_N = 32
@@ -46,10 +56,12 @@ def _skinny_linear_kernel(
     x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_um, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     GATED: tl.constexpr = False, ACTIVATION: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    PREFETCH_K: tl.constexpr = 0,
+    PREFETCH_K: tl.constexpr = 0, residual_ptr=None, norm_weight_ptr=None, added_ptr=None, stride_rm=None, eps=None,
+    NORM: tl.constexpr = False, ROUND_NORMED: tl.constexpr = False, NORM_UNROLL: tl.constexpr = 1,
 ):
     """y = x @ w.T (+ b); with GATED, x is the gate and the rows multiplied are act(x) * up (up_ptr, stride_um:
-    None without GATED)."""
+    None without GATED); with NORM they are rms_norm(x + residual) * norm weight, and program 0 stores x + residual
+    to added_ptr ([M, K] contiguous; the NORM-only arguments are None without NORM)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
@@ -59,6 +71,18 @@ def _skinny_linear_kernel(
     if PREFETCH_K > 0:  # one address per 128-byte line (2-byte weights)
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 64)[None, :] * 64, K - 1))
     wait_for_inputs(USE_PDL)
+    if NORM:  # each row's inverse RMS over the whole of K before the first tile is normalized
+        sum_of_squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        # loads only (no store the compiler must keep them behind), unrolled so that several tiles are in flight
+        for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=NORM_UNROLL):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = m_valid[:, None] & (offs_k < K)[None, :]
+            added = rounded_sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0),
+                                tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask,
+                                        other=0.0)).to(tl.float32)
+            sum_of_squares += added * added
+        rstd = inverse_rms(tl.sum(sum_of_squares, axis=1), K, eps)[:, None]
+        added_rows = offs_m < tl.where(tl.program_id(0) == 0, M, 0)  # program 0 stores the next residual
     if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -73,6 +97,13 @@ def _skinny_linear_kernel(
             up = tl.load(up_ptr + offs_m[:, None] * stride_um + offs_k[None, :],
                          mask=m_valid[:, None] & k_valid[None, :], other=0.0)
             x = gated_product(x, up, ACTIVATION).to(x.dtype)
+        if NORM:  # the row as fused_add_rms_norm hands it on; masked elements: 0 * rstd * weight = 0
+            residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :],
+                               mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+            norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_valid, other=0.0)[None, :]
+            x = rounded_sum(x, residual)
+            tl.store(added_ptr + offs_m[:, None] * K + offs_k[None, :], x, mask=added_rows[:, None] & k_valid[None, :])
+            x = weighted_normed(x, rstd, norm_weight, ROUND_NORMED).to(x.dtype)
         if SWAP:
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
         else:
@@ -85,13 +116,24 @@ def _skinny_linear_kernel(
              mask=m_valid[:, None] & n_valid[None, :])
 
 
+class NormPrologue(NamedTuple):
+    """The NORM prologue's operands: the rows multiplied are fused_add_rms_norm(x, residual, weight, eps)[0],
+    and x + residual is stored to `added` (contiguous, x's shape and dtype)."""
+
+    residual: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    added: torch.Tensor
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                   num_stages: int = NUM_STAGES, swap: bool = SWAP, up: torch.Tensor | None = None,
-                  activation: str | None = None) -> torch.Tensor:
+                  activation: str | None = None, norm: NormPrologue | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias), all rows of x in one tile (meant for a few: see `linear`).
     With `up` (x's shape and dtype) and `activation`, x is the gate and the rows multiplied are
-    gated_act(x, up, activation). The knobs are for benchmarks/linear_bench.py, which sweeps them."""
+    gated_act(x, up, activation); with `norm`, they are x's residual add + RMSNorm (NormPrologue).
+    The knobs are for benchmarks/linear_bench.py, which sweeps them."""
     n, k = weight.shape
     x2 = as_rows(x)
     up2 = as_rows(up) if up is not None else None
@@ -103,6 +145,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     launch["PREFETCH_K"] = prefetch if prefetch >= 64 else 0
     if up2 is not None:
         launch.update(GATED=True, ACTIVATION=ACTIVATION_IDS[activation])
+    if norm is not None:
+        residual2 = as_rows(norm.residual)
+        launch.update(residual_ptr=residual2, norm_weight_ptr=norm.weight.contiguous(), added_ptr=norm.added,
+                      stride_rm=residual2.stride(0), eps=norm.eps, NORM=True,
+                      ROUND_NORMED=rounds_normed(x, norm.weight), NORM_UNROLL=NORM_UNROLL)
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
         x2, up2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0),
         up2.stride(0) if up2 is not None else None, weight.stride(0), y.stride(0),
@@ -112,10 +159,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(*x.shape[:-1], n)
 
 
-def _fits_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x's rows are few enough (1..SKINNY_ROWS) for the skinny kernel, of a half-precision linear on CUDA."""
+def _fits_skinny(x: torch.Tensor, weight: torch.Tensor, max_rows: int = SKINNY_ROWS) -> bool:
+    """Whether x's rows are few enough (1..max_rows) for the skinny kernel, of a half-precision linear on CUDA."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= SKINNY_ROWS and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+    return 0 < rows <= max_rows and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
 
 
 def _knobs(weight: torch.Tensor) -> dict:
@@ -136,3 +183,16 @@ def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bia
     if gate.shape == up.shape and gate.dtype == up.dtype and _fits_skinny(gate, weight):
         return skinny_linear(gate, weight, bias, up=up, activation=activation, **_knobs(weight))
     return linear(gated_act(gate, up, activation), weight, bias)
+
+
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The add_rms_norm_linear backend: the skinny kernel with the NORM prologue up to NORM_ROWS half-precision
+    rows on CUDA (x and residual of one shape and dtype), else the fused_add_rms_norm kernel and then `linear`."""
+    if (residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype
+            and _fits_skinny(x, weight, max_rows=NORM_ROWS)):
+        added = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        norm = NormPrologue(residual, norm_weight, eps, added)
+        return skinny_linear(x, weight, bias, norm=norm, **_knobs(weight)), added
+    normed, added = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), added

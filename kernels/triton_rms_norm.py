@@ -4,7 +4,9 @@ One program per row: the row is read once, its sum of squares reduced in float32
 written once; with a residual, the sum x + residual is also written, so the add costs no extra pass.
 Rounding follows the reference step by step (the sum and the normalized row are rounded to x's
 dtype where the model rounds them), so in float32 the result equals the reference up to the order
-of the reduction. Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
+of the reduction. The skinny GEMM's NORM prologue (`add_rms_norm_linear`) must give the same numbers, so
+the add, the inverse RMS and the weighting are @triton.jit helpers both call. Imported lazily: `triton.jit`
+fixes interpreter vs compiled mode when it decorates.
 """
 
 from __future__ import annotations
@@ -18,6 +20,34 @@ from .quant_format import FP8_DTYPE
 from .triton_fp8 import saturate_e4m3
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
+
+
+@triton.jit
+def rounded_sum(x, residual):
+    """x + residual, added in float32 and rounded to x's dtype as the model's add rounds it."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def inverse_rms(sum_of_squares, n_cols, eps):
+    """1 / sqrt(mean square + eps) of a row, as the model computes it (torch.rsqrt)."""
+    return tl.rsqrt(sum_of_squares / n_cols + eps)
+
+
+@triton.jit
+def weighted_normed(x, rstd, weight, ROUND_NORMED: tl.constexpr):
+    """weight * (x * rstd) in float32, the normalized x rounded to x's dtype first where the model rounds it
+    (ROUND_NORMED, Llama: weight * normed.to(x.dtype)); the caller rounds the product to its output dtype."""
+    normed = x.to(tl.float32) * rstd
+    if ROUND_NORMED:
+        normed = normed.to(x.dtype).to(tl.float32)
+    return weight.to(tl.float32) * normed
+
+
+def rounds_normed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The ROUND_NORMED constexpr: whether the model rounds the normalized row to x's dtype before the weight
+    (a weight in x's dtype, Llama) or multiplies in float32 (a float32 weight expression, Gemma's 1 + w)."""
+    return torch.promote_types(x.dtype, weight.dtype) == x.dtype
 
 
 @triton.jit
@@ -36,24 +66,21 @@ def _rms_norm_kernel(
     valid = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + row * stride_r + cols, mask=valid, other=0.0)
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded like the model's add
+        x = rounded_sum(x, tl.load(residual_ptr + row * stride_r + cols, mask=valid, other=0.0))
         tl.store(sum_out_ptr + row * stride_s + cols, x, mask=valid)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(tl.sum(xf * xf, axis=1), axis=0) / n_cols + eps)  # as the model computes it (torch.rsqrt)
-    normed = xf * rstd
-    if ROUND_NORMED:  # Llama: weight * normed.to(x.dtype)
-        normed = normed.to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    rstd = inverse_rms(tl.sum(tl.sum(xf * xf, axis=1), axis=0), n_cols, eps)
+    weight = tl.load(weight_ptr + cols, mask=valid, other=0.0)
+    y = weighted_normed(x, rstd, weight, ROUND_NORMED)
     if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
-        y = (weight * normed).to(x.dtype).to(tl.float32)
+        y = y.to(x.dtype).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
         q = saturate_e4m3(y / scale[:, None], INTERPRET)
         tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=valid)
         groups = tl.arange(0, BLOCK // GROUP)
         tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
     else:
-        tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -76,7 +103,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, residual2, weight.contiguous(), out2, added2, scale if scale is not None else weight,
         x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
         HAS_RESIDUAL=residual is not None,
-        ROUND_NORMED=torch.promote_types(x.dtype, weight.dtype) == x.dtype,
+        ROUND_NORMED=rounds_normed(x, weight),
         BLOCK=block, QUANT_FP8=scale is not None, GROUP=block if groups == 1 else group_size, NUM_GROUPS=groups,
         INTERPRET=not x.is_cuda,
         num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),

@@ -1,6 +1,7 @@
 """Fusion-stage transforms: cleanup_noops, fuse_shared_input_linears, fuse_add_rms_norm, fuse_rope_pairs,
-fuse_gated_linear, select_backends. Unit graphs for what each leaves alone; a tiny Llama for counts, parameters
-and logits equal to the unfused graph (float32 and bf16), also through the Triton backends (interpreter)."""
+fuse_gated_linear, fuse_norm_linear, select_backends. Unit graphs for what each leaves alone; a tiny Llama for
+counts, parameters and logits equal to the unfused graph (float32 and bf16), also through the Triton backends
+(interpreter)."""
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ from autodeploy.transforms.fuse_select_backends import resolve_backend
 from runtime_helpers import NO_CACHE
 
 FUSIONS = ["cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs", "fuse_gated_linear",
-           "select_backends"]
+           "fuse_norm_linear", "select_backends"]
 UNFUSED = [f"transforms.{name}.enabled=false" for name in FUSIONS]
-TRITON = [f"transforms.select_backends.backends.{op}=triton" for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope",
-                                                                    "rope_pair", "gated_linear")]
+TRITON = [f"transforms.select_backends.backends.{op}=triton"
+          for op in ("rms_norm", "fused_add_rms_norm", "gated_act", "rope", "rope_pair", "gated_linear",
+                     "add_rms_norm_linear")]
 linear = torch.ops.autodeploy.linear.default
+ADD_NORM = torch.ops.autodeploy.fused_add_rms_norm.default
+ADD_NORM_LINEAR = torch.ops.autodeploy.add_rms_norm_linear.default
 
 
 def cpu(dtype: str) -> list[str]:
@@ -56,6 +60,9 @@ def test_reports_on_tiny_llama(fused):
     assert matched(fused, "fuse_gated_linear") == {"gated_linear": 2}  # each layer's down projection
     assert count(fused, torch.ops.autodeploy.gated_linear.default) == 2
     assert count(fused, torch.ops.autodeploy.gated_act.default) == 0
+    # q/k/v and gate/up of each layer but layer 0's q/k/v (its norm has no residual add), and lm_head (final norm)
+    assert matched(fused, "fuse_norm_linear") == {"add_rms_norm_linear": 4}
+    assert count(fused, ADD_NORM_LINEAR) == 4 and count(fused, ADD_NORM) == 0
     assert matched(fused, "cleanup_noops")["alias"] == 1 and matched(fused, "cleanup_noops")["cast"] > 0
     assert matched(fused, "select_backends")["rms_norm_torch"] == 1  # auto on CPU: the references
     assert all(not r.warnings for r in fused.reports)
@@ -80,7 +87,8 @@ def test_triton_backends_with_kv_cache(tiny_llama_dir, unfused, ids):
     """The whole default recipe with every Triton backend (interpreted) and the paged cache."""
     opt = optimize_model(tiny_llama_dir, overrides=cpu("float32") + TRITON + ["transforms.insert_kv_cache.num_blocks=16"],
                          progress=False)
-    assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 4
+    assert matched(opt, "select_backends")["add_rms_norm_linear_triton"] == 4  # every fused_add_rms_norm
+    assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 0
     assert matched(opt, "select_backends")["rope_pair_triton"] == 2
     assert matched(opt, "select_backends")["gated_linear_triton"] == 2  # on CPU: gated_act's kernel, then torch
     torch.testing.assert_close(opt.logits(ids), unfused.logits(ids), atol=1e-4, rtol=1e-4)
@@ -91,6 +99,7 @@ def test_bf16_fused_logits_close_to_unfused(tiny_llama_dir, ids):
     a = optimize_model(tiny_llama_dir, overrides=cpu("bfloat16") + [NO_CACHE], progress=False)
     b = optimize_model(tiny_llama_dir, overrides=cpu("bfloat16") + [NO_CACHE] + UNFUSED, progress=False)
     assert matched(a, "fuse_add_rms_norm") == {"fused_add_rms_norm": 4}
+    assert matched(a, "fuse_norm_linear") == {"add_rms_norm_linear": 4}
     assert matched(a, "fuse_shared_input_linears")["qkv"] == 2
     got, want = a.logits(ids).double(), b.logits(ids).double()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
@@ -103,6 +112,37 @@ def test_gated_linear_leaves_fp8_models_alone(tiny_llama_dir):
     assert report.matched == {"gated_linear": 0} and report.nodes_before == report.nodes_after
     assert count(opt, torch.ops.autodeploy.gated_act_quant_fp8.default) == 2
     assert count(opt, torch.ops.autodeploy.gated_linear.default) == 0
+
+
+@pytest.mark.parametrize("algo,norm_op", [("fp8", torch.ops.autodeploy.fused_add_rms_norm_quant_fp8.default),
+                                           ("int4", ADD_NORM)])
+def test_norm_linear_leaves_quantized_linears_alone(tiny_llama_dir, algo, norm_op):
+    """The layers' norms feed quantized linears (FP8: quantized inside the norm already) and stay as they are; only
+    the final norm, read by the unquantized lm_head, fuses."""
+    opt = optimize_model(tiny_llama_dir, overrides=cpu("float32") + [NO_CACHE, f"quantization.algo={algo}"],
+                         progress=False)
+    assert matched(opt, "fuse_norm_linear") == {"add_rms_norm_linear": 1}
+    assert count(opt, norm_op) == 3
+    (fused,) = [n for n in opt.gm.graph.nodes if n.target == ADD_NORM_LINEAR]
+    assert "lm_head" in fused.args[4].target
+
+
+class NormReaders(nn.Module):
+    """A residual add + RMSNorm whose normalized row has two readers: no linear can take the norm over."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.Parameter(torch.rand(8) + 0.5), nn.Linear(8, 4)
+
+    def forward(self, x, residual):
+        out = ADD_NORM(x, residual, self.norm, 1e-6)
+        return linear(out[0], self.proj.weight, self.proj.bias), out[0] * 2, out[1]
+
+
+def test_norm_linear_needs_the_only_reader():
+    gm = torch.fx.symbolic_trace(NormReaders())
+    assert TRANSFORMS["fuse_norm_linear"]().apply(gm, None) == {"add_rms_norm_linear": 0}
+    assert sum(n.target == ADD_NORM for n in gm.graph.nodes) == 1
 
 
 class Projections(nn.Module):

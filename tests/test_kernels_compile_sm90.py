@@ -120,6 +120,9 @@ def _run_every_wrapper() -> None:
     gate, up = torch.randn(3, 512, generator=g).to(bf16).chunk(2, dim=-1)  # strided halves of one gate_up output
     for activation in ("silu", "gelu_tanh"):  # the GATED prologue (gated_linear) with Llama's and Gemma's activations
         triton_linear.skinny_linear(gate, weight.to(bf16), up=up, activation=activation)
+    for norm_weight in (w, w.float()):  # the NORM prologue (add_rms_norm_linear), normed rounded (Llama) or not
+        norm = triton_linear.NormPrologue(residual, norm_weight, 1e-6, torch.empty_like(x))
+        triton_linear.skinny_linear(x, weight.to(bf16), norm=norm, **triton_linear.WIDE_KNOBS)
     qweight, scales, zeros = quantize_int(weight.to(bf16), 4, 128, False)
     triton_quant_gemv.gemv_int_linear(x[:1], qweight, scales, zeros, None, 4, 128)
     words, coeffs = triton_int4_gemv.interleave_int4(qweight), triton_int4_gemv.gemv_coefficients(scales, zeros)
@@ -166,7 +169,8 @@ def test_every_kernel_compiles_for_sm90():
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int4_gemv_kernel", "_decode_attention_kernel",
         "_kv_write_kernel", "_decode_reduce_kernel"}
-    assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"]["GATED"] for launch in unique)
+    for prologue in ("GATED", "NORM"):
+        assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

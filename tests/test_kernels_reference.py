@@ -151,8 +151,10 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         (lambda: ops.gated_act(_meta(2, 7, 96), _meta(2, 7, 96), "gelu_tanh"), (2, 7, 96)),
         (lambda: ops.linear(_meta(2, 7, 80), _meta(96, 80), _meta(96)), (2, 7, 96)),
         (lambda: ops.gated_linear(_meta(2, 7, 80), _meta(2, 7, 80), _meta(96, 80), None, "silu"), (2, 7, 96)),
+        (lambda: ops.add_rms_norm_linear(_meta(2, 7, 80), _meta(2, 7, 80), _meta(80), 1e-6, _meta(96, 80), None)[0],
+         (2, 7, 96)),
     ],
-    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear"],
+    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear", "add_rms_norm_linear"],
 )
 def test_fake_impls_on_meta(call, shape) -> None:
     out = call()
@@ -168,8 +170,10 @@ def test_fake_impls_on_meta(call, shape) -> None:
         (ops.gated_act.default, (torch.randn(3, 16), torch.randn(3, 16), "silu")),
         (ops.linear.default, (torch.randn(3, 16), torch.randn(8, 16), torch.randn(8))),
         (ops.gated_linear.default, (*torch.randn(3, 32).chunk(2, dim=-1), torch.randn(8, 16), torch.randn(8), "relu")),
+        (ops.add_rms_norm_linear.default,
+         (torch.randn(3, 16), torch.randn(3, 16), torch.randn(16), 1e-6, torch.randn(8, 16), torch.randn(8))),
     ],
-    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear"],
+    ids=["attention", "rope", "rms_norm", "gated_act", "linear", "gated_linear", "add_rms_norm_linear"],
 )
 def test_opcheck(op, args) -> None:
     """torch.library's own consistency checks: schema, fake impl vs real, export-ability."""

@@ -155,3 +155,5 @@ def test_fake_impls_give_reference_shapes():
         assert normed.shape == added.shape == x.shape
         assert ops.gated_act_triton(x, x, "silu").shape == x.shape
         assert ops.gated_linear_triton(x, x, torch.empty(5, 64), None, "silu").shape == (3, 5)
+        y, added = ops.add_rms_norm_linear_triton(x, x, w, 1e-6, torch.empty(5, 64), None)
+        assert y.shape == (3, 5) and added.shape == x.shape

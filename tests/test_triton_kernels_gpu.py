@@ -93,7 +93,7 @@ def fused_graph_agreement(tmp_dir: Path) -> dict:
     base = ["model.device=cuda", "model.dtype=bfloat16", "transforms.insert_kv_cache.num_blocks=64"]
     unfused = [f"transforms.{t}.enabled=false"
                for t in ("cleanup_noops", "fuse_shared_input_linears", "fuse_add_rms_norm", "fuse_rope_pairs",
-                         "fuse_gated_linear", "select_backends")]
+                         "fuse_gated_linear", "fuse_norm_linear", "select_backends")]
     fused, plain = (optimize_model(tmp_dir, overrides=base + extra, progress=False) for extra in ([], unfused))
     ids = torch.randint(0, config.vocab_size, (2, 77), device="cuda")
     got, want = fused.logits(ids).double(), plain.logits(ids).double()

@@ -16,4 +16,5 @@ from . import fuse_cleanup_noops, fuse_linears, fuse_add_rms_norm, fuse_select_b
 from . import fuse_rope_pairs  # noqa: E402,F401  (fusion stage: q and k rotated in one launch)
 from . import fuse_fp8_act_quant  # noqa: E402,F401  (fusion stage: FP8 activations quantized once, in the RMSNorm)
 from . import fuse_gated_linear  # noqa: E402,F401  (fusion stage: the gated activation inside the down projection)
+from . import fuse_norm_linear  # noqa: E402,F401  (fusion stage: residual add + RMSNorm inside the next projection)
 from . import use_int4_tinygemm  # noqa: E402,F401  (fusion stage, after select_backends: INT4 decode on tinygemm)
