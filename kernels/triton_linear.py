@@ -13,8 +13,10 @@ launch of its own. With the constexpr NORM (the `add_rms_norm_linear_triton` bac
 RMSNorm(x + residual): a first pass over K finds each row's inverse RMS, then the K loop normalizes the tiles
 as they load, rounded as the fused_add_rms_norm kernel rounds them (the same @triton.jit helpers), and program
 0 stores x + residual, the next residual, so the norm costs no launch of its own. Every program recomputes the
-norm, a cost that grows with the rows: NORM runs up to NORM_ROWS. Without GATED and NORM the prologues are
-compiled out: the plain linear's code is unchanged.
+prologue, so both take one row (PROLOGUE_ROWS), computed as a vector and placed in row 0 of the dot's tile:
+computed on the whole padded [16, BLOCK_K] tile, the activation made the 8B down projection ~4x slower on an
+H200 (2,472 against 536 SASS instructions per K step). More rows run the unfused kernels. Without GATED and
+NORM the prologues are compiled out: the plain linear's code is unchanged.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 from .triton_rms_norm import fused_add_rms_norm, inverse_rms, rounded_sum, rounds_normed, weighted_normed
 
 SKINNY_ROWS = 16
-# The NORM prologue: every program reads its rows of x and residual once more to find their norms.
-NORM_ROWS = 4
-NORM_UNROLL = 4  # tiles of that pass in flight at once (it is not pipelined: a loop of L2 round trips otherwise)
+# The GATED / NORM prologues take one row (decode at batch 1): every program computes it again.
+PROLOGUE_ROWS = 1
+NORM_MAX_K = 16384  # NORM loads the whole row at once (one L2 trip) before its K loop
 # From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): 32 x 256 tiles in 6 stages for the 4096-wide
 # outputs (128 programs); wider ones (fused q/k/v, gate/up) stream faster with 64 weight rows as the MMA's A operand.
 BLOCK_N = 32
@@ -53,15 +55,15 @@ PREFETCH_K = 512 * int(os.environ.get("AUTODEPLOY_PDL_PREFETCH", "2"))
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_um, stride_wn, stride_ym,
+    x_ptr, up_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     GATED: tl.constexpr = False, ACTIVATION: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    PREFETCH_K: tl.constexpr = 0, residual_ptr=None, norm_weight_ptr=None, added_ptr=None, stride_rm=None, eps=None,
-    NORM: tl.constexpr = False, ROUND_NORMED: tl.constexpr = False, NORM_UNROLL: tl.constexpr = 1,
+    PREFETCH_K: tl.constexpr = 0, residual_ptr=None, norm_weight_ptr=None, added_ptr=None, eps=None,
+    NORM: tl.constexpr = False, ROUND_NORMED: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1,
 ):
-    """y = x @ w.T (+ b); with GATED, x is the gate and the rows multiplied are act(x) * up (up_ptr, stride_um:
-    None without GATED); with NORM they are rms_norm(x + residual) * norm weight, and program 0 stores x + residual
-    to added_ptr ([M, K] contiguous; the NORM-only arguments are None without NORM)."""
+    """y = x @ w.T (+ b); with GATED (one row), x is the gate and the row multiplied is act(x) * up (up_ptr;
+    None without GATED); with NORM (one row) it is rms_norm(x + residual) * norm weight, and program 0 stores
+    x + residual to added_ptr (the NORM-only arguments are None without NORM)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
@@ -71,18 +73,15 @@ def _skinny_linear_kernel(
     if PREFETCH_K > 0:  # one address per 128-byte line (2-byte weights)
         prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 64)[None, :] * 64, K - 1))
     wait_for_inputs(USE_PDL)
-    if NORM:  # each row's inverse RMS over the whole of K before the first tile is normalized
-        sum_of_squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        # loads only (no store the compiler must keep them behind), unrolled so that several tiles are in flight
-        for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=NORM_UNROLL):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = m_valid[:, None] & (offs_k < K)[None, :]
-            added = rounded_sum(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0),
-                                tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask,
-                                        other=0.0)).to(tl.float32)
-            sum_of_squares += added * added
-        rstd = inverse_rms(tl.sum(sum_of_squares, axis=1), K, eps)[:, None]
-        added_rows = offs_m < tl.where(tl.program_id(0) == 0, M, 0)  # program 0 stores the next residual
+    # GATED / NORM take one row (M == 1): the prologue runs on a [BLOCK_K] vector placed in row 0 of the tile, so
+    # the padding rows of the dot cost it nothing (on the whole [16, BLOCK_K] tile the activation alone made
+    # the down projection ~4x slower on an H200)
+    if NORM:  # the row's inverse RMS before the first tile is normalized: the whole row in one load (one L2 trip)
+        offs_row = tl.arange(0, NORM_BLOCK)
+        added = rounded_sum(tl.load(x_ptr + offs_row, mask=offs_row < K, other=0.0),
+                            tl.load(residual_ptr + offs_row, mask=offs_row < K, other=0.0)).to(tl.float32)
+        rstd = inverse_rms(tl.sum(added * added, axis=0), K, eps)
+        added_end = tl.where(tl.program_id(0) == 0, K, 0)  # program 0 stores the next residual
     if SWAP:  # weights as the MMA's A operand (M = BLOCK_N >= 64 takes Hopper's wgmma), rows as its N
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -91,19 +90,19 @@ def _skinny_linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        if GATED:  # masked elements: act(0) * 0 = 0
-            up = tl.load(up_ptr + offs_m[:, None] * stride_um + offs_k[None, :],
-                         mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-            x = gated_product(x, up, ACTIVATION).to(x.dtype)
-        if NORM:  # the row as fused_add_rms_norm hands it on; masked elements: 0 * rstd * weight = 0
-            residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :],
-                               mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-            norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_valid, other=0.0)[None, :]
-            x = rounded_sum(x, residual)
-            tl.store(added_ptr + offs_m[:, None] * K + offs_k[None, :], x, mask=added_rows[:, None] & k_valid[None, :])
-            x = weighted_normed(x, rstd, norm_weight, ROUND_NORMED).to(x.dtype)
+        if GATED or NORM:
+            row = tl.load(x_ptr + offs_k, mask=k_valid, other=0.0)
+            if GATED:
+                row = gated_product(row, tl.load(up_ptr + offs_k, mask=k_valid, other=0.0), ACTIVATION).to(row.dtype)
+            if NORM:  # the row as fused_add_rms_norm hands it on
+                row = rounded_sum(row, tl.load(residual_ptr + offs_k, mask=k_valid, other=0.0))
+                tl.store(added_ptr + offs_k, row, mask=offs_k < added_end)
+                norm_weight = tl.load(norm_weight_ptr + offs_k, mask=k_valid, other=0.0)
+                row = weighted_normed(row, rstd, norm_weight, ROUND_NORMED).to(row.dtype)
+            x = tl.where(offs_m[:, None] == 0, row[None, :], 0.0).to(row.dtype)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_valid[:, None] & k_valid[None, :], other=0.0)
         if SWAP:
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
         else:
@@ -139,6 +138,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     up2 = as_rows(up) if up is not None else None
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     rows = x2.shape[0]
+    if (up is not None or norm is not None) and rows > PROLOGUE_ROWS:
+        raise ValueError(f"the GATED / NORM prologues take {PROLOGUE_ROWS} row, not {rows}")
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     launch = pdl_launch(x.device)
     prefetch = min(triton.next_power_of_2(PREFETCH_K), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
@@ -148,11 +149,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if norm is not None:
         residual2 = as_rows(norm.residual)
         launch.update(residual_ptr=residual2, norm_weight_ptr=norm.weight.contiguous(), added_ptr=norm.added,
-                      stride_rm=residual2.stride(0), eps=norm.eps, NORM=True,
-                      ROUND_NORMED=rounds_normed(x, norm.weight), NORM_UNROLL=NORM_UNROLL)
+                      eps=norm.eps, NORM=True,
+                      ROUND_NORMED=rounds_normed(x, norm.weight), NORM_BLOCK=triton.next_power_of_2(k))
     _skinny_linear_kernel[(triton.cdiv(n, block_n),)](
-        x2, up2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0),
-        up2.stride(0) if up2 is not None else None, weight.stride(0), y.stride(0),
+        x2, up2, weight, bias if bias is not None else weight, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k,
         SWAP=swap, num_warps=num_warps, num_stages=num_stages, **launch,
     )
@@ -178,19 +178,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  activation: str) -> torch.Tensor:
-    """The gated_linear backend: the skinny kernel with the gated prologue where `linear` would run it (gate and
-    up of one shape and dtype), else the gated_act backend and then `linear` (prefill: as unfused)."""
-    if gate.shape == up.shape and gate.dtype == up.dtype and _fits_skinny(gate, weight):
+    """The gated_linear backend: the skinny kernel with the gated prologue for PROLOGUE_ROWS half-precision rows on
+    CUDA (gate and up of one shape and dtype), else the gated_act backend and then `linear` (prefill: as unfused)."""
+    if gate.shape == up.shape and gate.dtype == up.dtype and _fits_skinny(gate, weight, max_rows=PROLOGUE_ROWS):
         return skinny_linear(gate, weight, bias, up=up, activation=activation, **_knobs(weight))
     return linear(gated_act(gate, up, activation), weight, bias)
 
 
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The add_rms_norm_linear backend: the skinny kernel with the NORM prologue up to NORM_ROWS half-precision
+    """The add_rms_norm_linear backend: the skinny kernel with the NORM prologue for PROLOGUE_ROWS half-precision
     rows on CUDA (x and residual of one shape and dtype), else the fused_add_rms_norm kernel and then `linear`."""
     if (residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype
-            and _fits_skinny(x, weight, max_rows=NORM_ROWS)):
+            and _fits_skinny(x, weight, max_rows=PROLOGUE_ROWS)
+            and weight.shape[1] <= NORM_MAX_K):
         added = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         norm = NormPrologue(residual, norm_weight, eps, added)
         return skinny_linear(x, weight, bias, norm=norm, **_knobs(weight)), added

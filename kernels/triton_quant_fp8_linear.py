@@ -24,6 +24,7 @@ QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scal
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -63,6 +64,10 @@ BLOCKWISE_ROWS_MULTIPLE = 4
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
                (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
 SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
+# Group scales with a half-precision output, up to QUANTIZED_X_ROWS: x times its group's scale in bf16 (2**-9
+# relative, the output's own rounding), bf16 weights, one pipelined dot with the per-token knobs, instead of the
+# promoted per-group sums (each K step waiting for its MMA). AUTODEPLOY_FP8_GROUP_PRESCALE=0 turns it off (A/B).
+GROUP_PRESCALE = os.environ.get("AUTODEPLOY_FP8_GROUP_PRESCALE", "1") != "0"
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
@@ -88,13 +93,7 @@ def _skinny_fp8_kernel(
     wait_for_inputs(USE_PDL)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     xs_rows = xs_ptr + offs_m * stride_xsm
-    if PRESCALE:  # group scales folded into x in fp16, relative to the row's largest (applied in the epilogue)
-        sx = tl.full([BLOCK_M], 1e-12, tl.float32)
-        for g0 in range(0, tl.cdiv(K, X_GROUP), 64):
-            offs_g = g0 + tl.arange(0, 64)
-            g_valid = m_valid[:, None] & (offs_g < tl.cdiv(K, X_GROUP))[None, :]
-            sx = tl.maximum(sx, tl.max(tl.load(xs_rows[:, None] + offs_g[None, :], mask=g_valid, other=0.0), axis=1))
-    elif X_GROUP > 0:  # x is already e4m3 with a scale per row and group of X_GROUP columns: applied per K step
+    if X_GROUP > 0:  # x is already e4m3 with a scale per row and group of X_GROUP columns: applied per K step
         sx = tl.full([BLOCK_M], 1.0, tl.float32)
     elif ACT == 3:  # x is already e4m3, its per-row scales at xs_ptr
         sx = tl.load(xs_rows, mask=m_valid, other=1.0)
@@ -109,11 +108,12 @@ def _skinny_fp8_kernel(
         k_valid = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        if PRESCALE:  # |x * its group's scale / the row's largest| <= 448: fp16 holds it to 2**-11 (e4m3: 2**-4)
-            ratio = tl.load(xs_rows[:, None] + offs_k[None, :] // X_GROUP, mask=m_valid[:, None] & k_valid[None, :],
-                            other=0.0) / sx[:, None]
-            qx = (x.to(tl.float32) * ratio).to(tl.float16)
-            w = w.to(tl.float16)
+        if PRESCALE:  # x times its group's scale in bf16 (2**-9 relative; e4m3's own step is 2**-4), weights in bf16:
+            # one pipelined dot instead of a promotion per group
+            x_scale = tl.load(xs_rows[:, None] + offs_k[None, :] // X_GROUP, mask=m_valid[:, None] & k_valid[None, :],
+                              other=0.0)
+            qx = (x.to(tl.float32) * x_scale).to(tl.bfloat16)
+            w = w.to(tl.bfloat16)
             if INTERPRET:
                 qx = qx.to(tl.float32)
         elif ACT == 3:
@@ -280,10 +280,12 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
-    if rows <= QUANTIZED_X_ROWS and not grouped:
+    prescale = grouped and GROUP_PRESCALE and out_dtype in (torch.bfloat16, torch.float16)
+    if rows <= QUANTIZED_X_ROWS and (not grouped or prescale):
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
-                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
+                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
+                                 x_group=group_size, prescale=prescale)
     if rows <= QUANTIZED_X_ROWS:
         block_n, warps, stages = GROUP_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         split = split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, group_size), q2.device) if q2.is_cuda else 1

@@ -42,7 +42,8 @@ for launch in json.load(sys.stdin):
     for pdl in ([False, True] if "USE_PDL" in launch["constexprs"] else [False]):
         constexprs = dict(launch["constexprs"], **({"USE_PDL": pdl} if pdl else {}))
         source = ASTSource(fn=kernel, signature=launch["signature"],
-                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
+                           constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                           attrs={(names.index(k),): [["tt.divisibility", 16]] for k in launch["divisible"]})
         try:
             triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
         except Exception as e:
@@ -51,29 +52,40 @@ print(json.dumps(failures))
 """
 
 
+def _compiler_path() -> dict:
+    """AUTODEPLOY_SM90_TRITON=<dir>: compile with the Triton installed there (e.g. `pip install --target <dir>
+    triton==3.6.0`, the GPU image's version, whose front end refuses code that newer ones accept) while the
+    launches are still recorded with this interpreter."""
+    path = os.environ.get("AUTODEPLOY_SM90_TRITON")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))} if path else {}
+
+
 def _describe(fn, args: tuple, kwargs: dict) -> dict:
     """A launch as the compiler wants it: a type per runtime argument, the constexprs' values, the options."""
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     kwargs.pop("launch_pdl", None)
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, parameter in inspect.signature(fn).parameters.items():
         value = bound.arguments[name]
         if "constexpr" in str(parameter.annotation) or value is None:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
+            divisible += [name] if value.data_ptr() % 16 == 0 else []
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            divisible += [name] if value % 16 == 0 else []
         else:
             signature[name] = "fp32"
     if constexprs.get("INTERPRET"):
         constexprs["INTERPRET"] = False  # the GPU form of the e4m3 conversions
+    # as the launcher specializes them (pointers and ints divisible by 16): vectorized forms compile differently
     return {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": options}
+            "divisible": divisible, "options": options}
 
 
 @contextmanager
@@ -117,12 +129,12 @@ def _run_every_wrapper() -> None:
     triton_rope.rope_pair(q, k, cos, cos, True)
     weight = torch.randn(48, 256, generator=g)
     triton_linear.skinny_linear(x, weight.to(bf16))
-    gate, up = torch.randn(3, 512, generator=g).to(bf16).chunk(2, dim=-1)  # strided halves of one gate_up output
+    gate, up = torch.randn(1, 512, generator=g).to(bf16).chunk(2, dim=-1)  # strided halves of one gate_up output
     for activation in ("silu", "gelu_tanh"):  # the GATED prologue (gated_linear) with Llama's and Gemma's activations
         triton_linear.skinny_linear(gate, weight.to(bf16), up=up, activation=activation)
     for norm_weight in (w, w.float()):  # the NORM prologue (add_rms_norm_linear), normed rounded (Llama) or not
-        norm = triton_linear.NormPrologue(residual, norm_weight, 1e-6, torch.empty_like(x))
-        triton_linear.skinny_linear(x, weight.to(bf16), norm=norm, **triton_linear.WIDE_KNOBS)
+        norm = triton_linear.NormPrologue(residual[:1], norm_weight, 1e-6, torch.empty_like(x[:1]))
+        triton_linear.skinny_linear(x[:1], weight.to(bf16), norm=norm, **triton_linear.WIDE_KNOBS)
     qweight, scales, zeros = quantize_int(weight.to(bf16), 4, 128, False)
     triton_quant_gemv.gemv_int_linear(x[:1], qweight, scales, zeros, None, 4, 128)
     words, coeffs = triton_int4_gemv.interleave_int4(qweight), triton_int4_gemv.gemv_coefficients(scales, zeros)
@@ -142,6 +154,9 @@ def _run_every_wrapper() -> None:
         triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=128,
                                                   swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=group,
                                                   block_m=block_m, split_k=split)
+        if group > 0 and block_m is None:  # group scales folded into x in bf16 (one pipelined dot)
+            triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=256,
+                                                      swap=True, x_scale=sx, out_dtype=bf16, x_group=group, prescale=True)
     for dtype in (bf16, torch.float8_e4m3fn):
         k_cache, v_cache = (torch.zeros(4, 16, 2, 64).to(dtype) for _ in range(2))
         slots = torch.tensor([0, 1, 17])

@@ -5,7 +5,7 @@ At batch-1 decode each kernel launch costs ~1.5-2 us and a layer's two residual 
 a few KB each; add_rms_norm_linear's Triton backend normalizes the rows inside the next projection's skinny GEMM
 (fused q/k/v, gate/up) as it loads them, rounded as fused_add_rms_norm rounds them, one launch instead of two,
 and runs both kernels as before above a few rows. The sum's output keeps its readers (the next residual add).
-Only a plain `autodeploy::linear` that is the normalized row's one reader is fused: quantized linears keep
+Only a plain `autodeploy::linear` that is the normalized row's one reader, and not the LM head, is fused: quantized linears keep
 their input (FP8's fuse_fp8_act_quant already quantizes it inside the norm), so quantized models are unchanged.
 A tensor-parallel graph's column-parallel linears are still plain linears of the replicated normalized row, so
 they fuse the same way (each rank normalizes the whole row and keeps the whole residual).
@@ -40,6 +40,22 @@ def _sole_linear_reader(norm: Node) -> Node | None:
         return None
     linear = next(iter(normed[0].users))
     return linear if is_op(linear, LINEAR) and bind_args(linear)["x"] is normed[0] else None
+
+
+def _is_head(linear: Node) -> bool:
+    """Whether no canonical op reads `linear`'s result, directly or through views: the LM head, the widest GEMM of
+    the graph (the vocabulary), where every one of its ~2,000 programs at 8B would wait for the whole row's norm
+    before streaming (the final norm stays a kernel of its own)."""
+    seen, todo = set(), [linear]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user.op == "call_function" and str(user.target).startswith("autodeploy."):
+                return False
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return True
 
 
 def _fuse(module: GraphModule, norm: Node, linear: Node) -> bool:
@@ -79,6 +95,6 @@ class FuseNormLinear(Transform):
         for module in graph_modules(gm):
             for norm in list(module.graph.nodes):
                 linear = _sole_linear_reader(norm) if is_op(norm, ADD_NORM) else None
-                if linear is not None and _fuse(module, norm, linear):
+                if linear is not None and not _is_head(linear) and _fuse(module, norm, linear):
                     fused += 1
         return {"add_rms_norm_linear": fused}
