@@ -4,17 +4,17 @@ A decode-only step (every sequence runs exactly one new token: T == B, which the
 decide, so the choice is fixed when a CUDA graph is captured) needs a different kernel shape from
 prefill. The general kernel (triton_cached_attention.py) runs one program per (16-row query tile,
 query head): for one query token that is 1 useful row in 16, and with GQA each KV head is read once
-per query head of its group. Here (flash-decoding), in one launch per layer:
+per query head of its group. Here (flash-decoding):
   - one program per (sequence, KV head, context split): the q tile holds the GROUP query heads that
     share the KV head (rows padded to 16 for tl.dot), so each K/V block is read once;
   - given this step's k/v (cached_attention_triton does), the program whose split holds the new
     token's position ctx - 1 first stores its k/v into the cache slot, so no separate write kernel
     runs (no other program of the step reads that slot);
   - the context is split NUM_SPLITS ways so that batch 1 still fills the GPU; each split writes its
-    unnormalised partial output with its running max and sum and counts itself in a per-(sequence,
-    KV head) counter; the last split to arrive merges them (log-sum-exp) and resets the counter to 0.
-    With enough (sequence, KV head) programs NUM_SPLITS is 1 and each program writes its output.
-    The merge runs as a second kernel only without counters (see `_split_counters`).
+    unnormalised partial output with its running max and sum, merged (log-sum-exp) by a small second
+    kernel, or (IN_KERNEL_MERGE) by the last split to arrive, counted in a per-(sequence, KV head)
+    counter it resets to 0. With enough (sequence, KV head) programs NUM_SPLITS is 1 and each program
+    writes its output.
 NUM_SPLITS depends only on the batch size and head counts (not on the context length), so it is a
 constant of each captured graph; each split covers ceil(context / NUM_SPLITS) keys, computed in the
 kernel. Keys are gathered through the block table per key, so any page size works.
@@ -24,6 +24,8 @@ copy and a cast) with one launch that stores K and V of every new token straight
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -251,6 +253,10 @@ def _decode_reduce_kernel(
 
 
 _SM_COUNT: dict[int, int] = {}
+# The splits merged by the last of them to arrive (no second launch), or by the reduce kernel. Off by default: the
+# one H200 run with it on (BENCHMARKS.md session 10) measured bf16 batch-1 decode ~3 % below earlier sessions; the
+# suspect is the merge's tail (one program merging its GROUP heads one after another). AUTODEPLOY_DECODE_MERGE=1: on.
+IN_KERNEL_MERGE = os.environ.get("AUTODEPLOY_DECODE_MERGE", "0") == "1"
 MAX_COUNTERS = 65536  # (sequence, KV head) pairs: 256 KiB of int32 per device
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -292,11 +298,13 @@ def decode_attention(
     logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+    merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
-    cache already holds them. `num_splits`, `block_n` and `num_warps` override the defaults
+    cache already holds them. `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`,
+    `block_n` and `num_warps` override the defaults
     (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
     (kernels/cached_attention.py)."""
     _, n_heads, num_seqs, head_dim = q.shape
@@ -312,7 +320,8 @@ def decode_attention(
     if splits > 1:
         part_acc = torch.empty(num_seqs, n_heads, splits, v_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_seqs, n_heads, splits, 2, dtype=torch.float32, device=q.device)
-        counters = _split_counters(num_seqs * n_kv, q.device)
+        in_kernel = IN_KERNEL_MERGE if merge_in_kernel is None else merge_in_kernel
+        counters = _split_counters(num_seqs * n_kv, q.device) if in_kernel else None
     else:
         part_acc = part_ml = out  # unused
     write_kv = k is not None

@@ -24,7 +24,6 @@ QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scal
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -64,10 +63,6 @@ BLOCKWISE_ROWS_MULTIPLE = 4
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
                (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
 SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
-# Group scales with a half-precision output, up to QUANTIZED_X_ROWS: x times its group's scale in bf16 (2**-9
-# relative, the output's own rounding), bf16 weights, one pipelined dot with the per-token knobs, instead of the
-# promoted per-group sums (each K step waiting for its MMA). AUTODEPLOY_FP8_GROUP_PRESCALE=0 turns it off (A/B).
-GROUP_PRESCALE = os.environ.get("AUTODEPLOY_FP8_GROUP_PRESCALE", "1") != "0"
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
@@ -77,7 +72,7 @@ def _skinny_fp8_kernel(
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
-    PRESCALE: tl.constexpr = False, USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,21 +103,13 @@ def _skinny_fp8_kernel(
         k_valid = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        if PRESCALE:  # x times its group's scale in bf16 (2**-9 relative; e4m3's own step is 2**-4), weights in bf16:
-            # one pipelined dot instead of a promotion per group
-            x_scale = tl.load(xs_rows[:, None] + offs_k[None, :] // X_GROUP, mask=m_valid[:, None] & k_valid[None, :],
-                              other=0.0)
-            qx = (x.to(tl.float32) * x_scale).to(tl.bfloat16)
-            w = w.to(tl.bfloat16)
-            if INTERPRET:
-                qx = qx.to(tl.float32)
-        elif ACT == 3:
+        if ACT == 3:
             qx = x.to(tl.float32) if INTERPRET else x
         else:
             qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
-        if X_GROUP > 0 and not PRESCALE:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
+        if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
             sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
             if SWAP:
                 acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
@@ -158,7 +145,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
                       block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                       num_stages: int = NUM_STAGES, swap: bool = SWAP, x_scale: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, x_group: int = -1, block_m: int | None = None,
-                      split_k: int = 1, prescale: bool = False) -> torch.Tensor:
+                      split_k: int = 1) -> torch.Tensor:
     """fp8_linear with all rows of x in one tile (meant for a few). With `x_scale` (float32 [M, G]) x is
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
     that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
@@ -183,8 +170,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         act = "static" if input_scale is not None else act_quant
         xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
     block_m = min(block_m or rows, rows) if act == "given" else rows  # scales found in the kernel need every row
-    prescale = prescale and grouped
-    block_k = min(block_k, x_group) if grouped and not prescale else block_k
+    block_k = min(block_k, x_group) if grouped else block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
     split_k = min(split_k, triton.cdiv(k, block_k))
     counts = split_counters(x.device) if split_k > 1 else None
@@ -197,7 +183,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
         BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k,
         part_ptr=torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else None,
-        count_ptr=counts if split_k > 1 else None, PRESCALE=prescale, num_warps=num_warps, num_stages=num_stages, **launch,
+        count_ptr=counts if split_k > 1 else None, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -280,12 +266,10 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
-    prescale = grouped and GROUP_PRESCALE and out_dtype in (torch.bfloat16, torch.float16)
-    if rows <= QUANTIZED_X_ROWS and (not grouped or prescale):
+    if rows <= QUANTIZED_X_ROWS and not grouped:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
-                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
-                                 x_group=group_size, prescale=prescale)
+                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
     if rows <= QUANTIZED_X_ROWS:
         block_n, warps, stages = GROUP_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         split = split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, group_size), q2.device) if q2.is_cuda else 1

@@ -117,7 +117,7 @@ def _fused_case(ctxs, n_heads, n_kv, head_dim, page, seed, dtype, fp8, k_scale, 
 
 
 def _check_fused(ctxs, n_heads, n_kv, head_dim, page=16, seed=0, sliding_window=None, logit_cap=None, alibi=False,
-                 fp8=False, num_splits=None, dtype=torch.float32, device=DEVICE):
+                 fp8=False, num_splits=None, dtype=torch.float32, device=DEVICE, merge_in_kernel=True):
     """decode_attention with this step's k/v (the fused cache write, and with more than one split
     the in-kernel merge) against the reference, twice on the same buffers: same outputs, whole caches
     equal to the reference's, split counters back to zero."""
@@ -134,7 +134,7 @@ def _check_fused(ctxs, n_heads, n_kv, head_dim, page=16, seed=0, sliding_window=
     for _ in range(2):
         outs.append(mod.decode_attention(q, k_cache, v_cache, lens, tables, scale, sliding_window, logit_cap,
                                          num_splits, alibi_slopes=slopes, k_scale=k_scale, v_scale=v_scale,
-                                         k=k, v=v, slot_mapping=slots))
+                                         k=k, v=v, slot_mapping=slots, merge_in_kernel=merge_in_kernel))
         for cache, ref_cache in ((k_cache, ref_args[3]), (v_cache, ref_args[4])):
             assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
         counters = mod._SPLIT_COUNTERS.get(q.device)
@@ -164,6 +164,14 @@ def test_fused_kv_write_and_merge(ctxs, n_heads, n_kv, head_dim, page, extra, mo
     _check_fused(ctxs, n_heads, n_kv, head_dim, page, seed=len(ctxs) + head_dim + page, **extra)
 
 
+@pytest.mark.parametrize("ctxs,n_heads,n_kv,head_dim,page,extra", FUSED[:2])
+def test_fused_kv_write_with_the_reduce_kernel(ctxs, n_heads, n_kv, head_dim, page, extra, monkeypatch):
+    """The default (IN_KERNEL_MERGE off): the fused cache write, the splits merged by the second kernel."""
+    _poison(monkeypatch)
+    _check_fused(ctxs, n_heads, n_kv, head_dim, page, seed=len(ctxs) + head_dim + page, merge_in_kernel=False,
+                 **extra)
+
+
 def test_decode_step_launches_no_separate_kv_write(monkeypatch):
     """cached_attention_triton on a decode-only step leaves the cache write to the decode kernel."""
     from autodeploy.kernels import triton_decode_attention as mod
@@ -188,4 +196,6 @@ def test_fused_decode_gpu_8b_shape(batch, ctx, fp8):
     """Llama-3.1-8B's decode attention (32 / 8 heads, d 128, bf16): at batch 1 the merge runs in-kernel
     over 32 splits; at batch 64 a single pass. Contexts differ per sequence."""
     ctxs = [ctx - 37 * b % 200 for b in range(batch)]
-    _check_fused(ctxs, 32, 8, 128, seed=batch + ctx, fp8=fp8, dtype=torch.bfloat16, device="cuda")
+    for merge_in_kernel in (True, False):
+        _check_fused(ctxs, 32, 8, 128, seed=batch + ctx, fp8=fp8, dtype=torch.bfloat16, device="cuda",
+                     merge_in_kernel=merge_in_kernel)

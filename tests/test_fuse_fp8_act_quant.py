@@ -186,20 +186,3 @@ def test_block_scaled_gemm_past_64_rows_on_gpu(rows, poisoned):
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
-
-@pytest.mark.parametrize("rows,n,k,group_size", [(1, 37, 576, 128), (3, 72, 200, 32), (21, 40, 160, 32)])
-def test_group_scales_prescaled_into_bf16_x(rows, n, k, group_size, poisoned):
-    """Group scales with a bf16 output: x times its group's scale in bf16 and one dot (GROUP_PRESCALE), within the
-    2e-2 of the largest output, as the GPU tests allow bf16 paths (a short last group included)."""
-    from autodeploy.kernels import triton_fp8_act_quant
-    from autodeploy.kernels.triton_quant_fp8_linear import GROUP_PRESCALE, given_fp8_linear
-
-    assert GROUP_PRESCALE
-    torch.manual_seed(rows + k)
-    x = torch.randn(rows, k) * torch.linspace(0.05, 40, k)
-    weight, weight_scale = quantize_fp8(torch.randn(n, k), True)
-    q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x, group_size)
-    got = given_fp8_linear(q, scale, weight, weight_scale, None, torch.bfloat16, group_size).float()
-    ref = ops.fp8_linear_quantized_input(q, scale, weight, weight_scale, None, torch.float32, group_size)
-    assert not got.isnan().any()
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-2  # as the GPU test of the bf16 paths

@@ -26,7 +26,9 @@ ADD_NORM_LINEAR = torch.ops.autodeploy.add_rms_norm_linear.default
 
 
 def cpu(dtype: str) -> list[str]:
-    return ["model.device=cpu", f"model.dtype={dtype}"]
+    """CPU overrides, with the prologue fusions (off in the default recipe: slower on the GPU so far) on."""
+    return ["model.device=cpu", f"model.dtype={dtype}", "transforms.fuse_gated_linear.enabled=true",
+            "transforms.fuse_norm_linear.enabled=true"]
 
 
 def matched(opt, name: str) -> dict[str, int]:

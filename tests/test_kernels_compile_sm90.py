@@ -154,24 +154,17 @@ def _run_every_wrapper() -> None:
         triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=128,
                                                   swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=group,
                                                   block_m=block_m, split_k=split)
-        if group > 0 and block_m is None:  # group scales folded into x in bf16 (one pipelined dot)
-            triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=256,
-                                                      swap=True, x_scale=sx, out_dtype=bf16, x_group=group, prescale=True)
     for dtype in (bf16, torch.float8_e4m3fn):
         k_cache, v_cache = (torch.zeros(4, 16, 2, 64).to(dtype) for _ in range(2))
         slots = torch.tensor([0, 1, 17])
         triton_decode_attention.write_kv_cache(k, k, k_cache, v_cache, slots)
         seq_lens, tables = torch.tensor([2, 1], dtype=torch.int32), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
         triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125)
-        for splits in (1, None):  # the fused KV write, single pass and with the in-kernel merge
+        for splits, merge in ((1, None), (None, True), (None, False)):  # the fused KV write: single pass, splits
+            # merged in the kernel or by the reduce kernel
             triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
                                                      num_splits=splits, k=k[:, :, :2], v=k[:, :, :2],
-                                                     slot_mapping=slots[:2])
-        limit, triton_decode_attention.MAX_COUNTERS = triton_decode_attention.MAX_COUNTERS, 0
-        try:  # no counters: the merge falls back to its own kernel
-            triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125)
-        finally:
-            triton_decode_attention.MAX_COUNTERS = limit
+                                                     slot_mapping=slots[:2], merge_in_kernel=merge)
         triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
                                                 seq_lens, tables, 0.125)
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
