@@ -34,6 +34,15 @@ def saturate_e4m3(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def store_tile_quantized(y, out_ptrs, mask, scale_ptrs, scale_mask, INTERPRET: tl.constexpr):
+    """A [groups, group] float32 tile stored as e4m3, one scale (amax / 448) per tile row: per-token-group
+    quantization as the reference does it (one row = one group, or a whole token)."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
+    tl.store(out_ptrs, saturate_e4m3(y / scale[:, None], INTERPRET).to(out_ptrs.dtype.element_ty), mask=mask)
+    tl.store(scale_ptrs, scale, mask=scale_mask)
+
+
+@triton.jit
 def activation_scales(x_rows, xs_ptr, m_valid, K, ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """float32 [ROWS] scale of each row of x (pointers x_rows [ROWS, 1]): the static one (ACT 0), or
     amax / 448 per row (ACT 1, per token) or of all rows (ACT 2, per tensor), from one pass over x."""

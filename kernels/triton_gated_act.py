@@ -18,7 +18,7 @@ from .gated_act import ACTIVATIONS
 from .quant_act import empty_quantized, kernel_groups
 from .quant_linear import activation_groups
 from .triton_activation import ACTIVATION_IDS, gated_product
-from .triton_fp8 import saturate_e4m3
+from .triton_fp8 import store_tile_quantized
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
@@ -43,12 +43,9 @@ def _gated_act_kernel(
     up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
     y = gated_product(gate, up, ACTIVATION).to(gate.dtype)
     if QUANT_FP8:
-        yf = y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(yf), axis=1) / 448.0, 1e-12)
-        tl.store(out_ptr + row * stride_o + cols, saturate_e4m3(yf / scale[:, None], INTERPRET).to(
-            out_ptr.dtype.element_ty), mask=valid)
         groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
-        tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
+        store_tile_quantized(y.to(tl.float32), out_ptr + row * stride_o + cols, valid,
+                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 

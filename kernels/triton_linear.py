@@ -10,7 +10,7 @@ The same kernel is the `gated_linear_triton` backend: with the constexpr GATED i
 act(gate) * up, formed from the gate and up tiles as they load (two strided halves of the fused gate_up
 output) and rounded to their dtype as `gated_act` rounds its output, so the activation costs no kernel
 launch of its own. With the constexpr NORM (the `add_rms_norm_linear_triton` backend) its input rows are
-RMSNorm(x + residual): a first pass over K finds each row's inverse RMS, then the K loop normalizes the tiles
+RMSNorm(x + residual): the whole row, loaded once, gives its inverse RMS, then the K loop normalizes the tiles
 as they load, rounded as the fused_add_rms_norm kernel rounds them (the same @triton.jit helpers), and program
 0 stores x + residual, the next residual, so the norm costs no launch of its own. Every program recomputes the
 prologue, so both take one row (PROLOGUE_ROWS), computed as a vector and placed in row 0 of the dot's tile:

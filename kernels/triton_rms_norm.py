@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .quant_act import empty_quantized, kernel_groups
 from .quant_format import FP8_DTYPE
-from .triton_fp8 import saturate_e4m3
+from .triton_fp8 import store_tile_quantized
 from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
@@ -73,12 +73,9 @@ def _rms_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=valid, other=0.0)
     y = weighted_normed(x, rstd, weight, ROUND_NORMED)
     if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
-        y = y.to(x.dtype).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
-        q = saturate_e4m3(y / scale[:, None], INTERPRET)
-        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=valid)
         groups = tl.arange(0, BLOCK // GROUP)
-        tl.store(scale_ptr + row * NUM_GROUPS + groups, scale, mask=groups < NUM_GROUPS)
+        store_tile_quantized(y.to(x.dtype).to(tl.float32), out_ptr + row * stride_o + cols, valid,
+                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 

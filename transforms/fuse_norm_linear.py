@@ -4,9 +4,11 @@ eps, W, b) -> (y, x + r).
 At batch-1 decode each kernel launch costs ~1.5-2 us and a layer's two residual add + RMSNorm kernels move only
 a few KB each; add_rms_norm_linear's Triton backend normalizes the rows inside the next projection's skinny GEMM
 (fused q/k/v, gate/up) as it loads them, rounded as fused_add_rms_norm rounds them, one launch instead of two,
-and runs both kernels as before above a few rows. The sum's output keeps its readers (the next residual add).
-Only a plain `autodeploy::linear` that is the normalized row's one reader, and not the LM head, is fused: quantized linears keep
-their input (FP8's fuse_fp8_act_quant already quantizes it inside the norm), so quantized models are unchanged.
+and runs both kernels as before above one row (off in the default recipe: on an H200 it still lost at batch 1,
+BENCHMARKS.md session 10). The sum's output keeps its readers (the next residual add).
+Only a plain `autodeploy::linear` that is the normalized row's one reader, and not the LM head, is fused:
+quantized linears keep their input (FP8's fuse_fp8_act_quant already quantizes it inside the norm), so
+quantized models are unchanged.
 A tensor-parallel graph's column-parallel linears are still plain linears of the replicated normalized row, so
 they fuse the same way (each rank normalizes the whole row and keeps the whole residual).
 """
