@@ -4,7 +4,7 @@ Batch 1 for every kernel form, batch 64 for the many-row paths. Each line: the b
 --given --group 128: the same dot on per-token-group activation scales (the online fp8 default) with K split
 over programs, the backend's default choice, cuBLASLt's 1 x 128 block-scaled GEMM, and the dot tiled over
 rows at 256 / 2048 rows against cuBLASLt's per-token FP8 GEMM.
-Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given [--group G]]"""
+Usage: python3 benchmarks/quant_knob_sweep.py [--quick | --given [--group G] [--rows 1,64]]"""
 
 import sys
 
@@ -83,19 +83,25 @@ GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True
               (128, 256, 8, 3, True), (64, 512, 4, 3, True), (128, 128, 8, 5, True)]}
 
 
-# (block_n, block_k, warps, stages, swap, split_k): the same dot with K split over programs
-SPLITS = [(bn, 128, 4, st, True, sp) for bn in (64, 128) for st in (4, 6) for sp in (1, 2, 4, 8)]
+# (block_n, block_k, warps, stages, swap, split_k, block_m): the same dot with K split over programs; wgmma
+# (4 warps, 64+ rows on the MMA's M) waits for each group's MMA, mma.sync (2 warps, or 16-32 rows of x as M) does not
+SPLITS = [(bn, 128, 4, st, True, sp, None) for bn in (64, 128) for st in (4, 6) for sp in (1, 2, 4, 8)]
+MMA_SYNC = {1: [(bn, 128, 4, st, False, sp, 16) for bn, st in ((32, 6), (64, 6), (128, 4)) for sp in (1, 2, 4)]
+            + [(64, 128, 2, 6, True, sp, None) for sp in (1, 2, 4)],
+            64: [(bn, 128, w, 4, False, sp, bm) for bn, w, bm in ((64, 4, 16), (64, 4, 32), (128, 4, 32), (128, 8, 32))
+                 for sp in (1, 2)] + [(64, 128, 2, 4, True, sp, None) for sp in (1, 2)]}
 
 
 # (block_m, block_n, block_k, warps, stages) of the dot tiled over rows (group scales past 64 rows)
 TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
 
 
-def given_sweep(group: int) -> None:
+def given_sweep(group: int, only_rows: set[int] | None = None) -> None:
     """The e4m3 x e4m3 dot on activations quantized beforehand (`prequantized_fp8_linear`), at 1 / 16 / 64 rows;
-    with groups (group > 0) also tiled over 256 / 2048 rows."""
+    with groups (group > 0) also tiled over 256 / 2048 rows. `only_rows`: just those row counts."""
     act = "group" if group > 0 else "token"
     cases = ((1, GIVEN[1]), (16, GIVEN[1][:4]), (64, GIVEN[64])) + (((256, TILED), (2048, TILED)) if group > 0 else ())
+    cases = [case for case in cases if only_rows is None or case[0] in only_rows]
     for name, (n, k) in SHAPES.items():
         print(f"{name} {n}x{k}", flush=True)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
@@ -112,9 +118,10 @@ def given_sweep(group: int) -> None:
                 if group < 0:
                     sweep(f"given {rows}", lambda p, *kn: skinny_fp8_linear(
                         qx, p[0], p[1], None, None, "token", *kn, x_scale=sx, out_dtype=torch.bfloat16), f8, knobs, ref)
-                sweep(f"split {rows}", lambda p, *kn: skinny_fp8_linear(
-                    qx, p[0], p[1], None, None, "token", *kn[:5], x_scale=sx, out_dtype=torch.bfloat16,
-                    x_group=group, split_k=kn[5]), f8, SPLITS, ref)
+                for label, knobs in (("split", SPLITS), ("mma.sync", MMA_SYNC[1 if rows <= 16 else 64])):
+                    sweep(f"{label} {rows}", lambda p, *kn: skinny_fp8_linear(
+                        qx, p[0], p[1], None, None, "token", *kn[:5], x_scale=sx, out_dtype=torch.bfloat16,
+                        x_group=group, split_k=kn[5], block_m=kn[6]), f8, knobs, ref)
                 sweep(f"default {rows}", lambda p: given_fp8_linear(qx, sx, p[0], p[1], None, torch.bfloat16, group),
                       f8, [()], ref)
             if group == 128:
@@ -130,7 +137,8 @@ def main() -> None:
     torch.manual_seed(0)
     bandwidth()
     if "--given" in sys.argv:
-        return given_sweep(int(sys.argv[sys.argv.index("--group") + 1]) if "--group" in sys.argv else -1)
+        rows = {int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(",")} if "--rows" in sys.argv else None
+        return given_sweep(int(sys.argv[sys.argv.index("--group") + 1]) if "--group" in sys.argv else -1, rows)
     quick = "--quick" in sys.argv
     for name, (n, k) in SHAPES.items():
         print(f"{name} {n}x{k}", flush=True)

@@ -17,7 +17,8 @@ per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of par
 then waits for its MMA, a program's time follows its number of K steps, and N = 4096 makes only 64 tiles
 for 132 SMs: up to QUANTIZED_X_ROWS, K is split over programs (float32 partials; the tile's last program to
 arrive, counted by an atomic, adds them in split order and stores y: one kernel, the same y every call).
-On an H200 at batch 1 this took the 4096 x 14336 down projection from 37.3 to ~21 us. Past
+On an H200 at batch 1 this took the 4096 x 14336 down projection from 37.3 to ~21 us. From 17 rows (64 for the
+widest outputs) cuBLASLt's 1 x 128 block-scaled GEMM takes groups of 128 where it exists; elsewhere past
 QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them.
 """
 
@@ -55,9 +56,13 @@ QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N output
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
 TILED_KNOBS = (128, 128, 128, 8, 3)
-# Past QUANTIZED_X_ROWS with groups of 128, cuBLASLt's block-scaled GEMM takes row counts that are multiples of
-# this: on an H200 it passed the reference at 300 rows (and ran the 8B prefills) but failed at 65.
+# With groups of 128, cuBLASLt's block-scaled GEMM takes row counts that are multiples of this: on an H200 it
+# passed the reference at 300 rows (and ran the 8B prefills) but failed at 65.
 BLOCKWISE_ROWS_MULTIPLE = 4
+# ... and from this many rows up also below QUANTIZED_X_ROWS for outputs up to QUANTIZED_X_WIDE_N: at 64 rows on an
+# H200 it takes 14.3 / 12.3 / 24.5 us for the 8B qkv / o / down against the group-scaled dot's 22.2 / 19.2 / 39.6,
+# whose K steps each wait for their MMA (gate_up, wider: 42.7 against the dot's 38.1; 1 row: the dot wins everywhere).
+BLOCKWISE_MIN_ROWS = 17
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
@@ -260,12 +265,16 @@ def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, a
 def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
     """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows the
-    Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); more rows
-    with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists (H200, 2,048 rows: 532 us for
-    gate_up against the Triton dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row
-    scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
+    Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); with groups
+    of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows (for outputs up to
+    QUANTIZED_X_WIDE_N; past QUANTIZED_X_ROWS for all: H200, 2,048 rows, 532 us for gate_up against the Triton
+    dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to
+    cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
+    blockwise = grouped and _blockwise_takes(q2, group_size, n, k)
+    if blockwise and BLOCKWISE_MIN_ROWS <= rows and (rows > QUANTIZED_X_ROWS or n <= QUANTIZED_X_WIDE_N):
+        return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     if rows <= QUANTIZED_X_ROWS and not grouped:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
@@ -276,13 +285,16 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=128,
                                  num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
                                  x_group=group_size, split_k=split)
-    if (q2.is_cuda and group_size == 128 and rows % BLOCKWISE_ROWS_MULTIPLE == 0 and k % 128 == 0 and n % 16 == 0
-            and _has_blockwise_fp8_gemm(q2.device.index or 0)):
-        return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     block_m, block_n, block_k, warps, stages = TILED_KNOBS
     return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k, num_warps=warps,
                              num_stages=stages, swap=False, x_scale=scale2, out_dtype=out_dtype, x_group=group_size,
                              block_m=block_m)
+
+
+def _blockwise_takes(q2: torch.Tensor, group_size: int, n: int, k: int) -> bool:
+    """cuBLASLt's 1 x 128 block-scaled GEMM exists here and takes these shapes."""
+    return (q2.is_cuda and group_size == 128 and q2.shape[0] % BLOCKWISE_ROWS_MULTIPLE == 0 and k % 128 == 0
+            and n % 16 == 0 and _has_blockwise_fp8_gemm(q2.device.index or 0))
 
 
 def split_k_for(tiles: int, k_steps: int, device: torch.device) -> int:

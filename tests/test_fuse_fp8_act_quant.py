@@ -168,11 +168,11 @@ def test_compiled_backends_on_gpu(rows, group_size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows", [65, 68, 300])
-def test_block_scaled_gemm_past_64_rows_on_gpu(rows, poisoned):
-    """Group scales of 128 past 64 rows go to cuBLASLt's 1 x 128 block-scaled GEMM where it exists (sm_90,
-    CUDA 12.9+) and takes the row count, else the tiled Triton dot: either way the reference's sums, with the
-    bias."""
+@pytest.mark.parametrize("rows", [20, 64, 65, 68, 300])
+def test_block_scaled_gemm_from_17_rows_on_gpu(rows, poisoned):
+    """Group scales of 128 from 17 rows (narrow outputs; past 64 rows all) go to cuBLASLt's 1 x 128 block-scaled
+    GEMM where it exists (sm_90, CUDA 12.9+) and takes the row count, else the Triton dot: either way the
+    reference's sums, with the bias."""
     from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear
 
     torch.manual_seed(rows)
