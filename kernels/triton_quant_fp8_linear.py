@@ -6,7 +6,7 @@ tensor: of all rows; or the static input scale) in one pass over x, which is sma
 then walks K quantizing x to e4m3 exactly as the reference does (x / scale, saturated) and multiplies.
 e4m3 values are exact in fp16, so the product runs as an fp16 tl.dot with float32 accumulation: the
 same sums as an e4m3 tensor-core GEMM, without its minimum tile sizes. PDL and the L2 prefetch follow
-kernels/triton_linear.py.
+kernels/triton_linear.py, but are off by default (FP8_DOT_PDL).
 More rows on sm_89+ (Ada, Hopper): cuBLASLt's FP8 GEMM through `torch._scaled_mm` (row-wise scales:
 [M, 1] for x, [1, N] for w; bf16 out, which row-wise scaling requires in torch 2.11). Elsewhere the
 reference.
@@ -68,6 +68,11 @@ BLOCKWISE_MIN_ROWS = 17
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
                (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
 SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
+# Whether the dot launches with PDL (kernels/triton_pdl.py). Off: on an H200, FP8 (group scales) batch 1 of the 8B
+# shape ran 320.9 tok/s with this kernel launched plainly and every other kernel with PDL, 296.3 with PDL on all
+# (315.3 with only the split-K launches plain, 319.7 with PDL off everywhere; batch 64 unchanged). Why the early
+# launch costs it was not found; the bf16 and INT4 kernels gain from PDL.
+FP8_DOT_PDL = False
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
@@ -165,7 +170,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     weight_scale = weight_scale.float().contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
-    launch = pdl_launch(x.device)
+    launch = pdl_launch(x.device) if FP8_DOT_PDL else {"USE_PDL": False}
     prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
     grouped = x_scale is not None and x_scale.shape[-1] > 1
