@@ -186,3 +186,20 @@ def test_block_scaled_gemm_from_17_rows_on_gpu(rows, poisoned):
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
+
+
+@pytest.mark.parametrize("rows, n, blockwise", [(16, 256, False), (17, 256, True), (64, 256, True),
+                                                (64, 8192 + 16, False), (65, 8192 + 16, True)])
+def test_group_scaled_rows_route_to_the_block_scaled_gemm(monkeypatch, rows, n, blockwise):
+    """Where cuBLASLt's block-scaled GEMM takes the shape, groups of 128 go to it from 17 rows for outputs up to
+    8192 wide and past 64 rows for all (the H200 timings in BENCHMARKS.md session 11); else the Triton dot."""
+    from autodeploy.kernels import triton_quant_fp8_linear as backend
+
+    calls = []
+    monkeypatch.setattr(backend, "_blockwise_takes", lambda *args: True)
+    monkeypatch.setattr(backend, "blockwise_scaled_mm", lambda q2, *args: calls.append("blockwise") or "blockwise")
+    monkeypatch.setattr(backend, "skinny_fp8_linear", lambda *args, **kwargs: calls.append("dot") or "dot")
+    q = torch.zeros(rows, 256, dtype=torch.float8_e4m3fn)
+    weight = torch.zeros(n, 256, dtype=torch.float8_e4m3fn)
+    backend.given_fp8_linear(q, torch.ones(rows, 2), weight, torch.ones(n), None, torch.bfloat16, 128)
+    assert calls == ["blockwise" if blockwise else "dot"]
