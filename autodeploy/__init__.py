@@ -1,6 +1,9 @@
 """autodeploy: export any HF causal LM, rewrite its graph with transforms, run it fast."""
 
+from .source_tree import keep_checkout_root_off_path
+
 __version__ = "0.1.0"
+keep_checkout_root_off_path()
 
 _LAZY = {"LLM": "autodeploy.llm", "SamplingParams": "autodeploy.llm", "RequestOutput": "autodeploy.llm"}
 

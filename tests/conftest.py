@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import autodeploy  # noqa: E402,F401  (first: keeps the checkout's root, whose kernels/ shadows HF's `kernels`, off sys.path)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -48,7 +48,7 @@ LENGTHS = [sum(step[b][1] for step in STEPS) for b in range(3)]  # 9, 6, 11 toke
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_causal_conv1d_matches_hf(activation):
     x, w, bias = rand(2, 6, 11), rand(6, 4), rand(6)
-    want = qwen3_next.causal_conv1d_fn.__wrapped__(x, w, bias, activation=activation)
+    want = qwen3_next.causal_conv1d_fn(x, w, bias, activation=activation)
     torch.testing.assert_close(ops.causal_conv1d(x, w, bias, activation), want, atol=1e-5, rtol=1e-5)
 
 
@@ -56,7 +56,7 @@ def test_cached_causal_conv1d_decode_matches_hf_update():
     x, w = rand(1, 6, 7), rand(6, 4)
     states = rand(3, 6, 3)
     hf_state = states[1:2].clone()
-    want = qwen3_next.causal_conv1d_update.__wrapped__(x[:, :, -1:], hf_state, w, None, "silu")
+    want = qwen3_next.causal_conv1d_update(x[:, :, -1:], hf_state, w, None, "silu")
     got = ops.cached_causal_conv1d(x[:, :, -1:], w, None, "silu", states, torch.tensor([0, 1], dtype=torch.int32),
                                    torch.tensor([7], dtype=torch.int32), torch.tensor([1]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -78,7 +78,7 @@ def test_gated_delta_rule_matches_hf():
     q, k, v, g, beta = delta_inputs(13)
     got = ops.gated_delta_rule(q, k, v, g, beta, True)
     recurrent, _ = qwen3_next.torch_recurrent_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
-    chunked, _ = qwen3_next.torch_chunk_gated_delta_rule.__wrapped__(q, k, v, g, beta, chunk_size=4,
+    chunked, _ = qwen3_next.torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=4,
                                                                       use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(got, recurrent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, chunked, atol=1e-4, rtol=1e-4)
