@@ -23,4 +23,11 @@ if ! has_torch "$VPY"; then
     "$VPY" -m pip install -q torch==2.13.0
 fi
 "$VPY" -m pip install -q -e ".[dev]"
+# The GPU image's Triton beside the installed one: tests/test_kernels_compile_sm90.py (GPU_TRITON there) also
+# compiles every kernel with it, since its front end refuses code that newer ones accept
+GPU_TRITON=3.6.0
+if [ ! -d "$VENV/triton-$GPU_TRITON/triton" ]; then
+    "$VPY" -m pip install -q --no-deps --target "$VENV/triton-$GPU_TRITON" "triton==$GPU_TRITON" \
+        || echo "[setup] triton $GPU_TRITON not installed: its sm_90 compile test will skip"
+fi
 "$VPY" -m autodeploy.default_model

@@ -5,7 +5,8 @@ The CPU tests run the kernels in Triton's interpreter, which accepts code the co
 on an H200, costing a device call. Here each kernel wrapper runs once on small CPU tensors in the
 interpreter while every launch's argument types and constexprs are recorded; a subprocess without the
 interpreter then compiles each launch for sm_90 (Triton's front end, its passes and PTX; ptxas ships with
-Triton), also with PDL on where the kernel takes it. No GPU, so nothing here runs compiled code.
+Triton), also with PDL on where the kernel takes it, with the installed Triton and with the GPU image's
+(GPU_TRITON, which scripts/setup.sh installs beside it). No GPU, so nothing here runs compiled code.
 """
 
 from __future__ import annotations
@@ -48,16 +49,20 @@ for launch in json.load(sys.stdin):
             triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch["options"])
         except Exception as e:
             failures.append(f"{launch['name']} (PDL {pdl}): {type(e).__name__}: {str(e)[:600]}")
+print(triton.__version__)
 print(json.dumps(failures))
 """
 
 
-def _compiler_path() -> dict:
-    """AUTODEPLOY_SM90_TRITON=<dir>: compile with the Triton installed there (e.g. `pip install --target <dir>
-    triton==3.6.0`, the GPU image's version, whose front end refuses code that newer ones accept) while the
-    launches are still recorded with this interpreter."""
-    path = os.environ.get("AUTODEPLOY_SM90_TRITON")
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))} if path else {}
+# The GPU image's Triton (its front end refuses code that newer ones accept), installed here by scripts/setup.sh
+GPU_TRITON = "3.6.0"
+
+
+def _gpu_triton_dir() -> str | None:
+    """Where the GPU image's Triton is installed for this compile: AUTODEPLOY_SM90_TRITON=<dir> (`pip install
+    --no-deps --target <dir> triton==...`), else the one scripts/setup.sh put in the venv; None if neither."""
+    path = os.environ.get("AUTODEPLOY_SM90_TRITON") or os.path.join(sys.prefix, f"triton-{GPU_TRITON}")
+    return path if os.path.isdir(os.path.join(path, "triton")) else None
 
 
 def _describe(fn, args: tuple, kwargs: dict) -> dict:
@@ -170,17 +175,31 @@ def _run_every_wrapper() -> None:
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
 
 
-def test_every_kernel_compiles_for_sm90():
+@pytest.fixture(scope="module")
+def unique_launches() -> list[dict]:
     with recorded_launches() as launches:
         _run_every_wrapper()
-    unique = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+    return list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+
+
+@pytest.mark.parametrize("compiler", ["installed", "gpu-image"])
+def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
+    """Launches recorded with this interpreter compile with the installed Triton and with the GPU image's."""
+    unique, env = unique_launches, {**os.environ, "TRITON_INTERPRET": "0"}
+    if compiler == "gpu-image":
+        path = _gpu_triton_dir()
+        if path is None:
+            pytest.skip(f"triton {GPU_TRITON} not installed for this check (scripts/setup.sh installs it)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int4_gemv_kernel", "_decode_attention_kernel",
         "_kv_write_kernel", "_decode_reduce_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
-    done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique), capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=900)
+    done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),
+                          capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
+    *_, version, failures = done.stdout.strip().splitlines()
+    assert compiler == "installed" or version == GPU_TRITON, version
+    failures = json.loads(failures)
     assert not failures, "\n".join(failures)
