@@ -56,7 +56,8 @@ def pdl_enabled(device: torch.device) -> bool:
     return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """Launch keywords for a kernel that takes `USE_PDL: tl.constexpr` and calls `wait_for_inputs`."""
-    on = pdl_enabled(device)
+def pdl_launch(device: torch.device, enabled: bool = True) -> dict:
+    """Launch keywords for a kernel that takes `USE_PDL: tl.constexpr` and calls `wait_for_inputs`; `enabled`
+    False launches it plainly (a kernel measured slower with PDL)."""
+    on = enabled and pdl_enabled(device)
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}

@@ -170,7 +170,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     weight_scale = weight_scale.float().contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
-    launch = pdl_launch(x.device) if FP8_DOT_PDL else {"USE_PDL": False}
+    launch = pdl_launch(x.device, enabled=FP8_DOT_PDL)
     prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
     grouped = x_scale is not None and x_scale.shape[-1] > 1
@@ -277,8 +277,8 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
-    blockwise = grouped and _blockwise_takes(q2, group_size, n, k)
-    if blockwise and BLOCKWISE_MIN_ROWS <= rows and (rows > QUANTIZED_X_ROWS or n <= QUANTIZED_X_WIDE_N):
+    if (grouped and BLOCKWISE_MIN_ROWS <= rows and (rows > QUANTIZED_X_ROWS or n <= QUANTIZED_X_WIDE_N)
+            and _blockwise_takes(q2, group_size, n, k)):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     if rows <= QUANTIZED_X_ROWS and not grouped:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]

@@ -3,8 +3,9 @@
 At batch-1 decode each kernel launch costs ~1.5-2 us and the gated activation's kernel moves only a few KB;
 gated_linear's Triton backend forms act(gate) * up inside the down projection's skinny GEMM as it loads its
 input (rounded as gated_act rounds it), one launch instead of two, and runs both kernels as before above one
-row. Off in the default recipe: on an H200 it still lost at batch 1 (BENCHMARKS.md session 10). Only a plain `autodeploy::linear` that is the activation's one reader is fused: quantized linears keep
-their input (FP8's fuse_fp8_act_quant quantizes it in its own kernel), so quantized models are unchanged.
+row. Off in the default recipe: on an H200 it still lost at batch 1 (BENCHMARKS.md session 10). Only a plain
+`autodeploy::linear` that is the activation's one reader is fused: quantized linears keep their input (FP8's
+fuse_fp8_act_quant quantizes it in its own kernel), so quantized models are unchanged.
 """
 
 from __future__ import annotations
