@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterator
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
 
@@ -70,6 +72,30 @@ def add_parameter(gm: GraphModule, name: str, value: torch.Tensor, before: Node)
     owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(name)
+
+
+def attr_tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
+    """The parameter (or buffer) a get_attr node reads; None for None."""
+    return None if node is None else operator.attrgetter(node.target)(gm)
+
+
+def add_weight_copy(gm: GraphModule, anchor: Node, name: str, value: torch.Tensor) -> Node:
+    """`value` (a re-laid-out copy of a weight) as parameter `name`, read by a get_attr before anchor, with a
+    fake value when the graph's nodes have them."""
+    node = add_parameter(gm, name, value, anchor)
+    mode = detect_fake_mode([anchor.meta.get("val")])
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(value)
+    return node
+
+
+def drop_parameter(gm: GraphModule, node: Node) -> None:
+    """Erase get_attr `node` (no users left) and delete its parameter unless another node still reads it, so
+    a weight replaced by a re-laid-out one frees its memory."""
+    gm.graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+        owner, _, attr = node.target.rpartition(".")
+        delattr(gm.get_submodule(owner), attr)
 
 
 def module_path(node: Node) -> str | None:

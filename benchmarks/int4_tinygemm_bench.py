@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.int4_tinygemm import tinygemm_weights
 from autodeploy.kernels.quant_format import quantize_int
-from autodeploy.kernels.triton_int4_gemv import MAX_ROWS, gemv_coefficients, int4_gemv, interleave_int4
+from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv, interleave_codes
 from quant_knob_sweep import SHAPES, sweep, timed
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -27,7 +27,7 @@ def paths(x: torch.Tensor) -> dict:
              "triton": (lambda p: torch.ops.autodeploy.int_linear_triton(x, *p, None, None, 4, GROUP), "int4"),
              "bf16": (lambda p: F.linear(x, p[0]), "bf16")}
     if x.shape[0] <= MAX_ROWS:
-        found["gemv"] = (lambda p: int4_gemv(x, *p, None, GROUP), "gemv")
+        found["gemv"] = (lambda p: int_gemv(x, *p, None, GROUP, 4), "gemv")
     return found
 
 
@@ -55,7 +55,7 @@ def main() -> int:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         q4 = quantize_int(w, 4, GROUP, False)
         tensors = {"bf16": (w,), "int4": q4, "tinygemm": tinygemm_weights(*q4, GROUP),
-                   "gemv": (interleave_int4(q4[0]), gemv_coefficients(q4[1], q4[2]))}
+                   "gemv": (interleave_codes(q4[0], 4), gemv_coefficients(q4[1], q4[2], 4))}
         ok &= check(tensors, k)
         print(f"{name} {n}x{k}: checked", flush=True)
         if only_check:
@@ -64,7 +64,7 @@ def main() -> int:
             for rows in (1, 2):
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
                 ref = torch.ops.autodeploy.int_linear(x, *q4, None, None, 4, GROUP).float()
-                sweep(f"gemv {rows} rows", lambda p, bn, nw: int4_gemv(x, *p, None, GROUP, bn, nw), tensors["gemv"],
+                sweep(f"gemv {rows} rows", lambda p, bn, nw: int_gemv(x, *p, None, GROUP, 4, bn, nw), tensors["gemv"],
                       GEMV_KNOBS, ref)
             continue
         print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("tinygemm", "triton", "bf16", "gemv")) + "  (us)",

@@ -4,7 +4,7 @@ tinygemm (`aten._weight_int4pack_mm`, bf16 activations, tensor-core tiles) runs 
 linear 3-4x faster than our Triton backend at a few rows (H200), but past a few tens of rows it falls far
 behind dequantize + cuBLAS. So the op takes the weight copies and picks per call (the row count is fixed
 per captured graph): our INT4 GEMV on its interleaved copy up to `gemv_rows` rows when given
-(kernels/triton_int4_gemv.py, faster than tinygemm at one row), tinygemm up to `max_rows` rows, the
+(kernels/triton_int_gemv.py, faster than tinygemm at one row), tinygemm up to `max_rows` rows, the
 Triton `int_linear` backend (which reads our layout) beyond.
 
 tinygemm's layout, made once at load time by `tinygemm_weights`:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .quant_format import unpack_int
-from .triton_int4_gemv import int4_gemv
+from .triton_int_gemv import int_gemv
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = (8, 4, 2)  # K tiles of 16 columns per inner step; the largest that divides K is the fastest
@@ -93,7 +93,7 @@ def int4_linear_tinygemm(
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if gemv_words is not None and 0 < rows <= gemv_rows:
-        return int4_gemv(x, gemv_words, gemv_coeffs, bias, group_size)
+        return int_gemv(x, gemv_words, gemv_coeffs, bias, group_size, 4)
     if not 0 < rows <= max_rows:
         return torch.ops.autodeploy.int_linear_triton(x, qweight, scales, zeros, None, bias, 4, group_size)
     mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu

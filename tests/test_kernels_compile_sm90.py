@@ -113,7 +113,7 @@ def recorded_launches():
 def _run_every_wrapper() -> None:
     """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
-                                    triton_fp8_act_quant, triton_gated_act, triton_int4_gemv, triton_linear,
+                                    triton_fp8_act_quant, triton_gated_act, triton_int_gemv, triton_linear,
                                     triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
                                     triton_rms_norm, triton_rope)
 
@@ -142,13 +142,15 @@ def _run_every_wrapper() -> None:
         triton_linear.skinny_linear(x[:1], weight.to(bf16), norm=norm, **triton_linear.WIDE_KNOBS)
     qweight, scales, zeros = quantize_int(weight.to(bf16), 4, 128, False)
     triton_quant_gemv.gemv_int_linear(x[:1], qweight, scales, zeros, None, 4, 128)
-    words, coeffs = triton_int4_gemv.interleave_int4(qweight), triton_int4_gemv.gemv_coefficients(scales, zeros)
-    for rows in (1, 3):  # K 256: one uneven K step
-        triton_int4_gemv.int4_gemv(x[:rows], words, coeffs, w, 128)
     big = torch.randn(16, 1024, generator=g)
-    q1024, s1024, _ = quantize_int(big, 4, 128, True)
-    triton_int4_gemv.int4_gemv(big[:1].to(bf16), triton_int4_gemv.interleave_int4(q1024),
-                               triton_int4_gemv.gemv_coefficients(s1024, None), None, 128)  # even K steps
+    for bits, group in ((4, 128), (8, -1)):
+        codes, s, z = quantize_int(weight.to(bf16), bits, group, bits == 8)
+        words, coeffs = triton_int_gemv.interleave_codes(codes, bits), triton_int_gemv.gemv_coefficients(s, z, bits)
+        for rows in (1, 3):  # K 256: one uneven K step
+            triton_int_gemv.int_gemv(x[:rows], words, coeffs, w, group, bits)
+        q1024, s1024, _ = quantize_int(big, bits, group, True)
+        triton_int_gemv.int_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q1024, bits),
+                                 triton_int_gemv.gemv_coefficients(s1024, None, bits), None, group, bits)  # even K steps
     triton_quant_int_linear.skinny_int_linear(x, qweight, scales, zeros, None, None, 4, 128)
     triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
     f8, f8_scale = quantize_fp8(weight, True)
@@ -192,7 +194,7 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
             pytest.skip(f"triton {GPU_TRITON} not installed for this check (scripts/setup.sh installs it)")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))
     assert {launch["name"] for launch in unique} >= {
-        "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int4_gemv_kernel", "_decode_attention_kernel",
+        "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
         "_kv_write_kernel", "_decode_reduce_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)

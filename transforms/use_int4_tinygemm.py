@@ -3,7 +3,7 @@
 On an H200, tinygemm runs the Llama-3.1-8B decode linears 2-4x faster than our Triton backend at two to
 sixteen rows, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
 weights tinygemm can take becomes `int4_linear_tinygemm`, which runs our INT4 GEMV on its interleaved
-copy up to `gemv_rows` rows (kernels/triton_int4_gemv.py; faster than tinygemm at one row), tinygemm up
+copy up to `gemv_rows` rows (kernels/triton_int_gemv.py; faster than tinygemm at one row), tinygemm up
 to `max_rows` rows and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph
 takes one path).
 
@@ -19,18 +19,16 @@ nothing. Works on whatever int_linear nodes exist: fused q/k/v and gate/up, one 
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
-from torch._guards import detect_fake_mode
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from autodeploy.errors import RecipeError
-from autodeploy.graph_utils import add_parameter, graph_modules, is_op, replace_with_call
+from autodeploy.graph_utils import add_weight_copy, attr_tensor, graph_modules, is_op, replace_with_call
 from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
-from autodeploy.kernels.triton_int4_gemv import MAX_ROWS, gemv_coefficients, int4_gemv_supported, interleave_int4
+from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv_supported, interleave_codes
 from autodeploy.patterns.helpers import bind_args, val
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -51,20 +49,6 @@ class UseInt4TinygemmConfig(TransformConfig):
             raise RecipeError(f"use_int4_tinygemm: gemv_rows must be 0 .. {MAX_ROWS}, not {self.gemv_rows}")
 
 
-def _tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
-    """The parameter (or buffer) a get_attr node reads."""
-    return None if node is None else operator.attrgetter(node.target)(gm)
-
-
-def _add_param(gm: GraphModule, anchor: Node, name: str, value: torch.Tensor) -> Node:
-    """`value` as parameter `name`, read by a get_attr before anchor (with a fake value when the graph has them)."""
-    node = add_parameter(gm, name, value, anchor)
-    mode = detect_fake_mode([val(anchor)])
-    if mode is not None:
-        node.meta["val"] = mode.from_tensor(value)
-    return node
-
-
 def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> dict[str, int]:
     """Every eligible 4-bit int_linear_triton node of gm -> int4_linear_tinygemm, its tinygemm tensors (and with
     gemv_rows, the GEMV's) made on the weights' device next to qweight. Counts: rewritten, tinygemm_bytes,
@@ -74,22 +58,22 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> 
         args = bind_args(node)
         if args["bits"] != 4:
             continue
-        qweight = _tensor(gm, args["qweight"])
+        qweight = attr_tensor(gm, args["qweight"])
         out = val(node)
         reason = ineligible(qweight.shape[0], qweight.shape[1] * 8, args["group_size"], args["g_idx"],
                             out.dtype if out is not None else None, qweight.device)
         if reason is not None:
             counts[f"skipped_{reason}"] += 1
             continue
-        scales, zeros = _tensor(gm, args["scales"]), _tensor(gm, args["zeros"])
+        scales, zeros = attr_tensor(gm, args["scales"]), attr_tensor(gm, args["zeros"])
         packed, scales_and_zeros = tinygemm_weights(qweight, scales, zeros, args["group_size"])
         name = args["qweight"].target
-        packed_node = _add_param(gm, node, f"{name}_tinygemm", packed)
-        sz_node = _add_param(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
+        packed_node = add_weight_copy(gm, node, f"{name}_tinygemm", packed)
+        sz_node = add_weight_copy(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
         gemv = ()
-        if gemv_rows and int4_gemv_supported(1, qweight.shape[1] * 8, args["group_size"]):
-            words, coeffs = interleave_int4(qweight), gemv_coefficients(scales, zeros)
-            gemv = (_add_param(gm, node, f"{name}_gemv", words), _add_param(gm, node, f"{name}_gemv_coeffs", coeffs),
+        if gemv_rows and int_gemv_supported(1, qweight.shape[1] * 8, args["group_size"], 4):
+            words, coeffs = interleave_codes(qweight, 4), gemv_coefficients(scales, zeros, 4)
+            gemv = (add_weight_copy(gm, node, f"{name}_gemv", words), add_weight_copy(gm, node, f"{name}_gemv_coeffs", coeffs),
                     gemv_rows)
             counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in (words, coeffs))
         replace_with_call(gm, node, TINYGEMM, (args["x"], args["qweight"], args["scales"], args["zeros"], packed_node,

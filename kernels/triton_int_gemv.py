@@ -1,0 +1,182 @@
+"""INT4 / INT8 weight-only GEMV for decode (one to four rows) on its own weight layout.
+
+At batch 1 a quantized linear is worth its fewer bytes only if unpacking costs fewer instructions than the
+bytes take to arrive: about 3.5 lane-instructions per INT4 weight on an H200 (7 per INT8 weight). The GEMV
+on our canonical layout (kernels/triton_quant_gemv.py) spends ~8 and converts the unpacked tile between
+register layouts through shared memory every K step, because x for code slot j of consecutive words sits
+32 / BITS columns apart and gets a layout of its own (INT8 ran slower than bf16 that way). This kernel reads
+a copy of the codes re-packed for it, made once at load:
+
+- `interleave_codes`: in each block of 4 words (4 * 32 / BITS columns) word i holds column 4j + i in code
+  slot j, so for slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load)
+  and every tensor has the same layout: no layout conversion in the loop.
+- each code becomes the subnormal float32 code * 2**(TOP - 149) (one shift and one AND with a single
+  constant put it at mantissa bits TOP .. 22, TOP = 23 - BITS, exponent 0), multiplied by x * 2**100: shift +
+  AND + FFMA per weight, no int-to-float conversion and no second constant for ptxas to keep re-loading;
+- sum (code - zero) * x = 2**(49 - TOP) * part - zero * sum x per group, so `gemv_coefficients` stores
+  (2**(49 - TOP) s, -zero s) in float32 per group and each thread's 4 words (one group) are scaled once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_format import pack_int, unpack_int
+from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+
+MAX_ROWS = 4
+WORDS_PER_THREAD = 4  # one 16-byte load per row per K step; the interleave block
+NARROW = 4096  # outputs up to which programs take 8 rows and 4 warps, past which 4 rows and 2 warps
+
+
+def knobs_for(n: int) -> tuple[int, int]:
+    """(block_n, num_warps), the best of benchmarks/int4_tinygemm_bench.py --knobs on an H200 at one row
+    (BENCHMARKS.md): Llama-3.1-8B's o and down (N 4096) (8, 4), qkv and gate_up (4, 2)."""
+    return (8, 4) if n <= NARROW else (4, 2)
+
+
+GEMV_BITS = (4, 8)
+
+
+def block_columns(bits: int) -> int:
+    """Columns of one interleave block: a thread's 4 words."""
+    return WORDS_PER_THREAD * 32 // bits
+
+
+def interleave_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical int32 words [N, K * bits / 32] (column (32 / bits) w + j in slot j) -> the GEMV's words: in each
+    block of 4 words, word i holds column 4j + i of the block in slot j."""
+    n, words = qweight.shape
+    per_word = 32 // bits
+    if words % WORDS_PER_THREAD:
+        raise ValueError(f"interleave_codes needs K divisible by {block_columns(bits)}, got {words * per_word}")
+    codes = unpack_int(qweight, bits, words * per_word).reshape(n, words // 4, per_word, 4)
+    return pack_int(codes.transpose(-1, -2).reshape(n, words * per_word), bits)
+
+
+def interleaved_columns(k: int, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The interleaved words read as canonical ones hold the weight's columns in this order (int64 [K]): a kernel
+    for the canonical layout computes x[..., columns] @ W.T from them, with the same groups (blocks never
+    straddle one)."""
+    per_word = 32 // bits
+    b, i, j = torch.meshgrid(torch.arange(k // block_columns(bits)), torch.arange(4), torch.arange(per_word),
+                             indexing="ij")
+    return (b * block_columns(bits) + 4 * j + i).reshape(k).to(device)
+
+
+def gemv_coefficients(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Per group (2**(26 + bits) s, -zero s) in float32 [N, G, 2]; symmetric codes carry an implicit zero of
+    2**(bits - 1)."""
+    s = scales.float()
+    z = zeros.float() if zeros is not None else torch.full_like(s, 2.0 ** (bits - 1))
+    return torch.stack([s * 2.0 ** (26 + bits), -z * s], dim=-1).contiguous()
+
+
+def int_gemv_supported(rows: int, k: int, group_size: int, bits: int) -> bool:
+    """A few rows, K in whole interleave blocks and groups of whole blocks (or one group per row)."""
+    block = block_columns(bits) if bits in GEMV_BITS else 0
+    return (block > 0 and 0 < rows <= MAX_ROWS and k % block == 0
+            and (group_size == -1 or (group_size % block == 0 and k % group_size == 0)))
+
+
+@triton.jit
+def _code_as_subnormal(words, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J of each word moved to bits TOP .. 22 (TOP = 23 - BITS) of an otherwise zero float32:
+    code * 2**(TOP - 149) exactly (a subnormal, which FFMA takes at full rate without flush-to-zero). One
+    shift and one AND with one constant."""
+    TOP: tl.constexpr = 23 - BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
+    if J * BITS <= TOP:
+        bits = (words << (TOP - BITS * J)) & MASK
+    else:
+        bits = (words >> (BITS * J - TOP)) & MASK
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int_gemv_kernel(
+    x_ptr, q_ptr, c_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_cn, stride_ym,
+    BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    # code * 2**(TOP - 149) * x * 2**100 = code * x * 2**(TOP - 49): normal for |x| in about 2**-92 .. 2**28
+    X_SCALE: tl.constexpr = 2.0**100
+    PER_WORD: tl.constexpr = 32 // BITS
+    words_per_row = K // PER_WORD
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N read row N - 1; their outputs are not stored
+    q_rows = q_ptr + rows * stride_qn
+    c_rows = c_ptr + rows * stride_cn
+    lane = tl.arange(0, BLOCK_W)[None, None, :]
+    block = lane // 4  # each thread's 4 words: one interleave block, 4 * PER_WORD columns of one group
+    if USE_PDL:  # the weights never depend on the previous kernel: the first K step's lines, one address each
+        prefetch_l2(q_rows + tl.minimum(tl.arange(0, BLOCK_W // 32)[None, None, :] * 32, words_per_row - 1))
+    wait_for_inputs(USE_PDL)
+    offs_m = tl.arange(0, ROWS)[:, None, None]
+    m_valid = offs_m < M
+    x_cols = x_ptr + offs_m * stride_xm + block * (4 * PER_WORD) + lane % 4
+    lane4 = tl.arange(0, BLOCK_W // 4)[None, None, :]
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W // 4], tl.float32)
+    for step in range(0, tl.cdiv(words_per_row, BLOCK_W)):
+        w0 = step * BLOCK_W
+        w_valid = w0 + block * 4 < words_per_row  # whole blocks of 4 words
+        if EVEN_K:
+            words = tl.load(q_rows + w0 + lane)
+        else:
+            words = tl.load(q_rows + w0 + lane, mask=w_valid, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        for j in tl.static_range(PER_WORD):
+            w = _code_as_subnormal(words, j, BITS)
+            if EVEN_K and ROWS == 1:
+                x = tl.load(x_cols + w0 * PER_WORD + 4 * j)
+            else:
+                x = tl.load(x_cols + w0 * PER_WORD + 4 * j, mask=m_valid & w_valid, other=0.0)
+            x = x.to(tl.float32)
+            if j == 0:
+                x_sum = x
+                part = w * (x * X_SCALE)
+            else:
+                x_sum += x
+                part += w * (x * X_SCALE)
+        part = tl.sum(tl.reshape(part, [ROWS, BLOCK_N, BLOCK_W // 4, 4]), axis=3)
+        x_sum = tl.sum(tl.reshape(x_sum, [ROWS, 1, BLOCK_W // 4, 4]), axis=3)
+        coeff = c_rows + ((w0 // 4 + lane4) // (GROUP_WORDS // 4)) * 2
+        if EVEN_K:
+            a = tl.load(coeff)
+            b = tl.load(coeff + 1)
+        else:
+            g_valid = w0 + lane4 * 4 < words_per_row
+            a = tl.load(coeff, mask=g_valid, other=0.0)
+            b = tl.load(coeff + 1, mask=g_valid, other=0.0)
+        acc += a * part + b * x_sum
+    y = tl.sum(acc, axis=2)
+    offs_m2 = tl.arange(0, ROWS)[:, None]
+    offs_n2 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n2, mask=offs_n2 < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_m2 * stride_ym + offs_n2, y.to(y_ptr.dtype.element_ty), mask=(offs_m2 < M) & (offs_n2 < N))
+
+
+def int_gemv(x: torch.Tensor, words: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None,
+             group_size: int, bits: int, block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize(weight).T (+ bias) from `interleave_codes` words and `gemv_coefficients`
+    (see `int_gemv_supported`). The knobs are for benchmarks/int4_tinygemm_bench.py."""
+    n, k = words.shape[0], x.shape[-1]
+    default_n, default_warps = knobs_for(n)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_w = WORDS_PER_THREAD * 32 * num_warps  # every warp along K: the loads' layout is the math's
+    per_word = 32 // bits
+    _int_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x2, words, coeffs, bias if bias is not None else coeffs, y, rows, n, k,
+        x2.stride(0), words.stride(0), coeffs.stride(0), y.stride(0),
+        BITS=bits, GROUP_WORDS=(k if group_size == -1 else group_size) // per_word, HAS_BIAS=bias is not None,
+        EVEN_K=(k // per_word) % block_w == 0, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_W=block_w,
+        num_warps=num_warps, num_stages=1, **pdl_launch(x.device),
+    )
+    return y.view(*x.shape[:-1], n)
