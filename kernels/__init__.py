@@ -23,3 +23,4 @@ if __name__ == "autodeploy.kernels":
     from . import ssm  # noqa: E402,F401  (causal conv1d, selective / SSD scans, gated delta rule; cached forms)
     from . import triton_backends  # noqa: E402,F401  (<op>_triton backends, chosen by select_backends)
     from . import int4_tinygemm  # noqa: E402,F401  (INT4 decode through tinygemm: use_int4_tinygemm)
+    from . import int_gemv_linear  # noqa: E402,F401  (INT8 / INT4 decode through the interleaved GEMV: use_int_gemv)

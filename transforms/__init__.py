@@ -18,3 +18,4 @@ from . import fuse_fp8_act_quant  # noqa: E402,F401  (fusion stage: FP8 activati
 from . import fuse_gated_linear  # noqa: E402,F401  (fusion stage: the gated activation inside the down projection)
 from . import fuse_norm_linear  # noqa: E402,F401  (fusion stage: residual add + RMSNorm inside the next projection)
 from . import use_int4_tinygemm  # noqa: E402,F401  (fusion stage, after select_backends: INT4 decode on tinygemm)
+from . import use_int_gemv  # noqa: E402,F401  (fusion stage, after use_int4_tinygemm: the other INT linears' GEMV)

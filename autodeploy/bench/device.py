@@ -2,9 +2,10 @@
 
 Batch-1 decode reads every weight once per token, so its ceiling is the bytes a token reads over
 memory bandwidth: the weights as stored (quantized codes and their scales for a quantized model),
-except an embedding table that is only gathered, of which a token reads one row, and the INT4 copies
-of an `int4_linear_tinygemm` that one row does not read (it reads the GEMV's copy when the op has one and
-runs it at one row, else the tinygemm copy). The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+except an embedding table that is only gathered, of which a token reads one row, and the copies of an
+`int4_linear_tinygemm` that one row does not read (it reads the GEMV's copy when the op has one and runs it
+at one row, else the tinygemm copy), and the scales and column order that an `int_linear_gemv` reads past
+its GEMV's rows only. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
 counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
@@ -58,7 +59,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
 
 def _use(node: Node, user: Node) -> str:
     """How a batch-1 step reads the tensor of get_attr `node` in `user`: gather (one row), many_rows (not at
-    all: the copies of an int4_linear_tinygemm that one row does not run on) or other (whole)."""
+    all: the copies of an int4_linear_tinygemm, the tensors of an int_linear_gemv, that one row does not read)
+    or other (whole)."""
     if user.target is torch.ops.aten.embedding.default and user.args[0] is node:
         return "gather"
     if user.target is torch.ops.autodeploy.int4_linear_tinygemm.default:
@@ -69,6 +71,10 @@ def _use(node: Node, user: Node) -> str:
         else:
             unread = ours if args["max_rows"] >= 1 else ()
         if node in unread:
+            return "many_rows"
+    if user.target is torch.ops.autodeploy.int_linear_gemv.default:
+        args = bind_args(user)
+        if node in (args["scales"], args["zeros"], args["columns"]):  # one row reads the coefficients instead
             return "many_rows"
     return "other"
 

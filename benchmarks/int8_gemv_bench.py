@@ -1,0 +1,59 @@
+"""INT8 weight-only linears (per channel, symmetric: `quantization.algo=int8 quantization.group_size=-1`) on the
+Llama-3.1-8B shapes at 1-4 rows: the GEMV on its interleaved copy (kernels/triton_int_gemv.py, what
+use_int_gemv runs) against the canonical-layout GEMV of the Triton int_linear backend and bf16 F.linear, us per
+call, timed as quant_knob_sweep.py times (CUDA graph over a pool of weight copies larger than L2). Every path is
+first checked against the int_linear reference; --knobs sweeps the GEMV's (block_n, num_warps) at one row.
+Usage: python3 benchmarks/int8_gemv_bench.py [--knobs]"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import autodeploy.kernels  # noqa: F401  (registers the ops)
+from autodeploy.kernels.quant_format import quantize_int
+from autodeploy.kernels.triton_int_gemv import gemv_coefficients, int_gemv, interleave_codes
+from int4_tinygemm_bench import GEMV_KNOBS
+from quant_knob_sweep import SHAPES, sweep, timed
+
+BITS, GROUP, ROWS = 8, -1, (1, 2, 4)
+
+
+def paths(x: torch.Tensor) -> dict:
+    """name -> (call on a parameter tuple, which of the shape's tensors it reads)."""
+    return {"gemv": (lambda p: int_gemv(x, *p, None, GROUP, BITS), "gemv"),
+            "canonical": (lambda p: torch.ops.autodeploy.int_linear_triton(x, *p, None, None, BITS, GROUP), "int8"),
+            "bf16": (lambda p: F.linear(x, p[0]), "bf16")}
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    ok = True
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        q8 = quantize_int(w, BITS, GROUP, True)
+        tensors = {"bf16": (w,), "int8": q8,
+                   "gemv": (interleave_codes(q8[0], BITS), gemv_coefficients(q8[1], q8[2], BITS))}
+        print(f"{name} {n}x{k} ({n * k / 2**20:.0f} MiB of codes)", flush=True)
+        if "--knobs" in sys.argv:
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            ref = torch.ops.autodeploy.int_linear(x, *q8, None, None, BITS, GROUP).float()
+            sweep("gemv 1 row", lambda p, bn, nw: int_gemv(x, *p, None, GROUP, BITS, bn, nw), tensors["gemv"],
+                  GEMV_KNOBS, ref)
+            continue
+        print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("gemv", "canonical", "bf16")) + "  (us)", flush=True)
+        for rows in ROWS:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            ref = torch.ops.autodeploy.int_linear(x, *q8, None, None, BITS, GROUP).float()
+            for path, (call, params) in paths(x).items():
+                err = ((call(tensors[params]).float() - ref).abs().max() / ref.abs().max()).item()
+                if path != "bf16" and not err < 1e-2:
+                    print(f"  {path} rows {rows}: WRONG, max error {err:.3g} of the largest output", flush=True)
+                    ok = False
+            us = {p: timed(call, tensors[params]) for p, (call, params) in paths(x).items()}
+            print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" for p in us), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
