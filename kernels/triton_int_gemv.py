@@ -5,7 +5,8 @@ bytes take to arrive: about 3.5 lane-instructions per INT4 weight on an H200 (7 
 on our canonical layout (kernels/triton_quant_gemv.py) spends ~8 and converts the unpacked tile between
 register layouts through shared memory every K step, because x for code slot j of consecutive words sits
 32 / BITS columns apart and gets a layout of its own (INT8 ran slower than bf16 that way). This kernel reads
-a copy of the codes re-packed for it, made once at load:
+the codes re-packed for it once at load (a copy beside ours in `int4_linear_tinygemm`, the only one in
+`int_linear_gemv`):
 
 - `interleave_codes`: in each block of 4 words (4 * 32 / BITS columns) word i holds column 4j + i in code
   slot j, so for slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load)
@@ -27,17 +28,16 @@ from .quant_format import pack_int, unpack_int
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 MAX_ROWS = 4
+GEMV_BITS = (4, 8)
 WORDS_PER_THREAD = 4  # one 16-byte load per row per K step; the interleave block
 NARROW = 4096  # outputs up to which programs take 8 rows and 4 warps, past which 4 rows and 2 warps
 
 
 def knobs_for(n: int) -> tuple[int, int]:
     """(block_n, num_warps), the best of benchmarks/int4_tinygemm_bench.py --knobs on an H200 at one row
-    (BENCHMARKS.md): Llama-3.1-8B's o and down (N 4096) (8, 4), qkv and gate_up (4, 2)."""
+    (BENCHMARKS.md): Llama-3.1-8B's o and down (N 4096) (8, 4), qkv and gate_up (4, 2); INT8's best
+    (benchmarks/int8_gemv_bench.py --knobs) are within 2 % of these."""
     return (8, 4) if n <= NARROW else (4, 2)
-
-
-GEMV_BITS = (4, 8)
 
 
 def block_columns(bits: int) -> int:
