@@ -17,7 +17,9 @@
 #         16 = fp8 KV cache: batch 64, then batch 1 after a 4096-token prompt (bf16-cache batch 64: stage 12),
 #         17 = 512-request offline throughput, fp8 KV cache, then bf16 cache,
 #         18 = LLM(...) startup, bf16 then fp8,  19 = summary tables of 12-18 (benchmarks/quant_summary.py),
-#         20 = quantized linear kernels vs bf16 cuBLAS per 8B shape (benchmarks/quant_linear_bench.py; GPU only).
+#         20 = quantized linear kernels vs bf16 cuBLAS per 8B shape (benchmarks/quant_linear_bench.py; GPU only),
+#         21 = `autodeploy serve` under 64 streaming clients against LLM.generate (benchmarks/serve_load.py, the 8B
+#              shape with SmolLM2's tokenizer: needs the default model installed and the serve wheels in .whl).
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -27,9 +29,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=benchmarks/llama-3.1-8b
 # Shapes of stages 12-18 (issue 14: prompt 128, 128 new tokens, batches 1 and 64, a 4096-token prompt, 512 requests).
 IN=128 NEW=128 BATCHES=1,64 B64=64 LONG=4096 NREQ=512 REQ_IN=64,1024 REQ_OUT=64,512 REPEATS=2 PPL_WINDOW=2048 PPL_DTYPE=bfloat16 SMOL_LIMIT=90
+SERVE_CLIENTS=64 SERVE_S=40 SERVE_REQ=256 SERVE_DEVICE=cuda
 TEXT=tests/data/shakespeare_coriolanus.txt SMOL=${SMOL:-}  # SMOL empty: the embedded default model (SmolLM2)
 if [ "${TINY:-0}" = 1 ]; then
   CFG=benchmarks/tiny-llama IN=16 NEW=8 BATCHES=1,4 B64=4 LONG=256 NREQ=6 REQ_IN=8,64 REQ_OUT=4,16 REPEATS=1 PPL_WINDOW=128 PPL_DTYPE=float32 SMOL_LIMIT=600
+  SERVE_CLIENTS=2 SERVE_S=6 SERVE_REQ=4 SERVE_DEVICE=cpu
   TEXT=$OUT/short_text.txt; head -c 1500 tests/data/shakespeare_coriolanus.txt > "$TEXT"
 fi
 Q_FP8="quantization.algo=fp8" Q_INT8="quantization.algo=int8 quantization.group_size=-1"
@@ -94,4 +98,7 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
     done ;;
 19) python3 benchmarks/quant_summary.py "$OUT" | tee "$OUT/quant_summary.md" ;;
 20) timeout "$(limit 240)" python3 benchmarks/quant_linear_bench.py 2>&1 | tee "$OUT/quant_linear.log" ;;
+21) timeout "$(limit 300)" python3 benchmarks/serve_load.py --device $SERVE_DEVICE --shape $CFG --clients $SERVE_CLIENTS \
+      --duration $SERVE_S --requests $SERVE_REQ --output-len $NEW --prompt-words 100 --max-seq-len 512 \
+      --json "$OUT/serve_load.json" 2>&1 | tail -60 | tee "$OUT/serve_load.log" ;;
 esac; done

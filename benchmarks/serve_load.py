@@ -14,8 +14,10 @@ so none of them takes the interpreter from another.
 
 Usage: python benchmarks/serve_load.py [--duration 120] [--clients 32] [--json out.json]
        [--skip-throughput] [--skip-load]   (exit 1 when a check fails)
-On a GPU: --device cuda [--model DIR --config-only] (random weights: greedy texts may part on near ties between
-a request alone and in a batch, whose kernels differ, so text_mismatches is then a count, not a failure).
+On a GPU: --device cuda [--model DIR --config-only | --shape CONFIG_DIR] (random weights: greedy texts may part on
+near ties between a request alone and in a batch, whose kernels differ, so text_mismatches is then a count, not a
+failure). --shape benchmarks/llama-3.1-8b serves random weights of that shape, which has no tokenizer, with the
+embedded SmolLM2's tokenizer and vocabulary.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -45,6 +50,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shaped_model_dir(config_dir: str) -> str:
+    """A new folder holding config_dir's config.json with the embedded SmolLM2's vocabulary and special token ids,
+    and SmolLM2's tokenizer files: a model of that shape that takes text (random weights: --config-only)."""
+    from autodeploy.default_model import ensure_default_model
+
+    smol, out = ensure_default_model(verbose=False), Path(tempfile.mkdtemp(prefix="serve_shape_"))
+    config = json.loads((Path(config_dir) / "config.json").read_text())
+    smol_config = json.loads((smol / "config.json").read_text())
+    config.update({k: smol_config[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+                   if k in smol_config})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in smol.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template", "generation_config")):
+            shutil.copy(f, out / f.name)
+    return str(out)
 
 
 def _model_overrides(args) -> list[str]:
@@ -222,6 +244,9 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=96, help="tokens per sequence, prompt included (default 96)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (float32, the default) or cuda (the model's half type)")
     p.add_argument("--config-only", action="store_true", help="random weights from --model's config.json")
+    p.add_argument("--shape", default=None, metavar="CONFIG_DIR",
+                   help="random weights of CONFIG_DIR's config.json with SmolLM2's tokenizer and vocabulary (sets --model, "
+                        "--config-only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-load", action="store_true", help="only the throughput comparison")
     p.add_argument("--skip-throughput", action="store_true", help="only the load run")
@@ -231,6 +256,8 @@ def main() -> int:
     if args.clients_only:
         _clients_only()
         return 0
+    if args.shape:
+        args.model, args.config_only = shaped_model_dir(args.shape), True
 
     prompts = word_prompts(8, args.prompt_words, seed=args.seed)
     report: dict = {"conditions": {"clients": args.clients, "threads": args.threads, "cpus": os.cpu_count(),
