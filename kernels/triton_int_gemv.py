@@ -74,6 +74,15 @@ def gemv_coefficients(scales: torch.Tensor, zeros: torch.Tensor | None, bits: in
     return torch.stack([s * 2.0 ** (26 + bits), -z * s], dim=-1).contiguous()
 
 
+def gemv_tensors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bits: int) -> dict[str, torch.Tensor]:
+    """What the GEMV's ops keep in place of our canonical codes, by parameter-name suffix: the re-packed codes,
+    their float32 coefficients and the column order the codes hold when read as canonical ones."""
+    k = qweight.shape[1] * 32 // bits
+    return {"gemv": interleave_codes(qweight, bits), "gemv_coeffs": gemv_coefficients(scales, zeros, bits),
+            "gemv_columns": interleaved_columns(k, bits, qweight.device)}
+
+
 def int_gemv_supported(rows: int, k: int, group_size: int, bits: int) -> bool:
     """A few rows, K in whole interleave blocks and groups of whole blocks (or one group per row)."""
     block = block_columns(bits) if bits in GEMV_BITS else 0

@@ -31,8 +31,7 @@ from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import (add_weight_copy, attr_tensor, drop_parameter, graph_modules, is_op,
                                    replace_with_call)
 from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
-from autodeploy.kernels.triton_int_gemv import (MAX_ROWS, gemv_coefficients, int_gemv_supported, interleave_codes,
-                                                interleaved_columns)
+from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_tensors, int_gemv_supported
 from autodeploy.patterns.helpers import bind_args, val
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -75,10 +74,8 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> 
         packed_node = add_weight_copy(gm, node, f"{name}_tinygemm", packed)
         sz_node = add_weight_copy(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
         codes, gemv = args["qweight"], ()
-        k = qweight.shape[1] * 8
-        if gemv_rows and int_gemv_supported(1, k, args["group_size"], 4):
-            tensors = {"gemv": interleave_codes(qweight, 4), "gemv_coeffs": gemv_coefficients(scales, zeros, 4),
-                       "gemv_columns": interleaved_columns(k, 4, qweight.device)}
+        if gemv_rows and int_gemv_supported(1, qweight.shape[1] * 8, args["group_size"], 4):
+            tensors = gemv_tensors(qweight, scales, zeros, 4)
             words, coeffs, columns = (add_weight_copy(gm, node, f"{name}_{suffix}", t) for suffix, t in tensors.items())
             codes, gemv = words, (words, coeffs, gemv_rows, columns)
             counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())

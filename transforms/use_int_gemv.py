@@ -23,8 +23,7 @@ from torch.fx import GraphModule
 from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import (add_weight_copy, attr_tensor, drop_parameter, graph_modules, is_op,
                                    replace_with_call)
-from autodeploy.kernels.triton_int_gemv import (MAX_ROWS, gemv_coefficients, int_gemv_supported, interleave_codes,
-                                                interleaved_columns)
+from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_tensors, int_gemv_supported
 from autodeploy.patterns.helpers import bind_args
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -56,14 +55,12 @@ def rewrite_int_linears(gm: GraphModule, rows: int) -> dict[str, int]:
             counts["skipped_act_order"] += 1
             continue
         qweight = attr_tensor(gm, args["qweight"])
-        k = qweight.shape[1] * 32 // bits
-        if not int_gemv_supported(1, k, group_size, bits):
+        if not int_gemv_supported(1, qweight.shape[1] * 32 // bits, group_size, bits):
             counts["skipped_shape"] += 1
             continue
         scales, zeros = attr_tensor(gm, args["scales"]), attr_tensor(gm, args["zeros"])
         name = args["qweight"].target
-        tensors = {"gemv": interleave_codes(qweight, bits), "gemv_coeffs": gemv_coefficients(scales, zeros, bits),
-                   "gemv_columns": interleaved_columns(k, bits, qweight.device)}
+        tensors = gemv_tensors(qweight, scales, zeros, bits)
         words, coeffs, columns = (add_weight_copy(gm, node, f"{name}_{suffix}", t) for suffix, t in tensors.items())
         replace_with_call(gm, node, INT_LINEAR_GEMV, (args["x"], words, coeffs, columns, args["scales"], args["zeros"],
                                                       args["bias"], bits, group_size, rows))
