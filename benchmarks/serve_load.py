@@ -257,6 +257,8 @@ def main() -> int:
         _clients_only()
         return 0
     if args.shape:
+        if not (Path(args.shape) / "config.json").is_file():
+            p.error(f"--shape {args.shape}: no config.json there")
         args.model, args.config_only = shaped_model_dir(args.shape), True
 
     prompts = word_prompts(8, args.prompt_words, seed=args.seed)
