@@ -11,14 +11,13 @@ counting the bytes read plus the bytes written, median of several timed repeats.
 
 from __future__ import annotations
 
-import operator
 import platform
 import time
 
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import distinct_tensors
+from autodeploy.graph_utils import attr_tensor, distinct_tensors
 from autodeploy.patterns.helpers import bind_args
 
 
@@ -82,11 +81,11 @@ def _use(node: Node, user: Node) -> str:
 def bytes_read_per_token(gm: GraphModule) -> int:
     """Bytes one batch-1 decode step reads from weights: all of them (as stored), but one row of a
     table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole),
-    and none of tensors only the many-row path of int4_linear_tinygemm reads."""
+    and none of the tensors only the many-row paths of int4_linear_tinygemm and int_linear_gemv read."""
     uses: dict[int, set] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            t = operator.attrgetter(node.target)(gm)
+            t = attr_tensor(gm, node)
             uses.setdefault(id(t), set()).update(_use(node, u) for u in node.users)
     total = 0
     for key, t in distinct_tensors(gm).items():
