@@ -29,7 +29,7 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = (8, 4, 2)  # K tiles of 16 columns per inner step; the largest that divides K is the fastest
 SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor packed, Tensor scales_and_zeros, "
           "Tensor? bias=None, int group_size=128, int max_rows=16, Tensor? gemv_words=None, Tensor? gemv_coeffs=None, "
-          "int gemv_rows=0) -> Tensor")
+          "int gemv_rows=0, Tensor? columns=None) -> Tensor")
 
 
 def inner_k_tiles(k: int) -> int | None:
@@ -87,14 +87,17 @@ def int4_linear_tinygemm(
     gemv_words: torch.Tensor | None = None,
     gemv_coeffs: torch.Tensor | None = None,
     gemv_rows: int = 0,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int_linear(x, qweight, scales, zeros, bits=4) through our GEMV up to gemv_rows rows (when its copy is
-    given), tinygemm up to max_rows rows, else the Triton backend."""
+    given), tinygemm up to max_rows rows, else the Triton backend. `columns`: qweight holds the GEMV's re-packed
+    codes (the canonical packing of the weight with its columns in this order), so the backend gathers x's."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if gemv_words is not None and 0 < rows <= gemv_rows:
         return int_gemv(x, gemv_words, gemv_coeffs, bias, group_size, 4)
     if not 0 < rows <= max_rows:
+        x = x.index_select(-1, columns) if columns is not None else x
         return torch.ops.autodeploy.int_linear_triton(x, qweight, scales, zeros, None, bias, 4, group_size)
     mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
     y = mm(x.reshape(rows, k).contiguous(), packed, group_size, scales_and_zeros)
@@ -105,7 +108,7 @@ def int4_linear_tinygemm(
 
 @int4_linear_tinygemm.register_fake
 def _(x, qweight, scales, zeros, packed, scales_and_zeros, bias=None, group_size=128, max_rows=16, gemv_words=None,
-      gemv_coeffs=None, gemv_rows=0):
+      gemv_coeffs=None, gemv_rows=0, columns=None):
     torch._check(tuple(scales_and_zeros.shape) == (scales.shape[1], qweight.shape[0], 2),
                  lambda: "scales_and_zeros must be [G, N, 2]")
     if gemv_words is not None:

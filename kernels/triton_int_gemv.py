@@ -5,8 +5,8 @@ bytes take to arrive: about 3.5 lane-instructions per INT4 weight on an H200 (7 
 on our canonical layout (kernels/triton_quant_gemv.py) spends ~8 and converts the unpacked tile between
 register layouts through shared memory every K step, because x for code slot j of consecutive words sits
 32 / BITS columns apart and gets a layout of its own (INT8 ran slower than bf16 that way). This kernel reads
-the codes re-packed for it once at load (a copy beside ours in `int4_linear_tinygemm`, the only one in
-`int_linear_gemv`):
+the codes re-packed for it once at load, which then replace our canonical ones (past the GEMV's rows the
+Triton backend reads them with x's columns gathered into `interleaved_columns` order):
 
 - `interleave_codes`: in each block of 4 words (4 * 32 / BITS columns) word i holds column 4j + i in code
   slot j, so for slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load)

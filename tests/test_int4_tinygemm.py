@@ -20,6 +20,7 @@ from autodeploy.graph_utils import finalize, weight_bytes
 from autodeploy.kernels.int4_tinygemm import ineligible, nibble_swapped, tinygemm_weights
 from autodeploy.kernels.quant_format import pack_int, quantize_int, unpack_int
 from autodeploy.optimizer import optimize_model
+from autodeploy.patterns.helpers import bind_args
 from autodeploy.recipe import load_recipe
 from autodeploy.transforms.use_int4_tinygemm import rewrite_int4_linears
 from conftest import save_tiny_checkpoint
@@ -136,19 +137,29 @@ def test_rewrite_of_fused_int4_linears(tiny_llama_dir):
 
 
 def test_rewrite_with_the_gemv_copy(tiny_llama_dir):
-    """gemv_rows 1: one row runs our GEMV on its interleaved copy (and reads only that copy), 8 rows tinygemm."""
+    """gemv_rows 1: one row runs our GEMV on its re-packed codes (and reads only those and their coefficients), 8
+    rows tinygemm, 24 the backend on the same re-packed codes with x's columns gathered; our canonical codes are
+    deleted."""
     opt = optimize_model(tiny_llama_dir, overrides=INT4_BF16 + TRITON_INT, progress=False)
-    one, short = torch.randint(0, 256, (1, 1)), torch.randint(0, 256, (2, 4))
-    before_one, before_short = opt.logits(one), opt.logits(short)
-    read_before = bytes_read_per_token(opt.gm)
+    one, short, long = torch.randint(0, 256, (1, 1)), torch.randint(0, 256, (2, 4)), torch.randint(0, 256, (2, 12))
+    before_one, before_short, before_long = opt.logits(one), opt.logits(short), opt.logits(long)
+    linears = [n for n in opt.gm.graph.nodes if str(n.target) == "autodeploy.int_linear_triton.default"]
+    canonical = {n.args[1].target: opt.gm.get_parameter(n.args[1].target) for n in linears}
+    bytes_before, read_before = weight_bytes(opt.gm), bytes_read_per_token(opt.gm)
     counts = rewrite_int4_linears(opt.gm, max_rows=16, gemv_rows=1)
     finalize(opt.gm)
     assert counts["rewritten"] == 8 and counts["gemv_bytes"] > 0
-    ours = sum(t.numel() * t.element_size() for n in opt.gm.graph.nodes if str(n.target) == TINYGEMM_OP
-               for t in (opt.gm.get_parameter(a.target) for a in n.args[1:4] if a is not None))
-    assert bytes_read_per_token(opt.gm) == read_before - ours + counts["gemv_bytes"]
+    assert not set(canonical) & set(dict(opt.gm.named_parameters()))
+    codes = sum(t.numel() * t.element_size() for t in canonical.values())
+    assert weight_bytes(opt.gm) == bytes_before - codes + counts["tinygemm_bytes"] + counts["gemv_bytes"]
+    nodes = [n for n in opt.gm.graph.nodes if str(n.target) == TINYGEMM_OP]
+    nbytes = lambda names: sum(t.numel() * t.element_size() for n in nodes  # noqa: E731
+                               for t in (opt.gm.get_parameter(a.target) for a in map(bind_args(n).get, names) if a))
+    assert bytes_read_per_token(opt.gm) == read_before - codes - nbytes(["scales", "zeros"]) + nbytes(
+        ["gemv_words", "gemv_coeffs"])
     _assert_close(opt.logits(one), before_one, tol=3e-2)
     _assert_close(opt.logits(short), before_short, tol=3e-2)
+    _assert_close(opt.logits(long), before_long, tol=1e-2)
 
 
 def test_gemv_rows_is_validated():

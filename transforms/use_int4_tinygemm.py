@@ -2,16 +2,18 @@
 
 On an H200, tinygemm runs the Llama-3.1-8B decode linears 2-4x faster than our Triton backend at two to
 sixteen rows, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
-weights tinygemm can take becomes `int4_linear_tinygemm`, which runs our INT4 GEMV on its interleaved
-copy up to `gemv_rows` rows (kernels/triton_int_gemv.py; faster than tinygemm at one row), tinygemm up
+weights tinygemm can take becomes `int4_linear_tinygemm`, which runs our INT4 GEMV on its re-packed
+codes up to `gemv_rows` rows (kernels/triton_int_gemv.py; faster than tinygemm at one row), tinygemm up
 to `max_rows` rows and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph
 takes one path).
 
-Memory: the tinygemm copy (packed codes + bf16 scales and zero offsets) and the GEMV's (interleaved codes
-+ float32 coefficients) are kept beside our packed codes, ~0.5 byte per weight more each, because each
-kernel is the fastest only over its range of rows and the prefill path dequantizes from our layout. The
-report counts those bytes (`tinygemm_bytes`, `gemv_bytes`), and they are parameters, so every
-weight-bytes figure includes them.
+Memory: each kernel is the fastest only over its range of rows, so the tinygemm copy (packed codes + bf16
+scales and zero offsets, ~0.5 byte per weight) is kept beside the codes the rest reads. With the GEMV, those
+are its re-packed codes (+ float32 coefficients): past max_rows the Triton backend reads them as the canonical
+packing of the weight with its columns permuted (`interleaved_columns`), gathering x's columns, and our
+canonical codes are deleted; without it, our canonical codes. So an INT4 weight takes ~1 byte, not the ~1.5 of
+three layouts. The report counts the new tensors' bytes (`tinygemm_bytes`, `gemv_bytes`); they are
+parameters, so every weight-bytes figure includes them.
 
 Runs after select_backends (it rewrites the Triton backend's nodes), on CUDA only: elsewhere it does
 nothing. Works on whatever int_linear nodes exist: fused q/k/v and gate/up, one rank's shards.
@@ -26,9 +28,10 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.errors import RecipeError
-from autodeploy.graph_utils import add_weight_copy, attr_tensor, graph_modules, is_op, replace_with_call
+from autodeploy.graph_utils import (add_weight_copy, attr_tensor, drop_parameter, graph_modules, is_op,
+                                   replace_with_call)
 from autodeploy.kernels.int4_tinygemm import ineligible, tinygemm_weights
-from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv_supported, interleave_codes
+from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_tensors, int_gemv_supported
 from autodeploy.patterns.helpers import bind_args, val
 
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
@@ -51,8 +54,8 @@ class UseInt4TinygemmConfig(TransformConfig):
 
 def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> dict[str, int]:
     """Every eligible 4-bit int_linear_triton node of gm -> int4_linear_tinygemm, its tinygemm tensors (and with
-    gemv_rows, the GEMV's) made on the weights' device next to qweight. Counts: rewritten, tinygemm_bytes,
-    gemv_bytes, skipped_<reason>."""
+    gemv_rows, the GEMV's, which replace our canonical codes) made on the weights' device. Counts: rewritten,
+    tinygemm_bytes, gemv_bytes, skipped_<reason>."""
     counts: Counter = Counter(rewritten=0, tinygemm_bytes=0, gemv_bytes=0)
     for node in [n for n in gm.graph.nodes if is_op(n, INT_LINEAR_TRITON)]:
         args = bind_args(node)
@@ -70,15 +73,17 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> 
         name = args["qweight"].target
         packed_node = add_weight_copy(gm, node, f"{name}_tinygemm", packed)
         sz_node = add_weight_copy(gm, node, f"{name}_tinygemm_scales_zeros", scales_and_zeros)
-        gemv = ()
+        codes, gemv = args["qweight"], ()
         if gemv_rows and int_gemv_supported(1, qweight.shape[1] * 8, args["group_size"], 4):
-            words, coeffs = interleave_codes(qweight, 4), gemv_coefficients(scales, zeros, 4)
-            gemv = (add_weight_copy(gm, node, f"{name}_gemv", words), add_weight_copy(gm, node, f"{name}_gemv_coeffs", coeffs),
-                    gemv_rows)
-            counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in (words, coeffs))
-        replace_with_call(gm, node, TINYGEMM, (args["x"], args["qweight"], args["scales"], args["zeros"], packed_node,
+            tensors = gemv_tensors(qweight, scales, zeros, 4)
+            words, coeffs, columns = (add_weight_copy(gm, node, f"{name}_{suffix}", t) for suffix, t in tensors.items())
+            codes, gemv = words, (words, coeffs, gemv_rows, columns)
+            counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
+        replace_with_call(gm, node, TINYGEMM, (args["x"], codes, args["scales"], args["zeros"], packed_node,
                                                sz_node, args["bias"], args["group_size"], max_rows, *gemv))
         gm.graph.erase_node(node)
+        if not args["qweight"].users:
+            drop_parameter(gm, args["qweight"])
         counts["rewritten"] += 1
         counts["tinygemm_bytes"] += sum(t.numel() * t.element_size() for t in (packed, scales_and_zeros))
     return dict(counts)

@@ -3,9 +3,9 @@
 Batch-1 decode reads every weight once per token, so its ceiling is the bytes a token reads over
 memory bandwidth: the weights as stored (quantized codes and their scales for a quantized model),
 except an embedding table that is only gathered, of which a token reads one row, and the copies of an
-`int4_linear_tinygemm` that one row does not read (it reads the GEMV's copy when the op has one and runs it
-at one row, else the tinygemm copy), and the scales and column order that an `int_linear_gemv` reads past
-its GEMV's rows only. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
+`int4_linear_tinygemm` that one row does not read (it reads the GEMV's codes and coefficients when the op has
+them and runs the GEMV at one row, else the tinygemm copy), and the scales and column order that an
+`int_linear_gemv` reads past its GEMV's rows only. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
 counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
@@ -64,12 +64,13 @@ def _use(node: Node, user: Node) -> str:
         return "gather"
     if user.target is torch.ops.autodeploy.int4_linear_tinygemm.default:
         args = bind_args(user)
-        ours = (args["qweight"], args["scales"], args["zeros"])
+        weight = [args[k] for k in ("qweight", "scales", "zeros", "packed", "scales_and_zeros", "gemv_words",
+                                    "gemv_coeffs", "columns")]
         if args["gemv_words"] is not None and args["gemv_rows"] >= 1:
-            unread = ours + (args["packed"], args["scales_and_zeros"])
+            read = (args["gemv_words"], args["gemv_coeffs"])
         else:
-            unread = ours if args["max_rows"] >= 1 else ()
-        if node in unread:
+            read = (args["packed"], args["scales_and_zeros"]) if args["max_rows"] >= 1 else weight
+        if node in weight and node not in read:
             return "many_rows"
     if user.target is torch.ops.autodeploy.int_linear_gemv.default:
         args = bind_args(user)
