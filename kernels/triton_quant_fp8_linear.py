@@ -38,6 +38,7 @@ from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+from .triton_split_k import k_range, split_launch, sum_splits
 
 BLOCK_N = 32
 BLOCK_K = 512
@@ -88,10 +89,7 @@ def _skinny_fp8_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_valid = offs_n < N
     m_valid = offs_m < M
-    # this program's share of K: whole K tiles, the last split taking what is left
-    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = tl.program_id(2) * k_span
-    k_end = tl.minimum(K, k_start + k_span)
+    k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
     w_rows = w_ptr + tl.where(n_valid, offs_n, 0)[:, None].to(tl.int64) * stride_wn
     if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
         prefetch_l2(w_rows + tl.minimum(k_start + tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
@@ -132,20 +130,10 @@ def _skinny_fp8_kernel(
     if SWAP:
         acc = tl.trans(acc)
     if SPLIT_K > 1:  # float32 partials; the tile's last split to arrive adds them up and stores y
-        split = tl.program_id(2)
-        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        mask = m_valid[:, None] & n_valid[None, :]
-        parts = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(parts + split * M * N, acc, mask=mask)
-        tl.debug_barrier()  # all of this program's partial is written before its arrival counts
-        arrived = tl.atomic_add(count_ptr + tile, 1)  # acq_rel: the earlier arrivals' partials are visible
-        if arrived == SPLIT_K - 1:  # summed in split order, whichever arrives last: the same y every call
-            acc = tl.load(parts, mask=mask, other=0.0, cache_modifier=".cg")
-            for other in tl.static_range(1, SPLIT_K):
-                acc += tl.load(parts + other * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(count_ptr + tile, 0)  # zero again for the next call (and CUDA graph replay)
-            store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
-                         W_PER_CHANNEL, HAS_BIAS)
+        acc, last = sum_splits(acc, part_ptr, count_ptr, offs_m, offs_n, m_valid[:, None] & n_valid[None, :], M, N,
+                               SPLIT_K)
+        store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid & last, n_valid, stride_ym,
+                     W_PER_CHANNEL, HAS_BIAS)
     else:
         store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
                      W_PER_CHANNEL, HAS_BIAS)
@@ -182,35 +170,16 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     block_m = min(block_m or rows, rows) if act == "given" else rows  # scales found in the kernel need every row
     block_k = min(block_k, x_group) if grouped else block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
-    split_k = min(split_k, triton.cdiv(k, block_k))
-    counts = split_counters(x.device) if split_k > 1 else None
-    if counts is None or grid[0] * grid[1] > counts.numel():
-        split_k = 1
-    _skinny_fp8_kernel[grid + (split_k,)](
+    split = split_launch(split_k, grid[0] * grid[1], triton.cdiv(k, block_k), rows, n, x.device)
+    _skinny_fp8_kernel[grid + (split["SPLIT_K"],)](
         x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
         x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, SPLIT_K=split_k,
-        part_ptr=torch.empty(split_k, rows, n, dtype=torch.float32, device=x.device) if split_k > 1 else None,
-        count_ptr=counts if split_k > 1 else None, num_warps=num_warps, num_stages=num_stages, **launch,
+        BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, num_warps=num_warps, num_stages=num_stages,
+        **split, **launch,
     )
     return y.view(*x.shape[:-1], n)
-
-
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-SPLIT_COUNTER_TILES = 4096
-
-
-def split_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's arrival counters of split-K tiles (zero between calls: the last split of a tile resets its
-    own), made outside any CUDA graph capture (a buffer made in one would live in the graph's pool); None
-    when the first call is being captured (it then runs unsplit)."""
-    if device not in _SPLIT_COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _SPLIT_COUNTERS[device] = torch.zeros(SPLIT_COUNTER_TILES, dtype=torch.int32, device=device)
-    return _SPLIT_COUNTERS[device]
 
 
 @functools.cache

@@ -115,7 +115,8 @@ def test_split_k_equals_whole_k(rows, n, k, group_size, block_k, split_k, poison
     """Programs sharing an output tile's K (float32 partials summed by the last to arrive) give the unsplit sums,
     and leave the arrival counters at zero for the next call."""
     from autodeploy.kernels import triton_fp8_act_quant
-    from autodeploy.kernels.triton_quant_fp8_linear import skinny_fp8_linear, split_counters
+    from autodeploy.kernels.triton_quant_fp8_linear import skinny_fp8_linear
+    from autodeploy.kernels.triton_split_k import split_counters
 
     torch.manual_seed(rows + k + split_k)
     x = torch.randn(rows, k) * torch.linspace(0.05, 4, k)
