@@ -113,7 +113,8 @@ def recorded_launches():
 def _run_every_wrapper() -> None:
     """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
-                                    triton_fp8_act_quant, triton_gated_act, triton_int_gemv, triton_linear,
+                                    triton_fp8_act_quant, triton_gated_act, triton_int_dot, triton_int_gemv,
+                                    triton_linear,
                                     triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
                                     triton_rms_norm, triton_rope)
 
@@ -151,6 +152,9 @@ def _run_every_wrapper() -> None:
         q1024, s1024, _ = quantize_int(big, bits, group, True)
         triton_int_gemv.int_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q1024, bits),
                                  triton_int_gemv.gemv_coefficients(s1024, None, bits), None, group, bits)  # even K steps
+        for swap, splat, split in ((True, True, 1), (True, False, 2), (False, False, 1)):  # operand orders, loads
+            triton_int_dot.int_dot(x, words, s, z, None, bits, group, True, swap=swap, splat=splat, split_k=split)
+        triton_int_dot.int_dot(x, codes, s, z, w.float()[:48], bits, group)  # canonical words, a bias
     triton_quant_int_linear.skinny_int_linear(x, qweight, scales, zeros, None, None, 4, 128)
     triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
     f8, f8_scale = quantize_fp8(weight, True)
@@ -195,7 +199,7 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
-        "_kv_write_kernel", "_decode_reduce_kernel"}
+        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),
