@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .quant_format import unpack_int
+from .int_gemv_linear import interleaved_int_linear
 from .triton_int_gemv import int_gemv
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -91,13 +92,15 @@ def int4_linear_tinygemm(
 ) -> torch.Tensor:
     """int_linear(x, qweight, scales, zeros, bits=4) through our GEMV up to gemv_rows rows (when its copy is
     given), tinygemm up to max_rows rows, else the Triton backend. `columns`: qweight holds the GEMV's re-packed
-    codes (the canonical packing of the weight with its columns in this order), so the backend gathers x's."""
+    codes (the canonical packing of the weight with its columns in this order): past max_rows they go to
+    `interleaved_int_linear` (the tensor-core dot for decode batches, else the backend on x's gathered columns)."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if gemv_words is not None and 0 < rows <= gemv_rows:
         return int_gemv(x, gemv_words, gemv_coeffs, bias, group_size, 4)
     if not 0 < rows <= max_rows:
-        x = x.index_select(-1, columns) if columns is not None else x
+        if columns is not None:
+            return interleaved_int_linear(x, qweight, columns, scales, zeros, bias, 4, group_size)
         return torch.ops.autodeploy.int_linear_triton(x, qweight, scales, zeros, None, bias, 4, group_size)
     mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
     y = mm(x.reshape(rows, k).contiguous(), packed, group_size, scales_and_zeros)

@@ -1,17 +1,18 @@
 """use_int4_tinygemm: INT4 linears decode through PyTorch's tinygemm (kernels/int4_tinygemm.py).
 
 On an H200, tinygemm runs the Llama-3.1-8B decode linears 2-4x faster than our Triton backend at two to
-sixteen rows, but 3x slower at 64 rows. So every `int_linear_triton` node with 4-bit codes whose
-weights tinygemm can take becomes `int4_linear_tinygemm`, which runs our INT4 GEMV on its re-packed
-codes up to `gemv_rows` rows (kernels/triton_int_gemv.py; faster than tinygemm at one row), tinygemm up
-to `max_rows` rows and the Triton backend beyond (rows are fixed per captured graph, so each CUDA graph
-takes one path).
+eight rows, but loses to our tensor-core dot at 16 and is 3x slower than dequantize + cuBLAS at 64. So every
+`int_linear_triton` node with 4-bit codes whose weights tinygemm can take becomes `int4_linear_tinygemm`, which
+runs our INT4 GEMV on its re-packed codes up to `gemv_rows` rows (kernels/triton_int_gemv.py; faster than
+tinygemm at one row), tinygemm up to `max_rows` rows and past them what `int_linear_gemv` runs past its GEMV
+(the dot up to 64 rows, then the Triton backend; rows are fixed per captured graph, so each CUDA graph takes one
+path).
 
 Memory: each kernel is the fastest only over its range of rows, so the tinygemm copy (packed codes + bf16
 scales and zero offsets, ~0.5 byte per weight) is kept beside the codes the rest reads. With the GEMV, those
-are its re-packed codes (+ float32 coefficients): past max_rows the Triton backend reads them as the canonical
-packing of the weight with its columns permuted (`interleaved_columns`), gathering x's columns, and our
-canonical codes are deleted; without it, our canonical codes. So an INT4 weight takes ~1 byte, not the ~1.5 of
+are its re-packed codes (+ float32 coefficients): past max_rows the dot reads them in place and the Triton
+backend as the canonical packing of the weight with its columns permuted (`interleaved_columns`), gathering x's
+columns, and our canonical codes are deleted; without it, our canonical codes. So an INT4 weight takes ~1 byte, not the ~1.5 of
 three layouts. The report counts the new tensors' bytes (`tinygemm_bytes`, `gemv_bytes`); they are
 parameters, so every weight-bytes figure includes them.
 
@@ -42,7 +43,7 @@ TINYGEMM = torch.ops.autodeploy.int4_linear_tinygemm.default
 
 @dataclass
 class UseInt4TinygemmConfig(TransformConfig):
-    max_rows: int = 16  # rows (tokens) up to which tinygemm runs; 0 = off. H200: it wins at 8, loses at 64
+    max_rows: int = 8  # rows (tokens) up to which tinygemm runs; 0 = off. H200: it wins at 8, the dot at 16
     gemv_rows: int = 1  # rows up to which our GEMV runs (0 = no GEMV copy). H200: it wins at 1, loses at 2
 
     def __post_init__(self):
