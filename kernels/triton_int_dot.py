@@ -12,8 +12,9 @@ Words: canonical (column (32 / bits) w + j in slot j of word w) or, with INTERLE
 (kernels/triton_int_gemv.py: in each block of 4 words, word i holds column 4j + i of the block in slot j), which
 is how `int_linear_gemv` and `int4_linear_tinygemm` store them: the tile's columns come out in their natural
 order either way, so x is read as it is (no gather). SPLAT loads each column's word directly (the same word for
-the codes it holds: same-address loads, which the interleaved order makes 4 consecutive words wide) instead of
-one load per word and a reshape of the unpacked [BLOCK_N, words, codes] tile; the sweep picks.
+the codes it holds) instead of one load per word and a reshape of the unpacked [BLOCK_N, words, codes] tile: on
+an H200 it ran 2-4x slower (the pipeliner stages the duplicated int32 tile through shared memory), so it stays off.
+Few output tiles split K over programs (kernels/triton_split_k.py): N = 4096 makes only 64 tiles of 64 rows.
 A K step never straddles a scale group: BLOCK_K divides the group (or the scales are per channel).
 """
 
@@ -23,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_split_k import k_range, split_launch, sum_splits
+from .triton_split_k import k_range, split_launch, splits_for, sum_splits
 
-# (block_m, block_n, block_k, warps, stages, swap, splat, split_k): the sweep's defaults (benchmarks/int_dot_sweep.py)
+# (block_m, block_n, block_k, warps, stages, swap, splat, split_k): int_dot's defaults (benchmarks/int_dot_sweep.py)
 KNOBS = (64, 64, 128, 4, 4, False, False, 1)
-# Rows the dot takes (`int_dot_linear`): past them dequantize + cuBLAS wins (H200, BENCHMARKS.md session 13).
+# Rows `int_dot_linear` takes: the decode batches measured end to end (H200, BENCHMARKS.md session 13; at 128 rows
+# the sweep's 128-row tiles still beat dequantize + cuBLAS on most 8B shapes, not yet wired in or run end to end).
 DOT_ROWS = 64
 WIDE_N = 8192  # wider outputs (fused gate/up) take the weight as the MMA's A operand, 128 rows a tile
 # (block_m, block_n, warps, stages, swap) by (rows <= 16, wide): the best of the 8B shapes, INT4 and INT8 together
@@ -176,13 +178,6 @@ def int_dot(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     return y.view(*x.shape[:-1], n)
 
 
-def split_for(tiles: int, k_steps: int, device: torch.device) -> int:
-    """Splits of K per output tile: enough programs for SPLIT_PROGRAMS_PER_SM per SM, each of at least
-    SPLIT_MIN_STEPS K steps (a program's time follows its steps, and N = 4096 makes only 64 tiles of 64)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(SPLIT_PROGRAMS_PER_SM * sms // tiles, k_steps // SPLIT_MIN_STEPS, SPLIT_MAX))
-
-
 def int_dot_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    bias: torch.Tensor | None, bits: int, group_size: int, interleaved: bool) -> torch.Tensor:
     """int_dot with the tile and split picked for x's rows (up to DOT_ROWS) and the weight's shape: the wide
@@ -193,6 +188,8 @@ def int_dot_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, z
     block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
     step = min(KNOBS[2], group_size) if group_size > 0 else KNOBS[2]
     tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
-    split = 1 if swap else split_for(tiles, triton.cdiv(k, step), x.device)
+    # a program's time follows its K steps, and N = 4096 makes only 64 tiles of 64
+    split = 1 if swap else splits_for(tiles, triton.cdiv(k, step), x.device, SPLIT_PROGRAMS_PER_SM, SPLIT_MIN_STEPS,
+                                      SPLIT_MAX)
     return int_dot(x, words, scales, zeros, bias, bits, group_size, interleaved, block_m, block_n, KNOBS[2], warps,
                    stages, swap, False, split)

@@ -38,7 +38,7 @@ from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
-from .triton_split_k import k_range, split_launch, sum_splits
+from .triton_split_k import k_range, split_launch, splits_for, sum_splits
 
 BLOCK_N = 32
 BLOCK_K = 512
@@ -276,8 +276,7 @@ def split_k_for(tiles: int, k_steps: int, device: torch.device) -> int:
     so a program's time grows with its steps rather than its bytes, and 64 tiles (N = 4096) leave half of an
     H200's SMs idle: split until there are SPLIT_K_PROGRAMS_PER_SM programs per SM, each keeping at least
     SPLIT_K_MIN_STEPS steps. (Per-token sums stream without waiting and stay whole.)"""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(SPLIT_K_PROGRAMS_PER_SM * sms // tiles, k_steps // SPLIT_K_MIN_STEPS, SPLIT_K_MAX))
+    return splits_for(tiles, k_steps, device, SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX)
 
 
 def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -63,3 +63,11 @@ def split_launch(split_k: int, tiles: int, k_steps: int, rows: int, n: int, devi
         return {"SPLIT_K": 1, "part_ptr": None, "count_ptr": None}
     return {"SPLIT_K": split_k, "part_ptr": torch.empty(split_k, rows, n, dtype=torch.float32, device=device),
             "count_ptr": counts}
+
+
+def splits_for(tiles: int, k_steps: int, device: torch.device, programs_per_sm: int, min_steps: int,
+               max_splits: int) -> int:
+    """Splits of K per output tile: until there are `programs_per_sm` programs per SM (8 SMs off CUDA, where the
+    interpreter runs), each keeping at least `min_steps` K steps, at most `max_splits`."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(programs_per_sm * sms // tiles, k_steps // min_steps, max_splits))
