@@ -1,4 +1,4 @@
-"""Tensor-core dot for INT4 / INT8 weight-only linears at decode batches (5 to a few hundred rows).
+"""Tensor-core dot for INT4 / INT8 weight-only linears at decode batches (5 to 64 rows).
 
 Past the GEMV's few rows the INT backends dequantized the whole weight to bf16 every call and handed it to
 cuBLAS: 0.5 (INT4) or 1 byte read, 2 written and 2 read again per weight, so INT decode at batch 64 ran at half
@@ -100,7 +100,7 @@ def _int_dot_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_start, k_end = k_range(K, BLOCK_K, SPLIT_K)
-    first_group = k_start // GROUP if GROUP > 0 else 0
+    first_group = tl.minimum(k_start, K - 1) // GROUP if GROUP > 0 else 0  # an empty last split reads a real group
     scale, offset = _group_coefficients(s_ptr, z_ptr, rows, stride_sn, n_valid, first_group, BITS, HAS_ZEROS)
     for k0 in range(k_start, k_end, BLOCK_K):
         if GROUP > 0:  # the next step's coefficients asked for now, used next step: no load latency in the chain
@@ -166,7 +166,7 @@ def int_dot(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     step = min(block_k, group_size) if group_size > 0 else block_k
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    split = split_launch(split_k, grid[0] * grid[1], k // step, m, n, x.device)
+    split = split_launch(split_k, grid[0] * grid[1], triton.cdiv(k, step), m, n, x.device)
     scales = scales.contiguous()
     _int_dot_kernel[grid + (split["SPLIT_K"],)](
         x2, qweight.contiguous(), scales, zeros.contiguous() if zeros is not None else scales,

@@ -57,6 +57,16 @@ def test_int_dot_matches_reference(n, k, group_size, bits, symmetric, interleave
         assert not split_counters(x.device).any()
 
 
+def test_int_dot_split_with_an_empty_last_split(poisoned):
+    """5 K steps over 4 splits of 2 steps: the last split has no step and adds zeros (and reads a real group)."""
+    qweight, scales, zeros = _weights(24, 160, 32, False, 4)
+    x = torch.randn(7, 160, generator=_gen("x-empty-split"))
+    want = ops.int_linear(x, qweight, scales, zeros, None, None, 4, 32)
+    got = int_dot(x, interleave_codes(qweight, 4), scales, zeros, None, 4, 32, True, block_m=16, block_n=16,
+                  block_k=32, num_warps=1, num_stages=1, split_k=4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 def test_int_dot_bf16_and_batched_shape(poisoned):
     qweight, scales, zeros = _weights(24, 256, 128, False, 4)
     scales, zeros = scales.bfloat16(), zeros.bfloat16()
