@@ -38,8 +38,8 @@ from .serving.engine_loop import ERROR_STATUS, EngineLoop
 from .serving.fim import fim_prompt, fim_tokens
 from .serving.gate import Gate
 from .serving.metrics import ServerMetrics
-from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, CompletionRequest, Message, error_response,
-                               json_schema_of, message_dicts)
+from .serving.protocol import (ApiError, AsciiJSONResponse, ChatRequest, CompletionRequest, Message, ascii_json,
+                               error_response, json_schema_of, message_dicts)
 from .serving.responses import chat_logprobs, completion_logprobs, cumulative_logprob, finish_reason, usage
 from .serving.streams import collect, merged
 from .serving.tool_calls import forced_tool_choice, new_call_id, parse_tool_calls
@@ -68,7 +68,8 @@ class DetokenizeRequest(BaseModel):
 
 
 def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else AsciiJSONResponse(payload).body.decode()}\n\n"
+    """One server-sent event (serialized directly: a Response object per token cost the event loop ~7 us)."""
+    return f"data: {payload if isinstance(payload, str) else ascii_json(payload)}\n\n"
 
 
 def create_app(llm: LLM, model_name: str, options: ServeOptions | None = None) -> FastAPI:

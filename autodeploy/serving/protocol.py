@@ -27,11 +27,16 @@ class ApiError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+def ascii_json(content: Any) -> str:
+    """Compact JSON with everything past ASCII escaped: an echoed lone surrogate cannot fail the encoding."""
+    return json.dumps(content, separators=(",", ":"))
+
+
 class AsciiJSONResponse(JSONResponse):
-    """JSON with everything past ASCII escaped: an echoed lone surrogate cannot fail the encoding."""
+    """A response whose body is `ascii_json`."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return ascii_json(content).encode("ascii")
 
 
 def error_response(status: int, message: str, param: str | None = None,

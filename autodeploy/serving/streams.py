@@ -20,7 +20,15 @@ DISCONNECT_POLL_S = 0.25
 async def merged(streams: list[AsyncIterator[RequestOutput]],
                  metrics: ServerMetrics) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several engine requests as they come, tagged with their index. Closing this
-    cancels the pumps, which aborts every request still running."""
+    cancels the pumps (or closes the one stream), which aborts every request still running."""
+    if len(streams) == 1:  # the usual request: no pump task and queue hop per token
+        timer = RequestTimer(metrics)
+        async with aclosing(streams[0]) as outs:
+            async for out in outs:
+                timer.output(len(out.delta_token_ids))
+                yield 0, out
+        timer.done()
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
