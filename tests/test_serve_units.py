@@ -1,9 +1,11 @@
 """The serving pieces that need no model: SamplingParams' checks, the LLM keyword map, tool-call
 parsing and forcing, fill-in-the-middle prompts, and the ASGI gate (API key, body bound, request ids) in front of a toy app."""
 
+import asyncio
 import contextlib
 import json
 import math
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ from autodeploy.runtime.sampling_params import SamplingParams
 from autodeploy.serving.fim import FIM_SPELLINGS, fim_prompt, fim_tokens
 from autodeploy.serving.gate import Gate
 from autodeploy.serving.protocol import ApiError
+from autodeploy.serving.streams import merged
 from autodeploy.serving.tool_calls import forced_tool_choice, parse_tool_calls
 
 
@@ -201,3 +204,36 @@ def test_serve_finds_a_port_in_use_before_the_model_loads(monkeypatch, capsys):
         assert cli.main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_merged_tags_outputs_and_closing_it_closes_every_stream(count):
+    """One stream is iterated in place, several through pumps: either way every output comes tagged with its
+    stream's index, and leaving early closes the streams (the engine loop's `generate` aborts in its finally)."""
+    closed = []
+
+    async def stream(index, n):
+        try:
+            for i in range(n):
+                yield SimpleNamespace(delta_token_ids=[i], finished=i == n - 1, index=index)
+                await asyncio.sleep(0)
+        finally:
+            closed.append(index)
+
+    metrics = SimpleNamespace(ttft=SimpleNamespace(observe=lambda s: None), itl=SimpleNamespace(observe=lambda s: None),
+                              e2e=SimpleNamespace(observe=lambda s: None), tokens=SimpleNamespace(inc=lambda n: None))
+
+    async def whole():
+        return [(i, out.index) async for i, out in merged([stream(i, 4) for i in range(count)], metrics)]
+
+    got = asyncio.run(whole())
+    assert len(got) == 4 * count and all(i == index for i, index in got) and sorted(closed) == list(range(count))
+
+    async def leave_early():
+        async with contextlib.aclosing(merged([stream(i, 100) for i in range(count)], metrics)) as outs:
+            async for _ in outs:
+                break
+
+    closed.clear()
+    asyncio.run(leave_early())
+    assert sorted(closed) == list(range(count))
