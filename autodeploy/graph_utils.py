@@ -90,8 +90,10 @@ def add_weight_copy(gm: GraphModule, anchor: Node, name: str, value: torch.Tenso
 
 
 def drop_parameter(gm: GraphModule, node: Node) -> None:
-    """Erase get_attr `node` (no users left) and delete its parameter unless another node still reads it, so
-    a weight replaced by a re-laid-out one frees its memory."""
+    """Erase get_attr `node` if nothing uses it any more and delete its parameter unless another node still reads
+    it, so a weight replaced by a re-laid-out one frees its memory."""
+    if node.users:
+        return
     gm.graph.erase_node(node)
     if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
         owner, _, attr = node.target.rpartition(".")

@@ -83,8 +83,7 @@ def rewrite_int4_linears(gm: GraphModule, max_rows: int, gemv_rows: int = 0) -> 
         replace_with_call(gm, node, TINYGEMM, (args["x"], codes, args["scales"], args["zeros"], packed_node,
                                                sz_node, args["bias"], args["group_size"], max_rows, *gemv))
         gm.graph.erase_node(node)
-        if not args["qweight"].users:
-            drop_parameter(gm, args["qweight"])
+        drop_parameter(gm, args["qweight"])  # the canonical codes, unless another node still reads them
         counts["rewritten"] += 1
         counts["tinygemm_bytes"] += sum(t.numel() * t.element_size() for t in (packed, scales_and_zeros))
     return dict(counts)

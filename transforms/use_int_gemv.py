@@ -65,8 +65,7 @@ def rewrite_int_linears(gm: GraphModule, rows: int) -> dict[str, int]:
         replace_with_call(gm, node, INT_LINEAR_GEMV, (args["x"], words, coeffs, columns, args["scales"], args["zeros"],
                                                       args["bias"], bits, group_size, rows))
         gm.graph.erase_node(node)
-        if not args["qweight"].users:
-            drop_parameter(gm, args["qweight"])
+        drop_parameter(gm, args["qweight"])  # the canonical codes, unless another node still reads them
         counts["rewritten"] += 1
         counts["gemv_bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
     return dict(counts)
