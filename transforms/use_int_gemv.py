@@ -4,8 +4,8 @@ On the canonical layout the few-row GEMV converts its unpacked tile between regi
 (kernels/triton_int_gemv.py says why): on an H200 the Llama-3.1-8B shape decoded INT8 per channel at 188 tok/s
 against bf16's 233. So every `int_linear_triton` node the GEMV takes (4 or 8 bits, no act-order, K and groups
 in whole blocks of 4 words) has its codes re-packed for it, with float32 group coefficients, and becomes
-`int_linear_gemv`: the GEMV up to `rows` rows, the Triton backend beyond, reading the same words with x's
-columns gathered into their order (kernels/int_gemv_linear.py). The canonical codes are deleted: the weight is
+`int_linear_gemv`: the GEMV up to `rows` rows, then the tensor-core dot up to 64 rows, then the Triton backend,
+both reading the same words (the backend with x's columns gathered into their order; kernels/int_gemv_linear.py). The canonical codes are deleted: the weight is
 stored once (the coefficients add 8 bytes per group, the column order 8 bytes per input column).
 
 Runs after use_int4_tinygemm (which takes the INT4 linears tinygemm can run, with the same GEMV inside), on
