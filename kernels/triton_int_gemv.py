@@ -1,21 +1,23 @@
 """INT4 / INT8 weight-only GEMV for decode (one to four rows) on its own weight layout.
 
 At batch 1 a quantized linear is worth its fewer bytes only if unpacking costs fewer instructions than the
-bytes take to arrive: about 3.5 lane-instructions per INT4 weight on an H200 (7 per INT8 weight). The GEMV
-on our canonical layout (kernels/triton_quant_gemv.py) spends ~8 and converts the unpacked tile between
-register layouts through shared memory every K step, because x for code slot j of consecutive words sits
-32 / BITS columns apart and gets a layout of its own (INT8 ran slower than bf16 that way). This kernel reads
-the codes re-packed for it once at load, which then replace our canonical ones (past the GEMV's rows the
-Triton backend reads them with x's columns gathered into `interleaved_columns` order):
+bytes take to arrive: about 4 lane-instructions per INT4 weight at an H200's issue rate and copy bandwidth
+(8 per INT8 weight). The GEMV on our canonical layout (kernels/triton_quant_gemv.py) spends ~8 and converts the
+unpacked tile between register layouts through shared memory every K step, because x for code slot j of
+consecutive words sits 32 / BITS columns apart and gets a layout of its own (INT8 ran slower than bf16 that way).
+This kernel reads the codes re-packed for it once at load, which then replace our canonical ones (past the
+GEMV's rows the Triton backend reads them with x's columns gathered into `interleaved_columns` order):
 
 - `interleave_codes`: in each block of 4 words (4 * 32 / BITS columns) word i holds column 4j + i in code
-  slot j, so for slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load)
-  and every tensor has the same layout: no layout conversion in the loop.
-- each code becomes the subnormal float32 code * 2**(TOP - 149) (one shift and one AND with a single
-  constant put it at mantissa bits TOP .. 22, TOP = 23 - BITS, exponent 0), multiplied by x * 2**100: shift +
-  AND + FFMA per weight, no int-to-float conversion and no second constant for ptxas to keep re-loading;
-- sum (code - zero) * x = 2**(49 - TOP) * part - zero * sum x per group, so `gemv_coefficients` stores
-  (2**(49 - TOP) s, -zero s) in float32 per group and each thread's 4 words (one group) are scaled once.
+  slot j, so for slot j a thread's 4 words (one 16-byte load) meet 4 consecutive x values (one 8-byte load).
+  Tiles are [blocks, rows of W, rows of x, word in block] and a thread sums over the last axis in its
+  registers: no tile changes register layout in the loop (a reshape there cost 4 shared-memory round trips and
+  barriers per K step);
+- each code becomes a subnormal float32 by one AND where it already sits below the exponent (bits 0 .. 22;
+  the rest after one shift of the word by 16), code * 2**(bit - 149), and meets x scaled by 2**(149 - bit - 48):
+  AND + FFMA per weight, no int-to-float conversion;
+- sum (code - zero) * x = 2**48 * part - zero * sum x per group, so `gemv_coefficients` stores (2**48 s,
+  -zero s) in float32 per group and each thread's 4 words (one group) are scaled once.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 MAX_ROWS = 4
 GEMV_BITS = (4, 8)
 WORDS_PER_THREAD = 4  # one 16-byte load per row per K step; the interleave block
-NARROW = 4096  # outputs up to which programs take 8 rows and 4 warps, past which 4 rows and 2 warps
+PRODUCT_SHIFT = tl.constexpr(48)  # code * x products are formed at 2**-48: normal for |x| in about 2**-78 .. 2**27
+NARROW = 4096  # outputs up to which INT4 programs take 16 rows and 4 warps, past which 8 rows and 2 warps
 
 
-def knobs_for(n: int) -> tuple[int, int]:
-    """(block_n, num_warps), the best of benchmarks/int4_tinygemm_bench.py --knobs on an H200 at one row
-    (BENCHMARKS.md): Llama-3.1-8B's o and down (N 4096) (8, 4), qkv and gate_up (4, 2); INT8's best
-    (benchmarks/int8_gemv_bench.py --knobs) are within 2 % of these."""
-    return (8, 4) if n <= NARROW else (4, 2)
+def knobs_for(n: int, bits: int) -> tuple[int, int]:
+    """(block_n, num_warps), the best of benchmarks/int4_tinygemm_bench.py / int8_gemv_bench.py --knobs on an
+    H200 at one row (BENCHMARKS.md, session 14): INT4 (16, 4) for Llama-3.1-8B's o and down (N 4096), (8, 2) for
+    qkv and gate_up; INT8 (8, 4) everywhere (within 4 % of each shape's best)."""
+    if bits == 8:
+        return 8, 4
+    return (16, 4) if n <= NARROW else (8, 2)
 
 
 def block_columns(bits: int) -> int:
@@ -67,11 +72,11 @@ def interleaved_columns(k: int, bits: int, device: torch.device | str = "cpu") -
 
 
 def gemv_coefficients(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Per group (2**(26 + bits) s, -zero s) in float32 [N, G, 2]; symmetric codes carry an implicit zero of
+    """Per group (2**PRODUCT_SHIFT s, -zero s) in float32 [N, G, 2]; symmetric codes carry an implicit zero of
     2**(bits - 1)."""
     s = scales.float()
     z = zeros.float() if zeros is not None else torch.full_like(s, 2.0 ** (bits - 1))
-    return torch.stack([s * 2.0 ** (26 + bits), -z * s], dim=-1).contiguous()
+    return torch.stack([s * 2.0 ** PRODUCT_SHIFT.value, -z * s], dim=-1).contiguous()
 
 
 def gemv_tensors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -91,16 +96,22 @@ def int_gemv_supported(rows: int, k: int, group_size: int, bits: int) -> bool:
 
 
 @triton.jit
-def _code_as_subnormal(words, J: tl.constexpr, BITS: tl.constexpr):
-    """Code J of each word moved to bits TOP .. 22 (TOP = 23 - BITS) of an otherwise zero float32:
-    code * 2**(TOP - 149) exactly (a subnormal, which FFMA takes at full rate without flush-to-zero). One
-    shift and one AND with one constant."""
-    TOP: tl.constexpr = 23 - BITS
-    MASK: tl.constexpr = ((1 << BITS) - 1) << TOP
-    if J * BITS <= TOP:
-        bits = (words << (TOP - BITS * J)) & MASK
+def _x_scale(J: tl.constexpr, BITS: tl.constexpr):
+    """What x is multiplied by for code J: 2**(149 - code offset - PRODUCT_SHIFT), the code offset being the bit
+    where `_code_as_subnormal` leaves code J (its bit in the word, or 16 lower for the codes read from `high`)."""
+    OFFSET: tl.constexpr = BITS * J if BITS * (J + 1) <= 23 else BITS * J - 16
+    return 2.0 ** (149 - OFFSET - PRODUCT_SHIFT)
+
+
+@triton.jit
+def _code_as_subnormal(words, high, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J of each word as the subnormal float32 code * 2**(offset - 149) (offset: see `_x_scale`): one AND where the code
+    already sits below the exponent (bits 0 .. 22), else one AND of `high` (the words shifted right by 16, one
+    shift per word shared by its high codes). FFMA takes subnormals at full rate without flush-to-zero."""
+    if BITS * (J + 1) <= 23:
+        bits = words & (((1 << BITS) - 1) << (BITS * J))
     else:
-        bits = (words >> (BITS * J - TOP)) & MASK
+        bits = high & (((1 << BITS) - 1) << (BITS * J - 16))
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -110,59 +121,62 @@ def _int_gemv_kernel(
     BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    # code * 2**(TOP - 149) * x * 2**100 = code * x * 2**(TOP - 49): normal for |x| in about 2**-92 .. 2**28
-    X_SCALE: tl.constexpr = 2.0**100
     PER_WORD: tl.constexpr = 32 // BITS
+    WPT: tl.constexpr = 4  # WORDS_PER_THREAD: one interleave block (one group) per thread per K step
+    BLOCKS: tl.constexpr = BLOCK_W // WPT
     words_per_row = K // PER_WORD
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]
+    # Tiles are [blocks, BLOCK_N, rows, word in block]: a thread holds its block's 4 words (one 16-byte load per
+    # row) and the 4 consecutive x values they meet per code slot, and sums over the last axis in its registers.
+    # No pointer is contiguous along the first three axes, so Triton spreads threads over axis 0 for every load
+    # and no tile changes register layout in the loop.
+    blk = tl.arange(0, BLOCKS)[:, None, None, None]
+    word = tl.arange(0, WPT)[None, None, None, :]
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None, None]
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N read row N - 1; their outputs are not stored
-    q_rows = q_ptr + rows * stride_qn
-    c_rows = c_ptr + rows * stride_cn
-    lane = tl.arange(0, BLOCK_W)[None, None, :]
-    block = lane // 4  # each thread's 4 words: one interleave block, 4 * PER_WORD columns of one group
+    q_words = q_ptr + rows * stride_qn + blk * WPT + word
+    c_rows = c_ptr + tl.reshape(rows, [1, BLOCK_N, 1]) * stride_cn
+    blk3 = tl.arange(0, BLOCKS)[:, None, None]
     if USE_PDL:  # the weights never depend on the previous kernel: the first K step's lines, one address each
-        prefetch_l2(q_rows + tl.minimum(tl.arange(0, BLOCK_W // 32)[None, None, :] * 32, words_per_row - 1))
+        prefetch_l2(q_ptr + rows * stride_qn + tl.minimum(tl.arange(0, BLOCK_W // 32)[:, None, None, None] * 32,
+                                                          words_per_row - 1))
     wait_for_inputs(USE_PDL)
-    offs_m = tl.arange(0, ROWS)[:, None, None]
+    offs_m = tl.arange(0, ROWS)[None, None, :, None]
     m_valid = offs_m < M
-    x_cols = x_ptr + offs_m * stride_xm + block * (4 * PER_WORD) + lane % 4
-    lane4 = tl.arange(0, BLOCK_W // 4)[None, None, :]
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W // 4], tl.float32)
+    x_blocks = x_ptr + offs_m * stride_xm + blk * (WPT * PER_WORD) + word
+    acc = tl.zeros([BLOCKS, BLOCK_N, ROWS], tl.float32)
     for step in range(0, tl.cdiv(words_per_row, BLOCK_W)):
         w0 = step * BLOCK_W
-        w_valid = w0 + block * 4 < words_per_row  # whole blocks of 4 words
+        w_valid = w0 + blk * WPT < words_per_row  # whole blocks of 4 words
         if EVEN_K:
-            words = tl.load(q_rows + w0 + lane)
+            words = tl.load(q_words + w0)
         else:
-            words = tl.load(q_rows + w0 + lane, mask=w_valid, other=0)
+            words = tl.load(q_words + w0, mask=w_valid, other=0)
         words = words.to(tl.uint32, bitcast=True)
+        high = words >> 16
         for j in tl.static_range(PER_WORD):
-            w = _code_as_subnormal(words, j, BITS)
             if EVEN_K and ROWS == 1:
-                x = tl.load(x_cols + w0 * PER_WORD + 4 * j)
+                x = tl.load(x_blocks + w0 * PER_WORD + 4 * j).to(tl.float32)
             else:
-                x = tl.load(x_cols + w0 * PER_WORD + 4 * j, mask=m_valid & w_valid, other=0.0)
-            x = x.to(tl.float32)
+                x = tl.load(x_blocks + w0 * PER_WORD + 4 * j, mask=m_valid & w_valid, other=0.0).to(tl.float32)
+            # code * 2**(offset - 149) * x * 2**(149 - offset - PRODUCT_SHIFT) = code * x * 2**-PRODUCT_SHIFT
             if j == 0:
                 x_sum = x
-                part = w * (x * X_SCALE)
+                part = _code_as_subnormal(words, high, j, BITS) * (x * _x_scale(j, BITS))
             else:
                 x_sum += x
-                part += w * (x * X_SCALE)
-        part = tl.sum(tl.reshape(part, [ROWS, BLOCK_N, BLOCK_W // 4, 4]), axis=3)
-        x_sum = tl.sum(tl.reshape(x_sum, [ROWS, 1, BLOCK_W // 4, 4]), axis=3)
-        coeff = c_rows + ((w0 // 4 + lane4) // (GROUP_WORDS // 4)) * 2
+                part += _code_as_subnormal(words, high, j, BITS) * (x * _x_scale(j, BITS))
+        coeff = c_rows + ((w0 // WPT + blk3) // (GROUP_WORDS // WPT)) * 2
         if EVEN_K:
             a = tl.load(coeff)
             b = tl.load(coeff + 1)
         else:
-            g_valid = w0 + lane4 * 4 < words_per_row
+            g_valid = w0 + blk3 * WPT < words_per_row
             a = tl.load(coeff, mask=g_valid, other=0.0)
             b = tl.load(coeff + 1, mask=g_valid, other=0.0)
-        acc += a * part + b * x_sum
-    y = tl.sum(acc, axis=2)
-    offs_m2 = tl.arange(0, ROWS)[:, None]
-    offs_n2 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        acc += a * tl.sum(part, axis=3) + b * tl.sum(x_sum, axis=3)
+    y = tl.sum(acc, axis=0)
+    offs_m2 = tl.arange(0, ROWS)[None, :]
+    offs_n2 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n2, mask=offs_n2 < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_m2 * stride_ym + offs_n2, y.to(y_ptr.dtype.element_ty), mask=(offs_m2 < M) & (offs_n2 < N))
@@ -173,7 +187,7 @@ def int_gemv(x: torch.Tensor, words: torch.Tensor, coeffs: torch.Tensor, bias: t
     """x [..., K] @ dequantize(weight).T (+ bias) from `interleave_codes` words and `gemv_coefficients`
     (see `int_gemv_supported`). The knobs are for benchmarks/int4_tinygemm_bench.py."""
     n, k = words.shape[0], x.shape[-1]
-    default_n, default_warps = knobs_for(n)
+    default_n, default_warps = knobs_for(n, bits)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()

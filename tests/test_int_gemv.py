@@ -67,6 +67,17 @@ def test_gemv_matches_reference(n, k, group_size, bits, rows, symmetric, poisone
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("magnitude", [2.0**-70, 2.0**20])
+def test_gemv_keeps_x_far_from_one(bits, magnitude, poisoned):
+    """Products are formed at 2**-48 of code * x: x between about 2**-78 and 2**27 stays exact to float32."""
+    qweight, scales, zeros = _weights(24, 512, 128, False, bits)
+    x = torch.randn(1, 512, generator=_gen("far", bits)) * magnitude
+    want = ops.int_linear(x, qweight, scales, zeros, None, None, bits, 128)
+    got = _gemv(x, qweight, scales, zeros, None, 128, bits)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("block_n,num_warps", [(4, 1), (16, 2)])
 def test_gemv_knobs_and_bf16(bits, block_n, num_warps, poisoned):
     qweight, scales, zeros = _weights(33, 1536, 128, False, bits)
