@@ -105,9 +105,10 @@ def _x_scale(J: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _code_as_subnormal(words, high, J: tl.constexpr, BITS: tl.constexpr):
-    """Code J of each word as the subnormal float32 code * 2**(offset - 149) (offset: see `_x_scale`): one AND where the code
-    already sits below the exponent (bits 0 .. 22), else one AND of `high` (the words shifted right by 16, one
-    shift per word shared by its high codes). FFMA takes subnormals at full rate without flush-to-zero."""
+    """Code J of each word as the subnormal float32 code * 2**(offset - 149) (offset: see `_x_scale`): one AND
+    where the code already sits below the exponent (bits 0 .. 22), else one AND of `high` (the words shifted
+    right by 16, one shift per word shared by its high codes). FFMA takes subnormals at full rate without
+    flush-to-zero."""
     if BITS * (J + 1) <= 23:
         bits = words & (((1 << BITS) - 1) << (BITS * J))
     else:
