@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 import autodeploy.kernels  # noqa: F401  (registers the reference ops)
 
@@ -69,12 +70,34 @@ def sweep(label: str, run, params, knobs, ref: torch.Tensor | None = None) -> No
                                        for us, kn in results[:4]), flush=True)
 
 
+@triton.jit
+def _read_kernel(a_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
+    """Streams int32 words, 16 bytes a thread per load, XOR-folds them so the loads stay: a read-only ceiling."""
+    start = tl.program_id(0) * BLOCK
+    acc = tl.zeros([BLOCK], tl.int32)
+    for offset in range(start, n_words, tl.num_programs(0) * BLOCK):
+        acc ^= tl.load(a_ptr + offset + tl.arange(0, BLOCK), mask=offset + tl.arange(0, BLOCK) < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+def read_words(a: torch.Tensor, programs: int, block: int = 4096) -> torch.Tensor:
+    """XOR of each program's share of the int32 words of a (programs stride through a in blocks)."""
+    out = torch.empty(programs, dtype=torch.int32, device=a.device)
+    _read_kernel[(programs,)](a, out, a.numel(), BLOCK=block, num_warps=8)
+    return out
+
+
 def bandwidth() -> None:
+    """Copy bandwidth (read + write bytes, the bench's ceiling) and a read-only stream's, which decode GEMMs
+    approach: a GEMM beyond 100 % of the copy bandwidth is possible only if reads alone go faster."""
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), rep=200)
-    read = triton.testing.do_bench(lambda: a.view(torch.int32).sum(), rep=200)
-    print(f"copy {2 * a.numel() / ms / 1e6:.0f} GB/s; read (sum) {a.numel() / read / 1e6:.0f} GB/s", flush=True)
+    words = a.view(torch.int32)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    reads = {p: triton.testing.do_bench(lambda: read_words(words, p), rep=200) for p in (sms, 2 * sms, 4 * sms)}
+    print(f"copy {2 * a.numel() / ms / 1e6:.0f} GB/s; read " + ", ".join(
+        f"{a.numel() / t / 1e6:.0f} GB/s ({p // sms} programs per SM)" for p, t in reads.items()), flush=True)
 
 
 GIVEN = {1: [(64, 512, 4, 4, True), (64, 256, 4, 6, True), (128, 256, 4, 5, True), (64, 512, 4, 5, True),
