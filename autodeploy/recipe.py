@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -105,6 +106,12 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple =
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}' must look like key.path=value")
+    for o in overrides:  # values are parsed as YAML: `[*x*]` reads as an alias, a stray `:` as a mapping
+        try:
+            yaml.safe_load(o.split("=", 1)[1])
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override '{o}': its value is not valid YAML ({str(e).splitlines()[0]}); quote "
+                              f"strings that start with * & ! or hold ': ' (e.g. key='[\"*x*\"]')") from None
     try:
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:

@@ -52,6 +52,18 @@ def test_bad_value_type_is_an_error():
         load_recipe(None, ["export.max_seq_len=lots"])
 
 
+@pytest.mark.parametrize("override", ["quantization.exclude=[*router*,*.gate]", "runtime.max_batch=: x: 1"])
+def test_override_value_that_is_not_yaml_is_one_line(override):
+    with pytest.raises(RecipeError, match="not valid YAML.*quote") as err:
+        load_recipe(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_quoted_glob_override_is_a_list():
+    recipe = load_recipe(None, ['quantization.exclude=["*router*","*.gate"]'])
+    assert recipe.quantization.exclude == ["*router*", "*.gate"]
+
+
 def test_override_without_equals_is_an_error():
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(None, ["transforms.load_weights.enabled"])
