@@ -56,8 +56,8 @@ def _load(args):
 def cmd_generate(args) -> int:
     from .llm import chat_prompt_ids
 
+    params = _sampling_params(args)  # bad flags fail before the model loads
     llm = _load(args)
-    params = _sampling_params(args)
     prompts = [chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": p}]) if args.chat else p
                for p in args.prompt]
     if len(prompts) == 1:  # one prompt: stream it
@@ -83,8 +83,8 @@ def cmd_chat(args) -> int:
     """A conversation on stdin/stdout; works piped as well as on a terminal."""
     from .llm import chat_prompt_ids
 
-    llm = _load(args)
     params = _sampling_params(args)
+    llm = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat: /exit to quit, /reset to forget the conversation", file=sys.stderr)

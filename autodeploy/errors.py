@@ -19,6 +19,10 @@ class RecipeError(AutoDeployError, ValueError):
     """A bad recipe key or value (also a ValueError, for API callers)."""
 
 
+class SamplingParamsError(AutoDeployError, ValueError):
+    """A generation setting out of its type or range (also a ValueError, for API and HTTP callers)."""
+
+
 class WeightLoadingError(AutoDeployError):
     pass
 

@@ -87,3 +87,14 @@ def test_config_only_runs_without_weights(tmp_path, tiny_llama_dir):
     proc = run_cli("optimize", str(tmp_path), "--config-only", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "random_init=" in proc.stdout
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-tokens", "-1", "max_tokens"), ("--temperature", "-2", "temperature"), ("--top-p", "0", "top_p")])
+def test_bad_sampling_flag_fails_before_the_model_loads(flag, value, needle):
+    """No model path that exists: the flag's error must come first, without the [autodeploy] optimizing line."""
+    assert_clean_error(run_cli("generate", "./definitely/not/here", flag, value, "--prompt", "hi"), needle)
+
+
+def test_override_value_that_is_not_yaml():
+    assert_clean_error(run_cli("optimize", "./definitely/not/here", "quantization.exclude=[*router*]"), "quote")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..errors import SamplingParamsError
+
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
@@ -21,16 +23,16 @@ GREEDY_BELOW = 1e-5  # temperatures this small divide logits into overflow: they
 
 def _check_int(name: str, value, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise SamplingParamsError(f"{name} must be an integer, got {value!r}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        raise SamplingParamsError(f"{name} must be in [{low}, {high}], got {value}")
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise SamplingParamsError(f"{name} must be a finite number, got {value!r}")
     if value > high or value < low or (low_open and value == low):
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        raise SamplingParamsError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
 
 
 @dataclass
@@ -68,10 +70,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+            raise SamplingParamsError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in self.stop if s]
         if len(self.stop) > MAX_STOPS:
-            raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(self.stop)}")
+            raise SamplingParamsError(f"stop takes at most {MAX_STOPS} strings, got {len(self.stop)}")
         _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
         _check_float("temperature", self.temperature, 0.0, 1e4)
         _check_int("top_k", self.top_k, -1, INT32_MAX)
@@ -79,7 +81,7 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, 0, SEED_MAX)
         if not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+            raise SamplingParamsError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         for token in self.stop_token_ids:
             _check_int("stop_token_ids", token, 0, INT32_MAX)
         if self.logprobs is not None:
@@ -89,16 +91,16 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+                raise SamplingParamsError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
             for token, bias in self.logit_bias.items():
                 _check_int("logit_bias token id", token, 0, INT32_MAX)
                 _check_float(f"logit_bias[{token}]", bias, -100.0, 100.0)
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
         if self.json_schema is not None and self.json_schema is not True and not isinstance(self.json_schema, dict):
-            raise ValueError(f"json_schema must be a JSON Schema object or true, got {self.json_schema!r}")
+            raise SamplingParamsError(f"json_schema must be a JSON Schema object or true, got {self.json_schema!r}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise SamplingParamsError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
