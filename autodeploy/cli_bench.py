@@ -61,6 +61,11 @@ def cmd_bench(args) -> int:
         workloads = _workloads(args)
     except ValueError as e:
         raise BenchArgumentError(str(e)) from None
+    counts = {"--warmup": (args.warmup, 0), "--repeats": (args.repeats, 1), "--profile": (args.profile, 0),
+              "--max-batch-size": (args.max_batch_size, 1), "--max-num-tokens": (args.max_num_tokens, 1)}
+    for flag, (value, low) in counts.items():
+        if value is not None and value < low:
+            raise BenchArgumentError(f"{flag} must be >= {low}, got {value}")
     if args.peers_only and not args.baseline:
         raise BenchArgumentError("--peers-only measures the --baseline peers alone: name at least one")
     cfg = BenchConfig(model=args.model, workloads=workloads, recipe=args.recipe, overrides=args.overrides,

@@ -23,6 +23,14 @@ class SamplingParamsError(AutoDeployError, ValueError):
     """A generation setting out of its type or range (also a ValueError, for API and HTTP callers)."""
 
 
+class PromptError(AutoDeployError, ValueError):
+    """Prompts the model cannot take as given: text without a tokenizer, chat without a template."""
+
+
+class RequestError(AutoDeployError):
+    """A request the engine ended with an error (prompt past max_seq_len, more KV cache than there is)."""
+
+
 class WeightLoadingError(AutoDeployError):
     pass
 

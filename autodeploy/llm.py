@@ -27,7 +27,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
-from .errors import RecipeError
+from .errors import PromptError, RecipeError
 from .runtime.engine import Engine
 from .runtime.executor import ModelExecutor
 from .runtime.settings import EngineSettings
@@ -47,7 +47,7 @@ def chat_prompt_ids(tokenizer, messages: list[Message], tools: list[dict] | None
     """Token ids of a conversation (and the tools it may call) through the tokenizer's chat template,
     ready for the reply."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use generate() with a plain prompt")
+        raise PromptError("this model's tokenizer has no chat template; use generate() with a plain prompt")
     ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -78,7 +78,7 @@ def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
     export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
     settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
     if settings.max_num_tokens > export_max:
-        raise ValueError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+        raise RecipeError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
     return settings
 
 
@@ -145,7 +145,7 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"{self.model.source.name} has no tokenizer: pass prompts as lists of token ids")
+                raise PromptError(f"{self.model.source.name} has no tokenizer: pass prompts as lists of token ids")
             request_id = self.engine.add_request(self.tokenizer(prompt)["input_ids"], params, prompt=prompt)
         else:
             request_id = self.engine.add_request(list(prompt), params)
@@ -178,7 +178,7 @@ class LLM:
         prompts = as_prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+            raise PromptError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [self._submit(p, sp) for p, sp in zip(prompts, params)]
         finals = {}
         for request_id in ids:

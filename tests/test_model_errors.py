@@ -98,3 +98,19 @@ def test_bad_sampling_flag_fails_before_the_model_loads(flag, value, needle):
 
 def test_override_value_that_is_not_yaml():
     assert_clean_error(run_cli("optimize", "./definitely/not/here", "quantization.exclude=[*router*]"), "quote")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--profile", "-1"], "--profile"), (["--num-requests", "0"], "--num-requests"), (["--repeats", "0"], "--repeats")])
+def test_bad_bench_counts(flags, needle):
+    assert_clean_error(run_cli("bench", "benchmarks/tiny-llama", "--config-only", *flags), needle)
+
+
+def test_bench_prompt_past_max_seq_len():
+    assert_clean_error(run_cli("bench", "benchmarks/tiny-llama", "--config-only", "--batch", "1", "--input-len",
+                               "100000", "--output-len", "2"), "more than max_seq_len")
+
+
+def test_runtime_setting_out_of_range():
+    assert_clean_error(run_cli("optimize", "benchmarks/tiny-llama", "--config-only", "runtime.max_seq_len=-4"),
+                       "runtime.max_seq_len")

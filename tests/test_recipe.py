@@ -105,3 +105,20 @@ def test_extending_recipe_transforms_fall_into_stage_order(tmp_path, monkeypatch
     (tmp_path / "more.yaml").write_text("extends: default\ntransforms:\n  test_early_pattern: {}\n")
     names = list(load_recipe(tmp_path / "more.yaml").transforms)
     assert names.index("test_early_pattern") < names.index("load_weights")
+
+
+@pytest.mark.parametrize("override,named", [("runtime.max_batch_size=0", "max_batch_size"),
+                                            ("runtime.max_seq_len=-1", "max_seq_len"),
+                                            ("runtime.seed=-3", "seed"),
+                                            ("runtime.cuda_graph_batch_sizes=[1,0]", "cuda_graph_batch_sizes")])
+def test_runtime_settings_out_of_range_are_named(override, named):
+    with pytest.raises(RecipeError, match=f"runtime.{named}"):
+        load_recipe(None, [override])
+
+
+def test_runtime_keyword_out_of_range_is_a_recipe_error():
+    """LLM(...) keywords reach the settings through dataclasses.replace, which checks them the same way."""
+    from dataclasses import replace
+
+    with pytest.raises(RecipeError, match="max_batch_size"):
+        replace(load_recipe(None).runtime, max_batch_size=-3)

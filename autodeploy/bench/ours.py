@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from autodeploy.errors import RequestError
 from autodeploy.optimizer import OptimizedModel
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.settings import EngineSettings
@@ -55,7 +56,7 @@ def _drain(engine: Engine, index: dict[str, int], times: list[list[float]], star
         t = time.perf_counter() - start  # no device sync: the step's tokens are on the host, the next step runs
         for out in outputs:
             if out.finish_reason == "error":
-                raise ValueError(f"request {out.request_id} failed: {out.error}")
+                raise RequestError(f"request {out.request_id} failed: {out.error}")
             times[index[out.request_id]] += [t] * len(out.delta_token_ids)
             left -= out.finished
         if after_step is not None:

@@ -59,6 +59,8 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def random_lengths(num_requests: int, input_range: tuple[int, int], output_range: tuple[int, int],
                    seed: int = 0) -> Workload:
+    if num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
     rng = random.Random(seed)
     requests = [Request(rng.randint(*input_range), rng.randint(*output_range)) for _ in range(num_requests)]
     return Workload(f"throughput n={num_requests} in={input_range[0]}-{input_range[1]} "
