@@ -33,6 +33,11 @@ class ExportSettings:
     max_batch_size: int = 256
     max_seq_len: int = 4096
 
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"export.{name} must be >= 1, not {getattr(self, name)}")
+
 
 @dataclass
 class Recipe:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autodeploy.bench.metrics import Run, percentile, summarize
-from autodeploy.bench.workload import parse_range, random_lengths, random_prompts, shared_prefix
+from autodeploy.bench.workload import from_file, parse_range, random_lengths, random_prompts, shared_prefix
 from autodeploy.cli_bench import register
 from autodeploy.runtime.cuda_graphs import buckets_to_capture
 
@@ -167,3 +167,16 @@ def test_quantized_bench_reports_scheme_and_ceiling(tiny_llama_dir, tmp_path, ca
     unquantized = sum(t.numel() * 4 for t in load_file(tiny_llama_dir / "model.safetensors").values())
     assert r["bytes_per_token"] < unquantized / 2  # float32 linears -> 4-bit codes + scales
     assert r["ceiling_batch1_tok_s"] == pytest.approx(r["copy_bandwidth_GBps"] * 1e9 / r["bytes_per_token"])
+
+
+@pytest.mark.parametrize("text", ["not json", "[[4, 2], [3]]", '[[4, "x"]]', '[{"input_len": 3}]', "[]", "[[0, 2]]"])
+def test_lengths_file_errors_name_the_file(tmp_path, text):
+    path = tmp_path / "lengths.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="lengths.json: want a non-empty JSON list"):
+        from_file(path)
+
+
+def test_missing_lengths_file(tmp_path):
+    with pytest.raises(ValueError, match="No such file"):
+        from_file(tmp_path / "nope.json")

@@ -122,3 +122,12 @@ def test_runtime_keyword_out_of_range_is_a_recipe_error():
 
     with pytest.raises(RecipeError, match="max_batch_size"):
         replace(load_recipe(None).runtime, max_batch_size=-3)
+
+
+@pytest.mark.parametrize("override,named", [("export.max_seq_len=0", "export.max_seq_len"),
+                                            ("transforms.insert_kv_cache.block_size=0", "block_size"),
+                                            ("transforms.insert_kv_cache.free_memory_fraction=1.5",
+                                             "free_memory_fraction")])
+def test_sizes_out_of_range_are_named(override, named):
+    with pytest.raises(RecipeError, match=named):
+        load_recipe(None, [override])

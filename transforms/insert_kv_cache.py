@@ -43,6 +43,14 @@ class InsertKVCacheConfig(TransformConfig):
     free_memory_fraction: float | None = None
     backend: str = "auto"  # torch | triton; auto = triton on CUDA, torch elsewhere
 
+    def __post_init__(self):
+        if self.block_size < 1 or self.num_blocks < 0:
+            raise RecipeError(f"insert_kv_cache: block_size must be >= 1 and num_blocks >= 0, not {self.block_size} "
+                              f"and {self.num_blocks}")
+        if self.free_memory_fraction is not None and not 0 < self.free_memory_fraction <= 1:
+            raise RecipeError(f"insert_kv_cache: free_memory_fraction must be in (0, 1], "
+                              f"not {self.free_memory_fraction}")
+
 
 def _backend(name: str, device: torch.device):
     return CACHED_ATTENTION_BACKENDS[pick_backend("cached attention", CACHED_ATTENTION_BACKENDS, name, device)]

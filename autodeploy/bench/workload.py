@@ -69,11 +69,17 @@ def random_lengths(num_requests: int, input_range: tuple[int, int], output_range
 
 def from_file(path: str | Path) -> Workload:
     """A JSON list of [input_len, output_len] pairs or {"input_len", "output_len"} objects."""
-    items = json.loads(Path(path).read_text())
-    requests = [Request(*item) if isinstance(item, list) else Request(item["input_len"], item["output_len"])
-                for item in items]
-    if not requests or min(min(r.input_len, r.output_len) for r in requests) < 1:
-        raise ValueError(f"{path}: want a non-empty list of lengths >= 1")
+    want = f"{path}: want a non-empty JSON list of [input_len, output_len] pairs (or objects) of integers >= 1"
+    try:
+        items = json.loads(Path(path).read_text())
+        requests = [Request(*item) if isinstance(item, list) else Request(item["input_len"], item["output_len"])
+                    for item in items]
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{want} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not requests or not all(isinstance(n, int) and n >= 1 for r in requests for n in (r.input_len, r.output_len)):
+        raise ValueError(want)
     return Workload(f"throughput file={Path(path).name} n={len(requests)}", requests, "throughput")
 
 
