@@ -20,6 +20,7 @@ engine when it has nothing to read and outputs are routed to the request they be
 from __future__ import annotations
 
 import asyncio
+import numbers
 import os
 import weakref
 from collections import deque
@@ -148,7 +149,11 @@ class LLM:
                 raise PromptError(f"{self.model.source.name} has no tokenizer: pass prompts as lists of token ids")
             request_id = self.engine.add_request(self.tokenizer(prompt)["input_ids"], params, prompt=prompt)
         else:
-            request_id = self.engine.add_request(list(prompt), params)
+            ids = list(prompt) if isinstance(prompt, (list, tuple)) else None
+            if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+                raise PromptError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}"
+                                  + ("" if ids is None else " holding other values"))
+            request_id = self.engine.add_request([int(t) for t in ids], params)
         self._queues[request_id] = deque()
         return request_id
 

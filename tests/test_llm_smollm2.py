@@ -145,6 +145,15 @@ def test_cached_graph_still_gives_full_logits(base, llm):
     torch.testing.assert_close(llm.model.logits(ids), base.logits(ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("prompt", [3.5, [1, [2]], [1, True], {"ids": [1]}])
+def test_prompt_of_the_wrong_type_is_a_prompt_error(llm, prompt):
+    from autodeploy.errors import PromptError
+
+    with pytest.raises(PromptError, match="a prompt is a string or a list of token ids"):
+        llm.generate([prompt], GREEDY)
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].finish_reason == "length"  # still serves
+
+
 @pytest.fixture
 def cli(llm, monkeypatch):
     """The generate/chat subcommands on their own parser, over the module's already built LLM."""
