@@ -111,8 +111,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple =
     for o in overrides:
         if "=" not in o:
             raise RecipeError(f"override '{o}' must look like key.path=value")
-    for o in overrides:  # values are parsed as YAML: `[*x*]` reads as an alias, a stray `:` as a mapping
-        try:
+        try:  # values are parsed as YAML: `[*x*]` reads as an alias, a stray `: ` as a mapping
             yaml.safe_load(o.split("=", 1)[1])
         except yaml.YAMLError as e:
             raise RecipeError(f"override '{o}': its value is not valid YAML ({str(e).splitlines()[0]}); quote "
