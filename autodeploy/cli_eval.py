@@ -22,6 +22,9 @@ def cmd_eval_ppl(args) -> int:
     from .optimizer import optimize_model
 
     _split_overrides(args)
+    for flag, value, low in (("--window", args.window, 2), ("--stride", args.stride, 1)):
+        if value is not None and value < low:  # checked before the model builds; 0 is not "the default"
+            raise EvalArgumentError(f"{flag} must be >= {low}, got {value}")
     if not Path(args.text).is_file():
         raise EvalArgumentError(f"--text {args.text}: no such file")
     opt = optimize_model(args.model, args.recipe, args.overrides, progress=False)

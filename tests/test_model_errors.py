@@ -114,3 +114,8 @@ def test_bench_prompt_past_max_seq_len():
 def test_runtime_setting_out_of_range():
     assert_clean_error(run_cli("optimize", "benchmarks/tiny-llama", "--config-only", "runtime.max_seq_len=-4"),
                        "runtime.max_seq_len")
+
+
+@pytest.mark.parametrize("flag,value", [("--window", "0"), ("--stride", "0"), ("--window", "1")])
+def test_eval_ppl_window_and_stride_checked_first(flag, value):
+    assert_clean_error(run_cli("eval-ppl", "./definitely/not/here", "--text", "README.md", flag, value), flag)

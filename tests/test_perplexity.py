@@ -87,4 +87,4 @@ def test_cli(tiny_llama_dir, tmp_path, capsys):
     assert main(["eval-ppl", str(model), "--text", str(text), "--window", "1"]) == 2
     assert main(["eval-ppl", str(tiny_llama_dir), "--text", str(text)]) == 2  # no tokenizer
     err = capsys.readouterr().err
-    assert "no such file" in err and "window >= 2" in err and "has no tokenizer" in err
+    assert "no such file" in err and "--window must be >= 2" in err and "has no tokenizer" in err
