@@ -21,6 +21,9 @@
 #         21 = `autodeploy serve` under 64 streaming clients against LLM.generate (benchmarks/serve_load.py, the 8B
 #              shape with SmolLM2's tokenizer: needs the default model installed, or SERVE_TOKENIZER=DIR holding its
 #              config.json and tokenizer files, and the serve wheels in .whl).
+#         22 = read-only vs copy bandwidth (is a GEMM past 100 % of the copy possible?), then INT8 GEMV vs tensor-core
+#              dot at 1-8 rows (settles use_int_gemv.rows; GPU only),
+#         23 = FP8 and INT4 batch 1 with the LM head quantized too (`quantization.exclude` without lm_head).
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -102,4 +105,11 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
 21) timeout "$(limit 300)" python3 benchmarks/serve_load.py --device $SERVE_DEVICE --shape $CFG ${SERVE_TOKENIZER:+--tokenizer-from $SERVE_TOKENIZER} --clients $SERVE_CLIENTS \
       --duration $SERVE_S --requests $SERVE_REQ --output-len $NEW --prompt-words 100 --max-seq-len 512 \
       --json "$OUT/serve_load.json" 2>&1 | tail -60 | tee "$OUT/serve_load.log" ;;
+22) (cd benchmarks && timeout "$(limit 60)" python3 -c "import quant_knob_sweep; quant_knob_sweep.bandwidth()") 2>&1 \
+      | tee "$OUT/bandwidth.log"
+    (cd benchmarks && timeout "$(limit 150)" python3 int8_gemv_bench.py) 2>&1 | tee "$OUT/int8_rows.log" ;;
+23) for q in "$Q_FP8" "$Q_INT4"; do name=lm_head_$(echo "$q" | sed 's/quantization\.algo=//; s/ .*//')
+      bench $name 90 --batch 1 --input-len $IN --output-len $NEW --repeats $REPEATS $q \
+        'quantization.exclude=["*router*","*.gate"]'
+    done ;;
 esac; done
