@@ -24,7 +24,8 @@ class SamplingParamsError(AutoDeployError, ValueError):
 
 
 class PromptError(AutoDeployError, ValueError):
-    """Prompts the model cannot take as given: text without a tokenizer, chat without a template."""
+    """Prompts the model cannot take as given: text without a tokenizer, chat without a template, a prompt that
+    is neither text nor token ids, prompts and sampling params of different counts."""
 
 
 class RequestError(AutoDeployError):
