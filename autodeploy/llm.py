@@ -79,7 +79,8 @@ def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
     export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
     settings.max_num_tokens = settings.max_num_tokens or min(2048, export_max)
     if settings.max_num_tokens > export_max:
-        raise RecipeError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len {export_max}")
+        raise RecipeError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len "
+                          f"{export_max}")
     return settings
 
 
@@ -95,6 +96,7 @@ class LLM:
 
         runtime, recipe_overrides = translate(kwargs)
         recipe = load_recipe(recipe, list(overrides) + recipe_overrides)
+        replace(recipe.runtime, **runtime)  # keyword settings are checked (EngineSettings) before the build
         self._ranks = None
         if recipe.parallel.tensor_parallel_size > 1:
             from .parallel.ranks import Ranks, for_rank

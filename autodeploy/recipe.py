@@ -112,14 +112,12 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | tuple =
         if "=" not in o:
             raise RecipeError(f"override '{o}' must look like key.path=value")
         try:  # values are parsed as YAML: `[*x*]` reads as an alias, a stray `: ` as a mapping
-            yaml.safe_load(o.split("=", 1)[1])
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o]))
         except yaml.YAMLError as e:
             raise RecipeError(f"override '{o}': its value is not valid YAML ({str(e).splitlines()[0]}); quote "
                               f"strings that start with * & ! or hold ': ' (e.g. key='[\"*x*\"]')") from None
-    try:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise RecipeError(f"bad override: {str(e).splitlines()[0]}") from None
+        except OmegaConfBaseException as e:
+            raise RecipeError(f"bad override: {str(e).splitlines()[0]}") from None
     _check_keys("", raw.keys(), _TOP_KEYS)
 
     result = Recipe(name=str(recipe or DEFAULT_RECIPE))

@@ -5,8 +5,8 @@ memory bandwidth: the weights as stored (quantized codes and their scales for a 
 except an embedding table that is only gathered, of which a token reads one row, and the copies of an
 `int4_linear_tinygemm` that one row does not read (it reads the GEMV's codes and coefficients when the op has
 them and runs the GEMV at one row, else the tinygemm copy), and the scales and column order that an
-`int_linear_gemv` reads past its GEMV's rows only. The bandwidth is measured, not taken from a datasheet: a large device-to-device copy,
-counting the bytes read plus the bytes written, median of several timed repeats.
+`int_linear_gemv` reads past its GEMV's rows only. The bandwidth is measured, not taken from a datasheet: a
+large device-to-device copy, counting the bytes read plus the bytes written, median of several timed repeats.
 """
 
 from __future__ import annotations
