@@ -4,7 +4,7 @@ On the canonical layout the few-row GEMV converts its unpacked tile between regi
 (kernels/triton_int_gemv.py says why): on an H200 the Llama-3.1-8B shape decoded INT8 per channel at 188 tok/s
 against bf16's 233. So every `int_linear_triton` node the GEMV takes (4 or 8 bits, no act-order, K and groups
 in whole blocks of 4 words) has its codes re-packed for it, with float32 group coefficients, and becomes
-`int_linear_gemv`: the GEMV up to `rows` rows, then the tensor-core dot up to 64 rows, then the Triton backend,
+`int_linear_gemv`: the GEMV up to `rows` rows (2), then the tensor-core dot up to 64 rows, then the Triton backend,
 both reading the same words (the backend with x's columns gathered into their order; kernels/int_gemv_linear.py). The canonical codes are deleted: the weight is
 stored once (the coefficients add 8 bytes per group, the column order 8 bytes per input column).
 
@@ -34,9 +34,10 @@ INT_LINEAR_GEMV = torch.ops.autodeploy.int_linear_gemv.default
 
 @dataclass
 class UseIntGemvConfig(TransformConfig):
-    # rows up to which the GEMV runs (0 = off). H200, INT8 per channel, every 8B shape: faster than the
-    # canonical-layout GEMV that runs those rows otherwise at 1, 2 and 4 rows (BENCHMARKS.md session 12)
-    rows: int = 4
+    # rows up to which the GEMV runs (0 = off), then the tensor-core dot. H200, INT8 per channel, the 8B layer's
+    # four linears (benchmarks/int8_gemv_bench.py, BENCHMARKS.md session 15): GEMV 63.1 / 90.5 / 130.3 us at 1 / 2 /
+    # 3 rows, the dot 110.1 / 110.9 / 111.2
+    rows: int = 2
 
     def __post_init__(self):
         if not 0 <= self.rows <= MAX_ROWS:
