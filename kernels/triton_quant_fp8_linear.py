@@ -36,6 +36,7 @@ from .quant_linear import ACT_GROUP_SIZE, ACT_QUANT, activation_scale, quantize_
 from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
+from .triton_fp8_gemv import fp8_gemv, fp8_gemv_supported
 from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 from .triton_split_k import k_range, split_launch, splits_for, sum_splits
@@ -74,6 +75,10 @@ SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
 # (315.3 with only the split-K launches plain, 319.7 with PDL off everywhere; batch 64 unchanged). Why the early
 # launch costs it was not found; the bf16 and INT4 kernels gain from PDL.
 FP8_DOT_PDL = False
+# Rows of quantized x up to which the GEMV (kernels/triton_fp8_gemv.py) runs instead of the dot. H200, the 8B layer's
+# four linears with group scales (benchmarks/fp8_gemv_bench.py, BENCHMARKS.md session 15): the GEMV 63.6 / 72.3 us
+# at 1 / 2 rows, the dot 69.4 / 70.3.
+FP8_GEMV_ROWS = 1
 _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 
@@ -238,14 +243,16 @@ def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, a
 
 def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
-    """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to QUANTIZED_X_ROWS rows the
-    Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); with groups
+    """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to FP8_GEMV_ROWS rows the GEMV;
+    up to QUANTIZED_X_ROWS rows the Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); with groups
     of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows (for outputs up to
     QUANTIZED_X_WIDE_N; past QUANTIZED_X_ROWS for all: H200, 2,048 rows, 532 us for gate_up against the Triton
     dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to
     cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
+    if rows <= FP8_GEMV_ROWS and fp8_gemv_supported(rows, k, group_size if grouped else -1):
+        return fp8_gemv(q2, scale2, weight, weight_scale, bias, out_dtype, group_size)
     if (grouped and BLOCKWISE_MIN_ROWS <= rows and (rows > QUANTIZED_X_ROWS or n <= QUANTIZED_X_WIDE_N)
             and _blockwise_takes(q2, group_size, n, k)):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)

@@ -52,7 +52,8 @@ def test_other_activation_scales_are_left_alone(llama_dir):
 
 
 # rows, N, K, activation group size (-1: per token): K 200 / 160 / 576 leave a short last group, 64 < 128 is one
-# group; 21 rows take the weights-as-A-operand dot, 70 the dot tiled over rows (past QUANTIZED_X_ROWS)
+# group; 1 row takes the GEMV (K in whole 16-column blocks), 2-21 rows the weights-as-A-operand dot, 70 the dot
+# tiled over rows (past QUANTIZED_X_ROWS)
 CASES = [(1, 40, 96, -1), (3, 72, 200, -1), (21, 64, 128, -1), (3, 72, 200, 32), (1, 37, 576, 128),
          (21, 40, 160, 32), (2, 24, 64, 128), (70, 24, 160, 32)]
 
@@ -189,18 +190,21 @@ def test_block_scaled_gemm_from_17_rows_on_gpu(rows, poisoned):
 
 
 
-@pytest.mark.parametrize("rows, n, blockwise", [(16, 256, False), (17, 256, True), (64, 256, True),
-                                                (64, 8192 + 16, False), (65, 8192 + 16, True)])
-def test_group_scaled_rows_route_to_the_block_scaled_gemm(monkeypatch, rows, n, blockwise):
-    """Where cuBLASLt's block-scaled GEMM takes the shape, groups of 128 go to it from 17 rows for outputs up to
-    8192 wide and past 64 rows for all (the H200 timings in BENCHMARKS.md session 11); else the Triton dot."""
+@pytest.mark.parametrize("rows, n, path", [(1, 256, "gemv"), (2, 256, "dot"), (3, 256, "dot"), (16, 256, "dot"),
+                                           (17, 256, "blockwise"), (64, 256, "blockwise"), (64, 8192 + 16, "dot"),
+                                           (65, 8192 + 16, "blockwise")])
+def test_group_scaled_rows_route(monkeypatch, rows, n, path):
+    """Up to FP8_GEMV_ROWS rows the GEMV; where cuBLASLt's block-scaled GEMM takes the shape, groups of 128 go to it
+    from 17 rows for outputs up to 8192 wide and past 64 rows for all (the H200 timings in BENCHMARKS.md session
+    11); else the Triton dot."""
     from autodeploy.kernels import triton_quant_fp8_linear as backend
 
     calls = []
     monkeypatch.setattr(backend, "_blockwise_takes", lambda *args: True)
     monkeypatch.setattr(backend, "blockwise_scaled_mm", lambda q2, *args: calls.append("blockwise") or "blockwise")
     monkeypatch.setattr(backend, "skinny_fp8_linear", lambda *args, **kwargs: calls.append("dot") or "dot")
+    monkeypatch.setattr(backend, "fp8_gemv", lambda *args, **kwargs: calls.append("gemv") or "gemv")
     q = torch.zeros(rows, 256, dtype=torch.float8_e4m3fn)
     weight = torch.zeros(n, 256, dtype=torch.float8_e4m3fn)
     backend.given_fp8_linear(q, torch.ones(rows, 2), weight, torch.ones(n), None, torch.bfloat16, 128)
-    assert calls == ["blockwise" if blockwise else "dot"]
+    assert calls == [path]

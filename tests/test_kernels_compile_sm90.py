@@ -128,7 +128,8 @@ def recorded_launches():
 def _run_every_wrapper() -> None:
     """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
-                                    triton_fp8_act_quant, triton_gated_act, triton_int_dot, triton_int_gemv,
+                                    triton_fp8_act_quant, triton_fp8_gemv, triton_gated_act, triton_int_dot,
+                                    triton_int_gemv,
                                     triton_linear,
                                     triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
                                     triton_rms_norm, triton_rope)
@@ -180,6 +181,11 @@ def _run_every_wrapper() -> None:
         triton_quant_fp8_linear.skinny_fp8_linear(qx, f8, f8_scale, None, None, block_n=64, block_k=128,
                                                   swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=group,
                                                   block_m=block_m, split_k=split)
+        if rows <= triton_fp8_gemv.MAX_ROWS:  # K 256: one uneven K step; a bias
+            triton_fp8_gemv.fp8_gemv(qx, sx, f8, f8_scale, w, bf16, group)
+    for group, knobs in ((-1, triton_fp8_gemv.knobs_for(1)), (128, triton_fp8_gemv.knobs_for(10**6))):  # whole K
+        qx, sx = triton_fp8_act_quant.quantize_rows_fp8(big[:1].to(bf16), group)  # steps at each default knob set
+        triton_fp8_gemv.fp8_gemv(qx, sx, *quantize_fp8(big, True), None, bf16, group, *knobs)
     for dtype in (bf16, torch.float8_e4m3fn):
         k_cache, v_cache = (torch.zeros(4, 16, 2, 64).to(dtype) for _ in range(2))
         slots = torch.tensor([0, 1, 17])
@@ -219,7 +225,7 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
     unique, env = unique_launches, _compiler_env(compiler)
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
-        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel"}
+        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),
@@ -231,13 +237,14 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
     assert not failures, "\n".join(failures)
 
 
-def test_int_gemv_k_loop_has_no_barrier(unique_launches):
-    """The INT GEMV's K loop keeps every tile in one register layout: a layout conversion there costs a round trip
-    through shared memory and its barriers every K step (INT4 batch-1 decode 10 % slower on an H200, session 14).
-    Checked in the PTX of the GPU image's Triton for the recorded launches with whole K steps."""
+def test_gemv_k_loops_have_no_barrier(unique_launches):
+    """The INT and FP8 GEMVs' K loops keep every tile in one register layout: a layout conversion there costs a
+    round trip through shared memory and its barriers every K step (INT4 batch-1 decode 10 % slower on an H200,
+    session 14). Checked in the PTX of the GPU image's Triton for the recorded launches with whole K steps."""
     gemv = [launch for launch in unique_launches
-            if launch["name"] == "_int_gemv_kernel" and launch["constexprs"]["EVEN_K"]]
-    assert {launch["constexprs"]["BITS"] for launch in gemv} == {4, 8}
+            if launch["name"] in ("_int_gemv_kernel", "_fp8_gemv_kernel") and launch["constexprs"]["EVEN_K"]]
+    assert {launch["constexprs"].get("BITS", 8) for launch in gemv} == {4, 8}
+    assert sum(launch["name"] == "_fp8_gemv_kernel" for launch in gemv) == 2
     done = subprocess.run([sys.executable, "-c", COMPILE, "loop-barriers"], input=json.dumps(gemv),
                           capture_output=True, text=True, env=_compiler_env("gpu-image"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
