@@ -9,16 +9,17 @@ import triton
 
 from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
 from autodeploy.kernels.triton_linear import skinny_linear
-from autodeploy.kernels.triton_quant_fp8_linear import scaled_mm_fp8_linear, skinny_fp8_linear
-from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
+from autodeploy.kernels.triton_fp8_act_quant import quantize_rows_fp8
+from autodeploy.kernels.triton_fp8_gemv import fp8_gemv
+from autodeploy.kernels.triton_quant_fp8_linear import prequantized_fp8_linear, scaled_mm_fp8_linear, skinny_fp8_linear
+from autodeploy.kernels.triton_quant_gemv import gemv_int_linear
 from autodeploy.kernels.triton_quant_int_linear import skinny_int_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 POOL_BYTES = 200 * 2**20
 INT_KNOBS = [(8, 64, 4, 3), (4, 64, 4, 3), (16, 64, 4, 3), (8, 32, 4, 3), (8, 128, 4, 3), (8, 64, 2, 3),
              (8, 64, 8, 3), (8, 64, 4, 2), (8, 64, 4, 4), (4, 128, 4, 3), (16, 32, 4, 3)]
-FP8_KNOBS = [(8, 256, 4, 3), (4, 256, 4, 3), (16, 256, 4, 3), (8, 512, 4, 3), (8, 128, 4, 3), (8, 256, 8, 3),
-             (8, 256, 4, 4), (4, 512, 4, 3)]
+FP8_KNOBS = [(4, 4), (8, 4), (16, 4), (8, 2), (16, 2), (8, 8)]  # the FP8 GEMV's (block_n, num_warps)
 
 
 def nbytes(ts) -> int:
@@ -52,7 +53,7 @@ def main() -> None:
                 "int4 gemv": (lambda p: gemv_int_linear(x, p[0], p[1], None, None, 4, 128), (q4, s4)),
                 "int8 gemv": (lambda p: gemv_int_linear(x, p[0], p[1], None, None, 8, -1), (q8, s8)),
                 "fp8 dot": (lambda p: skinny_fp8_linear(x, p[0], p[1]), (f8, fs)),
-                "fp8 gemv": (lambda p: gemv_fp8_linear(x, p[0], p[1], None, None, 1), (f8, fs)),
+                "fp8 quantized x": (lambda p: prequantized_fp8_linear(x, p[0], p[1]), (f8, fs)),
             }
             line = []
             for label, (call, params) in cases.items():
@@ -66,12 +67,13 @@ def main() -> None:
                 sweep = sorted((timed(lambda p: gemv_int_linear(x, p[0], p[1], None, None, 4, 128, *kn), (q4, s4)), kn)
                                for kn in INT_KNOBS)
                 print("    int4 gemv knobs (block_n, block_w, warps, stages): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]))
-                sweep = sorted((timed(lambda p: gemv_fp8_linear(x, p[0], p[1], None, None, 1, *kn), (f8, fs)), kn)
+                qx, sx = quantize_rows_fp8(x)
+                sweep = sorted((timed(lambda p: fp8_gemv(qx, sx, p[0], p[1], None, x.dtype, -1, *kn), (f8, fs)), kn)
                                for kn in FP8_KNOBS)
-                print("    fp8 gemv knobs (block_n, block_k, warps, stages): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]), flush=True)
+                print("    fp8 gemv knobs (block_n, warps): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]), flush=True)
     for rows in (1, 2, 4):
         print(f"rows {rows} per layer: " + ", ".join(f"{lab} {totals[(rows, lab)]:.1f} us ({100 * totals[(rows, lab + ' ceil')] / totals[(rows, lab)]:.0f}%)"
-                                              for lab in ("bf16 skinny", "int4 dot", "int4 gemv", "int8 gemv", "fp8 dot", "fp8 gemv")))
+                                              for lab in ("bf16 skinny", "int4 dot", "int4 gemv", "int8 gemv", "fp8 dot", "fp8 quantized x")))
     print("\nrows 64: bf16 cuBLAS vs fp8 scaled_mm (with one-kernel activation quantization)")
     for name, (n, k) in SHAPES.items():
         x = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)

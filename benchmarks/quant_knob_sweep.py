@@ -20,7 +20,7 @@ from autodeploy.kernels.triton_fp8_act_quant import quantize_rows_fp8
 from autodeploy.kernels.triton_linear import skinny_linear
 from autodeploy.kernels.triton_quant_fp8_linear import (blockwise_scaled_mm, given_fp8_linear, scaled_mm_fp8_linear,
                                                          skinny_fp8_linear)
-from autodeploy.kernels.triton_quant_gemv import gemv_fp8_linear, gemv_int_linear
+from autodeploy.kernels.triton_quant_gemv import gemv_int_linear
 from autodeploy.kernels.triton_quant_int_linear import dequantize_int_triton, skinny_int_linear
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -176,7 +176,6 @@ def main() -> None:
                 for rows, x in ((1, x1), (64, x64))}
         sweep("bf16 cublas", lambda p: F.linear(x1, p[0]), (w,), [()])
         sweep("bf16 skinny", lambda p, *kn: skinny_linear(x1, p[0], None, *kn), (w,), BF16[:3] if quick else BF16, refs[1][0])
-        sweep("fp8 gemv", lambda p: gemv_fp8_linear(x1, p[0], p[1], None, None, 1), f8, [()])
         sweep("fp8 dot", lambda p, *kn: skinny_fp8_linear(x1, p[0], p[1], None, None, "token", *kn), f8,
               FP8[:3] if quick else FP8, refs[1][1])
         qx, sx = quantize_rows_fp8(x1)

@@ -1,10 +1,10 @@
-"""Dynamic FP8 quantization of activations in one kernel, per token or per token and group of columns.
+"""FP8 quantization of activations in one kernel: dynamic per token or per token and group of columns, or static.
 
 In torch the dynamic scale and the cast are five kernels (abs, amax, divide, clamp, cast); at batch 64
 that launch chain costs more than the GEMM it feeds. One program per row (per token) or per row and
 group of columns (`group_size`: DeepSeek-V3 / vLLM's per-token-group scales, the last group short where
 the size does not divide K) finds the span's amax, then writes x / scale saturated to e4m3 and the
-scale, matching the reference op's rounding.
+scale, matching the reference op's rounding. A static scale (an FP8 checkpoint's input_scale) skips the amax.
 """
 
 from __future__ import annotations
@@ -21,20 +21,24 @@ BLOCK_K = 1024
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, SPAN, stride_xm, stride_qm, INTERPRET: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """Program (row, group): columns [group * SPAN, min(group * SPAN + SPAN, K)), its scale at s[row, group]."""
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, SPAN, stride_xm, stride_qm, STATIC: tl.constexpr,
+                          INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program (row, group): columns [group * SPAN, min(group * SPAN + SPAN, K)), its scale at s[row, group]
+    (with STATIC the one at static_ptr, copied there)."""
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     start = group * SPAN
     end = tl.minimum(start + SPAN, K)
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(start, end, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
     for k0 in range(start, end, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
@@ -43,15 +47,18 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, SPAN, stride_xm, stride_qm, IN
     tl.store(s_ptr + row * tl.num_programs(1) + group, scale)
 
 
-def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
+                      input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, G]): the reference's per-token (G = 1) or per-token-group
-    quantization."""
+    quantization, or with a static `input_scale` (one value) x / input_scale, that scale repeated per row [M, 1]
+    (what the e4m3 GEMMs on quantized x read)."""
     m, k = x2.shape
-    q, scale = empty_quantized(x2, group_size)
+    q, scale = empty_quantized(x2, -1 if input_scale is not None else group_size)
     span = k if scale.shape[-1] == 1 else group_size
     if m and k:
         _quantize_rows_kernel[(m, scale.shape[-1])](
-            x2, q, scale, k, span, x2.stride(0), q.stride(0), INTERPRET=not x2.is_cuda,
+            x2, q, scale, input_scale if input_scale is not None else scale, k, span, x2.stride(0), q.stride(0),
+            STATIC=input_scale is not None, INTERPRET=not x2.is_cuda,
             BLOCK_K=min(BLOCK_K, triton.next_power_of_2(span)), **pdl_launch(x2.device))
     return q, scale
 

@@ -37,7 +37,6 @@ from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
 from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_fp8_gemv import fp8_gemv, fp8_gemv_supported
-from .triton_quant_gemv import GEMV_ROWS, gemv_fp8_linear
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 from .triton_split_k import k_range, split_launch, splits_for, sum_splits
 
@@ -305,30 +304,34 @@ def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: tor
 
 
 def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: torch.Tensor | None = None, group_size: int = -1) -> torch.Tensor:
-    """Dynamic fp8_linear (per token, or per token and group of group_size columns): one kernel quantizes x's
-    rows, the e4m3 GEMM reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling
+                            bias: torch.Tensor | None = None, group_size: int = -1,
+                            input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear with per-token scales (or per token and group of group_size columns, or a static input_scale,
+    read as one scale per row): one kernel quantizes x's rows, the e4m3 GEMM reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling
     every tile) costs more than this extra kernel: on an H200 the 28672 x 4096 weight streams at 3.6 TB/s this
     way, 2.3 TB/s that way. (`fuse_fp8_act_quant` does the same in the graph, and folds the quantization into
     the RMSNorm.)"""
-    q, scale = quantize_fp8_per_token(x, group_size)
-    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)
+    if input_scale is None:
+        q, scale = quantize_fp8_per_token(x, group_size)
+        return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)
+    x2 = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_rows_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous(), -1, input_scale)
+    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], -1)
 
 
 def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
                act_group_size=ACT_GROUP_SIZE) -> torch.Tensor:
-    """The backend: per-token rows up to QUANTIZED_X_ROWS and per-token-group rows of any number quantized once,
-    then the Triton e4m3 dot; other activation scales: the GEMV / skinny kernels for a few rows;
-    `torch._scaled_mm` for more on sm_89+; else the reference."""
+    """The backend: per-token-group rows of any number, and up to QUANTIZED_X_ROWS rows with per-token or static
+    scales (and one row with a per-tensor scale: its amax is the row's), quantized once, then the e4m3 GEMV or
+    dot; per-tensor scales: the skinny kernel for a few rows; `torch._scaled_mm` for more on sm_89+; else the
+    reference."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.is_cuda and weight.dtype == FP8_DTYPE and rows > 0:
         if input_scale is None and act_quant == "group":
             return prequantized_fp8_linear(x, weight, weight_scale, bias, act_group_size)
-        if rows <= QUANTIZED_X_ROWS and input_scale is None and act_quant == "token":
-            return prequantized_fp8_linear(x, weight, weight_scale, bias)
-        if rows <= GEMV_ROWS:
-            act = _ACT_MODES["static" if input_scale is not None else act_quant]
-            return gemv_fp8_linear(x, weight, weight_scale, input_scale, bias, act)
+        per_row = input_scale is not None or act_quant == "token" or (act_quant == "tensor" and rows == 1)
+        if rows <= QUANTIZED_X_ROWS and per_row:
+            return prequantized_fp8_linear(x, weight, weight_scale, bias, input_scale=input_scale)
         if rows <= SKINNY_ROWS:
             return skinny_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
         n, k = weight.shape

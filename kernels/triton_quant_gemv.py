@@ -1,4 +1,4 @@
-"""Quantized GEMV for one to a few rows (decode at batch 1-4): INT4 / INT8 weight-only and FP8 W8A8.
+"""INT4 / INT8 weight-only GEMV for one to a few rows (decode at batch 1-4) on our canonical packing.
 
 At batch 1 a quantized linear only streams its packed weights, so its time is their bytes over the
 memory bandwidth - as long as unpacking keeps up and nothing else gets in the way. A `tl.dot` needs
@@ -12,10 +12,9 @@ weights are loaded in and reduce across K once, at the end:
     into one LOP3), and subtracting 2**23 (+ 2**(BITS-1) when symmetric) gives the code (minus the
     implicit zero point) exactly; explicit zero points, which a scale search may leave fractional, come
     off once per word as zero * sum(x); each word's partial dot is scaled by its group's scale (groups
-    hold whole words);
-  - FP8: the weight byte converts to float, x is quantized per token (amax pre-pass over x, which
-    is small and in L2) exactly as the reference does, and the scales apply once at the end.
-Weights never depend on the previous kernel, so with PDL the first words are asked of L2 before the
+    hold whole words).
+(On CUDA most INT linears take the faster GEMV of kernels/triton_int_gemv.py on re-packed codes instead;
+FP8 takes kernels/triton_fp8_gemv.py.) Weights never depend on the previous kernel, so with PDL the first words are asked of L2 before the
 wait (kernels/triton_pdl.py).
 """
 
@@ -25,13 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 
 GEMV_ROWS = 4  # more rows: the tl.dot kernels
 # From benchmarks/quant_knob_sweep.py on an H200 (BENCHMARKS.md): the best over the o / gate_up / down shapes.
 INT_BLOCK_N, INT_BLOCK_W, INT_WARPS, INT_STAGES = 8, 256, 4, 3
-FP8_BLOCK_N, FP8_BLOCK_K, FP8_WARPS, FP8_STAGES = 16, 1024, 4, 3
 PREFETCH_BYTES = 2048  # per weight row, asked of L2 before the PDL wait
 
 
@@ -86,35 +83,6 @@ def _gemv_int_kernel(
              mask=m_valid[:, None] & n_valid[None, :])
 
 
-@triton.jit
-def _gemv_fp8_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < N
-    w_rows = w_ptr + tl.where(n_valid, offs_n, 0).to(tl.int64)[:, None] * stride_wn
-    if PREFETCH_K > 0:  # one address per 128-byte line (1-byte weights)
-        prefetch_l2(w_rows + tl.minimum(tl.arange(0, PREFETCH_K // 128)[None, :] * 128, K - 1))
-    wait_for_inputs(USE_PDL)
-    offs_m = tl.arange(0, ROWS)
-    m_valid = offs_m < M
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    sx = activation_scales(x_rows, xs_ptr, m_valid, K, ACT, ROWS, BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_valid = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        qx = saturate_e4m3(x.to(tl.float32) / sx[:, None], INTERPRET)
-        acc += w.to(tl.float32)[None, :, :] * qx[:, None, :]
-    store_scaled(tl.sum(acc, axis=2), sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
-                 W_PER_CHANNEL, HAS_BIAS)
-
-
 def gemv_int_supported(rows: int, g_idx, bits: int, group_size: int, k: int) -> bool:
     """The GEMV takes a few rows and groups made of whole words (group -1, or a multiple of 32 // bits)."""
     per_word = 32 // bits
@@ -148,29 +116,5 @@ def gemv_int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         BITS=bits, GROUP_WORDS=0 if group_size == -1 else group_size * bits // 32, HAS_ZEROS=zeros is not scales,
         HAS_BIAS=bias is not None, ROWS=_rows_tile(rows), BLOCK_N=block_n, BLOCK_W=block_w,
         num_warps=num_warps, num_stages=num_stages, **launch,
-    )
-    return y.view(*x.shape[:-1], n)
-
-
-def gemv_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
-                    bias: torch.Tensor | None, act: int, block_n: int = FP8_BLOCK_N, block_k: int = FP8_BLOCK_K,
-                    num_warps: int = FP8_WARPS, num_stages: int = FP8_STAGES) -> torch.Tensor:
-    """fp8_linear for a few rows; `act` is 0 (static input scale), 1 (per token) or 2 (per tensor)."""
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    weight_scale = weight_scale.float().contiguous()
-    rows = x2.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    launch = pdl_launch(x.device)
-    prefetch = min(PREFETCH_BYTES, triton.next_power_of_2(k))
-    launch["PREFETCH_K"] = prefetch if launch["USE_PDL"] and prefetch >= 128 else 0
-    xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
-    _gemv_fp8_kernel[(triton.cdiv(n, block_n),)](
-        x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
-        x2.stride(0), weight.stride(0), y.stride(0),
-        ACT=act, W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None, INTERPRET=not x.is_cuda,
-        ROWS=_rows_tile(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return y.view(*x.shape[:-1], n)

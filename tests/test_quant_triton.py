@@ -189,12 +189,14 @@ def test_int_linear_backend_on_gpu(rows, bits, group_size, symmetric, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rows", [1, 7, 16, 64, 200])
+@pytest.mark.parametrize("rows", [1, 3, 7, 16, 64, 200])
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("act_quant", ["token", "group"])
+@pytest.mark.parametrize("act_quant", ["token", "group", "tensor", "static"])
 def test_fp8_linear_backend_on_gpu(rows, per_channel, act_quant):
     g = _gen(rows, per_channel, act_quant)
     weight, weight_scale = (t.cuda() for t in quantize_fp8(torch.randn(1024, 2048 + 64, generator=g), per_channel))
     x = torch.randn(rows, 2048 + 64, generator=g).cuda().bfloat16()
-    want = ops.fp8_linear(x.float(), weight, weight_scale, None, None, act_quant)
-    _assert_close(ops.fp8_linear_triton(x, weight, weight_scale, None, None, act_quant), want, torch.bfloat16)
+    input_scale = torch.tensor(0.01, device="cuda") if act_quant == "static" else None
+    act_quant = "token" if act_quant == "static" else act_quant
+    want = ops.fp8_linear(x.float(), weight, weight_scale, input_scale, None, act_quant)
+    _assert_close(ops.fp8_linear_triton(x, weight, weight_scale, input_scale, None, act_quant), want, torch.bfloat16)
