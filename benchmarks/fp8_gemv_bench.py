@@ -15,7 +15,7 @@ import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.quant_format import FP8_DTYPE
 from autodeploy.kernels.triton_fp8_gemv import MAX_ROWS, fp8_gemv
 from autodeploy.kernels import triton_quant_fp8_linear as backend
-from quant_knob_sweep import SHAPES, sweep, timed
+from quant_knob_sweep import SHAPES, compared_row, sweep
 
 GROUP, ROWS = 128, (1, 2, 3, 4, 8)
 PATHS = ("gemv", "dot", "bf16")
@@ -59,13 +59,7 @@ def main() -> int:
                 continue
             if rows == 1:
                 print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in PATHS) + "  (us)", flush=True)
-            for path, (call, params) in paths(q, scale, x).items():
-                err = ((call(tensors[params]).float() - ref).abs().max() / ref.abs().max()).item()
-                if path != "bf16" and not err < 1e-2:
-                    print(f"  {path} rows {rows}: WRONG, max error {err:.3g} of the largest output", flush=True)
-                    ok = False
-            us = {p: timed(call, tensors[params]) for p, (call, params) in paths(q, scale, x).items()}
-            print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" if p in us else f"{'-':>9s}" for p in PATHS), flush=True)
+            ok = compared_row(rows, paths(q, scale, x), tensors, ref, PATHS) and ok
     return 0 if ok else 1
 
 

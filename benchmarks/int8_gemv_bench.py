@@ -17,7 +17,7 @@ from autodeploy.kernels.quant_format import quantize_int
 from autodeploy.kernels.triton_int_dot import int_dot_linear
 from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv, interleave_codes
 from int4_tinygemm_bench import GEMV_KNOBS
-from quant_knob_sweep import SHAPES, sweep, timed
+from quant_knob_sweep import SHAPES, compared_row, sweep
 
 BITS, GROUP, ROWS = 8, -1, (1, 2, 3, 4, 6, 8)
 PATHS = ("gemv", "dot", "canonical", "bf16")
@@ -54,13 +54,7 @@ def main() -> int:
         for rows in ROWS:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             ref = torch.ops.autodeploy.int_linear(x, *q8, None, None, BITS, GROUP).float()
-            for path, (call, params) in paths(x).items():
-                err = ((call(tensors[params]).float() - ref).abs().max() / ref.abs().max()).item()
-                if path != "bf16" and not err < 1e-2:
-                    print(f"  {path} rows {rows}: WRONG, max error {err:.3g} of the largest output", flush=True)
-                    ok = False
-            us = {p: timed(call, tensors[params]) for p, (call, params) in paths(x).items()}
-            print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" if p in us else f"{'-':>9s}" for p in PATHS), flush=True)
+            ok = compared_row(rows, paths(x), tensors, ref, PATHS) and ok
     return 0 if ok else 1
 
 

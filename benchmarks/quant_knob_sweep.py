@@ -53,6 +53,20 @@ def timed(call, params) -> float:
     return triton.testing.do_bench_cudagraph(lambda: [call(p) for p in pool], rep=25) * 1e3 / len(pool)
 
 
+def compared_row(rows: int, found: dict, tensors: dict, ref: torch.Tensor, columns: tuple[str, ...]) -> bool:
+    """One line of us per call for `found` (name -> (call on a parameter tuple, key of its tensors)), under
+    `columns` ("-" where a path does not run); every path but bf16 first checked against ref. False: one is wrong."""
+    ok = True
+    for path, (call, params) in found.items():
+        err = ((call(tensors[params]).float() - ref).abs().max() / ref.abs().max()).item()
+        if path != "bf16" and not err < 1e-2:
+            print(f"  {path} rows {rows}: WRONG, max error {err:.3g} of the largest output", flush=True)
+            ok = False
+    us = {p: timed(call, tensors[params]) for p, (call, params) in found.items()}
+    print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" if p in us else f"{'-':>9s}" for p in columns), flush=True)
+    return ok
+
+
 def sweep(label: str, run, params, knobs, ref: torch.Tensor | None = None) -> None:
     results = []
     for kn in knobs:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+from .triton_pdl import pdl_launch, prefetch_first_lines, wait_for_inputs
 
 MAX_ROWS = 4
 BLOCK_COLS = 16  # one 16-byte load per weight row per K step
@@ -53,9 +53,8 @@ def _fp8_gemv_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None, None]
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # rows past N read row N - 1; their outputs are not stored
     w_cols = w_ptr + rows * stride_wn + blk * COLS + col
-    if USE_PDL:  # the weights never depend on the previous kernel: the first K step's lines, one address each
-        prefetch_l2(w_ptr + rows * stride_wn + tl.minimum(tl.arange(0, BLOCK_K // 128)[:, None, None, None] * 128,
-                                                          K - 1))
+    if USE_PDL:  # the weights never depend on the previous kernel
+        prefetch_first_lines(w_ptr + rows * stride_wn, BLOCK_K // 128, 128, K)
     wait_for_inputs(USE_PDL)
     offs_m = tl.arange(0, ROWS)[None, None, :, None]
     m_valid = offs_m < M

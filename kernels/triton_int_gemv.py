@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .quant_format import pack_int, unpack_int
-from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
+from .triton_pdl import pdl_launch, prefetch_first_lines, wait_for_inputs
 
 MAX_ROWS = 4
 GEMV_BITS = (4, 8)
@@ -137,9 +137,8 @@ def _int_gemv_kernel(
     q_words = q_ptr + rows * stride_qn + blk * WPT + word
     c_rows = c_ptr + tl.reshape(rows, [1, BLOCK_N, 1]) * stride_cn
     blk3 = tl.arange(0, BLOCKS)[:, None, None]
-    if USE_PDL:  # the weights never depend on the previous kernel: the first K step's lines, one address each
-        prefetch_l2(q_ptr + rows * stride_qn + tl.minimum(tl.arange(0, BLOCK_W // 32)[:, None, None, None] * 32,
-                                                          words_per_row - 1))
+    if USE_PDL:  # the weights never depend on the previous kernel
+        prefetch_first_lines(q_ptr + rows * stride_qn, BLOCK_W // 32, 32, words_per_row)
     wait_for_inputs(USE_PDL)
     offs_m = tl.arange(0, ROWS)[None, None, :, None]
     m_valid = offs_m < M

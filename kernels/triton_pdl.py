@@ -44,6 +44,13 @@ def prefetch_l2(ptrs):
                               is_pure=False, pack=1)
 
 
+@triton.jit
+def prefetch_first_lines(row_starts, LINES: tl.constexpr, LINE: tl.constexpr, row_len):
+    """prefetch_l2 of the first LINES lines (LINE elements each, clipped to row_len) of each row, one address per
+    line: what a GEMV's first K step reads. row_starts: pointers [1, R, 1, 1] (the GEMVs' tile axes)."""
+    prefetch_l2(row_starts + tl.minimum(tl.arange(0, LINES)[:, None, None, None] * LINE, row_len - 1))
+
+
 @functools.cache
 def _device_supports_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
