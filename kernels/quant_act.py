@@ -5,15 +5,16 @@ by every program of the GEMM (each finds the rows' amax, then scales every tile)
 before each GEMM; both cost more at decode than the e4m3 GEMM reading activations already quantized. So the
 graph quantizes once per activation tensor, and where the producer is the residual add + RMSNorm, that
 kernel writes e4m3 and the scales instead of the normalized row:
-- `quantize_fp8_per_token(x, group_size=-1) -> (q, scale)`: q = x / scale saturated to e4m3, scale =
-  amax(|row|) / 448 ([..., 1], float32), or with a group size one scale per group of that many columns
-  ([..., G], the last group short where the size does not divide K: `act_quant="group"`), exactly as
-  `fp8_linear`'s reference quantizes.
+- `quantize_fp8_per_token(x, group_size=-1, input_scale=None) -> (q, scale)`: q = x / scale saturated to e4m3,
+  scale = amax(|row|) / 448 ([..., 1], float32), or with a group size one scale per group of that many columns
+  ([..., G], the last group short where the size does not divide K: `act_quant="group"`), or a static
+  input_scale (an FP8 checkpoint's) repeated per row, exactly as `fp8_linear`'s reference quantizes.
 - `fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1)`: the rest of
   `fp8_linear` (group_size: the columns per scale the quantization used).
-- `fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size=-1) -> (q, scale, x + residual)`: the
-  normalized row rounded to x's dtype (as the unfused graph hands it on), then quantized.
-- `gated_act_quant_fp8(gate, up, activation, group_size=-1) -> (q, scale)`: a gated MLP's act(gate) * up,
+- `fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size=-1, input_scale=None) -> (q, scale,
+  x + residual)`: the normalized row rounded to x's dtype (as the unfused graph hands it on), then quantized.
+- `gated_act_quant_fp8(gate, up, activation, group_size=-1, input_scale=None) -> (q, scale)`: a gated MLP's
+  act(gate) * up,
   quantized for the down projection in the same kernel.
 Composed, they give `fp8_linear`'s reference results bit for bit.
 """
@@ -41,16 +42,20 @@ def kernel_groups(group_size: int, k: int) -> bool:
 
 
 @torch.library.custom_op("autodeploy::quantize_fp8_per_token", mutates_args=(),
-                         schema="(Tensor x, int group_size=-1) -> (Tensor, Tensor)")
-def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+                         schema="(Tensor x, int group_size=-1, Tensor? input_scale=None) -> (Tensor, Tensor)")
+def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1,
+                           input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: (e4m3 x / scale, float32 scale [..., G]) with scale = amax of each row (or each group of
-    group_size columns of it) / 448."""
+    group_size columns of it) / 448, or the static input_scale (one value; group_size -1) repeated per row."""
+    if input_scale is not None:
+        scale = input_scale.float().reshape(()).expand(*x.shape[:-1], 1).clone(memory_format=torch.contiguous_format)
+        return quantize_activation(x, scale), scale
     scale = activation_scale(x, None, "token" if group_size == -1 else "group", group_size)
     return quantize_activation(x, scale, group_size), scale
 
 
 @quantize_fp8_per_token.register_fake
-def _(x, group_size=-1):
+def _(x, group_size=-1, input_scale=None):
     return empty_quantized(x, group_size)
 
 
@@ -77,30 +82,34 @@ def _(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1):
 
 @torch.library.custom_op(
     "autodeploy::fused_add_rms_norm_quant_fp8", mutates_args=(),
-    schema="(Tensor x, Tensor residual, Tensor weight, float eps, int group_size=-1) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor residual, Tensor weight, float eps, int group_size=-1, Tensor? input_scale=None) "
+           "-> (Tensor, Tensor, Tensor)",
 )
 def fused_add_rms_norm_quant_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                                 group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference: fused_add_rms_norm, then the normalized row quantized per token (or per token and group)."""
+                                 group_size: int = -1, input_scale: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference: fused_add_rms_norm, then the normalized row quantized per token (or per token and group, or
+    with the static input_scale)."""
     normed, added = fused_add_rms_norm(x, residual, weight, eps)
-    q, scale = quantize_fp8_per_token(normed, group_size)
+    q, scale = quantize_fp8_per_token(normed, group_size, input_scale)
     return q, scale, added
 
 
 @fused_add_rms_norm_quant_fp8.register_fake
-def _(x, residual, weight, eps, group_size=-1):
+def _(x, residual, weight, eps, group_size=-1, input_scale=None):
     torch._check(x.shape == residual.shape, lambda: "x and residual must have the same shape")
     return (*empty_quantized(x, group_size), torch.empty_like(x))
 
 
-@torch.library.custom_op("autodeploy::gated_act_quant_fp8", mutates_args=(),
-                         schema="(Tensor gate, Tensor up, str activation, int group_size=-1) -> (Tensor, Tensor)")
-def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str,
-                        group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: gated_act, then quantized per token (or per token and group)."""
-    return quantize_fp8_per_token(gated_act(gate, up, activation), group_size)
+@torch.library.custom_op(
+    "autodeploy::gated_act_quant_fp8", mutates_args=(),
+    schema="(Tensor gate, Tensor up, str activation, int group_size=-1, Tensor? input_scale=None) -> (Tensor, Tensor)")
+def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: int = -1,
+                        input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: gated_act, then quantized per token (or per token and group, or with the static input_scale)."""
+    return quantize_fp8_per_token(gated_act(gate, up, activation), group_size, input_scale)
 
 
 @gated_act_quant_fp8.register_fake
-def _(gate, up, activation, group_size=-1):
+def _(gate, up, activation, group_size=-1, input_scale=None):
     return empty_quantized(gate.new_empty(torch.broadcast_shapes(gate.shape, up.shape)), group_size)

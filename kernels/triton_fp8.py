@@ -34,10 +34,15 @@ def saturate_e4m3(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def store_tile_quantized(y, out_ptrs, mask, scale_ptrs, scale_mask, INTERPRET: tl.constexpr):
+def store_tile_quantized(y, out_ptrs, mask, scale_ptrs, scale_mask, INTERPRET: tl.constexpr, static_ptr=None,
+                         STATIC: tl.constexpr = False):
     """A [groups, group] float32 tile stored as e4m3, one scale (amax / 448) per tile row: per-token-group
-    quantization as the reference does it (one row = one group, or a whole token)."""
-    scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
+    quantization as the reference does it (one row = one group, or a whole token); with STATIC every tile row's
+    scale is the one at static_ptr (a static input scale)."""
+    if STATIC:
+        scale = tl.zeros([y.shape[0]], tl.float32) + tl.load(static_ptr).to(tl.float32)
+    else:
+        scale = tl.maximum(tl.max(tl.abs(y), axis=1) / 448.0, 1e-12)
     tl.store(out_ptrs, saturate_e4m3(y / scale[:, None], INTERPRET).to(out_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptrs, scale, mask=scale_mask)
 

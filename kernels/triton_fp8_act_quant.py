@@ -63,7 +63,8 @@ def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
     return q, scale
 
 
-def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1,
+                           input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `torch.ops.autodeploy.quantize_fp8_per_token`: (e4m3 x, float32 scale [..., G])."""
-    q, scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]).contiguous(), group_size)
+    q, scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]).contiguous(), group_size, input_scale)
     return q.view(x.shape), scale.view(*x.shape[:-1], scale.shape[-1])

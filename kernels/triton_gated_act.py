@@ -31,6 +31,7 @@ def _gated_act_kernel(
     gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, scale_ptr,
     ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1,
     NUM_GROUPS: tl.constexpr = 1, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    static_ptr=None, STATIC: tl.constexpr = False,
 ):
     """Program (row, block of BLOCK columns), the block as a [BLOCK // GROUP, GROUP] tile: with QUANT_FP8 the
     product comes out as e4m3 with one scale per tile row (a group of GROUP columns, or the whole row when one
@@ -45,13 +46,15 @@ def _gated_act_kernel(
     if QUANT_FP8:
         groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
         store_tile_quantized(y.to(tl.float32), out_ptr + row * stride_o + cols, valid,
-                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET)
+                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET, static_ptr, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: int | None = None):
-    """act(gate) * up, or with `group_size` (quant_act's convention: -1 = one scale per row) (e4m3, scales)."""
+def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: int | None = None,
+            input_scale: torch.Tensor | None = None):
+    """act(gate) * up, or with `group_size` (quant_act's convention: -1 = one scale per row; with a static
+    `input_scale`, that scale per row) (e4m3, scales)."""
     quant = group_size is not None
     out, scale = (empty_quantized(gate, group_size) if quant
                   else (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), None))
@@ -65,7 +68,8 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](
         gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale if quant else out2,
         ACTIVATION=ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
-        INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), **pdl_launch(gate.device),
+        INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), static_ptr=input_scale,
+        STATIC=input_scale is not None, **pdl_launch(gate.device),
     )
     return out if not quant else (out, scale)
 
@@ -81,12 +85,12 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
     return _launch(gate, up, activation)
 
 
-def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str,
-                        group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_act_quant_fp8(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: int = -1,
+                        input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `torch.ops.autodeploy.gated_act_quant_fp8`: (e4m3 act(gate) * up, float32 scale [..., G]).
     Groups the kernel does not take, and one scale over rows wider than MAX_ROW_COLUMNS, go to the reference."""
     whole_row = activation_groups(gate.shape[-1], group_size) == 1
     if (not _fused(gate, up) or not kernel_groups(group_size, gate.shape[-1])
             or (whole_row and gate.shape[-1] > MAX_ROW_COLUMNS)):
-        return torch.ops.autodeploy.gated_act_quant_fp8(gate, up, activation, group_size)
-    return _launch(gate, up, activation, group_size)
+        return torch.ops.autodeploy.gated_act_quant_fp8(gate, up, activation, group_size, input_scale)
+    return _launch(gate, up, activation, group_size, input_scale)

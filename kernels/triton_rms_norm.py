@@ -56,7 +56,7 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_s, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
     QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, NUM_GROUPS: tl.constexpr = 1,
-    INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False, static_ptr=None, STATIC: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -75,16 +75,16 @@ def _rms_norm_kernel(
     if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
         groups = tl.arange(0, BLOCK // GROUP)
         store_tile_quantized(y.to(x.dtype).to(tl.float32), out_ptr + row * stride_o + cols, valid,
-                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET)
+                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET, static_ptr, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            scale: torch.Tensor | None = None, group_size: int = -1):
+            scale: torch.Tensor | None = None, group_size: int = -1, input_scale: torch.Tensor | None = None):
     """(normed, x + residual); without a residual the second result is the first (nothing to add).
     With `scale` (float32 [..., G]) normed comes out as e4m3, quantized per row (G = 1) or per group of
-    group_size columns (a power of two), its scales in `scale`."""
+    group_size columns (a power of two), or with the static `input_scale`, its scales in `scale`."""
     x2 = as_rows(x)
     out = torch.empty(x.shape, dtype=x.dtype if scale is None else FP8_DTYPE, device=x.device)
     out2 = out.view(-1, x.shape[-1])
@@ -102,7 +102,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=rounds_normed(x, weight),
         BLOCK=block, QUANT_FP8=scale is not None, GROUP=block if groups == 1 else group_size, NUM_GROUPS=groups,
-        INTERPRET=not x.is_cuda,
+        INTERPRET=not x.is_cuda, static_ptr=input_scale, STATIC=input_scale is not None,
         num_warps=min(max(block // 512, 1), 8), **pdl_launch(x.device),
     )
     return out, added
@@ -121,12 +121,13 @@ def fused_add_rms_norm(
 
 
 def fused_add_rms_norm_quant_fp8(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int = -1
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int = -1,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `torch.ops.autodeploy.fused_add_rms_norm_quant_fp8`: (e4m3 normed, scale, x + residual).
     Group sizes the kernels do not take (quant_act.kernel_groups) go to the reference."""
     if not kernel_groups(group_size, x.shape[-1]):
-        return torch.ops.autodeploy.fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size)
+        return torch.ops.autodeploy.fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size, input_scale)
     scale = empty_quantized(x, group_size)[1]
-    q, added = _launch(x, residual, weight, eps, scale, group_size)
+    q, added = _launch(x, residual, weight, eps, scale, group_size, input_scale)
     return q, scale, added

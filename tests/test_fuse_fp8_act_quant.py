@@ -42,7 +42,31 @@ def test_graph_quantizes_each_activation_once_and_in_the_norm(llama_dir, act_qua
     quantizations = [n for n in fused.gm.graph.nodes if n.target in (ops.fused_add_rms_norm_quant_fp8.default,
                                                                      ops.quantize_fp8_per_token.default,
                                                                      ops.gated_act_quant_fp8.default)]
-    assert {n.args[-1] for n in quantizations} == {group_size}
+    assert {n.args[-2] for n in quantizations} == {group_size} and {n.args[-1] for n in quantizations} == {None}
+    assert torch.equal(fused.logits(PROMPT), plain.logits(PROMPT))
+
+
+def test_static_input_scales_quantize_once_and_in_the_norm(tmp_path):
+    """A ModelOpt FP8 checkpoint (static per-tensor input scales, one per GEMM): each GEMM input quantized once
+    with its scale, in the RMSNorm / gated activation where they produce it; the logits exactly the unfused ones."""
+    from quant_fixtures import write_modelopt_fp8
+    from test_quantize_checkpoint import CONFIG, NO_CACHE, _config
+
+    write_modelopt_fp8(tmp_path, _config())
+    plain = optimize_model(tmp_path, overrides=NO_CACHE + ["transforms.fuse_fp8_act_quant.enabled=false"],
+                           progress=False)
+    fused = optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
+    linears = _count(plain, ops.fp8_linear.default)
+    assert linears == 4 * CONFIG["num_hidden_layers"] and _count(fused, ops.fp8_linear.default) == 0
+    assert _count(fused, ops.fp8_linear_quantized_input.default) == linears
+    report = next(r for r in fused.reports if r.name == "fuse_fp8_act_quant")
+    assert report.matched["activation_quantizations"] == linears  # one static scale per GEMM input
+    assert report.matched["quantizations_in_rms_norm"] == 3 and report.matched["quantizations_in_gated_act"] == 2
+    quantizations = [n for n in fused.gm.graph.nodes if n.target in (ops.fused_add_rms_norm_quant_fp8.default,
+                                                                     ops.quantize_fp8_per_token.default,
+                                                                     ops.gated_act_quant_fp8.default)]
+    assert all(n.args[-2] == -1 and n.args[-1].op == "get_attr" for n in quantizations)
+    fused.gm.graph.lint()
     assert torch.equal(fused.logits(PROMPT), plain.logits(PROMPT))
 
 
@@ -90,6 +114,34 @@ def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
     gate, up = gate_up[:, :k], gate_up[:, k:]
     _assert_quantized_close(*triton_gated_act.gated_act_quant_fp8(gate, up, "silu", group_size),
                             *ops.gated_act_quant_fp8(gate, up, "silu", group_size), group_size)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (21, 576)])
+def test_triton_backends_take_a_static_scale(rows, k, poisoned):
+    """A static input scale (small enough that some values saturate at +-448): the three quantizing kernels
+    against their references, the scale repeated per row, and composed with the GEMM, fp8_linear's reference."""
+    from autodeploy.kernels import triton_fp8_act_quant, triton_gated_act, triton_quant_fp8_linear, triton_rms_norm
+
+    torch.manual_seed(rows + k)
+    x, residual = torch.randn(rows, k) * torch.linspace(0.05, 4, k), torch.randn(rows, k)
+    norm_weight, static = torch.rand(k) + 0.5, torch.tensor(0.006)
+    weight, weight_scale = quantize_fp8(torch.randn(40, k), True)
+
+    q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x, -1, static)
+    ref_q, ref_scale = ops.quantize_fp8_per_token(x, -1, static)
+    assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, static.expand(rows, 1))
+    assert (q.float().abs() == 448).any()
+    got = triton_quant_fp8_linear.given_fp8_linear(q, scale, weight, weight_scale, None, torch.float32)
+    torch.testing.assert_close(got, ops.fp8_linear(x, weight, weight_scale, static, None), rtol=1e-5, atol=1e-4)
+
+    (q, scale, added), (ref_q, ref_scale, ref_added) = (
+        triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, -1, static),
+        ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, -1, static))
+    assert torch.equal(added, ref_added) and torch.equal(scale, static.expand(rows, 1))
+    _assert_quantized_close(q, scale, ref_q, ref_scale, -1)
+    gate_up = torch.randn(rows, 2 * k) * 3
+    _assert_quantized_close(*triton_gated_act.gated_act_quant_fp8(gate_up[:, :k], gate_up[:, k:], "silu", -1, static),
+                            *ops.gated_act_quant_fp8(gate_up[:, :k], gate_up[:, k:], "silu", -1, static), -1)
 
 
 def _assert_quantized_close(q, scale, ref_q, ref_scale, group_size: int) -> None:

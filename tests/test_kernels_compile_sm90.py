@@ -144,6 +144,9 @@ def _run_every_wrapper() -> None:
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, group)
         triton_fp8_act_quant.quantize_rows_fp8(x, group)
         triton_gated_act.gated_act_quant_fp8(x, residual, "silu", group)
+    static = torch.tensor(0.5)  # a static input scale
+    triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, -1, static)
+    triton_gated_act.gated_act_quant_fp8(x, residual, "silu", -1, static)
     triton_gated_act.gated_act(x, residual, "silu")
     q = torch.randn(1, 4, 3, 64, generator=g).to(bf16)
     k, cos = torch.randn(1, 2, 3, 64, generator=g).to(bf16), torch.randn(1, 1, 3, 64, generator=g).to(bf16)
@@ -174,7 +177,7 @@ def _run_every_wrapper() -> None:
     triton_quant_int_linear.skinny_int_linear(x, qweight, scales, zeros, None, None, 4, 128)
     triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
     f8, f8_scale = quantize_fp8(weight, True)
-    triton_fp8_act_quant.quantize_rows_fp8(x, -1, torch.tensor(0.5))  # a static scale
+    triton_fp8_act_quant.quantize_rows_fp8(x, -1, static)
     triton_quant_fp8_linear.skinny_fp8_linear(x, f8, f8_scale, None, None, "token")
     for group, split, rows, block_m in ((-1, 1, 3, None), (128, 2, 3, None), (128, 1, 70, 64)):
         qx, sx = triton_fp8_act_quant.quantize_rows_fp8(torch.randn(rows, 256, generator=g).to(bf16), group)

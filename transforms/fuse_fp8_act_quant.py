@@ -10,9 +10,11 @@ that kernel:
     fused_add_rms_norm(a, b) -> (normed, a + b)  ->  fused_add_rms_norm_quant_fp8(a, b) -> (q, s, a + b)
 and where x is a gated MLP's act(gate) * up read by nothing else, into that kernel (one launch less per layer):
     gated_act(gate, up) -> h  ->  gated_act_quant_fp8(gate, up) -> (q, s)
-Per-token-group scales (`act_quant="group"`) take the same path, the group size passed to all three ops.
-Linears with a static input scale or per-tensor dynamic scales are left as they are. The numbers do not
-change: the ops compose to fp8_linear's reference exactly (kernels/quant_act.py).
+Per-token-group scales (`act_quant="group"`) take the same path, the group size passed to all three ops, and so
+do static input scales (FP8 checkpoints), the scale passed to them (one quantization per tensor and scale: the
+linears reading one tensor may carry different static scales). Linears with per-tensor dynamic scales (one amax
+over every row) are left as they are. The numbers do not change: the ops compose to fp8_linear's reference exactly
+(kernels/quant_act.py).
 """
 
 from __future__ import annotations
@@ -36,19 +38,32 @@ GATED_ACT = torch.ops.autodeploy.gated_act.default
 GATED_ACT_QUANT = torch.ops.autodeploy.gated_act_quant_fp8.default
 
 
-def _token_groups(node: Node) -> int | None:
-    """The activation group size of an fp8_linear with dynamic per-token scales (-1: one per row), or None
-    (a static input scale, or per-tensor scales)."""
+def _row_quantization(node: Node) -> tuple[int, Node | None] | None:
+    """(activation group size, static input scale node) of an fp8_linear whose activation scales are per row or
+    per row and group (group size -1: one per row; a static scale counts as one per row), or None (per-tensor
+    dynamic scales)."""
     args = bind_args(node)
-    if args["input_scale"] is not None or args["act_quant"] not in ("token", "group"):
+    if isinstance(args["input_scale"], Node):  # a parameter (get_attr or placeholder) can move up the graph
+        return (-1, args["input_scale"]) if args["input_scale"].op in ("get_attr", "placeholder") else None
+    if args["act_quant"] not in ("token", "group"):
         return None
-    return args["act_group_size"] if args["act_quant"] == "group" else -1
+    return (args["act_group_size"] if args["act_quant"] == "group" else -1), None
 
 
-def _quantize_once(graph, x: Node, group_size: int) -> tuple[Node, Node]:
+def _hoist(graph, param: Node | None) -> None:
+    """A static scale's get_attr moved to the top of the graph (it reads nothing), so that a quantization placed
+    anywhere may read it."""
+    if param is not None and param.op == "get_attr":
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        if first is not param:
+            first.prepend(param)
+
+
+def _quantize_once(graph, x: Node, group_size: int, input_scale: Node | None) -> tuple[Node, Node]:
     """(q, scale) nodes of x, placed right after x."""
+    _hoist(graph, input_scale)
     with graph.inserting_after(x):
-        quant = insert_call(graph, QUANTIZE, (x, group_size))
+        quant = insert_call(graph, QUANTIZE, (x, group_size, input_scale))
     with graph.inserting_after(quant):
         scale = insert_call(graph, operator.getitem, (quant, 1))
         q = insert_call(graph, operator.getitem, (quant, 0))
@@ -58,21 +73,21 @@ def _quantize_once(graph, x: Node, group_size: int) -> tuple[Node, Node]:
 def _split_linears(gm: GraphModule) -> tuple[int, list[tuple[Node, Node]]]:
     """Every per-token fp8_linear -> fp8_linear_quantized_input; returns (how many, [(x, quantize node)])."""
     graph = gm.graph
-    quantized: dict[tuple[Node, int], tuple[Node, Node]] = {}
+    quantized: dict[tuple[Node, int, Node | None], tuple[Node, Node]] = {}
     for node in list(graph.nodes):
-        group_size = _token_groups(node) if is_op(node, FP8_LINEAR) else None
-        if group_size is None or val(node.args[0]) is None:
+        rows = _row_quantization(node) if is_op(node, FP8_LINEAR) else None
+        if rows is None or val(node.args[0]) is None:
             continue
         args = bind_args(node)
-        x = args["x"]
-        if (x, group_size) not in quantized:
-            quantized[x, group_size] = _quantize_once(graph, x, group_size)
-        q, scale = quantized[x, group_size]
-        replace_with_call(gm, node, QUANTIZED_INPUT,
-                          (q, scale, args["weight"], args["weight_scale"], args["bias"], val(x).dtype, group_size))
+        key = (args["x"], *rows)
+        if key not in quantized:
+            quantized[key] = _quantize_once(graph, *key)
+        q, scale = quantized[key]
+        replace_with_call(gm, node, QUANTIZED_INPUT, (q, scale, args["weight"], args["weight_scale"], args["bias"],
+                                                      val(args["x"]).dtype, rows[0]))
         graph.erase_node(node)
     linears = sum(len(q.users) for q, _ in quantized.values())  # q's readers: the rewritten linears
-    return linears, [(x, q.args[0]) for (x, _), (q, _) in quantized.items()]
+    return linears, [(key[0], q.args[0]) for key, (q, _) in quantized.items()]
 
 
 def _take_over_quantization(gm: GraphModule, quant: Node, new: Node) -> None:
@@ -94,7 +109,7 @@ def _fold_into_norm(gm: GraphModule, normed: Node, quant: Node) -> bool:
         return False
     graph = gm.graph
     with graph.inserting_after(fused):
-        new = insert_call(graph, ADD_NORM_QUANT, (*fused.args, quant.args[1]))
+        new = insert_call(graph, ADD_NORM_QUANT, (*fused.args, *quant.args[1:]))
     inherit_meta(new, fused)
     with graph.inserting_after(new):
         added = insert_call(graph, operator.getitem, (new, 2))
@@ -116,7 +131,7 @@ def _fold_into_gated_act(gm: GraphModule, h: Node, quant: Node) -> bool:
         return False
     graph = gm.graph
     with graph.inserting_after(h):
-        new = insert_call(graph, GATED_ACT_QUANT, (args["gate"], args["up"], args["activation"], quant.args[1]))
+        new = insert_call(graph, GATED_ACT_QUANT, (args["gate"], args["up"], args["activation"], *quant.args[1:]))
     inherit_meta(new, h)
     _take_over_quantization(gm, quant, new)
     graph.erase_node(h)
