@@ -120,26 +120,39 @@ def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
 def test_triton_backends_take_a_static_scale(rows, k, poisoned):
     """A static input scale (small enough that some values saturate at +-448): the three quantizing kernels
     against their references, the scale repeated per row, and composed with the GEMM, fp8_linear's reference."""
+    _check_static_scale(rows, k, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows,k", [(1, 4096), (5, 4096), (64, 14336)])
+def test_static_scale_kernels_on_gpu(rows, k, poisoned):
+    _check_static_scale(rows, k, "cuda", torch.bfloat16)
+
+
+def _check_static_scale(rows: int, k: int, device: str, dtype: torch.dtype) -> None:
     from autodeploy.kernels import triton_fp8_act_quant, triton_gated_act, triton_quant_fp8_linear, triton_rms_norm
 
     torch.manual_seed(rows + k)
-    x, residual = torch.randn(rows, k) * torch.linspace(0.05, 4, k), torch.randn(rows, k)
-    norm_weight, static = torch.rand(k) + 0.5, torch.tensor(0.006)
-    weight, weight_scale = quantize_fp8(torch.randn(40, k), True)
+    x = (torch.randn(rows, k) * torch.linspace(0.05, 4, k)).to(device, dtype)
+    residual, norm_weight = torch.randn(rows, k).to(device, dtype), (torch.rand(k) + 0.5).to(device, dtype)
+    static = torch.tensor(0.006, device=device)
+    weight, weight_scale = quantize_fp8(torch.randn(40, k, device=device) / k**0.5, True)
 
     q, scale = triton_fp8_act_quant.quantize_fp8_per_token(x, -1, static)
     ref_q, ref_scale = ops.quantize_fp8_per_token(x, -1, static)
     assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, static.expand(rows, 1))
     assert (q.float().abs() == 448).any()
     got = triton_quant_fp8_linear.given_fp8_linear(q, scale, weight, weight_scale, None, torch.float32)
-    torch.testing.assert_close(got, ops.fp8_linear(x, weight, weight_scale, static, None), rtol=1e-5, atol=1e-4)
+    want = ops.fp8_linear(x.float(), weight, weight_scale, static, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
     (q, scale, added), (ref_q, ref_scale, ref_added) = (
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, -1, static),
         ops.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, -1, static))
     assert torch.equal(added, ref_added) and torch.equal(scale, static.expand(rows, 1))
     _assert_quantized_close(q, scale, ref_q, ref_scale, -1)
-    gate_up = torch.randn(rows, 2 * k) * 3
+    gate_up = (torch.randn(rows, 2 * k) * 3).to(device, dtype)
     _assert_quantized_close(*triton_gated_act.gated_act_quant_fp8(gate_up[:, :k], gate_up[:, k:], "silu", -1, static),
                             *ops.gated_act_quant_fp8(gate_up[:, :k], gate_up[:, k:], "silu", -1, static), -1)
 
