@@ -145,7 +145,10 @@ def _check_static_scale(rows: int, k: int, device: str, dtype: torch.dtype) -> N
     assert (q.float().abs() == 448).any()
     got = triton_quant_fp8_linear.given_fp8_linear(q, scale, weight, weight_scale, None, torch.float32)
     want = ops.fp8_linear(x.float(), weight, weight_scale, static, None)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # on the GPU past one row the e4m3 tensor-core dot, whose accumulation keeps fewer bits than float32 (H200:
+    # 0.5 % of the largest output at 5 and 64 rows), with the tolerance of the dot's other GPU tests
+    tol = 2e-2 if device == "cuda" and rows > 1 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
     (q, scale, added), (ref_q, ref_scale, ref_added) = (
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, norm_weight, 1e-6, -1, static),
