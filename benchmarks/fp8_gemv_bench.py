@@ -1,9 +1,9 @@
-"""FP8 W8A8 linears (per-channel weights, activations in groups of 128 columns: the `quantization.algo=fp8`
-default) on the Llama-3.1-8B shapes at 1-8 rows, activations quantized beforehand: the GEMV
-(kernels/triton_fp8_gemv.py, up to 4 rows; decode runs it at 1) against the tensor-core dot that `given_fp8_linear` runs past its GEMV
-rows and bf16 F.linear, us per call, timed as quant_knob_sweep.py times (CUDA graph over a pool of weight copies larger
-than L2). Settles where the GEMV hands over to the dot. Every path is first checked against the
-fp8_linear_quantized_input reference; --knobs sweeps the GEMV's (block_n, num_warps) at one row instead.
+"""FP8 W8A8 linears (per-channel weights, activations in groups of 128 columns: the `quantization.algo=fp8` default)
+on the Llama-3.1-8B shapes at 1-8 rows, activations quantized beforehand: the GEMV (kernels/triton_fp8_gemv.py, up to
+4 rows; decode runs it at 1) against the tensor-core dot that `given_fp8_linear` runs past its GEMV rows and bf16
+F.linear, us per call, timed as quant_knob_sweep.py times (CUDA graph over a pool of weight copies larger than L2).
+Settles where the GEMV hands over to the dot. Every path is first checked against the fp8_linear_quantized_input
+reference; --knobs sweeps the GEMV's (block_n, num_warps) at one row instead.
 Usage: python3 benchmarks/fp8_gemv_bench.py [--knobs]"""
 
 import sys

@@ -68,9 +68,10 @@ def main() -> None:
                                for kn in INT_KNOBS)
                 print("    int4 gemv knobs (block_n, block_w, warps, stages): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]))
                 qx, sx = quantize_rows_fp8(x)
-                sweep = sorted((timed(lambda p: fp8_gemv(qx, sx, p[0], p[1], None, x.dtype, -1, *kn), (f8, fs)), kn)
+                sweep = sorted((timed(lambda p: fp8_gemv(qx, sx, *p, None, x.dtype, -1, *kn), (f8, fs)), kn)
                                for kn in FP8_KNOBS)
-                print("    fp8 gemv knobs (block_n, warps): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]), flush=True)
+                print("    fp8 gemv knobs (block_n, warps): " + ", ".join(f"{t:.1f} {kn}" for t, kn in sweep[:4]),
+                      flush=True)
     for rows in (1, 2, 4):
         print(f"rows {rows} per layer: " + ", ".join(f"{lab} {totals[(rows, lab)]:.1f} us ({100 * totals[(rows, lab + ' ceil')] / totals[(rows, lab)]:.0f}%)"
                                               for lab in ("bf16 skinny", "int4 dot", "int4 gemv", "int8 gemv", "fp8 dot", "fp8 quantized x")))

@@ -1,15 +1,15 @@
 """FP8 W8A8 GEMV for decode (one to four rows; faster than the dot at one) on activations quantized beforehand.
 
-At one row the tensor-core dot (kernels/triton_quant_fp8_linear.py) pads x to 16 rows and, with a scale per group
-of columns, waits for each K step's MMA before it can scale the partial sums: on an H200 the 8B layer's four
-linears took 69-75 us against the INT8 GEMV's 63 on the same bytes. Here each thread reads 16 consecutive bytes
-of a weight row (one 16-byte load) and the 16 x values they meet, converts both to float32 (the hardware's e4m3
--> f16x2 conversion, two weights an instruction, then one per weight to float32: ~3.1 instructions per weight
-with the FFMA at (8, 4), sm_90 SASS) and sums the products in its registers: tiles are [blocks of 16 columns, rows of W, rows of x, column in block], laid out alike for every
-load (the layout of kernels/triton_int_gemv.py), so nothing changes register layout in the loop and K is
-reduced across threads once, at the end. A block never straddles an activation group (groups are multiples of
-16 columns), so each block's sum is scaled by its row's group scale as it is added; the weight's scale (per
-channel or per tensor) and the bias come in the epilogue. The sums are those of the reference (e4m3 products in
+At one row the tensor-core dot (kernels/triton_quant_fp8_linear.py) pads x to 16 rows and, with a scale per group of
+columns, waits for each K step's MMA before it can scale the partial sums: on an H200 the 8B layer's four linears took
+69-75 us against the INT8 GEMV's 63 on the same bytes. Here each thread reads 16 consecutive bytes of a weight row
+(one 16-byte load) and the 16 x values they meet, converts both to float32 (the hardware's e4m3 -> f16x2 conversion,
+two weights an instruction, then one per weight to float32: ~3.1 instructions per weight with the FFMA at (8, 4),
+sm_90 SASS) and sums the products in its registers: tiles are [blocks of 16 columns, rows of W, rows of x, column in
+block], laid out alike for every load (the layout of kernels/triton_int_gemv.py), so nothing changes register layout
+in the loop and K is reduced across threads once, at the end. A block never straddles an activation group (groups are
+multiples of 16 columns), so each block's sum is scaled by its row's group scale as it is added; the weight's scale
+(per channel or per tensor) and the bias come in the epilogue. The sums are those of the reference (e4m3 products in
 float32), in another order.
 """
 

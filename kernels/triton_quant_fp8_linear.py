@@ -242,12 +242,12 @@ def scaled_mm_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, a
 
 def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1) -> torch.Tensor:
-    """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to FP8_GEMV_ROWS rows the GEMV;
-    up to QUANTIZED_X_ROWS rows the Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales split K); with groups
-    of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows (for outputs up to
-    QUANTIZED_X_WIDE_N; past QUANTIZED_X_ROWS for all: H200, 2,048 rows, 532 us for gate_up against the Triton
-    dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to
-    cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
+    """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to FP8_GEMV_ROWS rows the GEMV; up to
+    QUANTIZED_X_ROWS rows the Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales
+    split K); with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows
+    (for outputs up to QUANTIZED_X_WIDE_N; past QUANTIZED_X_ROWS for all: H200, 2,048 rows, 532 us for gate_up against
+    the Triton dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS
+    go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
     if rows <= FP8_GEMV_ROWS and fp8_gemv_supported(rows, k, group_size if grouped else -1):
@@ -306,11 +306,11 @@ def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: tor
 def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                             bias: torch.Tensor | None = None, group_size: int = -1,
                             input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_linear with per-token scales (or per token and group of group_size columns, or a static input_scale,
-    read as one scale per row): one kernel quantizes x's rows, the e4m3 GEMM reads them. Quantizing inside the dot (each program finding the rows' amax, then scaling
-    every tile) costs more than this extra kernel: on an H200 the 28672 x 4096 weight streams at 3.6 TB/s this
-    way, 2.3 TB/s that way. (`fuse_fp8_act_quant` does the same in the graph, and folds the quantization into
-    the RMSNorm.)"""
+    """fp8_linear with per-token scales (or per token and group of group_size columns, or a static input_scale, read
+    as one scale per row): one kernel quantizes x's rows, the e4m3 GEMM reads them. Quantizing inside the dot (each
+    program finding the rows' amax, then scaling every tile) costs more than this extra kernel: on an H200 the 28672 x
+    4096 weight streams at 3.6 TB/s this way, 2.3 TB/s that way. (`fuse_fp8_act_quant` does the same in the graph, and
+    folds the quantization into the RMSNorm.)"""
     if input_scale is None:
         q, scale = quantize_fp8_per_token(x, group_size)
         return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)

@@ -13,9 +13,9 @@ weights are loaded in and reduce across K once, at the end:
     implicit zero point) exactly; explicit zero points, which a scale search may leave fractional, come
     off once per word as zero * sum(x); each word's partial dot is scaled by its group's scale (groups
     hold whole words).
-(On CUDA most INT linears take the faster GEMV of kernels/triton_int_gemv.py on re-packed codes instead;
-FP8 takes kernels/triton_fp8_gemv.py.) Weights never depend on the previous kernel, so with PDL the first words are asked of L2 before the
-wait (kernels/triton_pdl.py).
+(On CUDA most INT linears take the faster GEMV of kernels/triton_int_gemv.py on re-packed codes instead; FP8 takes
+kernels/triton_fp8_gemv.py.) Weights never depend on the previous kernel, so with PDL the first words are asked of
+L2 before the wait (kernels/triton_pdl.py).
 """
 
 from __future__ import annotations

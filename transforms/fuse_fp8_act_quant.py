@@ -71,7 +71,8 @@ def _quantize_once(graph, x: Node, group_size: int, input_scale: Node | None) ->
 
 
 def _split_linears(gm: GraphModule) -> tuple[int, list[tuple[Node, Node]]]:
-    """Every per-token fp8_linear -> fp8_linear_quantized_input; returns (how many, [(x, quantize node)])."""
+    """Every fp8_linear with scales per row (per token, per token and group, static) ->
+    fp8_linear_quantized_input; returns (how many, [(x, quantize node)])."""
     graph = gm.graph
     quantized: dict[tuple[Node, int, Node | None], tuple[Node, Node]] = {}
     for node in list(graph.nodes):
