@@ -52,6 +52,14 @@ def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def print_warnings(reports) -> None:
+    """The transforms' warnings (a linear left unquantized, a group size that fell back), one line each on stderr:
+    what generate / chat / serve / eval-ppl / bench would otherwise drop, `optimize` printing them with its table."""
+    for r in reports:
+        for w in r.warnings:
+            print(f"[autodeploy] warning: {w}", file=sys.stderr, flush=True)
+
+
 def _print_table(reports) -> None:
     rows = [("transform", "stage", "matched", "nodes", "seconds")]
     for r in reports:

@@ -16,7 +16,7 @@ class EvalArgumentError(AutoDeployError):
 
 
 def cmd_eval_ppl(args) -> int:
-    from .cli import _split_overrides
+    from .cli import _split_overrides, print_warnings
     from .eval.perplexity import PerplexityInputError, model_perplexity, text_token_ids
     from .loading import load_tokenizer_or_none
     from .optimizer import optimize_model
@@ -28,6 +28,7 @@ def cmd_eval_ppl(args) -> int:
     if not Path(args.text).is_file():
         raise EvalArgumentError(f"--text {args.text}: no such file")
     opt = optimize_model(args.model, args.recipe, args.overrides, progress=False)
+    print_warnings(opt.reports)
     tokenizer = load_tokenizer_or_none(opt.source)
     if tokenizer is None:
         raise EvalArgumentError(f"{opt.source.name} has no tokenizer: a text cannot be scored")

@@ -43,14 +43,16 @@ def _sampling_params(args):
 
 
 def _load(args):
-    from .cli import _split_overrides
+    from .cli import _split_overrides, print_warnings
     from .llm import LLM
 
     _split_overrides(args)
     runtime = {k: getattr(args, k) for k in ("max_batch_size", "max_num_tokens", "max_seq_len", "enable_prefix_caching")
                if getattr(args, k) is not None}
     print(f"[autodeploy] optimizing {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
-    return LLM(args.model, args.recipe, overrides=args.overrides, **runtime)
+    llm = LLM(args.model, args.recipe, overrides=args.overrides, **runtime)
+    print_warnings(llm.model.reports)
+    return llm
 
 
 def cmd_generate(args) -> int:

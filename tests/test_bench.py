@@ -169,6 +169,25 @@ def test_quantized_bench_reports_scheme_and_ceiling(tiny_llama_dir, tmp_path, ca
     assert r["ceiling_batch1_tok_s"] == pytest.approx(r["copy_bandwidth_GBps"] * 1e9 / r["bytes_per_token"])
 
 
+def test_bench_prints_the_transforms_warnings(tiny_llama_dir, tmp_path, capsys):
+    """INT4's default group (128) does not divide the tiny model's hidden size (64): the fallback's warning shows."""
+    out = tmp_path / "int4.json"
+    assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "quantization.algo=int4", "--batch", "1",
+                  "--input-len", "4", "--output-len", "2", "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    warnings = json.loads(out.read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("quantize_linear: group size 128 does not divide")
+    assert f"  warning: {warnings[0]}" in capsys.readouterr().out
+
+
+def test_print_warnings_puts_each_on_stderr(capsys):
+    from types import SimpleNamespace
+
+    from autodeploy.cli import print_warnings
+
+    print_warnings([SimpleNamespace(warnings=["a: one", "a: two"]), SimpleNamespace(warnings=[])])
+    assert capsys.readouterr().err == "[autodeploy] warning: a: one\n[autodeploy] warning: a: two\n"
+
+
 @pytest.mark.parametrize("text", ["not json", "[[4, 2], [3]]", '[[4, "x"]]', '[{"input_len": 3}]', "[]", "[[0, 2]]"])
 def test_lengths_file_errors_name_the_file(tmp_path, text):
     path = tmp_path / "lengths.json"

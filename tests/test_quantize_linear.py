@@ -66,6 +66,34 @@ def test_exclude_globs_keep_modules(llama_dir):
     assert _report(opt).matched["excluded"] == 7
 
 
+QUANTIZED_HEAD = "quantization.exclude=['*router*','*.gate']"  # the default list without lm_head
+
+
+def test_lm_head_quantized_when_not_excluded(llama_dir, llama_logits):
+    opt = optimize_model(llama_dir, overrides=NO_CACHE + ["quantization.algo=int8", "quantization.group_size=-1",
+                                                          QUANTIZED_HEAD], progress=False)
+    assert _ops(opt).count("autodeploy.linear.default") == 0
+    assert _report(opt).matched["int8_linear"] == 15 and _report(opt).matched["excluded"] == 0
+    err = (opt.logits(PROMPT) - llama_logits).abs().max() / llama_logits.abs().max()
+    assert 0 < err < TOLERANCE["int8"]
+
+
+def test_tied_lm_head_stays_unquantized_with_a_warning(tmp_path):
+    """Tied word embeddings (SmolLM2): the LM head's weight is the embedding table, which the gather still reads."""
+    save_tiny_checkpoint(tmp_path, LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, tie_word_embeddings=True))
+    plain = optimize_model(tmp_path, overrides=NO_CACHE, progress=False).logits(PROMPT)
+    opt = optimize_model(tmp_path, overrides=NO_CACHE + ["quantization.algo=fp8", QUANTIZED_HEAD], progress=False)
+    report = _report(opt)
+    assert report.matched["fp8_linear"] == 14 and report.matched["shared_weight"] == 1
+    assert report.warnings == ["quantize_linear: lm_head left unquantized: the weight is shared with another op "
+                               "(tied word embeddings)"]
+    assert _ops(opt).count("autodeploy.linear.default") == 1
+    err = (opt.logits(PROMPT) - plain).abs().max() / plain.abs().max()
+    assert 0 < err < TOLERANCE["fp8"]
+
+
 def test_algo_none_and_auto_leave_an_unquantized_checkpoint_alone(llama_dir):
     for algo in ("none", "auto"):
         opt = optimize_model(llama_dir, overrides=NO_CACHE + [f"quantization.algo={algo}"], progress=False)

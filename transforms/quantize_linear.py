@@ -4,7 +4,8 @@
 picks the scheme; every autodeploy::linear becomes fp8_linear / int_linear and every
 autodeploy::moe becomes fp8_moe / int_moe, except modules matching `quantization.exclude` (by
 default lm_head and MoE routers, which users expect kept: the head decides every token, routers are
-tiny and decide which experts run). The weights are not touched here: the new parameters are meta
+tiny and decide which experts run); a linear whose weight another op also reads (an LM head tied to the
+embedding table) stays unquantized, with a warning. The weights are not touched here: the new parameters are meta
 placeholders, and `load_weights` quantizes each layer as it streams (see autodeploy/quantization/loading.py).
 A pre-quantized checkpoint is left to quantize_from_checkpoint.
 
@@ -17,6 +18,7 @@ does, listed in a warning (settings.py, DEFAULT_GROUP_SIZES).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 from functools import partial
 
@@ -93,9 +95,13 @@ class QuantizeLinear(Transform):
     def _linears(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
         shards = shards_of(gm)  # this rank's slice of each weight (tensor parallelism)
+        shared = []
         for site in list(linear_sites(gm)):
             if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
+                continue
+            if len(site.node.args[1].users) > 1:  # a tied weight (an LM head that is also the embedding table)
+                shared.append(site.path)
                 continue
             scheme = self._sized(base, ctx.quantization, site.path, site.in_features)
             scheme.check(site.in_features)
@@ -105,6 +111,10 @@ class QuantizeLinear(Transform):
             combine = _row_combine(shards.get(key), 1)
             loads.add(LayerLoad({key: shape}, partial(_build_linear, scheme, key, ctx.dtype, combine), params))
             counts[f"{scheme.name}_linear"] += 1
+        if shared:
+            counts["shared_weight"] = len(shared)
+            self.warnings.append(f"quantize_linear: {', '.join(shared)} left unquantized: the weight is shared with "
+                                 "another op (tied word embeddings)")
 
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
@@ -125,9 +135,12 @@ class QuantizeLinear(Transform):
                 loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype, combine), params))
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        """Every nn.Linear not excluded (tied or transposed weights are kept and show up as a shortfall)."""
+        """Every nn.Linear not excluded whose weight no other module shares (tied embeddings stay unquantized;
+        transposed weights are kept and show up as a shortfall)."""
         settings = ctx.quantization
         if not settings.online or checkpoint_format(ctx.source) is not None:
             return {}
-        kept = sum(isinstance(m, nn.Linear) and not settings.excluded(p) for p, m in ctx.meta_model.named_modules())
+        owners = Counter(id(p) for _, p in ctx.meta_model.named_parameters(remove_duplicate=False))
+        kept = sum(isinstance(m, nn.Linear) and not settings.excluded(p) and owners[id(m.weight)] == 1
+                   for p, m in ctx.meta_model.named_modules())
         return {f"{online_scheme(settings).name}_linear": kept}

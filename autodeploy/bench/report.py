@@ -21,6 +21,8 @@ def print_report(result: dict) -> None:
         scheme = q["algo"] + (f" (group {q['group_size']})" if q["algo"] in ("int4", "int8") else "")
         print(f"  quantization {scheme}; weights {result['weight_bytes'] / 1e9:.2f} GB ("
               + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in result["weight_bytes_by_dtype"].items()) + ")")
+        for w in result.get("warnings", []):
+            print(f"  warning: {w}")
         print(f"  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read+write), {result['bytes_per_token'] / 1e9:.2f} GB "
               f"read per decode token -> batch-1 decode ceiling {result['ceiling_batch1_tok_s']:.1f} tok/s")
         kv = result["kv_cache"]

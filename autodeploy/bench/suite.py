@@ -116,6 +116,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     result["build_s"] = {**opt.seconds, "total": now(device) - start}
     result["tensor_parallel_size"] = recipe.parallel.tensor_parallel_size  # > 1: the weights and ceiling are rank 0's
     result["transforms"] = {r.name: {k: v for k, v in r.matched.items() if v} for r in opt.reports if r.enabled}
+    result["warnings"] = [w for r in opt.reports for w in r.warnings]
     quant = recipe.quantization
     result["quantization"] = {"algo": quant.algo, "group_size": quant.nominal_group_size, "symmetric": quant.symmetric,
                               "kv_cache_dtype": quant.kv_cache_dtype, "act_quant": quant.act_quant}
