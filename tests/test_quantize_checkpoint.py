@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from autodeploy.errors import QuantizationError
 from autodeploy.optimizer import optimize_model
 from quant_fixtures import (dequantized_reference, write_awq, write_compressed_tensors, write_gptq,
                                   write_modelopt_fp8)
@@ -107,6 +108,21 @@ def test_modelopt_fp8(tmp_path):
     state = write_modelopt_fp8(tmp_path, _config())
     opt = _against_dequantized(tmp_path, state, "modelopt_fp8_linear", "fp8_linear", 0.05)
     assert len(_params_ending(opt, "input_scale")) == 4 * CONFIG["num_hidden_layers"]  # static scales used, one per GEMM
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_static_input_scale_must_be_positive_and_finite(tmp_path, bad):
+    """Activations are divided by it: a zero or NaN input_scale in a checkpoint is a one-line error naming it."""
+    from safetensors.torch import load_file, save_file
+
+    write_modelopt_fp8(tmp_path, _config())
+    path = next(tmp_path.glob("*.safetensors"))
+    state = load_file(path)
+    state["model.layers.1.mlp.down_proj.input_scale"] = torch.tensor(bad)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.mlp\.down_proj\.input_scale must be a "
+                                                r"positive finite number, got"):
+        optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
 
 
 def test_modelopt_kv_cache_scales_reach_an_fp8_cache(tmp_path):

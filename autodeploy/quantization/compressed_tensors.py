@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 
+from autodeploy.errors import QuantizationError
 from autodeploy.kernels.quant_format import groups_of, unpack_int
 
 from .checkpoint import CheckpointFormat, unsupported
@@ -51,7 +52,10 @@ def build_fp8(path: str, scheme: LinearScheme, tensors: dict) -> dict[str, torch
     out = {"weight": tensors[f"{path}.weight"],
            "weight_scale": tensors[f"{path}.weight_scale"].float().reshape(-1 if scheme.per_channel else ())}
     if scheme.static_input:
-        out["input_scale"] = tensors[f"{path}.input_scale"].float().reshape(())
+        scale = tensors[f"{path}.input_scale"].float().reshape(())
+        if not (torch.isfinite(scale) and scale > 0):  # activations are divided by it
+            raise QuantizationError(f"{path}.input_scale must be a positive finite number, got {scale.item()}")
+        out["input_scale"] = scale
     return out
 
 
