@@ -52,6 +52,14 @@ def _chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def check_at_least(error: type[Exception], bounds: dict[str, tuple[int | None, int]]) -> None:
+    """Each flag's value (None: unset) at least its bound, else `error` naming the flag: a one-line check before a
+    model loads. bounds: flag -> (value, least)."""
+    for flag, (value, least) in bounds.items():
+        if value is not None and value < least:
+            raise error(f"{flag} must be >= {least}, got {value}")
+
+
 def print_warnings(reports) -> None:
     """The transforms' warnings (a linear left unquantized, a group size that fell back), one line each on stderr:
     what generate / chat / serve / eval-ppl / bench would otherwise drop, `optimize` printing them with its table."""

@@ -54,18 +54,16 @@ def cmd_bench(args) -> int:
         return cmd_bench_url(args)
     from .bench.report import print_report
     from .bench.suite import BenchConfig, run_bench
-    from .cli import _split_overrides
+    from .cli import _split_overrides, check_at_least
 
     _split_overrides(args)
     try:
         workloads = _workloads(args)
     except ValueError as e:
         raise BenchArgumentError(str(e)) from None
-    counts = {"--warmup": (args.warmup, 0), "--repeats": (args.repeats, 1), "--profile": (args.profile, 0),
-              "--max-batch-size": (args.max_batch_size, 1), "--max-num-tokens": (args.max_num_tokens, 1)}
-    for flag, (value, low) in counts.items():
-        if value is not None and value < low:
-            raise BenchArgumentError(f"{flag} must be >= {low}, got {value}")
+    check_at_least(BenchArgumentError, {"--warmup": (args.warmup, 0), "--repeats": (args.repeats, 1),
+                                        "--profile": (args.profile, 0), "--max-batch-size": (args.max_batch_size, 1),
+                                        "--max-num-tokens": (args.max_num_tokens, 1)})
     if args.peers_only and not args.baseline:
         raise BenchArgumentError("--peers-only measures the --baseline peers alone: name at least one")
     cfg = BenchConfig(model=args.model, workloads=workloads, recipe=args.recipe, overrides=args.overrides,

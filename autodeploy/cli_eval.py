@@ -16,15 +16,14 @@ class EvalArgumentError(AutoDeployError):
 
 
 def cmd_eval_ppl(args) -> int:
-    from .cli import _split_overrides, print_warnings
+    from .cli import _split_overrides, check_at_least, print_warnings
     from .eval.perplexity import PerplexityInputError, model_perplexity, text_token_ids
     from .loading import load_tokenizer_or_none
     from .optimizer import optimize_model
 
     _split_overrides(args)
-    for flag, value, low in (("--window", args.window, 2), ("--stride", args.stride, 1)):
-        if value is not None and value < low:  # checked before the model builds; 0 is not "the default"
-            raise EvalArgumentError(f"{flag} must be >= {low}, got {value}")
+    # checked before the model builds; 0 is not "the default"
+    check_at_least(EvalArgumentError, {"--window": (args.window, 2), "--stride": (args.stride, 1)})
     if not Path(args.text).is_file():
         raise EvalArgumentError(f"--text {args.text}: no such file")
     opt = optimize_model(args.model, args.recipe, args.overrides, progress=False)

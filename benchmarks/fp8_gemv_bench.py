@@ -15,7 +15,7 @@ import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.quant_format import FP8_DTYPE
 from autodeploy.kernels.triton_fp8_gemv import MAX_ROWS, fp8_gemv
 from autodeploy.kernels import triton_quant_fp8_linear as backend
-from quant_knob_sweep import SHAPES, compared_row, sweep
+from quant_knob_sweep import compared_row, shape_weights, sweep
 
 GROUP, ROWS = 128, (1, 2, 3, 4, 8)
 PATHS = ("gemv", "dot", "bf16")
@@ -42,10 +42,8 @@ def paths(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> dict:
 
 
 def main() -> int:
-    torch.manual_seed(0)
     ok = True
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    for name, n, k, w in shape_weights():
         ws = w.float().abs().amax(dim=1) / 448
         tensors = {"bf16": (w,), "fp8": ((w.float() / ws[:, None]).to(FP8_DTYPE), ws)}
         print(f"{name} {n}x{k} ({n * k / 2**20:.0f} MiB of weights)", flush=True)

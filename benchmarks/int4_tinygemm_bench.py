@@ -14,7 +14,7 @@ import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.int4_tinygemm import tinygemm_weights
 from autodeploy.kernels.quant_format import quantize_int
 from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv, interleave_codes
-from quant_knob_sweep import SHAPES, sweep, timed
+from quant_knob_sweep import shape_weights, sweep, timed
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 GROUP = 128
@@ -47,12 +47,10 @@ def check(tensors: dict, k: int) -> bool:
 
 
 def main() -> int:
-    torch.manual_seed(0)
     only_check, knobs = "--check" in sys.argv, "--knobs" in sys.argv
     wins: dict[int, bool] = dict.fromkeys(ROWS, True)
     ok = True
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    for name, n, k, w in shape_weights():
         q4 = quantize_int(w, 4, GROUP, False)
         tensors = {"bf16": (w,), "int4": q4, "tinygemm": tinygemm_weights(*q4, GROUP),
                    "gemv": (interleave_codes(q4[0], 4), gemv_coefficients(q4[1], q4[2], 4))}

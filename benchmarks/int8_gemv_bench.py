@@ -17,7 +17,7 @@ from autodeploy.kernels.quant_format import quantize_int
 from autodeploy.kernels.triton_int_dot import int_dot_linear
 from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv, interleave_codes
 from int4_tinygemm_bench import GEMV_KNOBS
-from quant_knob_sweep import SHAPES, compared_row, sweep
+from quant_knob_sweep import compared_row, shape_weights, sweep
 
 BITS, GROUP, ROWS = 8, -1, (1, 2, 3, 4, 6, 8)
 PATHS = ("gemv", "dot", "canonical", "bf16")
@@ -35,10 +35,8 @@ def paths(x: torch.Tensor) -> dict:
 
 
 def main() -> int:
-    torch.manual_seed(0)
     ok = True
-    for name, (n, k) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    for name, n, k, w in shape_weights():
         q8 = quantize_int(w, BITS, GROUP, True)
         words = interleave_codes(q8[0], BITS)
         tensors = {"bf16": (w,), "int8": q8, "gemv": (words, gemv_coefficients(q8[1], q8[2], BITS)),

@@ -53,6 +53,14 @@ def timed(call, params) -> float:
     return triton.testing.do_bench_cudagraph(lambda: [call(p) for p in pool], rep=25) * 1e3 / len(pool)
 
 
+def shape_weights(seed: int = 0):
+    """(name, N, K, bf16 weight [N, K] / sqrt(K) on the GPU) of each 8B shape, seeded once: what the GEMV benches
+    quantize."""
+    torch.manual_seed(seed)
+    for name, (n, k) in SHAPES.items():
+        yield name, n, k, torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+
+
 def compared_row(rows: int, found: dict, tensors: dict, ref: torch.Tensor, columns: tuple[str, ...]) -> bool:
     """One line of us per call for `found` (name -> (call on a parameter tuple, key of its tensors)), under
     `columns` ("-" where a path does not run); every path but bf16 first checked against ref. False: one is wrong."""

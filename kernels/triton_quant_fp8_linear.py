@@ -311,12 +311,9 @@ def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     program finding the rows' amax, then scaling every tile) costs more than this extra kernel: on an H200 the 28672 x
     4096 weight streams at 3.6 TB/s this way, 2.3 TB/s that way. (`fuse_fp8_act_quant` does the same in the graph, and
     folds the quantization into the RMSNorm.)"""
-    if input_scale is None:
-        q, scale = quantize_fp8_per_token(x, group_size)
-        return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)
-    x2 = x.reshape(-1, x.shape[-1])
-    q, scale = quantize_rows_fp8(x2 if x2.stride(-1) == 1 else x2.contiguous(), -1, input_scale)
-    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], -1)
+    group_size = group_size if input_scale is None else -1
+    q, scale = quantize_fp8_per_token(x, group_size, input_scale)
+    return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype, group_size)
 
 
 def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",

@@ -145,6 +145,10 @@ def _check_static_scale(rows: int, k: int, device: str, dtype: torch.dtype) -> N
     assert (q.float().abs() == 448).any()
     got = triton_quant_fp8_linear.given_fp8_linear(q, scale, weight, weight_scale, None, torch.float32)
     want = ops.fp8_linear(x.float(), weight, weight_scale, static, None)
+    whole = triton_quant_fp8_linear.prequantized_fp8_linear(x.view(rows, 1, k), weight, weight_scale, None, 128, static)
+    assert whole.shape == (rows, 1, 40)  # the static scale overrides the group size: x quantized per row
+    torch.testing.assert_close(whole.view(rows, 40).float(), want.to(dtype).float(), rtol=2e-2,
+                               atol=2e-2 * want.abs().max().item())
     # on the GPU past one row the e4m3 tensor-core dot, whose accumulation keeps fewer bits than float32 (H200:
     # 0.5 % of the largest output at 5 and 64 rows), with the tolerance of the dot's other GPU tests
     tol = 2e-2 if device == "cuda" and rows > 1 else 1e-5

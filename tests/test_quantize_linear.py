@@ -94,6 +94,26 @@ def test_tied_lm_head_stays_unquantized_with_a_warning(tmp_path):
     assert 0 < err < TOLERANCE["fp8"]
 
 
+def test_a_shared_weight_is_found_and_not_swapped():
+    """The site finder marks a linear whose weight another op reads (an embedding gather); replacing it would take
+    the weight from that op, so swap_linear refuses in one line (quantize_from_checkpoint meets it that way)."""
+    from torch import fx, nn
+
+    from autodeploy.quantization.rewrite import linear_sites, swap_linear
+    from autodeploy.quantization.schemes import LinearScheme
+
+    root = nn.Module()
+    root.register_parameter("w", nn.Parameter(torch.zeros(8, 4), requires_grad=False))
+    graph = fx.Graph()
+    x, ids, w = graph.placeholder("x"), graph.placeholder("ids"), graph.get_attr("w")
+    y = graph.call_function(torch.ops.autodeploy.linear.default, (x, w))
+    graph.output((y, graph.call_function(torch.ops.aten.embedding.default, (w, ids))))
+    (site,) = linear_sites(fx.GraphModule(root, graph))
+    assert site.shared and (site.out_features, site.in_features) == (8, 4)
+    with pytest.raises(QuantizationError, match="its weight is also read by another op"):
+        swap_linear(site, LinearScheme("fp8"), torch.float32)
+
+
 def test_algo_none_and_auto_leave_an_unquantized_checkpoint_alone(llama_dir):
     for algo in ("none", "auto"):
         opt = optimize_model(llama_dir, overrides=NO_CACHE + [f"quantization.algo={algo}"], progress=False)

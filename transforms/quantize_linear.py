@@ -52,14 +52,6 @@ def _row_combine(shard, in_dim: int):
     return combine_over_ranks if shard is not None and shard.dim == in_dim else None
 
 
-def _shared_weight(site) -> bool:
-    """Whether another op reads the site's weight too (a tied LM head, which is also the embedding table): through
-    its get_attr node or another get_attr of the same parameter."""
-    weight = site.node.args[1]
-    return len(weight.users) > 1 or any(n is not weight and n.op == "get_attr" and n.target == weight.target
-                                        for n in site.module.graph.nodes)
-
-
 @register
 class QuantizeLinear(Transform):
     name = "quantize_linear"
@@ -108,7 +100,7 @@ class QuantizeLinear(Transform):
             if ctx.quantization.excluded(site.path):
                 counts["excluded"] += 1
                 continue
-            if _shared_weight(site):
+            if site.shared:
                 shared.append(site.path)
                 continue
             scheme = self._sized(base, ctx.quantization, site.path, site.in_features)

@@ -16,6 +16,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
+from autodeploy.errors import QuantizationError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import inherit_meta, is_op
 from autodeploy.patterns.helpers import bind_args, val
@@ -34,6 +35,7 @@ class LinearSite:
     out_features: int
     in_features: int
     prefix: str = ""  # the (sub)graph's path in the root module, as parameter names start
+    shared: bool = False  # another op reads the weight too (an LM head that is also the embedding table)
 
 
 def _single_name_params(gm: GraphModule) -> Counter:
@@ -57,15 +59,20 @@ def hf_path(target: str) -> str:
 
 
 def linear_sites(gm: GraphModule) -> Iterator[LinearSite]:
-    """Every autodeploy::linear whose weight is a plain, untied [out, in] parameter."""
+    """Every autodeploy::linear whose weight is a plain, untied [out, in] parameter; `shared` where another op of
+    the graph reads that parameter too (tied in the graph: its get_attr has other users, or another get_attr reads
+    it), which a quantized replacement would take away from that op."""
     names = _single_name_params(gm)
     for prefix, module in _graphs(gm):
+        reads = Counter(n.target for n in module.graph.nodes if n.op == "get_attr")
         for node in list(module.graph.nodes):
             if not is_op(node, LINEAR):
                 continue
             weight = _plain_param(module, node.args[1], names)
             if weight is not None and weight.dim() == 2:
-                yield LinearSite(module, node, hf_path(node.args[1].target), *weight.shape, prefix=prefix)
+                shared = len(node.args[1].users) > 1 or reads[node.args[1].target] > 1
+                yield LinearSite(module, node, hf_path(node.args[1].target), *weight.shape, prefix=prefix,
+                                 shared=shared)
 
 
 def _graphs(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
@@ -105,6 +112,9 @@ def replace_params(module: GraphModule, anchor: Node, old: list[Node], owner_pat
 
 def swap_linear(site: LinearSite, scheme: LinearScheme, scale_dtype: torch.dtype) -> dict[str, str]:
     """Replace the site's linear with the scheme's op; returns graph parameter name -> param suffix."""
+    if site.shared:
+        raise QuantizationError(f"{site.path}: its weight is also read by another op (tied word embeddings), so it "
+                                "cannot be replaced by a quantized one")
     node, module, weight = site.node, site.module, site.node.args[1]
     args = bind_args(node)
     owner_path, _, attr = weight.target.rpartition(".")
