@@ -23,6 +23,11 @@ read as cache * scale (the scales are per layer, floats: the checkpoint's when i
 vLLM's default: bf16 keys and values of usual models lie well inside e4m3's range). Half the bytes of
 bf16, so the pool holds twice the tokens. Any other cache dtype ignores the scales.
 
+RoPE inside (`fuse_rope_attention`): with rope_cos / rope_sin (HF's cos and sin, broadcastable against q)
+the op first rotates q and k exactly as `autodeploy::rope` does (rotate-half, or interleaved pairs), so the cache
+holds rotated keys as before; the decode kernel rotates them where it loads q and stores the new k, which saves
+the RoPE launch of every layer.
+
 `cached_attention` is the plain-torch reference (ground truth, CPU); `cached_attention_triton`
 has the same signature and semantics and is selected by the transform's `backend` setting.
 """
@@ -34,6 +39,7 @@ from torch import Tensor
 
 from .quant_format import FP8_DTYPE, FP8_MAX
 from .attention import alibi_bias
+from .rope import rope
 
 _MUTATES = ("k_cache", "v_cache")
 
@@ -87,9 +93,13 @@ def cached_attention(
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
     alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
 ) -> Tensor:
-    """Reference: write the cache, then per sequence gather its context and attend in float32."""
+    """Reference: rotate q and k (with rope_cos), write the cache, then per sequence gather its context and
+    attend in float32."""
     _check(q, k, k_cache)
+    if rope_cos is not None:
+        q, k = rope(q, rope_cos, rope_sin, rope_interleaved), rope(k, rope_cos, rope_sin, rope_interleaved)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     n_heads, n_kv, block_size = q.shape[1], k.shape[1], k_cache.shape[1]
     out = _output_like(q, v)
@@ -118,20 +128,25 @@ def cached_attention_triton(
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
     alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
 ) -> Tensor:
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
     from .triton_cached_attention import paged_attention
-    from .triton_decode_attention import decode_attention, write_kv_cache as triton_write_kv_cache
+    from .triton_decode_attention import decode_attention, rope_rows, write_kv_cache as triton_write_kv_cache
+    from .triton_rope import rope_pair
 
     _check(q, k, k_cache)
-    if q.shape[2] == seq_lens.shape[0]:
+    rotation = None if rope_cos is None else rope_rows(q, rope_cos, rope_sin, rope_interleaved)
+    if q.shape[2] == seq_lens.shape[0] and (rope_cos is None or rotation is not None):
         # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
         # T == B decides it from shapes alone - fixed when a CUDA graph is captured. The decode
-        # kernel also writes the new k/v into the cache.
+        # kernel also rotates q and k and writes the new k/v into the cache.
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
                                 alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
-                                k=k, v=v, slot_mapping=slot_mapping)
+                                k=k, v=v, slot_mapping=slot_mapping, rope=rotation)
+    if rope_cos is not None:
+        q, k = rope_pair(q, k, rope_cos, rope_sin, rope_interleaved)
     triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
                            alibi_slopes, k_scale, v_scale)
@@ -140,7 +155,8 @@ def cached_attention_triton(
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
           block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
           logit_cap: float | None = None, alibi_slopes: Tensor | None = None, k_scale: float = 1.0,
-          v_scale: float = 1.0) -> Tensor:
+          v_scale: float = 1.0, rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
+          rope_interleaved: bool = False) -> Tensor:
     return _output_like(q, v)
 
 

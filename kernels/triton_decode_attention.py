@@ -15,6 +15,10 @@ per query head of its group. Here (flash-decoding):
     kernel, or (IN_KERNEL_MERGE) by the last split to arrive, counted in a per-(sequence, KV head)
     counter it resets to 0. With enough (sequence, KV head) programs NUM_SPLITS is 1 and each program
     writes its output.
+With `rope` (the cached attention op's rope_cos / rope_sin, `fuse_rope_attention`) every program rotates its
+q heads as it loads them and the program storing the new token's k rotates it first: the RoPE kernel's
+arithmetic (kernels/triton_rope.py), so the cache and outputs are those of rope_pair followed by this kernel,
+one launch fewer per layer.
 NUM_SPLITS depends only on the batch size and head counts (not on the context length), so it is a
 constant of each captured graph; each split covers ceil(context / NUM_SPLITS) keys, computed in the
 kernel. Keys are gathered through the block table per key, so any page size works.
@@ -26,6 +30,7 @@ copy and a cast) with one launch that stores K and V of every new token straight
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,9 +40,55 @@ from .quant_format import FP8_DTYPE
 from .triton_fp8 import saturate_e4m3
 from .triton_layout import token_major_output
 from .triton_pdl import pdl_launch, wait_for_inputs
+from .triton_rope import as_4d, round_products, rounded
 
 BLOCK_N = 32  # with 4 warps, best or within 10 % of it in BENCHMARKS.md's sweep (batch 1 and 64)
 MAX_SPLITS = 32
+
+
+class RopeRows(NamedTuple):
+    """What the decode kernel needs to rotate q and k itself: cos / sin rows per token (the same for every head)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_strides: tuple[int, int]  # (token, dim)
+    sin_strides: tuple[int, int]
+    interleaved: bool
+    round_products: bool
+
+
+def rope_rows(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> RopeRows | None:
+    """cos / sin ([..., T, d], broadcastable against q [1, n_heads, T, d]) as per-token rows, or None when they
+    differ per head (the caller rotates beforehand)."""
+    cos4, sin4 = (as_4d(t).expand(q.shape) for t in (cos, sin))
+    if cos4.stride(1) != 0 or sin4.stride(1) != 0:
+        return None
+    return RopeRows(cos, sin, (cos4.stride(2), cos4.stride(3)), (sin4.stride(2), sin4.stride(3)), interleaved,
+                    round_products(q, cos))
+
+
+@triton.jit
+def _load_rotated(row_ptrs, offs_d, stride_d, mask, cos_ptrs, sin_ptrs, ROPE: tl.constexpr, HALF: tl.constexpr,
+                  ROUND: tl.constexpr):
+    """The tile at row_ptrs[:, None] + offs_d * stride_d, rotated (ROPE 1: rotate-half, 2: interleaved pairs) with
+    cos / sin at cos_ptrs / sin_ptrs [BLOCK_D] as kernels/triton_rope.py rotates it, in its own dtype; ROPE 0: as
+    loaded."""
+    x = tl.load(row_ptrs + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    if ROPE != 0:
+        if ROPE == 1:
+            first = offs_d < HALF
+            partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        else:
+            first = offs_d % 2 == 0
+            partner = offs_d ^ 1
+        other = tl.load(row_ptrs + partner[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        d_valid = offs_d < 2 * HALF
+        cos = tl.load(cos_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptrs, mask=d_valid, other=0.0).to(tl.float32)[None, :]
+        own = rounded(x.to(tl.float32) * cos, x.dtype, ROUND)
+        turned = rounded(other * sin, x.dtype, ROUND)
+        x = tl.where(first[None, :], own - turned, own + turned).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -45,12 +96,12 @@ def _store_kv(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, t, heads, h_valid,
     stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    page_size, k_scale, v_scale,
+    page_size, k_scale, v_scale, cos_ptrs, sin_ptrs,
     K_DIM: tl.constexpr, BLOCK_K: tl.constexpr, V_DIM: tl.constexpr, BLOCK_V: tl.constexpr,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr,
 ):
-    """Token t's keys and values of `heads` into its cache slot (an fp8 cache: value / scale, saturated,
-    as kernels/cached_attention.py stores them)."""
+    """Token t's keys (rotated with ROPE) and values of `heads` into its cache slot (an fp8 cache: value / scale,
+    saturated, as kernels/cached_attention.py stores them)."""
     slot = tl.load(slot_ptr + t).to(tl.int64)
     block = slot // page_size
     offset = slot % page_size
@@ -58,7 +109,8 @@ def _store_kv(
     offs_v = tl.arange(0, BLOCK_V)
     k_mask = h_valid[:, None] & (offs_k < K_DIM)[None, :]
     v_mask = h_valid[:, None] & (offs_v < V_DIM)[None, :]
-    k = tl.load(k_ptr + t * stride_kt + heads[:, None] * stride_kh + offs_k[None, :] * stride_kd, mask=k_mask)
+    k = _load_rotated(k_ptr + t * stride_kt + heads[:, None] * stride_kh, offs_k, stride_kd, k_mask, cos_ptrs,
+                      sin_ptrs, ROPE, K_DIM // 2, ROUND_ROPE)
     v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_v[None, :] * stride_vd, mask=v_mask)
     k_dst = k_cache_ptr + block * stride_cb + offset * stride_cs + heads[:, None] * stride_ch + offs_k[None, :] * stride_cd
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch \
@@ -84,7 +136,7 @@ def _kv_write_kernel(
     _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, tl.program_id(0), heads, heads < n_kv,
               stride_kh, stride_kt, stride_kd, stride_vh, stride_vt, stride_vd,
               stride_cb, stride_cs, stride_ch, stride_cd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
-              page_size, k_scale, v_scale, K_DIM, BLOCK_K, V_DIM, BLOCK_V, FP8, INTERPRET)
+              page_size, k_scale, v_scale, k_ptr, k_ptr, K_DIM, BLOCK_K, V_DIM, BLOCK_V, FP8, INTERPRET, 0, False)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -135,16 +187,17 @@ def _merge_splits(
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counts_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr,
-    block_tables_ptr, k_ptr, v_ptr, slot_ptr,
+    block_tables_ptr, k_ptr, v_ptr, slot_ptr, cos_ptr, sin_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,  # this step's k/v
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
+    stride_cos_t, stride_cos_d, stride_sin_t, stride_sin_d,
     page_size, scale, sliding_window, logit_cap, alibi_ptr, k_scale, v_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr, WRITE_KV: tl.constexpr, MERGE: tl.constexpr, INTERPRET: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
@@ -160,6 +213,9 @@ def _decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = key_begin + split * chunk
     end = tl.minimum(start + chunk, ctx)
+    offs_d = tl.arange(0, BLOCK_D)
+    cos_ptrs = cos_ptr + b * stride_cos_t + offs_d * stride_cos_d  # this token's rotation (ROPE)
+    sin_ptrs = sin_ptr + b * stride_sin_t + offs_d * stride_sin_d
 
     if WRITE_KV:
         # This step's token (position ctx - 1) lies in exactly one split; that program stores its k/v
@@ -170,18 +226,18 @@ def _decode_attention_kernel(
             _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, b, own, own < n_kv,
                       stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,
                       stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd,
-                      page_size, k_scale, v_scale, HEAD_DIM, BLOCK_D, V_DIM, BLOCK_DV, FP8, INTERPRET)
+                      page_size, k_scale, v_scale, cos_ptrs, sin_ptrs, HEAD_DIM, BLOCK_D, V_DIM, BLOCK_DV, FP8,
+                      INTERPRET, ROPE, ROUND_ROPE)
         tl.debug_barrier()
 
     offs_g = tl.arange(0, BLOCK_G)
     g_valid = offs_g < GROUP
     heads = kv_head * GROUP + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_valid = offs_dv < V_DIM
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + b * stride_qt + offs_d[None, :] * stride_qd,
-                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    q = _load_rotated(q_ptr + heads[:, None] * stride_qh + b * stride_qt, offs_d, stride_qd,
+                      g_valid[:, None] & d_valid[None, :], cos_ptrs, sin_ptrs, ROPE, HEAD_DIM // 2, ROUND_ROPE)
     slopes = tl.zeros([BLOCK_G], tl.float32)
     if HAS_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=g_valid, other=0.0).to(tl.float32)
@@ -298,12 +354,12 @@ def decode_attention(
     logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
-    merge_in_kernel: bool | None = None,
+    merge_in_kernel: bool | None = None, rope: RopeRows | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
-    cache already holds them. `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`,
+    cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first. `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`,
     `block_n` and `num_warps` override the defaults
     (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
     (kernels/cached_attention.py)."""
@@ -327,21 +383,27 @@ def decode_attention(
     write_kv = k is not None
     if not write_kv:
         k = v = slot_mapping = q  # unused
+    if rope is not None and not write_kv:
+        raise ValueError("decode_attention rotates k only as it stores it: rope needs k, v and slot_mapping")
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
     pdl = pdl_launch(q.device)
+    cos, sin = (rope.cos, rope.sin) if rope is not None else (q, q)  # unused without rope
+    rope_strides = (*rope.cos_strides, *rope.sin_strides) if rope is not None else (0, 0, 0, 0)
     _decode_attention_kernel[(num_seqs, n_kv, splits)](
         q, out, part_acc, part_ml, counters if counters is not None else seq_lens, k_cache, v_cache, seq_lens,
-        block_tables, k, v, slot_mapping,
+        block_tables, k, v, slot_mapping, cos, sin,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
-        *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *rope_strides,
         k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
         alibi_slopes.contiguous() if alibi_slopes is not None else q, k_scale, v_scale,  # slopes [n_heads]
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
-        MERGE=counters is not None, INTERPRET=not q.is_cuda, num_warps=num_warps, **pdl,
+        MERGE=counters is not None, INTERPRET=not q.is_cuda,
+        ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
+        num_warps=num_warps, **pdl,
     )
     if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, n_heads)](

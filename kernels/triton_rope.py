@@ -32,7 +32,7 @@ def _at(ptr, b, h, s, dim, s_b, s_h, s_s, s_d):
 
 
 @triton.jit
-def _rounded(x, dtype, ROUND: tl.constexpr):
+def rounded(x, dtype, ROUND: tl.constexpr):
     """x (float32) rounded to `dtype` and back when ROUND, else x."""
     if ROUND:
         x = x.to(dtype).to(tl.float32)
@@ -65,8 +65,8 @@ def _rotate_heads(
     sin1 = tl.load(_at(sin_ptr, b, h, s, first, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(_at(sin_ptr, b, h, s, second, ss_b, ss_h, ss_s, ss_d), mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    first_out = _rounded(x1 * cos1, dtype, ROUND_PRODUCTS) - _rounded(x2 * sin1, dtype, ROUND_PRODUCTS)
-    second_out = _rounded(x2 * cos2, dtype, ROUND_PRODUCTS) + _rounded(x1 * sin2, dtype, ROUND_PRODUCTS)
+    first_out = rounded(x1 * cos1, dtype, ROUND_PRODUCTS) - rounded(x2 * sin1, dtype, ROUND_PRODUCTS)
+    second_out = rounded(x2 * cos2, dtype, ROUND_PRODUCTS) + rounded(x1 * sin2, dtype, ROUND_PRODUCTS)
     tl.store(_at(out_ptr, b, h, s, first, so_b, so_h, so_s, so_d), first_out.to(dtype), mask=mask)
     tl.store(_at(out_ptr, b, h, s, second, so_b, so_h, so_s, so_d), second_out.to(dtype), mask=mask)
 
@@ -97,7 +97,7 @@ def _rope_kernel(
                       HALF, BLOCK_HALF, BLOCK_H, INTERLEAVED, ROUND_PRODUCTS)
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
+def as_4d(t: torch.Tensor) -> torch.Tensor:
     """A view of t with leading unit dims up to rank 4 (never a copy: `out` must stay aliased)."""
     return t[(None,) * (4 - t.dim())]
 
@@ -107,16 +107,19 @@ def _operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.
     and its shape."""
     if x.dim() > 4:
         raise ValueError(f"rope kernel takes x of rank <= 4, got {tuple(x.shape)}")
-    x4, o4 = _as_4d(x), _as_4d(out)
-    cos4, sin4 = (_as_4d(t).expand(x4.shape) for t in (cos, sin))
+    x4, o4 = as_4d(x), as_4d(out)
+    cos4, sin4 = (as_4d(t).expand(x4.shape) for t in (cos, sin))
     return [x4, cos4, sin4, o4, *x4.stride(), *cos4.stride(), *sin4.stride(), *o4.stride()], tuple(x4.shape)
+
+
+def round_products(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether the eager rotation rounds each product to x's dtype (x and cos both half precision)."""
+    return torch.promote_types(x.dtype, cos.dtype) == x.dtype and x.element_size() < 4
 
 
 def _constants(x: torch.Tensor, cos: torch.Tensor, head_dim: int, interleaved: bool) -> dict:
     return dict(HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_H=BLOCK_H,
-                INTERLEAVED=interleaved,
-                ROUND_PRODUCTS=torch.promote_types(x.dtype, cos.dtype) == x.dtype and x.element_size() < 4,
-                **pdl_launch(x.device))
+                INTERLEAVED=interleaved, ROUND_PRODUCTS=round_products(x, cos), **pdl_launch(x.device))
 
 
 def rope(

@@ -199,3 +199,83 @@ def test_fused_decode_gpu_8b_shape(batch, ctx, fp8):
     for merge_in_kernel in (True, False):
         _check_fused(ctxs, 32, 8, 128, seed=batch + ctx, fp8=fp8, dtype=torch.bfloat16, device="cuda",
                      merge_in_kernel=merge_in_kernel)
+
+
+def _rope_tables(positions: torch.Tensor, head_dim: int, interleaved: bool, dtype: torch.dtype):
+    """HF-style cos / sin [1, 1, T, d] for `positions` (rotate-half: cat(f, f); interleaved: each f twice)."""
+    freqs = positions.float()[:, None] / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = freqs.repeat_interleave(2, -1) if interleaved else torch.cat((freqs, freqs), -1)
+    return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("ctxs,n_heads,n_kv,head_dim,extra", [
+    ([70, 5, 33], 6, 2, 32, {}),
+    ([50, 9], 4, 1, 16, {"fp8": True}),
+    ([20, 45], 4, 2, 32, {"num_splits": 1}),
+])
+def test_decode_rotates_q_and_k(ctxs, n_heads, n_kv, head_dim, extra, interleaved, monkeypatch):
+    """decode_attention with `rope` (fuse_rope_attention's form) against the reference op rotating first: the
+    same outputs and the same rotated keys in the cache, bit for bit."""
+    from autodeploy.kernels import triton_decode_attention as mod
+
+    _poison(monkeypatch)
+    fp8 = extra.get("fp8", False)
+    k_scale, v_scale = (0.02, 0.05) if fp8 else (1.0, 1.0)
+    args = _fused_case(ctxs, n_heads, n_kv, head_dim, 16, len(ctxs), torch.float32, fp8, k_scale, v_scale, DEVICE)
+    q, k, v, k_cache, v_cache, cu, lens, tables, slots = args
+    cos, sin = (t.to(DEVICE) for t in _rope_tables(lens.cpu() - 1, head_dim, interleaved, torch.float32))
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, 0.3, None, None, None, k_scale, v_scale, cos, sin,
+                                                 interleaved)
+    got = mod.decode_attention(q, k_cache, v_cache, lens, tables, 0.3, num_splits=extra.get("num_splits"),
+                               k_scale=k_scale, v_scale=v_scale, k=k, v=v, slot_mapping=slots,
+                               rope=mod.rope_rows(q, cos, sin, interleaved))
+    for cache, ref_cache in ((k_cache, ref_args[3]), (v_cache, ref_args[4])):
+        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("seqs", [DECODE, [(0, 9), (16, 1), (3, 20)]])
+def test_op_with_rope_matches_reference(seqs, per_head):
+    """cached_attention_triton with rope_cos / rope_sin on a decode-only step (the decode kernel rotates) and on a
+    mixed step (rope_pair first), against the reference op; cos / sin given per head (as a dense [1, H, T, d]) are
+    rotated beforehand on a decode step too."""
+    args, _ = packed_case(seqs, n_heads=2, n_kv=2, head_dim=32, seed=len(seqs))
+    args = tuple(a.to(DEVICE) for a in args)
+    cu, lens = args[5].cpu(), args[6].cpu()
+    positions = torch.cat([torch.arange(int(lens[b]) - int(cu[b + 1] - cu[b]), int(lens[b])) for b in range(len(seqs))])
+    cos, sin = (t.to(DEVICE) for t in _rope_tables(positions, 32, False, torch.float32))
+    if per_head:
+        cos, sin = (torch.cat([t, t * 0.5], dim=1) for t in (cos, sin))
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, 0.2, rope_cos=cos, rope_sin=sin)
+    got = torch.ops.autodeploy.cached_attention_triton(*args, 0.2, rope_cos=cos, rope_sin=sin)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(args[3], ref_args[3], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("batch,ctx,fp8", [(1, 256, False), (64, 300, False), (3, 100, True)])
+def test_decode_rope_gpu_8b_shape(batch, ctx, fp8, interleaved):
+    """bf16 at the 8B shape (products rounded to bf16): the decode kernel rotating q and k itself writes the
+    same cache bytes as rope_pair followed by it, and the same outputs."""
+    from autodeploy.kernels import triton_decode_attention as mod
+    from autodeploy.kernels.triton_rope import rope_pair
+
+    ctxs = [ctx - 37 * b % 90 for b in range(batch)]
+    args = _fused_case(ctxs, 32, 8, 128, 32, batch, torch.bfloat16, fp8, 1.0, 1.0, "cuda")
+    q, k, v, k_cache, v_cache, cu, lens, tables, slots = args
+    cos, sin = (t.cuda() for t in _rope_tables(lens.cpu() - 1, 128, interleaved, torch.bfloat16))
+    ref_caches = (k_cache.clone(), v_cache.clone())
+    q_rot, k_rot = rope_pair(q, k, cos, sin, interleaved)
+    want = mod.decode_attention(q_rot, *ref_caches, lens, tables, 0.088, k=k_rot, v=v, slot_mapping=slots)
+    got = mod.decode_attention(q, k_cache, v_cache, lens, tables, 0.088, k=k, v=v, slot_mapping=slots,
+                               rope=mod.rope_rows(q, cos, sin, interleaved))
+    for cache, ref_cache in zip((k_cache, v_cache), ref_caches):
+        assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

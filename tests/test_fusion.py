@@ -93,7 +93,26 @@ def test_triton_backends_with_kv_cache(tiny_llama_dir, unfused, ids):
     assert matched(opt, "select_backends")["fused_add_rms_norm_triton"] == 1  # final one (LM head)
     assert matched(opt, "select_backends")["rope_pair_triton"] == 2
     assert matched(opt, "select_backends")["gated_linear_triton"] == 2  # on CPU: gated_act's kernel, then torch
+    assert matched(opt, "fuse_rope_attention") == {"rope_in_attention": 2}  # the pairs went into the attention
+    assert count(opt, torch.ops.autodeploy.rope_pair_triton.default) == 0
     torch.testing.assert_close(opt.logits(ids), unfused.logits(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_rope_in_attention_decodes_as_before(tiny_llama_dir):
+    """Greedy tokens of a batch (prefill, then decode steps on the decode kernel, interpreted) with RoPE inside the
+    Triton cached attention equal those with the separate rope_pair op."""
+    from autodeploy import LLM, SamplingParams
+
+    prompts, params = [[1, 5, 9, 200, 31, 7, 99], [4, 8, 15], [250, 3]], SamplingParams(max_tokens=5, temperature=0.0)
+    runtime = dict(max_batch_size=4, max_num_tokens=64, **{"transforms.insert_kv_cache.num_blocks": 16,
+                                                             "transforms.insert_kv_cache.backend": "triton"})
+    outs = []
+    for enabled in (True, False):
+        llm = LLM(tiny_llama_dir, overrides=[f"transforms.fuse_rope_attention.enabled={enabled}"], **runtime)
+        folded = [n for n in llm.model.gm.graph.nodes if n.kwargs.get("rope_cos") is not None]
+        assert len(folded) == (2 if enabled else 0)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1]
 
 
 def test_bf16_fused_logits_close_to_unfused(tiny_llama_dir, ids):

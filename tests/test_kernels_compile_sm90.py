@@ -200,6 +200,11 @@ def _run_every_wrapper() -> None:
             triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
                                                      num_splits=splits, k=k[:, :, :2], v=k[:, :, :2],
                                                      slot_mapping=slots[:2], merge_in_kernel=merge)
+        cos = torch.randn(1, 1, 2, 64, generator=g).to(bf16)
+        for interleaved in (False, True):  # RoPE inside (fuse_rope_attention), products rounded to bf16
+            rope = triton_decode_attention.rope_rows(q[:, :, :2], cos, cos, interleaved)
+            triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
+                                                     k=k[:, :, :2], v=k[:, :, :2], slot_mapping=slots[:2], rope=rope)
         triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
                                                 seq_lens, tables, 0.125)
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
