@@ -403,7 +403,7 @@ def decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
         MERGE=counters is not None, INTERPRET=not q.is_cuda,
         ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
-        num_warps=num_warps, **pdl,
+        num_warps=num_warps, enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
     )
     if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, n_heads)](

@@ -82,7 +82,7 @@ def _gpu_triton_dir() -> str | None:
 
 def _describe(fn, args: tuple, kwargs: dict) -> dict:
     """A launch as the compiler wants it: a type per runtime argument, the constexprs' values, the options."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     kwargs.pop("launch_pdl", None)
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()

@@ -79,6 +79,17 @@ def test_bf16_real_shapes(tokens):
         assert relative_error(kernel, reference, args) < 1e-2, name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_bf16_rope_is_hf_bit_for_bit(interleaved):
+    """The rope kernel rounds as eager does (each bf16 product, then the sum): the same bits as the reference."""
+    args = _cases(128)["rope_pair"][2]
+    q, k, cos, sin, _ = args
+    got = ops.rope_pair_triton(q, k, cos, sin, interleaved)
+    want = ops.rope_pair(q, k, cos, sin, interleaved)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def fused_graph_agreement(tmp_dir: Path) -> dict:
     """A random-weight Llama through the default recipe on CUDA (fusions on, Triton backends by
     default) against the same recipe with every fusion off: relative logits error, argmax agreement."""
