@@ -16,9 +16,9 @@ per query head of its group. Here (flash-decoding):
     counter it resets to 0. With enough (sequence, KV head) programs NUM_SPLITS is 1 and each program
     writes its output.
 With `rope` (the cached attention op's rope_cos / rope_sin, `fuse_rope_attention`) every program rotates its
-q heads as it loads them and the program storing the new token's k rotates it first: the RoPE kernel's
-arithmetic (kernels/triton_rope.py), so the cache and outputs are those of rope_pair followed by this kernel,
-one launch fewer per layer.
+q heads as it loads them and the program storing the new token's k rotates it first, rounding as the eager
+rotation does (compiled without FP contraction, as kernels/triton_rope.py is): the cache holds the keys the
+reference op writes, bit for bit, and RoPE takes no launch of its own.
 NUM_SPLITS depends only on the batch size and head counts (not on the context length), so it is a
 constant of each captured graph; each split covers ceil(context / NUM_SPLITS) keys, computed in the
 kernel. Keys are gathered through the block table per key, so any page size works.
@@ -359,9 +359,9 @@ def decode_attention(
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
-    cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first. `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`,
-    `block_n` and `num_warps` override the defaults
-    (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
+    cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first.
+    `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`, `block_n` and `num_warps`
+    override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
     (kernels/cached_attention.py)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
