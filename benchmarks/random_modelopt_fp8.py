@@ -81,4 +81,6 @@ if __name__ == "__main__":
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if not (args.config_dir / "config.json").is_file():
+        parser.error(f"{args.config_dir} holds no config.json")
     print(f"{write(args.config_dir, args.out_dir, args.device) / 1e9:.2f} GB written to {args.out_dir}")

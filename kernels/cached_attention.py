@@ -137,8 +137,9 @@ def cached_attention_triton(
     from .triton_rope import rope_pair
 
     _check(q, k, k_cache)
-    rotation = None if rope_cos is None else rope_rows(q, rope_cos, rope_sin, rope_interleaved)
-    if q.shape[2] == seq_lens.shape[0] and (rope_cos is None or rotation is not None):
+    decode = q.shape[2] == seq_lens.shape[0]
+    rotation = rope_rows(q, rope_cos, rope_sin, rope_interleaved) if decode and rope_cos is not None else None
+    if decode and (rope_cos is None or rotation is not None):
         # Decode-only step: every sequence has exactly one new token (a chunk is never empty), so
         # T == B decides it from shapes alone - fixed when a CUDA graph is captured. The decode
         # kernel also rotates q and k and writes the new k/v into the cache.

@@ -22,7 +22,6 @@ from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
 from .registry import Stage, Transform, TransformContext, register
 
 PAIRS = (torch.ops.autodeploy.rope_pair.default, torch.ops.autodeploy.rope_pair_triton.default)
-ROPE_KWARGS = ("rope_cos", "rope_sin", "rope_interleaved")
 
 
 def _rotated_by(node: Node, index: int) -> Node | None:
@@ -38,7 +37,7 @@ def _fold(graph, attention: Node) -> bool:
     pair = _rotated_by(q, 0)
     if pair is None or _rotated_by(k, 1) is not pair or len(pair.users) != 2:
         return False
-    if any(attention.kwargs.get(name) is not None for name in ROPE_KWARGS[:2]):
+    if attention.kwargs.get("rope_cos") is not None:
         return False
     raw_q, raw_k, cos, sin, *rest = pair.args
     interleaved = rest[0] if rest else pair.kwargs.get("interleaved", False)
