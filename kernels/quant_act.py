@@ -8,7 +8,8 @@ kernel writes e4m3 and the scales instead of the normalized row:
 - `quantize_fp8_per_token(x, group_size=-1, input_scale=None) -> (q, scale)`: q = x / scale saturated to e4m3,
   scale = amax(|row|) / 448 ([..., 1], float32), or with a group size one scale per group of that many columns
   ([..., G], the last group short where the size does not divide K: `act_quant="group"`), or a static
-  input_scale (an FP8 checkpoint's) repeated per row, exactly as `fp8_linear`'s reference quantizes.
+  input_scale (an FP8 checkpoint's) repeated per row, exactly as `fp8_linear`'s reference quantizes. Every op
+  here stores its scales group-major (`empty_scales`).
 - `fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1)`: the rest of
   `fp8_linear` (group_size: the columns per scale the quantization used).
 - `fused_add_rms_norm_quant_fp8(x, residual, weight, eps, group_size=-1, input_scale=None) -> (q, scale,
@@ -21,6 +22,9 @@ Composed, they give `fp8_linear`'s reference results bit for bit.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from .fused_add_rms_norm import fused_add_rms_norm
@@ -28,11 +32,28 @@ from .gated_act import gated_act
 from .quant_linear import activation_groups, activation_scale, quantize_activation, scaled_fp8_matmul
 
 
+def empty_scales(rows_shape: Sequence[int], groups: int, device: torch.device) -> torch.Tensor:
+    """Empty float32 scales [*rows_shape, G] stored group-major: one group's scales of every row side by side (stride
+    1 along the rows), the layout cuBLASLt's 1 x 128 block-scaled GEMM reads; stored row-major, each such GEMM paid a
+    transposing copy kernel (H200, batch 64: ~1.8 us, three per Llama layer). One scale per row: the same layout."""
+    rows = math.prod(rows_shape)
+    strides = [1] * len(rows_shape)
+    for i in range(len(rows_shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * rows_shape[i + 1]
+    return torch.empty_strided((*rows_shape, groups), (*strides, max(rows, 1)), dtype=torch.float32, device=device)
+
+
+def group_major(scale: torch.Tensor) -> torch.Tensor:
+    """scale [..., G] in the layout of `empty_scales` (the references' results, laid out as the kernels' are)."""
+    return empty_scales(scale.shape[:-1], scale.shape[-1], scale.device).copy_(scale)
+
+
 def empty_quantized(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (e4m3 q, float32 scale [..., G]) for x: the fake impls' and the Triton backends' outputs."""
+    """Empty (e4m3 q, float32 scale [..., G], group-major: `empty_scales`) for x: the fake impls' and the Triton
+    backends' outputs."""
     groups = activation_groups(x.shape[-1], group_size)
     return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
-            torch.empty(*x.shape[:-1], groups, dtype=torch.float32, device=x.device))
+            empty_scales(x.shape[:-1], groups, x.device))
 
 
 def kernel_groups(group_size: int, k: int) -> bool:
@@ -48,10 +69,10 @@ def quantize_fp8_per_token(x: torch.Tensor, group_size: int = -1,
     """Reference: (e4m3 x / scale, float32 scale [..., G]) with scale = amax of each row (or each group of
     group_size columns of it) / 448, or the static input_scale (one value; group_size -1) repeated per row."""
     if input_scale is not None:
-        scale = input_scale.float().reshape(()).expand(*x.shape[:-1], 1).clone(memory_format=torch.contiguous_format)
-        return quantize_activation(x, scale), scale
+        scale = input_scale.float().reshape(()).expand(*x.shape[:-1], 1)
+        return quantize_activation(x, scale), group_major(scale)
     scale = activation_scale(x, None, "token" if group_size == -1 else "group", group_size)
-    return quantize_activation(x, scale, group_size), scale
+    return quantize_activation(x, scale, group_size), group_major(scale)
 
 
 @quantize_fp8_per_token.register_fake

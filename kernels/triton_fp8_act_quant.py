@@ -21,8 +21,9 @@ BLOCK_K = 1024
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, SPAN, stride_xm, stride_qm, STATIC: tl.constexpr,
-                          INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, SPAN, stride_xm, stride_qm, stride_sm, stride_sg,
+                          STATIC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_K: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
     """Program (row, group): columns [group * SPAN, min(group * SPAN + SPAN, K)), its scale at s[row, group]
     (with STATIC the one at static_ptr, copied there)."""
     wait_for_inputs(USE_PDL)
@@ -44,7 +45,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, SPAN, stride_xm, s
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
         q = saturate_e4m3(x / scale, INTERPRET)
         tl.store(q_ptr + row * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < end)
-    tl.store(s_ptr + row * tl.num_programs(1) + group, scale)
+    tl.store(s_ptr + row * stride_sm + group * stride_sg, scale)
 
 
 def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
@@ -58,7 +59,7 @@ def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
     if m and k:
         _quantize_rows_kernel[(m, scale.shape[-1])](
             x2, q, scale, input_scale if input_scale is not None else scale, k, span, x2.stride(0), q.stride(0),
-            STATIC=input_scale is not None, INTERPRET=not x2.is_cuda,
+            *scale.stride(), STATIC=input_scale is not None, INTERPRET=not x2.is_cuda,
             BLOCK_K=min(BLOCK_K, triton.next_power_of_2(span)), **pdl_launch(x2.device))
     return q, scale
 

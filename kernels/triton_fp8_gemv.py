@@ -42,7 +42,7 @@ def fp8_gemv_supported(rows: int, k: int, group_size: int) -> bool:
 
 @triton.jit
 def _fp8_gemv_kernel(
-    q_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_qm, stride_xsm, stride_wn, stride_ym,
+    q_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_qm, stride_xsm, stride_xsg, stride_wn, stride_ym,
     GROUP_BLOCKS: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
@@ -73,7 +73,7 @@ def _fp8_gemv_kernel(
         part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=3)
         if GROUP_BLOCKS > 0:  # this step's blocks each lie in one activation group
             group = (k0 // COLS + blk3) // GROUP_BLOCKS
-            acc += part * tl.load(xs_rows + group, mask=(m3 < M) & (k0 + blk3 * COLS < K), other=0.0)
+            acc += part * tl.load(xs_rows + group * stride_xsg, mask=(m3 < M) & (k0 + blk3 * COLS < K), other=0.0)
         else:
             acc += part
     y = tl.sum(acc, axis=0)  # [BLOCK_N, ROWS]
@@ -103,8 +103,7 @@ def fp8_gemv(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weigh
     q2 = q.reshape(-1, k)
     q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
     rows = q2.shape[0]
-    xs = x_scale.reshape(rows, -1).float()
-    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
+    xs = x_scale.reshape(rows, -1).float()  # any strides (the producers' are group-major)
     ws = weight_scale.float().contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(rows, n, dtype=out_dtype, device=q.device)
@@ -112,7 +111,7 @@ def fp8_gemv(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weigh
     grouped = xs.shape[-1] > 1
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         q2, xs, weight, ws, bias if bias is not None else ws, y, rows, n, k,
-        q2.stride(0), xs.stride(0), weight.stride(0), y.stride(0),
+        q2.stride(0), *xs.stride(), weight.stride(0), y.stride(0),
         GROUP_BLOCKS=group_size // BLOCK_COLS if grouped else 0, W_PER_CHANNEL=weight_scale.dim() == 1,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=num_warps, num_stages=1, **pdl_launch(q.device),

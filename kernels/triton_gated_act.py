@@ -28,7 +28,7 @@ MAX_ROW_COLUMNS = 16384  # per-token scales: one program holds the whole row
 
 @triton.jit
 def _gated_act_kernel(
-    gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, scale_ptr,
+    gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, scale_ptr, stride_scale_m, stride_scale_g,
     ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1,
     NUM_GROUPS: tl.constexpr = 1, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     static_ptr=None, STATIC: tl.constexpr = False,
@@ -46,7 +46,8 @@ def _gated_act_kernel(
     if QUANT_FP8:
         groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
         store_tile_quantized(y.to(tl.float32), out_ptr + row * stride_o + cols, valid,
-                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET, static_ptr, STATIC)
+                             scale_ptr + row * stride_scale_m + groups * stride_scale_g, groups < NUM_GROUPS, INTERPRET,
+                             static_ptr, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -63,10 +64,11 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     if out.numel() == 0:
         return out if not quant else (out, scale)
     groups = 1 if not quant else scale.shape[-1]
+    scale2 = scale.view(n_rows, groups) if quant else out2
     block = triton.next_power_of_2(n_cols) if quant and groups == 1 else max(BLOCK, group_size or 0)
     group = block if not quant or groups == 1 else group_size
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale if quant else out2,
+        gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale2, *scale2.stride(),
         ACTIVATION=ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
         INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), static_ptr=input_scale,
         STATIC=input_scale is not None, **pdl_launch(gate.device),

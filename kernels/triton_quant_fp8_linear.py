@@ -39,6 +39,7 @@ from .triton_linear import PREFETCH_K, SKINNY_ROWS
 from .triton_fp8_gemv import fp8_gemv, fp8_gemv_supported
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 from .triton_split_k import k_range, split_launch, splits_for, sum_splits
+from .weight_scale_layout import weight_scale_layout
 
 BLOCK_N = 32
 BLOCK_K = 512
@@ -83,7 +84,7 @@ _ACT_MODES = {"static": 0, "token": 1, "tensor": 2, "given": 3}
 
 @triton.jit
 def _skinny_fp8_kernel(
-    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_xsm,
+    x_ptr, w_ptr, ws_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_xsm, stride_xsg,
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
@@ -122,7 +123,7 @@ def _skinny_fp8_kernel(
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
         if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
-            sxg = tl.load(xs_rows + k0 // X_GROUP, mask=m_valid, other=0.0)
+            sxg = tl.load(xs_rows + (k0 // X_GROUP) * stride_xsg, mask=m_valid, other=0.0)
             if SWAP:
                 acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
             else:
@@ -167,7 +168,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
     grouped = x_scale is not None and x_scale.shape[-1] > 1
     if x_scale is not None:
-        act, xs = "given", x_scale.float().reshape(rows, -1).contiguous()
+        act, xs = "given", x_scale.float().reshape(rows, -1)  # any strides (the producers' are group-major)
     else:
         act = "static" if input_scale is not None else act_quant
         xs = input_scale.float().reshape(1) if input_scale is not None else weight_scale
@@ -177,7 +178,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     split = split_launch(split_k, grid[0] * grid[1], triton.cdiv(k, block_k), rows, n, x.device)
     _skinny_fp8_kernel[grid + (split["SPLIT_K"],)](
         x2, weight, weight_scale, xs, bias if bias is not None else weight_scale, y, rows, n, k,
-        x2.stride(0), weight.stride(0), y.stride(0), xs.stride(0) if xs.dim() == 2 else 0,
+        x2.stride(0), weight.stride(0), y.stride(0), *(xs.stride() if xs.dim() == 2 else (0, 0)),
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
         BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, num_warps=num_warps, num_stages=num_stages,
@@ -201,8 +202,7 @@ def _scaled_mm(q2: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, we
                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """cuBLASLt e4m3 x e4m3 with row-wise scales (scale_a [M, 1]; the weight's per-channel or per-tensor scale
     as [1, N]), bf16 out (which row-wise scaling requires in torch 2.11), then out_dtype."""
-    n = weight.shape[0]
-    scale_b = weight_scale.float().expand(n).reshape(1, n).contiguous()
+    scale_b = weight_scale_layout(weight_scale, 1, weight.shape[0])
     if out_dtype == torch.bfloat16:  # cuBLASLt adds the bias and writes bf16 itself
         return torch._scaled_mm(q2, weight.t(), scale_a=scale_a, scale_b=scale_b,
                                 bias=bias.to(out_dtype) if bias is not None else None, out_dtype=torch.bfloat16)
@@ -216,11 +216,10 @@ def blockwise_scaled_mm(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Te
     """cuBLASLt's e4m3 GEMM with 1 x 128 block scales on both sides (CUDA 12.9+, sm_90): x's per-token-group
     scales [M, K / 128] as they are, the weight's per-channel (or per-tensor) scale repeated over its K blocks.
     Both scale tensors go in outer-dim-major (stride 1 along M, and along N), as cuBLASLt's block scaling reads
-    them."""
-    n = weight.shape[0]
-    blocks = scale2.shape[-1]
-    scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M)
-    scale_b = weight_scale.float().reshape(1, -1).expand(blocks, n).contiguous()  # [K/128, N], stride (N, 1)
+    them: x's as the quantizing kernels store them (quant_act.empty_scales; others are transposed here), the
+    weight's expanded once (kernels/weight_scale_layout.py)."""
+    scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M): a view of group-major scales
+    scale_b = weight_scale_layout(weight_scale, scale2.shape[-1], weight.shape[0])  # [K/128, N], stride (N, 1)
     y = torch._scaled_mm(q2.contiguous(), weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
     if bias is not None:
         y = y.float() + bias.float()

@@ -53,7 +53,7 @@ def rounds_normed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr, scale_ptr,
-    stride_x, stride_r, stride_o, stride_s, n_cols, eps,
+    stride_x, stride_r, stride_o, stride_s, stride_scale_m, stride_scale_g, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
     QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, NUM_GROUPS: tl.constexpr = 1,
     INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False, static_ptr=None, STATIC: tl.constexpr = False,
@@ -75,7 +75,8 @@ def _rms_norm_kernel(
     if QUANT_FP8:  # the row as the unfused graph hands it on (x's dtype), quantized per group of GROUP columns
         groups = tl.arange(0, BLOCK // GROUP)
         store_tile_quantized(y.to(x.dtype).to(tl.float32), out_ptr + row * stride_o + cols, valid,
-                             scale_ptr + row * NUM_GROUPS + groups, groups < NUM_GROUPS, INTERPRET, static_ptr, STATIC)
+                             scale_ptr + row * stride_scale_m + groups * stride_scale_g, groups < NUM_GROUPS, INTERPRET,
+                             static_ptr, STATIC)
     else:
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -96,9 +97,10 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return out, added
     block = triton.next_power_of_2(n_cols)
     groups = 1 if scale is None else scale.shape[-1]
+    scale2 = scale.view(n_rows, groups) if scale is not None else weight.view(1, -1)
     _rms_norm_kernel[(n_rows,)](
-        x2, residual2, weight.contiguous(), out2, added2, scale if scale is not None else weight,
-        x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), n_cols, eps,
+        x2, residual2, weight.contiguous(), out2, added2, scale2,
+        x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), *scale2.stride(), n_cols, eps,
         HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=rounds_normed(x, weight),
         BLOCK=block, QUANT_FP8=scale is not None, GROUP=block if groups == 1 else group_size, NUM_GROUPS=groups,

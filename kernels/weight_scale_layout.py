@@ -1,0 +1,32 @@
+"""A weight's FP8 scale laid out as cuBLASLt's scaled GEMMs read it, made once per weight instead of once per call.
+
+Row-wise scaling reads the weight's scale as [1, N] float32, 1 x 128 block scaling as [K / 128, N] (contiguous: stride 1
+along N). A per-tensor scale, or a per-channel one repeated over K blocks, has to be expanded into that, and doing it
+in every call ran a copy kernel per GEMM: on an H200 at batch 64 (Llama-3.1-8B shape, group-128 activation scales)
+three per layer of ~1.8 us each, with the activation scales' transposes 8 % of a decode step (BENCHMARKS.md, session
+17). The expansion depends only on the weight's scale, so it is kept per scale tensor, checked by identity and version
+(an in-place update of the scale makes it again). Nothing is stored while a CUDA graph is being captured (the
+allocation would come from the graph's private pool); the runtime runs each graph's step eagerly first
+(runtime/cuda_graphs.py), which fills the cache, and a miss during capture just expands inside the graph as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_LAYOUTS: dict[tuple[int, int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def weight_scale_layout(weight_scale: torch.Tensor, blocks: int, n: int) -> torch.Tensor:
+    """weight_scale ([N] per channel, or one value) as a contiguous float32 [blocks, N]."""
+    key = (id(weight_scale), blocks, n)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is weight_scale and hit[1] == weight_scale._version:
+        return hit[2]
+    layout = weight_scale.float().reshape(1, -1).expand(blocks, n).contiguous()
+    if not (layout.is_cuda and torch.cuda.is_current_stream_capturing()):
+        ref = weakref.ref(weight_scale, lambda _, key=key: _LAYOUTS.pop(key, None))
+        _LAYOUTS[key] = (ref, weight_scale._version, layout)
+    return layout
