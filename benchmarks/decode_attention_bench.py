@@ -41,17 +41,18 @@ for batch, ctx in [(1, 256), (1, 2048), (64, 256), (64, 1024)]:
 # Sweep of the decode kernel's knobs, timed inside a CUDA graph (device time, no launch cost):
 # the shapes of a decode step at batch 1 / 64 and contexts up to a 4096-token prompt.
 print("\nsweep (do_bench_cudagraph, us per layer call; default splits: 32 at batch 1, 1 at batch 64)")
-print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'block_n':>7} {'warps':>5} {'us':>7}")
-for batch, ctx in [(1, 256), (1, 4224), (64, 256), (64, 1024)]:
+print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'block_n':>7} {'warps':>5} {'stages':>6} {'us':>7}")
+for batch, ctx in [(1, 256), (1, 4224), (64, 192), (64, 1024)]:
     q, kc, vc, tables, lens = decode_inputs(batch, ctx)
     ref = decode_attention(q, kc, vc, lens, tables, 128 ** -0.5).float()
-    for splits in ((4, 8, 16, 32) if batch == 1 else (1, 2, 4)):
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                def call():
-                    return decode_attention(q, kc, vc, lens, tables, 128 ** -0.5, num_splits=splits,
-                                            block_n=block_n, num_warps=warps)
-                err = ((call().float() - ref).norm() / ref.norm()).item()
-                us = triton.testing.do_bench_cudagraph(call, rep=50) * 1e3
-                print(f"{batch:>5} {ctx:>5} {splits:>6} {block_n:>7} {warps:>5} {us:>7.1f}"
-                      + ("" if err < 1e-2 else f"  WRONG rel err {err:.1e}"))
+    for splits in ((8, 16, 32) if batch == 1 else (1, 2)):
+        for block_n in (32, 64):
+            for warps in (2, 4):
+                for stages in (1, 2, 3):
+                    def call():
+                        return decode_attention(q, kc, vc, lens, tables, 128 ** -0.5, num_splits=splits,
+                                                block_n=block_n, num_warps=warps, num_stages=stages)
+                    err = ((call().float() - ref).norm() / ref.norm()).item()
+                    us = triton.testing.do_bench_cudagraph(call, rep=50) * 1e3
+                    print(f"{batch:>5} {ctx:>5} {splits:>6} {block_n:>7} {warps:>5} {stages:>6} {us:>7.1f}"
+                          + ("" if err < 1e-2 else f"  WRONG rel err {err:.1e}"))

@@ -43,6 +43,10 @@ from .triton_pdl import pdl_launch, wait_for_inputs
 from .triton_rope import as_4d, round_products, rounded
 
 BLOCK_N = 32  # with 4 warps, best or within 10 % of it in BENCHMARKS.md's sweep (batch 1 and 64)
+# Keys per step and pipeline stages when each (sequence, KV head) is one program (no split: many sequences). H200,
+# 8B shape, 64 sequences (BENCHMARKS.md, session 17): 16.0 / 69.6 us at 192 / 1,024 keys, against 17.4 / 75.3 with
+# BLOCK_N and Triton's default 3 stages.
+WHOLE_CONTEXT_KNOBS = (64, 2)
 MAX_SPLITS = 32
 
 
@@ -351,17 +355,17 @@ def _split_counters(pairs: int, device: torch.device) -> torch.Tensor | None:
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
-    logit_cap: float | None = None, num_splits: int | None = None, block_n: int = BLOCK_N,
+    logit_cap: float | None = None, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
-    merge_in_kernel: bool | None = None, rope: RopeRows | None = None,
+    merge_in_kernel: bool | None = None, rope: RopeRows | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
     cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first.
-    `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`, `block_n` and `num_warps`
-    override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
+    `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`, `block_n`, `num_warps` and
+    `num_stages` override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
     (kernels/cached_attention.py)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -371,6 +375,8 @@ def decode_attention(
     if num_seqs == 0:
         return out
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
+    block_n, num_stages = (block_n or (WHOLE_CONTEXT_KNOBS[0] if splits == 1 else BLOCK_N),
+                           num_stages or (WHOLE_CONTEXT_KNOBS[1] if splits == 1 else None))
     fp8 = k_cache.dtype == FP8_DTYPE
     counters = None
     if splits > 1:
@@ -403,7 +409,8 @@ def decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
         MERGE=counters is not None, INTERPRET=not q.is_cuda,
         ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
-        num_warps=num_warps, enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
+        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
     )
     if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, n_heads)](
