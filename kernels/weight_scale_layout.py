@@ -6,8 +6,8 @@ in every call ran a copy kernel per GEMM: on an H200 at batch 64 (Llama-3.1-8B s
 three per layer of ~1.8 us each, with the activation scales' transposes 8 % of a decode step (BENCHMARKS.md, session
 17). The expansion depends only on the weight's scale, so it is kept per scale tensor, checked by identity and version
 (an in-place update of the scale makes it again). Nothing is stored while a CUDA graph is being captured (the
-allocation would come from the graph's private pool); the runtime runs each graph's step eagerly first
-(runtime/cuda_graphs.py), which fills the cache, and a miss during capture just expands inside the graph as before.
+allocation would come from the graph's private pool): autodeploy/runtime/cuda_graphs.py runs each bucket twice before
+capturing it, which fills the cache, and a miss during a capture just expands inside the graph as before.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def weight_scale_layout(weight_scale: torch.Tensor, blocks: int, n: int) -> torc
     if hit is not None and hit[0]() is weight_scale and hit[1] == weight_scale._version:
         return hit[2]
     layout = weight_scale.float().reshape(1, -1).expand(blocks, n).contiguous()
+    if layout.data_ptr() == weight_scale.data_ptr():  # a float32 per-channel scale in one block: a view, no copy
+        return layout
     if not (layout.is_cuda and torch.cuda.is_current_stream_capturing()):
         ref = weakref.ref(weight_scale, lambda _, key=key: _LAYOUTS.pop(key, None))
         _LAYOUTS[key] = (ref, weight_scale._version, layout)

@@ -67,9 +67,12 @@ def test_weight_scale_layout_is_made_once_per_scale():
     assert layout.shape == (4, 48) and layout.is_contiguous() and torch.equal(layout, per_channel.expand(4, 48))
     assert weight_scale_layout(per_channel, 4, 48) is layout
     assert torch.equal(weight_scale_layout(per_tensor, 1, 48), torch.full((1, 48), 0.25))
+    keys = len(_LAYOUTS)
+    view = weight_scale_layout(per_channel, 1, 48)  # already the layout: a view of it, nothing kept
+    assert view.data_ptr() == per_channel.data_ptr() and len(_LAYOUTS) == keys
     per_channel.mul_(2)  # an in-place update makes it again
     assert torch.equal(weight_scale_layout(per_channel, 4, 48), per_channel.expand(4, 48))
     keys = len(_LAYOUTS)
-    del per_channel, per_tensor
+    del per_channel, per_tensor, view
     gc.collect()
     assert len(_LAYOUTS) == keys - 2
