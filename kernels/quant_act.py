@@ -22,7 +22,6 @@ Composed, they give `fp8_linear`'s reference results bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -36,11 +35,7 @@ def empty_scales(rows_shape: Sequence[int], groups: int, device: torch.device) -
     """Empty float32 scales [*rows_shape, G] stored group-major: one group's scales of every row side by side (stride
     1 along the rows), the layout cuBLASLt's 1 x 128 block-scaled GEMM reads; stored row-major, each such GEMM paid a
     transposing copy kernel (H200, batch 64: ~1.8 us, three per Llama layer). One scale per row: the same layout."""
-    rows = math.prod(rows_shape)
-    strides = [1] * len(rows_shape)
-    for i in range(len(rows_shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * rows_shape[i + 1]
-    return torch.empty_strided((*rows_shape, groups), (*strides, max(rows, 1)), dtype=torch.float32, device=device)
+    return torch.empty(groups, *rows_shape, dtype=torch.float32, device=device).movedim(0, -1)
 
 
 def group_major(scale: torch.Tensor) -> torch.Tensor:

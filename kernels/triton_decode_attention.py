@@ -375,8 +375,8 @@ def decode_attention(
     if num_seqs == 0:
         return out
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
-    block_n, num_stages = (block_n or (WHOLE_CONTEXT_KNOBS[0] if splits == 1 else BLOCK_N),
-                           num_stages or (WHOLE_CONTEXT_KNOBS[1] if splits == 1 else None))
+    default_n, default_stages = WHOLE_CONTEXT_KNOBS if splits == 1 else (BLOCK_N, None)
+    block_n, num_stages = block_n or default_n, num_stages or default_stages
     fp8 = k_cache.dtype == FP8_DTYPE
     counters = None
     if splits > 1:
