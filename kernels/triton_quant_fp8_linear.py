@@ -17,9 +17,10 @@ per-channel weight scale staying in the epilogue (DeepSeek-V3's promotion of par
 then waits for its MMA, a program's time follows its number of K steps, and N = 4096 makes only 64 tiles
 for 132 SMs: up to QUANTIZED_X_ROWS, K is split over programs (float32 partials; the tile's last program to
 arrive, counted by an atomic, adds them in split order and stores y: one kernel, the same y every call).
-On an H200 at batch 1 this took the 4096 x 14336 down projection from 37.3 to ~21 us. From 17 rows (64 for the
-widest outputs) cuBLASLt's 1 x 128 block-scaled GEMM takes groups of 128 where it exists; elsewhere past
-QUANTIZED_X_ROWS the same kernel tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them.
+On an H200 at batch 1 this took the 4096 x 14336 down projection from 37.3 to ~21 us. From 4 rows cuBLASLt's
+1 x 128 block-scaled GEMM takes groups of 128 where it exists; elsewhere past QUANTIZED_X_ROWS the same kernel
+tiles the rows (no swap), since row-wise `_scaled_mm` cannot take them. Group scales load a step ahead of their
+MMA: loads that feed no dot are not staged by Triton's pipeliner, and waiting for them cost up to 13 % at 64 rows.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ TILED_KNOBS = (128, 128, 128, 8, 3)
 # With groups of 128, cuBLASLt's block-scaled GEMM takes row counts that are multiples of this: on an H200 it
 # passed the reference at 300 rows (and ran the 8B prefills) but failed at 65.
 BLOCKWISE_ROWS_MULTIPLE = 4
-# ... and from this many rows up also below QUANTIZED_X_ROWS for outputs up to QUANTIZED_X_WIDE_N: at 64 rows on an
-# H200 it takes 14.3 / 12.3 / 24.5 us for the 8B qkv / o / down against the group-scaled dot's 22.2 / 19.2 / 39.6,
-# whose K steps each wait for their MMA (gate_up, wider: 42.7 against the dot's 38.1; 1 row: the dot wins everywhere).
-BLOCKWISE_MIN_ROWS = 17
+# ... and from this many rows up also below QUANTIZED_X_ROWS. H200, us for the 8B qkv / o / gate_up / down
+# (BENCHMARKS.md session 18): at 64 rows 10.4 / 8.2 / 35.1 / 19.4 against the group-scaled dot's best knobs 13.9 /
+# 11.7 / 37.5 / 25.9 (its K steps each wait for their MMA); at 16 rows 10.1 / 7.7 / 32.2 / 20.9 against the dot's
+# defaults 11.6 / 10.1 / 35.8 / 20.3; at 4 rows 10.0 / 7.6 / 31.4 / 20.3 against 10.7 / 8.7 / 33.6 / 19.1; at one
+# row the GEMV wins everywhere.
+BLOCKWISE_MIN_ROWS = 4
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
-GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (32, 4, 6), (True, False): (64, 4, 6),
+GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (64, 4, 4), (True, False): (64, 4, 6),
                (True, True): (128, 4, 4)}  # -> (block_n, warps, stages)
 SPLIT_K_PROGRAMS_PER_SM, SPLIT_K_MIN_STEPS, SPLIT_K_MAX = 3, 4, 8
 # Whether the dot launches with PDL (kernels/triton_pdl.py). Off: on an H200, FP8 (group scales) batch 1 of the 8B
@@ -111,6 +114,8 @@ def _skinny_fp8_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if X_GROUP > 0:  # group scales load a step ahead: the pipeliner stages only the dot's operands
+        sxg_next = tl.load(xs_rows + (k_start // X_GROUP) * stride_xsg, mask=m_valid, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < k_end
@@ -123,7 +128,9 @@ def _skinny_fp8_kernel(
         if INTERPRET:  # float32 (the interpreter's low-precision dots are wrong): the same values
             w = w.to(tl.float32)
         if X_GROUP > 0:  # BLOCK_K divides X_GROUP: this step's columns share one scale per row
-            sxg = tl.load(xs_rows + (k0 // X_GROUP) * stride_xsg, mask=m_valid, other=0.0)
+            sxg = sxg_next
+            next_group = tl.minimum((k0 + BLOCK_K) // X_GROUP, (K - 1) // X_GROUP)
+            sxg_next = tl.load(xs_rows + next_group * stride_xsg, mask=m_valid, other=0.0)
             if SWAP:
                 acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
             else:
@@ -244,15 +251,14 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     """The e4m3 x e4m3 GEMM on x [M, K] quantized beforehand (scale [M, G]): up to FP8_GEMV_ROWS rows the GEMV; up to
     QUANTIZED_X_ROWS rows the Triton dot with the weights as the MMA's A operand (knobs from the sweep; group scales
     split K); with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows
-    (for outputs up to QUANTIZED_X_WIDE_N; past QUANTIZED_X_ROWS for all: H200, 2,048 rows, 532 us for gate_up against
-    the Triton dot's 851), else the Triton dot in tiles of rows (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS
-    go to cuBLASLt's row-wise GEMM in fp8_linear_quantized_input.)"""
+    (H200, 2,048 rows: 532 us for gate_up against the Triton dot's 851), else the Triton dot in tiles of rows
+    (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in
+    fp8_linear_quantized_input.)"""
     rows, (n, k) = q2.shape[0], weight.shape
     grouped = scale2.shape[-1] > 1
     if rows <= FP8_GEMV_ROWS and fp8_gemv_supported(rows, k, group_size if grouped else -1):
         return fp8_gemv(q2, scale2, weight, weight_scale, bias, out_dtype, group_size)
-    if (grouped and BLOCKWISE_MIN_ROWS <= rows and (rows > QUANTIZED_X_ROWS or n <= QUANTIZED_X_WIDE_N)
-            and _blockwise_takes(q2, group_size, n, k)):
+    if grouped and BLOCKWISE_MIN_ROWS <= rows and _blockwise_takes(q2, group_size, n, k):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     if rows <= QUANTIZED_X_ROWS and not grouped:
         block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]

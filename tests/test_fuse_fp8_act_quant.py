@@ -178,9 +178,10 @@ def _assert_quantized_close(q, scale, ref_q, ref_scale, group_size: int) -> None
 
 
 # rows, N, K, activation group size, K tile, splits: K steps that the splits share unevenly (7 over 3), more
-# splits than steps, rows tiled (block_m 16 of 21 rows: two tiles, each with its own arrival counter)
+# splits than steps, rows tiled (block_m 16 of 21 rows: two tiles, each with its own arrival counter), two K steps
+# per activation group (each step's group scale loads a step ahead)
 SPLITS = [(1, 37, 448, 64, 64, 3), (3, 72, 200, 32, 32, 4), (21, 40, 160, 32, 32, 2), (2, 24, 64, 32, 32, 5),
-          (5, 33, 448, -1, 64, 3)]
+          (5, 33, 448, -1, 64, 3), (3, 40, 448, 64, 32, 3)]
 
 
 @pytest.mark.parametrize("rows,n,k,group_size,block_k,split_k", SPLITS)
@@ -242,11 +243,10 @@ def test_compiled_backends_on_gpu(rows, group_size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows", [20, 64, 65, 68, 300])
-def test_block_scaled_gemm_from_17_rows_on_gpu(rows, poisoned):
-    """Group scales of 128 from 17 rows (narrow outputs; past 64 rows all) go to cuBLASLt's 1 x 128 block-scaled
-    GEMM where it exists (sm_90, CUDA 12.9+) and takes the row count, else the Triton dot: either way the
-    reference's sums, with the bias."""
+@pytest.mark.parametrize("rows", [3, 4, 16, 20, 64, 65, 68, 300])
+def test_block_scaled_gemm_from_4_rows_on_gpu(rows, poisoned):
+    """Group scales of 128 from 4 rows go to cuBLASLt's 1 x 128 block-scaled GEMM where it exists (sm_90, CUDA
+    12.9+) and takes the row count, else the Triton dot: either way the reference's sums, with the bias."""
     from autodeploy.kernels import triton_fp8_act_quant, triton_quant_fp8_linear
 
     torch.manual_seed(rows)
@@ -262,13 +262,12 @@ def test_block_scaled_gemm_from_17_rows_on_gpu(rows, poisoned):
 
 
 
-@pytest.mark.parametrize("rows, n, path", [(1, 256, "gemv"), (2, 256, "dot"), (3, 256, "dot"), (16, 256, "dot"),
-                                           (17, 256, "blockwise"), (64, 256, "blockwise"), (64, 8192 + 16, "dot"),
+@pytest.mark.parametrize("rows, n, path", [(1, 256, "gemv"), (2, 256, "dot"), (3, 256, "dot"), (4, 256, "blockwise"),
+                                           (16, 256, "blockwise"), (64, 8192 + 16, "blockwise"),
                                            (65, 8192 + 16, "blockwise")])
 def test_group_scaled_rows_route(monkeypatch, rows, n, path):
     """Up to FP8_GEMV_ROWS rows the GEMV; where cuBLASLt's block-scaled GEMM takes the shape, groups of 128 go to it
-    from 17 rows for outputs up to 8192 wide and past 64 rows for all (the H200 timings in BENCHMARKS.md session
-    11); else the Triton dot."""
+    from 4 rows, of any width (the H200 timings in BENCHMARKS.md session 18); else the Triton dot."""
     from autodeploy.kernels import triton_quant_fp8_linear as backend
 
     calls = []
