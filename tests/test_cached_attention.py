@@ -93,6 +93,22 @@ def test_triton_matches_reference(group, head_dim):
     torch.testing.assert_close(args[3], ref_args[3])  # both wrote the same cache
 
 
+# Long contexts: key tiles wholly visible to a query tile (no mask) before the diagonal's, for prompts and for
+# chunks after cached tokens.
+LONG = {"long chunks": [(0, 300), (70, 260)], "short chunks": [(100, 40), (0, 70), (200, 3)]}
+
+
+@pytest.mark.parametrize("batch", sorted(LONG))
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (6, 2), (2, 2)])  # query heads per KV head: 4 packed, 3, 1
+@pytest.mark.parametrize("sliding_window", [None, 50])
+def test_triton_long_contexts(batch, n_heads, n_kv, sliding_window):
+    args, _ = packed_case(LONG[batch], n_heads=n_heads, n_kv=n_kv, head_dim=32, num_blocks=64, seed=n_heads)
+    ref_args = tuple(a.clone() for a in args)
+    want = torch.ops.autodeploy.cached_attention(*ref_args, 0.15, sliding_window)
+    got = torch.ops.autodeploy.cached_attention_triton(*args, 0.15, sliding_window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("sliding_window,logit_cap", [(7, None), (None, 20.0), (33, 10.0)])
 def test_triton_window_and_cap(sliding_window, logit_cap):
     args, _ = packed_case(MIXED, n_heads=4, n_kv=2, head_dim=64, seed=3)
