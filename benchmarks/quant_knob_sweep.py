@@ -143,10 +143,11 @@ TILED = [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 128, 8, 3), (128
 
 def given_sweep(group: int, only_rows: set[int] | None = None) -> None:
     """The e4m3 x e4m3 dot on activations quantized beforehand (`prequantized_fp8_linear`), at 1 / 16 / 64 rows;
-    with groups (group > 0) also tiled over 256 / 2048 rows. `only_rows`: just those row counts."""
+    with groups (group > 0) also tiled over 256 / 2048 rows. `only_rows`: those row counts instead (any)."""
     act = "group" if group > 0 else "token"
-    cases = ((1, GIVEN[1]), (16, GIVEN[1][:4]), (64, GIVEN[64])) + (((256, TILED), (2048, TILED)) if group > 0 else ())
-    cases = [case for case in cases if only_rows is None or case[0] in only_rows]
+    rows_run = sorted(only_rows) if only_rows else [1, 16, 64] + ([256, 2048] if group > 0 else [])
+    cases = [(rows, GIVEN[1] if rows == 1 else GIVEN[1][:4] if rows <= 16 else GIVEN[64] if rows <= 64 else TILED)
+             for rows in rows_run]
     for name, (n, k) in SHAPES.items():
         print(f"{name} {n}x{k}", flush=True)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
