@@ -53,7 +53,7 @@ def main() -> None:
                 runs[f"paged {kn}"] = lambda kn=kn: paged_attention(*inputs, scale, knobs=kn[:4], pack=kn[4])
         timed = []
         for name, run in runs.items():
-            err = (run().float() - want).abs().max().item()
+            err = 0.0 if run is sdpa else (run().float() - want).abs().max().item()
             if not err < 3e-2:
                 print(f"  {name}: WRONG, max error {err:.3g}")
                 continue
