@@ -29,11 +29,12 @@ MIN_TILE_TOKENS = 8  # query heads pack into a tile only while it keeps this man
 
 
 @triton.jit
-def _kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, key_end, kv_head, page_size, offs_d, d_valid, offs_dv, dv_valid,
-             stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, dtype,
-             FP8: tl.constexpr):
+def _kv_tile(kv, offs_n, dtype, FP8: tl.constexpr):
     """Keys and values of positions offs_n (zeros from key_end), gathered through the sequence's block table; an
-    fp8 cache's converted to q's dtype (its scales are folded into the softmax scale and the output)."""
+    fp8 cache's converted to q's dtype (its scales are folded into the softmax scale and the output). kv: the caches,
+    the sequence's block table row, key_end, the KV head, the page size, the head-dim offsets and masks, strides."""
+    (k_cache_ptr, v_cache_ptr, table, key_end, kv_head, page_size, offs_d, d_valid, offs_dv, dv_valid, stride_cb,
+     stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd) = kv
     n_valid = offs_n < key_end
     row = tl.load(table + offs_n // page_size, mask=n_valid, other=0).to(tl.int64)
     k_offs = (row * stride_cb + (offs_n % page_size) * stride_cs + kv_head * stride_ch)[:, None] \
@@ -69,6 +70,22 @@ def _attend(q, k, v, m_i, l_i, acc, offs_n, q_pos, key_end, scale, sliding_windo
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_keys(lo, hi, q, m_i, l_i, acc, kv, softmax, FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """`_attend` over the key tiles from lo up to hi (kv: see `_kv_tile`; softmax: the rows' positions, the scale,
+    window, cap and slopes)."""
+    key_end = kv[3]
+    q_pos, scale, sliding_window, logit_cap, slope = softmax
+    for n_start in range(lo, hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        k, v = _kv_tile(kv, offs_n, q.dtype, FP8)
+        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_n, q_pos, key_end, scale, sliding_window, logit_cap, slope,
+                                HAS_WINDOW, HAS_CAP, HAS_ALIBI, DOT_PRECISION, MASKED)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -121,21 +138,13 @@ def _paged_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        table = block_tables_ptr + b * stride_bt
-        for n_start in range(key_begin, unmasked_end, BLOCK_N):
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            k, v = _kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, key_end, kv_head, page_size, offs_d, d_valid,
-                            offs_dv, dv_valid, stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs,
-                            stride_vh, stride_vd, q.dtype, FP8)
-            m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_n, q_pos, key_end, scale, sliding_window, logit_cap,
-                                    slope, HAS_WINDOW, HAS_CAP, HAS_ALIBI, DOT_PRECISION, False)
-        for n_start in range(tl.maximum(unmasked_end, key_begin), key_end, BLOCK_N):
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            k, v = _kv_tile(k_cache_ptr, v_cache_ptr, table, offs_n, key_end, kv_head, page_size, offs_d, d_valid,
-                            offs_dv, dv_valid, stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs,
-                            stride_vh, stride_vd, q.dtype, FP8)
-            m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, offs_n, q_pos, key_end, scale, sliding_window, logit_cap,
-                                    slope, HAS_WINDOW, HAS_CAP, HAS_ALIBI, DOT_PRECISION, True)
+        kv = (k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, key_end, kv_head, page_size, offs_d, d_valid,
+              offs_dv, dv_valid, stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd)
+        softmax = (q_pos, scale, sliding_window, logit_cap, slope)
+        m_i, l_i, acc = _attend_keys(key_begin, unmasked_end, q, m_i, l_i, acc, kv, softmax, FP8, HAS_WINDOW,
+                                     HAS_CAP, HAS_ALIBI, DOT_PRECISION, BLOCK_N, False)
+        m_i, l_i, acc = _attend_keys(tl.maximum(unmasked_end, key_begin), key_end, q, m_i, l_i, acc, kv, softmax, FP8,
+                                     HAS_WINDOW, HAS_CAP, HAS_ALIBI, DOT_PRECISION, BLOCK_N, True)
 
         if FP8:
             acc = acc * v_scale
