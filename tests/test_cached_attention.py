@@ -95,7 +95,7 @@ def test_triton_matches_reference(group, head_dim):
 
 # Long contexts: key tiles wholly visible to a query tile (no mask) before the diagonal's, for prompts and for
 # chunks after cached tokens.
-LONG = {"long chunks": [(0, 300), (70, 260)], "short chunks": [(100, 40), (0, 70), (200, 3)]}
+LONG = {"prompts": [(0, 300), (70, 260)], "after cached tokens": [(100, 40), (0, 70), (200, 3)]}
 
 
 @pytest.mark.parametrize("batch", sorted(LONG))
