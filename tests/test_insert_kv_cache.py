@@ -25,7 +25,8 @@ def test_interface_and_report(tiny_llama_dir):
     report = next(r for r in opt.reports if r.name == "insert_kv_cache")
     assert report.matched == {"cached_attention": 2, "cache_blocks": 16} and not report.warnings
     names = [n.name for n in opt.gm.graph.nodes if n.op == "placeholder"]
-    assert names == ["input_ids", "position_ids", *METADATA_INPUTS, "k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert names == ["input_ids", "position_ids", *METADATA_INPUTS, "k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1",
+                     "logit_rows"]  # the last: gather_lm_head_rows
     pool = kv_cache_of(opt.gm)
     assert pool.k_caches[0].shape == (16, 8, 2, 16) and pool.k_caches[0].dtype == torch.float32
     assert not any(n.target == torch.ops.autodeploy.attention.default for n in opt.gm.graph.nodes)

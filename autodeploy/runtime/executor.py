@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from .batch import Chunk, PackedBatch, pack
 from .cuda_graphs import Bucket, StepGraphs
-from .kv_cache import KVCachePool, kv_cache_of
+from .kv_cache import LOGIT_ROWS_KEY, KVCachePool, kv_cache_of
 
 
 class ModelExecutor:
@@ -27,6 +27,8 @@ class ModelExecutor:
         self.pool: KVCachePool = pool
         self.graphs: StepGraphs | None = None
         self._sampled = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._takes_rows = bool(gm.meta.get(LOGIT_ROWS_KEY))  # the graph's LM head projects `logit_rows` only
+        self._every_row = torch.arange(0, device=self.device)  # sliced to T: "all rows" without a kernel
 
     @property
     def device(self) -> torch.device:
@@ -36,9 +38,18 @@ class ModelExecutor:
         return pack(chunks, self.pool.block_size, self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Logits [T, vocab] for every token of the packed batch."""
-        return self.gm(*batch.graph_args(), *self.pool.graph_inputs())[0]
+    def forward(self, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [R, vocab] at `rows` (int64, increasing) of the packed tokens; None: every token."""
+        args = (*batch.graph_args(), *self.pool.graph_inputs())
+        if not self._takes_rows:
+            logits = self.gm(*args)[0]
+            return logits if rows is None else logits[rows]
+        return self.gm(*args, rows if rows is not None else self._all_rows(batch.input_ids.shape[1]))[0]
+
+    def _all_rows(self, num_tokens: int) -> torch.Tensor:
+        if self._every_row.shape[0] < num_tokens:
+            self._every_row = torch.arange(max(num_tokens, 2 * self._every_row.shape[0]), device=self.device)
+        return self._every_row[:num_tokens]
 
     @torch.inference_mode()
     def _last_token_logits(self, batch: PackedBatch) -> torch.Tensor:
@@ -46,10 +57,8 @@ class ModelExecutor:
         if batch.feed is not None:
             fed = self._sampled[batch.feed.clamp(min=0)]
             batch = replace(batch, input_ids=torch.where(batch.feed >= 0, fed, batch.input_ids[0])[None])
-        logits = self.forward(batch)
-        if batch.input_ids.shape[1] == batch.seq_lens.shape[0]:  # one token per sequence
-            return logits
-        return logits[batch.last_token_rows]
+        one_token_each = batch.input_ids.shape[1] == batch.seq_lens.shape[0]
+        return self.forward(batch, None if one_token_each else batch.last_token_rows)
 
     def remember(self, tokens: torch.Tensor) -> None:
         """Keep this step's sampled tokens [n] on the device for the next step's `feed_row`s."""
@@ -63,6 +72,7 @@ class ModelExecutor:
         torch attention backend) leaves the executor eager, with a warning."""
         if self.device.type != "cuda" or not buckets:
             return
+        self._all_rows(max(b.tokens for b in buckets))  # grown here, not inside a capture
         try:
             self.graphs = StepGraphs(self._last_token_logits, self.pool.block_size, self.device, buckets,
                                      max_blocks_per_seq, scratch_block)

@@ -9,7 +9,9 @@ positional arguments, in this order:
     k_cache_0, v_cache_0, k_cache_1, v_cache_1, ...   one pair per attention layer
         each [num_blocks, block_size, n_kv_heads, head_dim], in the cache dtype (float8_e4m3fn for
         an fp8 cache: one byte per element, so the same memory holds twice bf16's blocks)
-  -> logits [1, T, vocab]
+    logit_rows int64 [R]                              only after gather_lm_head_rows (LOGIT_ROWS_KEY): the
+                                                      rows whose logits are wanted, increasing (R == T: all)
+  -> logits [1, T, vocab], or [1, R, vocab] with logit_rows
 
 The cache tensors are allocated once by the transform and travel with the graph in
 `gm.meta[KV_CACHE_KEY]`, so whoever runs the graph (the executor) finds them there.
@@ -27,6 +29,7 @@ STATE_SLOTS_KEY = "autodeploy_state_slots"  # set when a sequence's first block 
 # gm.meta key of an fp8 cache's per-layer (k_scale, v_scale), in attention order (set by the loader)
 KV_SCALES_KEY = "autodeploy_kv_scales"
 METADATA_INPUTS = ("cu_seqlens", "seq_lens", "block_tables", "slot_mapping")
+LOGIT_ROWS_KEY = "autodeploy_logit_rows"  # set when the graph takes `logit_rows` last (gather_lm_head_rows)
 
 
 @dataclass(frozen=True)
