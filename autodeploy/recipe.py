@@ -31,7 +31,7 @@ class ModelSettings:
 @dataclass
 class ExportSettings:
     max_batch_size: int = 256
-    max_seq_len: int = 4096
+    max_seq_len: int = 8192  # the graph's token dimension: the most tokens one forward takes
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_seq_len"):

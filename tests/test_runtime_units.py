@@ -175,3 +175,21 @@ def test_incremental_detokenizer_matches_full_decode():
     pieces = [detok.add(t) for t in output]
     assert "".join(pieces) == tok.decode(output)
     assert "\ufffd" not in "".join(pieces)
+
+
+# --- default token budget -----------------------------------------------------------------------
+@pytest.mark.parametrize("device, memory_gib, export_max, want", [
+    ("cpu", 0, 8192, 2048), ("cuda", 80, 8192, 8192), ("cuda", 141, 4096, 4096), ("cuda", 24, 8192, 2048),
+    ("cpu", 0, 1024, 1024)])
+def test_default_token_budget_follows_the_gpu_memory(monkeypatch, device, memory_gib, export_max, want):
+    """8,192 tokens a step on GPUs of >= 70 GiB (vLLM's large-GPU server default), else 2,048; never
+    past the graph's token dimension."""
+    from types import SimpleNamespace
+
+    from autodeploy.llm import default_max_num_tokens
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=memory_gib * 2**30))
+    model = SimpleNamespace(device=torch.device(device),
+                            recipe=SimpleNamespace(export=SimpleNamespace(max_seq_len=export_max)))
+    assert default_max_num_tokens(model) == want

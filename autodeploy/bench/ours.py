@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from autodeploy.errors import RequestError
+from autodeploy.llm import default_max_num_tokens
 from autodeploy.optimizer import OptimizedModel
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.settings import EngineSettings
@@ -23,7 +24,7 @@ from .tokenizer import bench_tokenizer
 
 
 def make_engine(opt: OptimizedModel, settings: EngineSettings) -> Engine:
-    settings.max_num_tokens = settings.max_num_tokens or min(2048, opt.recipe.export.max_seq_len)
+    settings.max_num_tokens = settings.max_num_tokens or default_max_num_tokens(opt)
     config = opt.source.config.get_text_config()
     return Engine(opt.gm, bench_tokenizer(opt.source), set(), settings,
                   getattr(config, "max_position_embeddings", None))

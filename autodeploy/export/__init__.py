@@ -55,7 +55,7 @@ def _drop_inference_noops(gm: GraphModule) -> None:
         module.recompile()
 
 
-def export_causal_lm(model: nn.Module, max_batch_size: int = 256, max_seq_len: int = 4096) -> GraphModule:
+def export_causal_lm(model: nn.Module, max_batch_size: int = 256, max_seq_len: int = 8192) -> GraphModule:
     """Export `model` (normally on meta) to a GraphModule with dynamic batch and sequence dimensions."""
     batch = torch.export.Dim("batch", min=1, max=max_batch_size)
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)

@@ -16,7 +16,7 @@ DEFAULT_PREFILL_TOKENS = (32, 64, 128, 256, 512, 1024, 2048)
 @dataclass
 class EngineSettings:
     max_batch_size: int = 64  # sequences holding KV cache at once
-    max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = min(2048, export.max_seq_len)
+    max_num_tokens: int = 0  # tokens per forward (prefill chunks + decodes); 0 = 8192 on a GPU of >= 70 GiB, else 2048 (<= export.max_seq_len)
     max_seq_len: int = 0  # prompt + output; 0 = the model's limit. Always capped by the cache size.
     seed: int | None = None  # seed of the generator shared by unseeded sampling requests
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
