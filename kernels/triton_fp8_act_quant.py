@@ -5,6 +5,9 @@ that launch chain costs more than the GEMM it feeds. One program per row (per to
 group of columns (`group_size`: DeepSeek-V3 / vLLM's per-token-group scales, the last group short where
 the size does not divide K) finds the span's amax, then writes x / scale saturated to e4m3 and the
 scale, matching the reference op's rounding. A static scale (an FP8 checkpoint's input_scale) skips the amax.
+Groups of a power of two >= 16 columns go a tile of BLOCK_K columns (BLOCK_K / group_size groups) per program
+instead: one 128-column group per program made a prompt step's quantization of the o projection's input
+latency-bound (H200, 8,192 tokens x 4,096: 327 us a call, BENCHMARKS.md session 19).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_act import empty_quantized
-from .triton_fp8 import saturate_e4m3
+from .quant_act import empty_quantized, kernel_groups
+from .triton_fp8 import saturate_e4m3, store_tile_quantized
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK_K = 1024
@@ -48,6 +51,21 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, SPAN, stride_xm, s
     tl.store(s_ptr + row * stride_sm + group * stride_sg, scale)
 
 
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
+                            GROUP: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
+                            INTERPRET: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Program (row, tile): columns [tile * BLOCK_K, + BLOCK_K) as BLOCK_K / GROUP groups, each its own scale."""
+    wait_for_inputs(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    valid = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=valid, other=0.0).to(tl.float32)
+    store_tile_quantized(x, q_ptr + row * stride_qm + cols, valid, s_ptr + row * stride_sm + groups * stride_sg,
+                         groups < NUM_GROUPS, INTERPRET)
+
+
 def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
                       input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, G]): the reference's per-token (G = 1) or per-token-group
@@ -55,9 +73,15 @@ def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
     (what the e4m3 GEMMs on quantized x read)."""
     m, k = x2.shape
     q, scale = empty_quantized(x2, -1 if input_scale is not None else group_size)
-    span = k if scale.shape[-1] == 1 else group_size
-    if m and k:
-        _quantize_rows_kernel[(m, scale.shape[-1])](
+    groups = scale.shape[-1]
+    span = k if groups == 1 else group_size
+    if m and k and groups > 1 and kernel_groups(group_size, k):
+        block_k = max(BLOCK_K, group_size)
+        _quantize_groups_kernel[(m, triton.cdiv(k, block_k))](
+            x2, q, scale, k, x2.stride(0), q.stride(0), *scale.stride(), GROUP=group_size, NUM_GROUPS=groups,
+            BLOCK_K=block_k, INTERPRET=not x2.is_cuda, **pdl_launch(x2.device))
+    elif m and k:
+        _quantize_rows_kernel[(m, groups)](
             x2, q, scale, input_scale if input_scale is not None else scale, k, span, x2.stride(0), q.stride(0),
             *scale.stride(), STATIC=input_scale is not None, INTERPRET=not x2.is_cuda,
             BLOCK_K=min(BLOCK_K, triton.next_power_of_2(span)), **pdl_launch(x2.device))
