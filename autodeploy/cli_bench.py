@@ -62,7 +62,8 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         raise BenchArgumentError(str(e)) from None
     check_at_least(BenchArgumentError, {"--warmup": (args.warmup, 0), "--repeats": (args.repeats, 1),
-                                        "--profile": (args.profile, 0), "--max-batch-size": (args.max_batch_size, 1),
+                                        "--profile": (args.profile, 0), "--profile-prefill": (args.profile_prefill, 0),
+                                        "--max-batch-size": (args.max_batch_size, 1),
                                         "--max-num-tokens": (args.max_num_tokens, 1)})
     if args.peers_only and not args.baseline:
         raise BenchArgumentError("--peers-only measures the --baseline peers alone: name at least one")
@@ -70,6 +71,7 @@ def cmd_bench(args) -> int:
                       baselines=args.baseline, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
                       repeats=args.repeats, max_batch_size=args.max_batch_size,
                       max_num_tokens=args.max_num_tokens, seed=args.seed, profile_steps=args.profile,
+                      profile_prefill=args.profile_prefill,
                       peers_only=args.peers_only,
                       prefix_caching="off" if args.enable_prefix_caching is False else "auto")
     result = run_bench(cfg)
@@ -124,6 +126,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths, and of the HF peer's random weights")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="torch.profiler over STEPS decode steps per latency workload (top kernels in the JSON)")
+    p.add_argument("--profile-prefill", type=int, default=0, metavar="PASSES",
+                   help="torch.profiler over PASSES runs of each latency workload's prompts alone (one new token "
+                        "each): the prefill's kernels per pass")
     p.add_argument("--json", default=None, help="write all results as JSON to this path")
     srv = p.add_argument_group("serving mode (--url): N concurrent streaming clients against any OpenAI-compatible "
                                "server; --num-requests requests (default 4 x concurrency) of --input-len random "

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread
 def test_latency_mode_with_hf_baseline(tiny_llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     assert bench([str(tiny_llama_dir), SMALL_CACHE, "model.device=cpu", "--batch", "1,3", "--input-len", "12",
-                  "--output-len", "6", "--baseline", "hf", "--repeats", "2", "--profile", "2",
+                  "--output-len", "6", "--baseline", "hf", "--repeats", "2", "--profile", "2", "--profile-prefill", "1",
                   "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     for key in ("device", "torch", "transformers", "copy_bandwidth_GBps", "weight_bytes", "ceiling_batch1_tok_s",
@@ -41,6 +41,8 @@ def test_latency_mode_with_hf_baseline(tiny_llama_dir, tmp_path):
             assert m["output_tok_s"] > 0 and m["runs"] == 2
             assert set(m["itl_ms"]) == {"mean", "p50", "p90", "p99"} and set(m["ttft_ms"]) == set(m["itl_ms"])
     assert result["profile"]["autodeploy"][names[0]]["top"]
+    prefill = result["prefill_profile"]["autodeploy"][names[1]]
+    assert prefill["prompt_tokens"] == 36 and prefill["passes"] == 1 and prefill["top"] and prefill["wall_ms_per_pass"] > 0
 
 
 def test_throughput_mode_config_only(tiny_llama_dir, tmp_path):

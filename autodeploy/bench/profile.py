@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: torch.profiler over a few all-decode steps of the engine.
+"""Where a decode step's time goes: torch.profiler over a few all-decode steps of the engine; and where a
+prefill goes: the same table over passes of a workload's prompts alone (`prefill_profile`).
 
 The profiler's schedule only advances once every request is decoding (prefill chunks, which the
 decode-aware bound spreads over many steps at large batch, never enter the window), then `steps` decode
@@ -39,7 +40,26 @@ def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top
         ours.run(engine, prompts, [prefill_steps + warmup + steps + 3] * len(prompts), after_step)
     if len(stamps) < 1 + warmup + steps:
         raise RuntimeError(f"only {len(stamps)} all-decode steps ran; the profile needs {1 + warmup + steps}")
-    on_gpu = device.type == "cuda"
+    first = warmup  # stamps[i] ends gated step i; the active steps are 1 + warmup ..
+    wall_ms = (stamps[first + steps] - stamps[first]) / steps * 1e3
+    return {"batch": len(prompts), "steps": steps, "wall_ms_per_step": wall_ms,
+            **_kernel_table(prof, device.type == "cuda", steps, top, "step")}
+
+
+def prefill_profile(engine: Engine, prompts: list[list[int]], passes: int = 3, top: int = 15) -> dict:
+    """Kernels of `passes` runs of the prompts alone (one new token each, an empty prefix cache): a prefill's cost
+    per pass, in the steps the scheduler makes of it under the token budget."""
+    ours.run(engine, prompts, [1] * len(prompts))  # warm: compilation, allocator growth
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.executor.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        walls = [ours.run(engine, prompts, [1] * len(prompts)).wall_s for _ in range(passes)]
+    return {"batch": len(prompts), "prompt_tokens": sum(map(len, prompts)), "passes": passes,
+            "wall_ms_per_pass": sum(walls) / passes * 1e3,
+            **_kernel_table(prof, engine.executor.device.type == "cuda", passes, top, "pass")}
+
+
+def _kernel_table(prof, on_gpu: bool, per: int, top: int, unit: str) -> dict:
+    """The events with the most device time (host time on CPU), per `unit` (step or pass) over `per` of them."""
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     # On the GPU, the kernels themselves (an op's device time would count its kernels twice); the
     # profiler's own step annotation spans the whole step, so it is no kernel either.
@@ -48,16 +68,9 @@ def decode_profile(engine: Engine, prompts: list[list[int]], steps: int = 5, top
               and (not on_gpu or e.device_type == DeviceType.CUDA)]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total_us = sum(getattr(e, key) for e in events)
-    first = warmup  # stamps[i] ends gated step i; the active steps are 1 + warmup ..
-    wall_ms = (stamps[first + steps] - stamps[first]) / steps * 1e3
-    return {
-        "batch": len(prompts),
-        "steps": steps,
-        "wall_ms_per_step": wall_ms,
-        "device_ms_per_step" if on_gpu else "cpu_ms_per_step": total_us / steps / 1e3,
-        "top": [{"name": e.key[:120], "calls_per_step": e.count / steps,
-                 "ms_per_step": getattr(e, key) / steps / 1e3} for e in events[:top]],
-    }
+    return {f"{'device' if on_gpu else 'cpu'}_ms_per_{unit}": total_us / per / 1e3,
+            "top": [{"name": e.key[:120], f"calls_per_{unit}": e.count / per,
+                     f"ms_per_{unit}": getattr(e, key) / per / 1e3} for e in events[:top]]}
 
 
 def _all_decoding(scheduler) -> bool:

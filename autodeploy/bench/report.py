@@ -43,10 +43,12 @@ def print_report(result: dict) -> None:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for row in rows:
             print("    " + "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(row, widths))))
-    for runner, by_workload in result.get("profile", {}).items():
-        for name, prof in by_workload.items():
-            unit = "device_ms_per_step" if "device_ms_per_step" in prof else "cpu_ms_per_step"
-            print(f"\n  profile {runner}, {name}: {prof['wall_ms_per_step']:.2f} ms/step wall, "
-                  f"{prof[unit]:.2f} {unit.replace('_', ' ')} (kernels summed: overlapping kernels count twice)")
-            for e in prof["top"][:10]:
-                print(f"    {e['ms_per_step']:8.3f} ms  x{e['calls_per_step']:<5.0f} {e['name'][:90]}")
+    for kind, unit in (("profile", "step"), ("prefill_profile", "pass")):
+        for runner, by_workload in result.get(kind, {}).items():
+            for name, prof in by_workload.items():
+                total = f"device_ms_per_{unit}" if f"device_ms_per_{unit}" in prof else f"cpu_ms_per_{unit}"
+                what = "profile" if unit == "step" else f"prefill profile ({prof['prompt_tokens']} prompt tokens)"
+                print(f"\n  {what} {runner}, {name}: {prof[f'wall_ms_per_{unit}']:.2f} ms/{unit} wall, "
+                      f"{prof[total]:.2f} {total.replace('_', ' ')} (kernels summed: overlapping kernels count twice)")
+                for e in prof["top"][:10]:
+                    print(f"    {e[f'ms_per_{unit}']:8.3f} ms  x{e[f'calls_per_{unit}']:<5.0f} {e['name'][:90]}")

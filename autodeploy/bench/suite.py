@@ -23,7 +23,7 @@ from autodeploy.runtime.kv_cache import kv_cache_of
 from . import hf, ours
 from .device import bytes_by_dtype, bytes_read_per_token, copy_bandwidth, describe, now
 from .metrics import Run, summarize
-from .profile import decode_profile
+from .profile import decode_profile, prefill_profile
 from .workload import Workload, random_prompts
 
 GRAPH_MODES = {"on": [True], "off": [False], "both": [True, False]}
@@ -43,6 +43,7 @@ class BenchConfig:
     max_num_tokens: int | None = None
     seed: int = 0
     profile_steps: int = 0  # > 0: profile that many decode steps per latency workload
+    profile_prefill: int = 0  # > 0: profile that many passes of each latency workload's prompts alone
     peers_only: bool = False  # measure the baselines alone (a peer too slow to share a run with ours)
     prefix_caching: str = "auto"  # on | off | both; auto: both for a shared-prefix workload, else the recipe's
 
@@ -138,6 +139,10 @@ def run_bench(cfg: BenchConfig) -> dict:
             if cfg.profile_steps:
                 result.setdefault("profile", {})[runner] = {
                     w.name: decode_profile(engine, p, cfg.profile_steps)
+                    for w, p in zip(cfg.workloads, prompts) if w.mode == "latency"}
+            if cfg.profile_prefill:
+                result.setdefault("prefill_profile", {})[runner] = {
+                    w.name: prefill_profile(engine, p, cfg.profile_prefill)
                     for w, p in zip(cfg.workloads, prompts) if w.mode == "latency"}
             del engine
             _free_device_memory()
