@@ -23,7 +23,8 @@
 #              config.json and tokenizer files, and the serve wheels in .whl).
 #         22 = read-only vs copy bandwidth (is a GEMM past 100 % of the copy possible?), then INT8 GEMV vs tensor-core
 #              dot at 1-8 rows (settles use_int_gemv.rows; GPU only),
-#         23 = FP8 and INT4 batch 1 with the LM head quantized too (`quantization.exclude` without lm_head).
+#         23 = FP8 and INT4 batch 1 with the LM head quantized too (`quantization.exclude` without lm_head),
+#         24 = the kernels of batch 64's prompts alone (`--profile-prefill 3`), bf16 then FP8.
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -111,5 +112,8 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
 23) for q in "$Q_FP8" "$Q_INT4"; do name=lm_head_$(echo "$q" | sed 's/quantization\.algo=//; s/ .*//')
       bench $name 90 --batch 1 --input-len $IN --output-len $NEW --repeats $REPEATS $q \
         'quantization.exclude=["*router*","*.gate"]'
+    done ;;
+24) for q in "" "$Q_FP8"; do name=prefill_profile${q:+_fp8}  # where batch 64's prompts go, kernel by kernel
+      bench $name 100 --batch $B64 --input-len $IN --output-len 1 --repeats 1 --profile-prefill 3 $q
     done ;;
 esac; done
