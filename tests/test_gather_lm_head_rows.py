@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import Gemma2Config
 
+from autodeploy.kernels.triton_backends import BACKENDS
 from autodeploy.optimizer import optimize_model
 from autodeploy.runtime.batch import Chunk
 from autodeploy.runtime.executor import ModelExecutor
@@ -65,6 +66,21 @@ def test_step_and_full_logits_equal_the_ungathered_graph(llama, llama_off):
     assert step.shape == (2, 256) and decode.shape == (2, 256) and full.shape == (2, 9, 256)
     for got, want in zip(outs[0], outs[1]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_head_takes_rows_before_the_norm_quantizing_for_it(tiny_llama_dir, backend):
+    """An FP8 LM head reads e4m3 rows and scales made by the final RMSNorm: that norm's inputs lose the rows."""
+    fp8_head = CPU_F32 + ["quantization.algo=fp8", 'quantization.exclude=["*router*"]',
+                          f"transforms.select_backends.backends.fused_add_rms_norm_quant_fp8={backend}"]
+    on, off = (optimize_model(tiny_llama_dir, overrides=fp8_head + extra, progress=False) for extra in ([], [OFF]))
+    assert _report(on).matched == {"gathered_lm_head": 1} and not _report(on).warnings
+    taken = [n for n in on.gm.graph.nodes if n.target is take_rows]
+    assert len(taken) == 2 and {u.target.name() for n in taken for u in n.users} == {
+        BACKENDS["fused_add_rms_norm_quant_fp8"][backend].name()}
+    chunks = [Chunk(list(range(3, 10)), 0, [0, 1]), Chunk(list(range(20, 25)), 0, [2, 3])]
+    got, want = (ModelExecutor(o.gm)._last_token_logits(ModelExecutor(o.gm).pack(chunks)) for o in (on, off))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_take_rows_passes_all_rows_through_without_a_copy():

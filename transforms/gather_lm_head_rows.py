@@ -9,12 +9,15 @@ executor passes each sequence's last token for a step and every row for full log
 H200, Llama-3.1-8B (BENCHMARKS.md session 19): TTFT of a 4,096-token prompt -6 % (bf16 and FP8).
 
 The LM head is the linear the graph output comes from through per-row ops only (casts, soft-capping,
-scaling). Where that path holds anything else, or the head reads another per-token input (scales of
-an activation quantized outside it), the graph is left as it was and the executor gathers the rows
-from the full logits as before. Runs in the cache stage, on the packed interface of insert_kv_cache.
+scaling). An FP8 head reads its input quantized (e4m3 and per-token scales) from the final RMSNorm's
+kernel: then the rows are taken of that norm's inputs, so it too computes only them. Where the path
+holds anything else, the graph is left as it was (the report says so) and the executor gathers the
+rows from the full logits as before. Runs in the cache stage, on the packed interface of insert_kv_cache.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -26,10 +29,19 @@ from autodeploy.runtime.kv_cache import LOGIT_ROWS_KEY, kv_cache_of
 from .registry import Stage, Transform, TransformContext, register
 
 aten = torch.ops.aten
-# every backend of the linear ops (select_backends ran before this stage), and the INT decode GEMVs
-_LM_HEAD_OPS = (*(op for name in ("linear", "fp8_linear", "int_linear") for op in BACKENDS[name].values()),
+
+
+def _backends(*names: str) -> tuple:
+    """Every backend of these canonical ops (select_backends ran before this stage)."""
+    return tuple(op for name in names for op in BACKENDS[name].values())
+
+
+_LM_HEAD_OPS = (*_backends("linear", "fp8_linear", "int_linear", "fp8_linear_quantized_input"),
                 torch.ops.autodeploy.int_linear_gemv, torch.ops.autodeploy.int4_linear_tinygemm)
 _PER_ROW_OPS = (aten.mul, aten.div, aten.add, aten.sub, aten.tanh, aten.clamp, aten._to_copy, aten.to)
+# ops whose every output row is made of the same input row alone: a quantized head's input comes from one
+_ROW_WISE_PRODUCERS = _backends("rms_norm", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8",
+                                "quantize_fp8_per_token")
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -52,13 +64,23 @@ def _lm_head(output: Node, tokens: str) -> Node | None:
         if len(rows) != 1:
             return None
         node = rows[0]
-    if not isinstance(node, Node):
+    return node if isinstance(node, Node) else None
+
+
+def _rows_to_take(head: Node, tokens: str) -> tuple[Node, list[Node]] | None:
+    """(node, its token-shaped inputs) such that taking rows of those inputs makes the head compute only them: the
+    head and its activation, or the row-wise op (an RMSNorm quantizing for an FP8 head) whose outputs only the head
+    reads, and that op's inputs. None when the head reads per-token tensors of another origin."""
+    inputs = [a for a in head.all_input_nodes if _is_token_shaped(a, tokens)]
+    if inputs == [head.args[0]]:
+        return head, inputs
+    producers = {a.args[0] for a in inputs if a.op == "call_function" and a.target is operator.getitem}
+    if len(producers) != 1 or not all(a.target is operator.getitem for a in inputs):
         return None
-    activation = node.args[0]
-    others = [a for a in node.all_input_nodes if a is not activation]
-    if not _is_token_shaped(activation, tokens) or any(_is_token_shaped(a, tokens) for a in others):
+    (producer,) = producers
+    if not is_op(producer, _ROW_WISE_PRODUCERS) or any(set(out.users) - {head} for out in producer.users):
         return None
-    return node
+    return producer, [a for a in producer.all_input_nodes if _is_token_shaped(a, tokens)]
 
 
 @register
@@ -74,13 +96,15 @@ class GatherLmHeadRows(Transform):
         input_ids = next(n for n in placeholders if n.target == "input_ids")
         tokens = str(input_ids.meta["val"].shape[-1])  # the exported token dimension's symbol
         head = _lm_head(next(n for n in graph.nodes if n.op == "output"), tokens)
-        if head is None:  # expected() names it in the report: every token's logits are computed
+        found = _rows_to_take(head, tokens) if head is not None else None
+        if found is None:  # expected() names it in the report: every token's logits are computed
             return {"gathered_lm_head": 0}
+        reader, inputs = found
         with graph.inserting_after(placeholders[-1]):
             rows = graph.placeholder("logit_rows")
-        with graph.inserting_before(head):
-            taken = graph.call_function(take_rows, (head.args[0], rows))
-        head.args = (taken, *head.args[1:])
+        for x in inputs:
+            with graph.inserting_before(reader):
+                reader.replace_input_with(x, graph.call_function(take_rows, (x, rows)))
         gm.meta[LOGIT_ROWS_KEY] = True
         return {"gathered_lm_head": 1}
 
