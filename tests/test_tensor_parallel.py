@@ -146,10 +146,12 @@ def test_vocab_parallel_splits_embedding_and_lm_head_rows(tiny_llama_dir):
 
 
 def test_llm_over_two_gloo_ranks_matches_one_then_survives_a_killed_worker(tiny_llama_dir, tp1_tokens):
-    """Vocab-parallel embedding and LM head here (the zoo tests run them replicated)."""
+    """Vocab-parallel embedding and LM head here (the zoo tests run them replicated); each rank's head projects
+    only the sampled rows, through the logits' all_gather."""
     llm = LLM(tiny_llama_dir, overrides=["parallel.vocab_parallel=true"], tensor_parallel_size=2, **RUNTIME)
     try:
         assert _report(llm.model).matched["vocab_parallel"] == 2
+        assert _report(llm.model, "gather_lm_head_rows").matched == {"gathered_lm_head": 1}
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
         assert [o.token_ids for o in outs] == tp1_tokens
         worker = llm._ranks.processes[0]

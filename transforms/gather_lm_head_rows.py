@@ -9,7 +9,7 @@ executor passes each sequence's last token for a step and every row for full log
 H200, Llama-3.1-8B (BENCHMARKS.md session 19): TTFT of a 4,096-token prompt -6 % (bf16 and FP8).
 
 The LM head is the linear the graph output comes from through per-row ops only (casts, soft-capping,
-scaling). An FP8 head reads its input quantized (e4m3 and per-token scales) from the final RMSNorm's
+scaling, a vocab-parallel head's all_gather: every rank takes the same rows). An FP8 head reads its input quantized (e4m3 and per-token scales) from the final RMSNorm's
 kernel: then the rows are taken of that norm's inputs, so it too computes only them. Where the path
 holds anything else, the graph is left as it was (the report says so) and the executor gathers the
 rows from the full logits as before. Runs in the cache stage, on the packed interface of insert_kv_cache.
@@ -54,11 +54,19 @@ def _is_token_shaped(node: Node, tokens: str) -> bool:
     return isinstance(val, torch.Tensor) and any(str(d) == tokens for d in val.shape)
 
 
+def _per_row(node: Node) -> bool:
+    """Elementwise, or a vocab-parallel head's all_gather of the ranks' logits along the last dim."""
+    if is_op(node, torch.ops.autodeploy.all_gather):
+        dim, val = node.args[1], node.meta.get("val")
+        return isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1)
+    return is_op(node, _PER_ROW_OPS)
+
+
 def _lm_head(output: Node, tokens: str) -> Node | None:
     """The linear the output's logits come from through per-row ops, else None."""
     node = output.args[0]
     while isinstance(node, Node) and not is_op(node, _LM_HEAD_OPS):
-        if not is_op(node, _PER_ROW_OPS):
+        if not _per_row(node):
             return None
         rows = [a for a in node.all_input_nodes if _is_token_shaped(a, tokens)]
         if len(rows) != 1:
