@@ -91,15 +91,19 @@ def default_max_num_tokens(model: OptimizedModel) -> int:
     return min(8192 if large else 2048, model.recipe.export.max_seq_len)
 
 
-def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
-    """The recipe's runtime section with `overrides` (keyword settings) on top, checked against the graph."""
-    settings = replace(model.recipe.runtime, **overrides)
+def resolve_max_num_tokens(model: OptimizedModel, settings: EngineSettings) -> EngineSettings:
+    """`settings` with max_num_tokens 0 replaced by the default, checked against the graph's token dimension."""
     export_max = model.recipe.export.max_seq_len  # the graph's token dim: a forward's upper bound
     settings.max_num_tokens = settings.max_num_tokens or default_max_num_tokens(model)
     if settings.max_num_tokens > export_max:
         raise RecipeError(f"max_num_tokens {settings.max_num_tokens} exceeds the graph's export.max_seq_len "
                           f"{export_max}")
     return settings
+
+
+def engine_settings(model: OptimizedModel, overrides: dict) -> EngineSettings:
+    """The recipe's runtime section with `overrides` (keyword settings) on top, checked against the graph."""
+    return resolve_max_num_tokens(model, replace(model.recipe.runtime, **overrides))
 
 
 class LLM:

@@ -111,6 +111,11 @@ def test_bench_prompt_past_max_seq_len():
                                "100000", "--output-len", "2"), "more than max_seq_len")
 
 
+def test_bench_token_budget_past_the_graph():
+    assert_clean_error(run_cli("bench", "benchmarks/tiny-llama", "--config-only", "--batch", "1", "--input-len", "8",
+                               "--output-len", "2", "--max-num-tokens", "100000"), "exceeds the graph's export.max_seq_len")
+
+
 def test_runtime_setting_out_of_range():
     assert_clean_error(run_cli("optimize", "benchmarks/tiny-llama", "--config-only", "runtime.max_seq_len=-4"),
                        "runtime.max_seq_len")

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from autodeploy.errors import RequestError
-from autodeploy.llm import default_max_num_tokens
+from autodeploy.llm import resolve_max_num_tokens
 from autodeploy.optimizer import OptimizedModel
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.settings import EngineSettings
@@ -24,9 +24,8 @@ from .tokenizer import bench_tokenizer
 
 
 def make_engine(opt: OptimizedModel, settings: EngineSettings) -> Engine:
-    settings.max_num_tokens = settings.max_num_tokens or default_max_num_tokens(opt)
     config = opt.source.config.get_text_config()
-    return Engine(opt.gm, bench_tokenizer(opt.source), set(), settings,
+    return Engine(opt.gm, bench_tokenizer(opt.source), set(), resolve_max_num_tokens(opt, settings),
                   getattr(config, "max_position_embeddings", None))
 
 
