@@ -75,12 +75,14 @@ def quantize_rows_fp8(x2: torch.Tensor, group_size: int = -1,
     q, scale = empty_quantized(x2, -1 if input_scale is not None else group_size)
     groups = scale.shape[-1]
     span = k if groups == 1 else group_size
-    if m and k and groups > 1 and kernel_groups(group_size, k):
+    if not (m and k):
+        return q, scale
+    if groups > 1 and kernel_groups(group_size, k):
         block_k = max(BLOCK_K, group_size)
         _quantize_groups_kernel[(m, triton.cdiv(k, block_k))](
             x2, q, scale, k, x2.stride(0), q.stride(0), *scale.stride(), GROUP=group_size, NUM_GROUPS=groups,
             BLOCK_K=block_k, INTERPRET=not x2.is_cuda, **pdl_launch(x2.device))
-    elif m and k:
+    else:
         _quantize_rows_kernel[(m, groups)](
             x2, q, scale, input_scale if input_scale is not None else scale, k, span, x2.stride(0), q.stride(0),
             *scale.stride(), STATIC=input_scale is not None, INTERPRET=not x2.is_cuda,

@@ -50,12 +50,11 @@ def prefill_profile(engine: Engine, prompts: list[list[int]], passes: int = 3, t
     """Kernels of `passes` runs of the prompts alone (one new token each, an empty prefix cache): a prefill's cost
     per pass, in the steps the scheduler makes of it under the token budget."""
     ours.run(engine, prompts, [1] * len(prompts))  # warm: compilation, allocator growth
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.executor.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    on_gpu = engine.executor.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         walls = [ours.run(engine, prompts, [1] * len(prompts)).wall_s for _ in range(passes)]
     return {"batch": len(prompts), "prompt_tokens": sum(map(len, prompts)), "passes": passes,
-            "wall_ms_per_pass": sum(walls) / passes * 1e3,
-            **_kernel_table(prof, engine.executor.device.type == "cuda", passes, top, "pass")}
+            "wall_ms_per_pass": sum(walls) / passes * 1e3, **_kernel_table(prof, on_gpu, passes, top, "pass")}
 
 
 def _kernel_table(prof, on_gpu: bool, per: int, top: int, unit: str) -> dict:
