@@ -18,6 +18,7 @@ if __name__ == "autodeploy.kernels":
     from . import add_rms_norm_linear  # noqa: E402,F401  (residual add + RMSNorm + projection: fuse_norm_linear)
     from . import quant_linear  # noqa: E402,F401  (fp8_linear, int_linear: formats in quant_format.py)
     from . import quant_act  # noqa: E402,F401  (FP8 activations quantized where produced: fuse_fp8_act_quant)
+    from . import cached_attention_quant  # noqa: E402,F401  (attention output quantized: fuse_attention_quant_fp8)
     from . import quant_moe  # noqa: E402,F401  (fp8_moe, int_moe: moe with quantized experts)
     from . import collectives  # noqa: E402,F401  (all_reduce of tensor-parallel graphs)
     from . import ssm  # noqa: E402,F401  (causal conv1d, selective / SSD scans, gated delta rule; cached forms)

@@ -132,6 +132,20 @@ def cached_attention_triton(
 ) -> Tensor:
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
+    return triton_attention(q, k, v, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, slot_mapping, scale,
+                            sliding_window, logit_cap, alibi_slopes, k_scale, v_scale, rope_cos, rope_sin,
+                            rope_interleaved)
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
+    scale: float, sliding_window: int | None, logit_cap: float | None, alibi_slopes: Tensor | None,
+    k_scale: float, v_scale: float, rope_cos: Tensor | None, rope_sin: Tensor | None, rope_interleaved: bool,
+    quant_group: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`cached_attention_triton`'s work; with `quant_group` the output [1, T, n_heads * d] quantized per token and
+    group (quantize_fp8_per_token's (e4m3, scales)): in the decode kernel's epilogue, else by the quantize kernel."""
     from .triton_cached_attention import paged_attention
     from .triton_decode_attention import decode_attention, rope_rows, write_kv_cache as triton_write_kv_cache
     from .triton_rope import rope_pair
@@ -145,12 +159,17 @@ def cached_attention_triton(
         # kernel also rotates q and k and writes the new k/v into the cache.
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
                                 alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
-                                k=k, v=v, slot_mapping=slot_mapping, rope=rotation)
+                                k=k, v=v, slot_mapping=slot_mapping, rope=rotation, quant_group=quant_group)
     if rope_cos is not None:
         q, k = rope_pair(q, k, rope_cos, rope_sin, rope_interleaved)
     triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    return paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
-                           alibi_slopes, k_scale, v_scale)
+    out = paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
+                          alibi_slopes, k_scale, v_scale)
+    if quant_group is None:
+        return out
+    from .triton_fp8_act_quant import quantize_fp8_per_token
+
+    return quantize_fp8_per_token(out.transpose(1, 2).reshape(1, out.shape[2], -1), quant_group)
 
 
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,

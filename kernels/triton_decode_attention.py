@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_act import empty_quantized
 from .quant_format import FP8_DTYPE
-from .triton_fp8 import saturate_e4m3
+from .triton_fp8 import saturate_e4m3, store_tile_quantized
 from .triton_layout import token_major_output
 from .triton_pdl import pdl_launch, wait_for_inputs
 from .triton_rope import as_4d, round_products, rounded
@@ -162,13 +163,33 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 @triton.jit
+def _store_output(out, out_ptr, heads, h_valid, b, n_heads, stride_oh, stride_ot, stride_od, qout_ptr, qscale_ptr,
+                  stride_qs_g, stride_qs_t, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """Rows `heads` [R] of sequence b's output (float32 [R, BLOCK_DV]) in out's dtype, or with QUANT that rounded
+    output as e4m3 into qout [T, n_heads * V_DIM] with one scale per head at qscale[head, b] (a per-token group
+    of V_DIM columns: what quantize_fp8_per_token computes from the stored output)."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = h_valid[:, None] & (offs_dv < V_DIM)[None, :]
+    if QUANT:
+        rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        store_tile_quantized(rounded, qout_ptr + b * n_heads * V_DIM + heads[:, None] * V_DIM + offs_dv[None, :],
+                             mask, qscale_ptr + heads * stride_qs_g + b * stride_qs_t, h_valid, INTERPRET)
+    else:
+        tl.store(out_ptr + heads[:, None] * stride_oh + b * stride_ot + offs_dv[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _merge_splits(
     out_ptr, part_acc_ptr, part_ml_ptr, b, first_head, n_heads, stride_oh, stride_ot, stride_od,
+    qout_ptr, qscale_ptr, stride_qs_g, stride_qs_t,
     HEADS: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    QUANT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Output of query heads first_head .. + HEADS of sequence b from their NUM_SPLITS partials
-    (log-sum-exp; an empty split has m = -inf and weighs 0). The loads skip L1 (.cg): other programs
-    of the same kernel may have written the partials."""
+    (log-sum-exp; an empty split has m = -inf and weighs 0); with QUANT stored by `_store_output`. The loads skip
+    L1 (.cg): other programs of the same kernel may have written the partials."""
     splits = tl.arange(0, NUM_SPLITS)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_valid = offs_dv < V_DIM
@@ -184,14 +205,19 @@ def _merge_splits(
         w = tl.exp(m - m_max)  # empty splits: exp(-inf) = 0
         denom = tl.sum(w * l, axis=0)
         out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom == 0.0, 1.0, denom)
-        tl.store(out_ptr + head * stride_oh + b * stride_ot + offs_dv * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=dv_valid)
+        if QUANT:
+            one = head + tl.arange(0, 1)
+            _store_output(out[None, :], out_ptr, one, one < n_heads, b, n_heads, stride_oh, stride_ot, stride_od,
+                          qout_ptr, qscale_ptr, stride_qs_g, stride_qs_t, V_DIM, BLOCK_DV, QUANT, INTERPRET)
+        else:  # as a vector: the sum over splits keeps the layout (and order) it has without QUANT
+            tl.store(out_ptr + head * stride_oh + b * stride_ot + offs_dv * stride_od,
+                     out.to(out_ptr.dtype.element_ty), mask=dv_valid)
 
 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counts_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr,
-    block_tables_ptr, k_ptr, v_ptr, slot_ptr, cos_ptr, sin_ptr,
+    block_tables_ptr, k_ptr, v_ptr, slot_ptr, cos_ptr, sin_ptr, qout_ptr, qscale_ptr, stride_qs_g, stride_qs_t,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,  # this step's k/v
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
@@ -201,7 +227,7 @@ def _decode_attention_kernel(
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr, WRITE_KV: tl.constexpr, MERGE: tl.constexpr, INTERPRET: tl.constexpr,
-    ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr, USE_PDL: tl.constexpr = False,
+    ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr, QUANT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
@@ -279,8 +305,8 @@ def _decode_attention_kernel(
         acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptrs = out_ptr + heads[:, None] * stride_oh + b * stride_ot + offs_dv[None, :] * stride_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_valid[:, None] & dv_valid[None, :])
+        _store_output(out, out_ptr, heads, g_valid, b, n_heads, stride_oh, stride_ot, stride_od, qout_ptr, qscale_ptr,
+                      stride_qs_g, stride_qs_t, V_DIM, BLOCK_DV, QUANT, INTERPRET)
     else:
         # partials laid out [B, n_heads, NUM_SPLITS, V_DIM] and [B, n_heads, NUM_SPLITS, 2]
         row_ids = (b * n_heads + heads) * NUM_SPLITS + split
@@ -296,20 +322,23 @@ def _decode_attention_kernel(
             counter = counts_ptr + b * n_kv + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
                 _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, b, kv_head * GROUP, n_heads,
-                              stride_oh, stride_ot, stride_od, GROUP, V_DIM, BLOCK_DV, NUM_SPLITS)
+                              stride_oh, stride_ot, stride_od, qout_ptr, qscale_ptr, stride_qs_g, stride_qs_t,
+                              GROUP, V_DIM, BLOCK_DV, NUM_SPLITS, QUANT, INTERPRET)
                 tl.store(counter, 0)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr, stride_oh, stride_ot, stride_od,
-    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr = False,
+    out_ptr, part_acc_ptr, part_ml_ptr, stride_oh, stride_ot, stride_od, qout_ptr, qscale_ptr, stride_qs_g,
+    stride_qs_t, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """The splits' merge as a second launch, one program per (sequence, query head): only when there
     are no split counters (see `_split_counters`)."""
     wait_for_inputs(USE_PDL)
     _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                  stride_oh, stride_ot, stride_od, 1, V_DIM, BLOCK_DV, NUM_SPLITS)
+                  stride_oh, stride_ot, stride_od, qout_ptr, qscale_ptr, stride_qs_g, stride_qs_t, 1, V_DIM, BLOCK_DV,
+                  NUM_SPLITS, QUANT, INTERPRET)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -359,21 +388,30 @@ def decode_attention(
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
     merge_in_kernel: bool | None = None, rope: RopeRows | None = None, num_stages: int | None = None,
-) -> torch.Tensor:
+    quant_group: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
     cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first.
     `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`, `block_n`, `num_warps` and
     `num_stages` override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
-    (kernels/cached_attention.py)."""
+    (kernels/cached_attention.py). With `quant_group` (the value head dim: one scale per head and token) the output
+    is not stored: it comes back as quantize_fp8_per_token would make it of [1, B, n_heads * d] (e4m3 [1, B,
+    n_heads * d], float32 scales [1, B, n_heads] group-major), in the kernel's epilogue (`fuse_attention_quant_fp8`)."""
     _, n_heads, num_seqs, head_dim = q.shape
     n_kv = k_cache.shape[2]
     v_dim = v_cache.shape[3]
     group = n_heads // n_kv
-    out = token_major_output(q, num_seqs, v_dim)
+    quant = quant_group is not None
+    if quant and quant_group != v_dim:
+        raise ValueError(f"decode_attention quantizes per head: quant_group must be the value head dim {v_dim}, "
+                         f"not {quant_group}")
+    out = q if quant else token_major_output(q, num_seqs, v_dim)  # with quant only its dtype is read
+    q_out, q_scale = empty_quantized(q.new_empty(1, 1, 1).expand(1, num_seqs, n_heads * v_dim), v_dim) if quant else (q, q)
+    result = (q_out, q_scale) if quant else out
     if num_seqs == 0:
-        return out
+        return result
     splits = num_splits or _num_splits(num_seqs, n_kv, q.device)
     default_n, default_stages = WHOLE_CONTEXT_KNOBS if splits == 1 else (BLOCK_N, None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
@@ -393,11 +431,12 @@ def decode_attention(
         raise ValueError("decode_attention rotates k only as it stores it: rope needs k, v and slot_mapping")
     block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(v_dim)
     pdl = pdl_launch(q.device)
+    scale_strides = (q_scale.stride(-1), q_scale.stride(-2)) if quant else (0, 0)  # (head, token)
     cos, sin = (rope.cos, rope.sin) if rope is not None else (q, q)  # unused without rope
     rope_strides = (*rope.cos_strides, *rope.sin_strides) if rope is not None else (0, 0, 0, 0)
     _decode_attention_kernel[(num_seqs, n_kv, splits)](
         q, out, part_acc, part_ml, counters if counters is not None else seq_lens, k_cache, v_cache, seq_lens,
-        block_tables, k, v, slot_mapping, cos, sin,
+        block_tables, k, v, slot_mapping, cos, sin, q_out, q_scale, *scale_strides,
         q.stride(1), q.stride(2), q.stride(3), out.stride(1), out.stride(2), out.stride(3),
         k.stride(1), k.stride(2), k.stride(3), v.stride(1), v.stride(2), v.stride(3),
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *rope_strides,
@@ -409,12 +448,12 @@ def decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
         MERGE=counters is not None, INTERPRET=not q.is_cuda,
         ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
-        num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        QUANT=quant, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
     )
     if splits > 1 and counters is None:
         _decode_reduce_kernel[(num_seqs, n_heads)](
-            out, part_acc, part_ml, out.stride(1), out.stride(2), out.stride(3),
-            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, **pdl,
+            out, part_acc, part_ml, out.stride(1), out.stride(2), out.stride(3), q_out, q_scale, *scale_strides,
+            V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, QUANT=quant, INTERPRET=not q.is_cuda, **pdl,
         )
-    return out
+    return result

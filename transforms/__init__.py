@@ -13,6 +13,7 @@ from . import quantize_from_checkpoint, quantize_linear  # noqa: E402,F401  (qua
 from . import insert_kv_cache  # noqa: E402,F401  (paged KV cache, packed-batch interface)
 from . import insert_state_cache  # noqa: E402,F401  (per-sequence state slots of SSM / linear-attention ops)
 from . import fuse_rope_attention  # noqa: E402,F401  (cache stage: RoPE inside the cached attention)
+from . import fuse_attention_quant_fp8  # noqa: E402,F401  (cache stage: FP8 o input quantized in the attention)
 from . import gather_lm_head_rows  # noqa: E402,F401  (cache stage: logits of the sampled rows only)
 from . import fuse_cleanup_noops, fuse_linears, fuse_add_rms_norm, fuse_select_backends  # noqa: E402,F401  (fusion stage)
 from . import fuse_rope_pairs  # noqa: E402,F401  (fusion stage: q and k rotated in one launch)
