@@ -49,13 +49,19 @@ NUM_STAGES = 4
 SWAP = False
 # Rows up to here with per-token activation scales take `prequantized_fp8_linear`; its (block_n, block_k, warps,
 # stages) from benchmarks/quant_knob_sweep.py --given on an H200 (BENCHMARKS.md), swept with per-token scales
-# (group activation scales take GROUP_KNOBS below).
+# (group activation scales take GROUP_KNOBS below). Wide at 17-64 rows: the 8B gate_up at 64 rows 33.7 us with
+# (256, 128, 8, 4) against 35.0 with (128, 128, 4, 6) (session 20).
 QUANTIZED_X_ROWS = 64
 QUANTIZED_X_WIDE_N = 8192
 QUANTIZED_X_KNOBS = {  # (more than 16 rows, more than QUANTIZED_X_WIDE_N outputs) -> knobs
     (False, False): (64, 256, 4, 6), (False, True): (128, 256, 4, 5),
-    (True, False): (64, 256, 4, 4), (True, True): (128, 128, 4, 6),
+    (True, False): (64, 256, 4, 4), (True, True): (256, 128, 8, 4),
 }
+# More than 16 rows and K past this: (block_n, block_k, warps, stages, split_k). H200, 64 rows, the 8B down
+# projection (4,096 x 14,336: 64 tiles of 64 outputs, each with 112 K steps): 20.9 us split in two against 23.3
+# whole; qkv and o (K = 4,096) lose split (BENCHMARKS.md session 20).
+QUANTIZED_X_LONG_K = 8192
+QUANTIZED_X_LONG_K_KNOBS = (64, 128, 4, 6, 2)
 # Rows beyond QUANTIZED_X_ROWS with group activation scales: (block_m, block_n, block_k, warps, stages) of the
 # tiled dot: the best at 2,048 rows on every Llama-3.1-8B shape (H200, benchmarks/quant_knob_sweep.py).
 TILED_KNOBS = (128, 128, 128, 8, 3)
@@ -261,9 +267,14 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     if grouped and BLOCKWISE_MIN_ROWS <= rows and _blockwise_takes(q2, group_size, n, k):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
     if rows <= QUANTIZED_X_ROWS and not grouped:
-        block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
+        split = 1
+        if rows > 16 and k > QUANTIZED_X_LONG_K:
+            block_n, block_k, warps, stages, split = QUANTIZED_X_LONG_K_KNOBS
+        else:
+            block_n, block_k, warps, stages = QUANTIZED_X_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         return skinny_fp8_linear(q2, weight, weight_scale, None, bias, block_n=block_n, block_k=block_k,
-                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype)
+                                 num_warps=warps, num_stages=stages, swap=True, x_scale=scale2, out_dtype=out_dtype,
+                                 split_k=split)
     if rows <= QUANTIZED_X_ROWS:
         block_n, warps, stages = GROUP_KNOBS[(rows > 16, n > QUANTIZED_X_WIDE_N)]
         split = split_k_for(triton.cdiv(n, block_n), triton.cdiv(k, group_size), q2.device) if q2.is_cuda else 1

@@ -80,7 +80,8 @@ def test_other_activation_scales_are_left_alone(llama_dir):
 # tiled over rows (past QUANTIZED_X_ROWS)
 CASES = [(1, 40, 96, -1), (3, 72, 200, -1), (21, 64, 128, -1), (3, 72, 200, 32), (1, 37, 576, 128),
          (21, 40, 160, 32), (2, 24, 64, 128), (70, 24, 160, 32),
-         (3, 24, 2176, 128), (1, 16, 4160, 2048)]  # groups over several column tiles; a group wider than a tile
+         (3, 24, 2176, 128), (1, 16, 4160, 2048),  # groups over several column tiles; a group wider than a tile
+         (20, 24, 8200, -1)]  # per-token rows past 16 with K past QUANTIZED_X_LONG_K: the dot split in two
 
 
 @pytest.mark.parametrize("rows,n,k,group_size", CASES)
