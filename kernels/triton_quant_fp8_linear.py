@@ -1,9 +1,10 @@
 """Triton backend of `autodeploy::fp8_linear` (FP8 W8A8), the `fp8_linear_triton` op.
 
-A few rows (decode): a skinny kernel that streams the e4m3 weight once (1 byte per weight, half of
-bf16). Each program first finds its rows' activation scale (per token: amax of the row / 448; per
-tensor: of all rows; or the static input scale) in one pass over x, which is small and sits in L2,
-then walks K quantizing x to e4m3 exactly as the reference does (x / scale, saturated) and multiplies.
+A few rows (decode): x quantized once by kernels/triton_fp8_act_quant.py (per token, per tensor, static or per
+token-group scales), then a skinny kernel that streams the e4m3 weight once (1 byte per weight, half of bf16).
+The skinny kernel can also find the rows' scales itself in one pass over x and quantize as it walks K
+(`skinny_fp8_linear` without `x_scale`: the benchmarks' and tests' form; each of its programs reads all of x,
+which made per-tensor scales half as fast as per token at batch 64).
 e4m3 values are exact in fp16, so the product runs as an fp16 tl.dot with float32 accumulation: the
 same sums as an e4m3 tensor-core GEMM, without its minimum tile sizes. PDL and the L2 prefetch follow
 kernels/triton_linear.py, but are off by default (FP8_DOT_PDL).
@@ -35,8 +36,8 @@ from .quant_format import FP8_DTYPE
 from .quant_act import kernel_groups
 from .quant_linear import ACT_GROUP_SIZE, ACT_QUANT, activation_scale, quantize_activation
 from .triton_fp8 import activation_scales, saturate_e4m3, store_scaled
-from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8
-from .triton_linear import PREFETCH_K, SKINNY_ROWS
+from .triton_fp8_act_quant import quantize_fp8_per_token, quantize_rows_fp8, quantize_tensor_fp8
+from .triton_linear import PREFETCH_K
 from .triton_fp8_gemv import fp8_gemv, fp8_gemv_supported
 from .triton_pdl import pdl_launch, prefetch_l2, wait_for_inputs
 from .triton_split_k import k_range, split_launch, splits_for, sum_splits
@@ -334,19 +335,20 @@ def prequantized_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
 
 def fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
                act_group_size=ACT_GROUP_SIZE) -> torch.Tensor:
-    """The backend: per-token-group rows of any number, and up to QUANTIZED_X_ROWS rows with per-token or static
-    scales (and one row with a per-tensor scale: its amax is the row's), quantized once, then the e4m3 GEMV or
-    dot; per-tensor scales: the skinny kernel for a few rows; `torch._scaled_mm` for more on sm_89+; else the
-    reference."""
+    """The backend: per-token-group rows of any number, and up to QUANTIZED_X_ROWS rows with per-token, static or
+    per-tensor scales (the tensor's found by one kernel, then applied as a static one), quantized once, then the
+    e4m3 GEMV or dot; more rows `torch._scaled_mm` on sm_89+; else the reference."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.is_cuda and weight.dtype == FP8_DTYPE and rows > 0:
         if input_scale is None and act_quant == "group":
             return prequantized_fp8_linear(x, weight, weight_scale, bias, act_group_size)
+        if input_scale is None and act_quant == "tensor" and 1 < rows <= QUANTIZED_X_ROWS:
+            n, k = weight.shape
+            q, scale = quantize_tensor_fp8(x.reshape(-1, k).contiguous())
+            return fp8_linear_quantized_input(q, scale, weight, weight_scale, bias, x.dtype).view(*x.shape[:-1], n)
         per_row = input_scale is not None or act_quant == "token" or (act_quant == "tensor" and rows == 1)
         if rows <= QUANTIZED_X_ROWS and per_row:
             return prequantized_fp8_linear(x, weight, weight_scale, bias, input_scale=input_scale)
-        if rows <= SKINNY_ROWS:
-            return skinny_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)
         n, k = weight.shape
         if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(x.device.index or 0):
             return scaled_mm_fp8_linear(x, weight, weight_scale, input_scale, bias, act_quant)

@@ -118,6 +118,21 @@ def test_triton_backends_equal_references(rows, n, k, group_size, poisoned):
                             *ops.gated_act_quant_fp8(gate, up, "silu", group_size), group_size)
 
 
+@pytest.mark.parametrize("rows,k", [(1, 96), (5, 200), (64, 1100)])
+def test_tensor_scale_kernel_equals_reference(rows, k, poisoned):
+    """Dynamic per-tensor quantization (the rows' scales, then x by their largest): the reference's scale and
+    e4m3 values bit for bit, the scale repeated per row; the largest row's amax is not the first row's."""
+    from autodeploy.kernels.quant_linear import activation_scale, quantize_activation
+    from autodeploy.kernels.triton_fp8_act_quant import quantize_tensor_fp8
+
+    torch.manual_seed(rows + k)
+    x = torch.randn(rows, k) * torch.linspace(0.5, 3, rows)[:, None]
+    q, scale = quantize_tensor_fp8(x)
+    want_scale = activation_scale(x, None, "tensor")
+    assert scale.shape == (rows, 1) and torch.equal(scale, want_scale.expand(rows, 1))
+    assert torch.equal(q.float(), quantize_activation(x, want_scale).float())
+
+
 @pytest.mark.parametrize("rows,k", [(1, 96), (3, 200), (21, 576)])
 def test_triton_backends_take_a_static_scale(rows, k, poisoned):
     """A static input scale (small enough that some values saturate at +-448): the three quantizing kernels

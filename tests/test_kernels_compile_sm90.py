@@ -178,6 +178,7 @@ def _run_every_wrapper() -> None:
     triton_quant_int_linear.dequantize_int_triton(qweight, scales, zeros, None, 4, 128, 256, bf16)
     f8, f8_scale = quantize_fp8(weight, True)
     triton_fp8_act_quant.quantize_rows_fp8(x, -1, static)
+    triton_fp8_act_quant.quantize_tensor_fp8(x)  # the rows' scales alone, then x by their largest
     triton_quant_fp8_linear.skinny_fp8_linear(x, f8, f8_scale, None, None, "token")
     for group, split, rows, block_m in ((-1, 1, 3, None), (128, 2, 3, None), (128, 1, 70, 64)):
         qx, sx = triton_fp8_act_quant.quantize_rows_fp8(torch.randn(rows, 256, generator=g).to(bf16), group)
