@@ -11,7 +11,8 @@
 #         11 = batch 1 with programmatic dependent launch off, then on (AUTODEPLOY_PDL A/B). Default: 1 2 3.
 # Issue 14 (quantization; BENCHMARKS.md "Quantized stages" says how to group them into two device calls):
 #         12 = bf16 batch 1 and 64 with the HF eager peer, then the HF static cache + compile peer alone,
-#         13 = the same workloads quantized online: fp8 (W8A8), int8 and int4 (group 128) weight-only,
+#         13 = the same workloads quantized online: fp8 (W8A8; groups of 128, then per token), int8 and int4
+#              (group 128) weight-only,
 #         14 = SmolLM2 (real weights, $SMOL) perplexity of the fixed text: bf16, fp8, int4 g32, bf16 + fp8 KV cache,
 #         15 = SmolLM2 greedy agreement with HF eager, bf16 (benchmarks/gpu_correctness.py),
 #         16 = fp8 KV cache: batch 64, then batch 1 after a 4096-token prompt (bf16-cache batch 64: stage 12),
@@ -79,6 +80,8 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
     bench quant_hf_compile 130 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS \
       --baseline hf-compile --peers-only ;;
 13) bench quant_fp8 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_FP8
+    bench quant_fp8_token 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_FP8 \
+      quantization.act_quant=token  # compressed-tensors FP8-dynamic's activations
     bench quant_int8 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_INT8
     bench quant_int4 90 --batch $BATCHES --input-len $IN --output-len $NEW --repeats $REPEATS $Q_INT4 ;;
 14) for q in "none" "$Q_FP8" "quantization.algo=int4 quantization.group_size=32" "$KV_FP8"; do  # 128 does not divide 576
