@@ -34,19 +34,16 @@ def cached_attention_quant_fp8(
     return torch.ops.autodeploy.quantize_fp8_per_token(out.transpose(1, 2).reshape(1, out.shape[2], -1), group_size)
 
 
-@torch.library.custom_op("autodeploy::cached_attention_quant_fp8_triton", mutates_args=_MUTATES)
-def cached_attention_quant_fp8_triton(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
-    scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
-    alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
-    group_size: int = -1,
-) -> tuple[Tensor, Tensor]:
-    """Triton backend (same contract): decode steps quantize in the decode kernel's epilogue."""
-    return triton_attention(q, k, v, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, slot_mapping, scale,
-                            sliding_window, logit_cap, alibi_slopes, k_scale, v_scale, rope_cos, rope_sin,
-                            rope_interleaved, quant_group=group_size)
+def _triton(*args) -> tuple[Tensor, Tensor]:
+    """Triton backend (same contract; the reference's schema): decode steps quantize in the decode kernel's
+    epilogue."""
+    *attention_args, group_size = args
+    return triton_attention(*attention_args, quant_group=group_size)
+
+
+_schema = str(torch.ops.autodeploy.cached_attention_quant_fp8.default._schema)
+cached_attention_quant_fp8_triton = torch.library.custom_op(
+    "autodeploy::cached_attention_quant_fp8_triton", _triton, mutates_args=_MUTATES, schema=_schema[_schema.index("("):])
 
 
 def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
