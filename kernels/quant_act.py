@@ -28,7 +28,8 @@ import torch
 
 from .fused_add_rms_norm import fused_add_rms_norm
 from .gated_act import gated_act
-from .quant_linear import activation_groups, activation_scale, quantize_activation, scaled_fp8_matmul
+from .quant_linear import (activation_groups, activation_scale, check_weight_blocks, quantize_activation,
+                           scaled_fp8_matmul)
 
 
 def empty_scales(rows_shape: Sequence[int], groups: int, device: torch.device) -> torch.Tensor:
@@ -93,6 +94,7 @@ def _(q, scale, weight, weight_scale, bias, out_dtype, group_size=-1):
     torch._check(weight.dim() == 2 and weight.shape[1] == q.shape[-1], lambda: "weight must be [N, K]")
     groups = activation_groups(q.shape[-1], group_size)
     torch._check(scale.shape[-1] == groups, lambda: f"scale must have {groups} columns (group size {group_size})")
+    check_weight_blocks(weight, weight_scale, group_size)
     return q.new_empty(*q.shape[:-1], weight.shape[0], dtype=out_dtype)
 
 

@@ -38,9 +38,28 @@ def quantize_fp8(w: torch.Tensor, per_channel: bool, combine=None) -> tuple[torc
     return scaled.to(FP8_DTYPE), scale
 
 
-def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8 w [N, K] with a scale [] or [N] -> float32 [N, K]."""
+def quantize_fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [ceil(N / block), ceil(K / block)]): one scale per
+    block x block tile (the last row and column of tiles short), its amax mapped to 448 (DeepSeek-V3's weights)."""
+    n, k = w.shape
+    rows, cols = -(-n // block), -(-k // block)
+    padded = torch.nn.functional.pad(w.float().abs(), (0, cols * block - k, 0, rows * block - n))
+    amax = padded.reshape(rows, block, cols, block).amax(dim=(1, 3))
+    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    scaled = (w.float() / block_columns(scale, block, n, k)).clamp_(-FP8_MAX, FP8_MAX)
+    return scaled.to(FP8_DTYPE), scale
+
+
+def block_columns(scale: torch.Tensor, block: int, n: int, k: int) -> torch.Tensor:
+    """Block scales [ceil(n / block), ceil(k / block)] spread over the [n, k] weight they scale."""
+    return scale.repeat_interleave(block, dim=0)[:n].repeat_interleave(block, dim=1)[:, :k]
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block: int = -1) -> torch.Tensor:
+    """float8 w [N, K] with a scale [] or [N], or [N / block, K / block] block scales -> float32 [N, K]."""
     scale = scale.float()
+    if scale.dim() == 2:
+        return w.float() * block_columns(scale, block, *w.shape)
     return w.float() * (scale[:, None] if scale.dim() == 1 else scale)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant_format import FP8_DTYPE, FP8_MAX, check_bits, dequantize_int, groups_of
+from .quant_format import FP8_DTYPE, FP8_MAX, check_bits, dequantize_fp8, dequantize_int, groups_of
 
 ACT_GROUP_SIZE = 128  # columns per activation scale with act_quant="group" (DeepSeek-V3, vLLM's block FP8)
 FP8_SCHEMA = (
@@ -75,8 +75,12 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, group_size: int = 
 def scaled_fp8_matmul(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None, group_size: int = -1) -> torch.Tensor:
     """float32 y of e4m3 q [M, K] with its activation scale ([], [M, 1] or [M, G] for groups of group_size
-    columns) against the e4m3 weight: (q @ w.T) * sx * sw, group scales applied to q's columns first (+ bias)."""
-    if scale.dim() and scale.shape[-1] > 1:
+    columns) against the e4m3 weight: (q @ w.T) * sx * sw, group scales applied to q's columns first (+ bias).
+    A 2-D weight scale holds one scale per group_size x group_size block of the weight (weight_blocks)."""
+    if weight_scale.dim() == 2:
+        sx = per_column(scale.float(), group_size, q.shape[-1]) if scale.dim() else scale.float()
+        y = (q.float() * sx) @ dequantize_fp8(weight, weight_scale, group_size).t()
+    elif scale.dim() and scale.shape[-1] > 1:
         sx = per_column(scale.float(), group_size, q.shape[-1])
         y = (q.float() * sx) @ weight.float().t() * weight_scale.float()
     else:
@@ -106,7 +110,25 @@ def _(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token", a
     torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[-1], lambda: "fp8_linear weight must be [N, K]")
     torch._check(act_quant in ACT_QUANT, lambda: f"act_quant must be one of {ACT_QUANT}")
     torch._check(act_group_size > 0 or act_group_size == -1, lambda: "act_group_size must be positive or -1")
+    check_weight_blocks(weight, weight_scale, act_group_size if act_quant == "group" else -1)
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def weight_blocks(weight_scale: torch.Tensor) -> bool:
+    """Whether an FP8 weight scale is per block ([N / G, K / G] for activation groups of G) rather than per
+    channel or tensor."""
+    return weight_scale.dim() == 2
+
+
+def check_weight_blocks(weight: torch.Tensor, weight_scale: torch.Tensor, group_size: int) -> None:
+    """Block weight scales need activation groups of the block's size (the GEMM promotes per K group)."""
+    if not weight_blocks(weight_scale):
+        return
+    n, k = weight.shape
+    torch._check(group_size > 0, lambda: "FP8 block weight scales need per-token-group activation scales")
+    torch._check(tuple(weight_scale.shape) == (-(-n // group_size), -(-k // group_size)),
+                 lambda: f"FP8 block weight scales must be [{-(-n // group_size)}, {-(-k // group_size)}] for "
+                         f"blocks of {group_size}, got {tuple(weight_scale.shape)}")
 
 
 @torch.library.custom_op("autodeploy::int_linear", mutates_args=(), schema=INT_SCHEMA)

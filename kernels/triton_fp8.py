@@ -67,12 +67,13 @@ def activation_scales(x_rows, xs_ptr, m_valid, K, ACT: tl.constexpr, ROWS: tl.co
 
 @triton.jit
 def store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
-                 W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = acc [ROWS, N] * activation scale * weight scale (+ bias), stored in y's dtype."""
+                 W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, W_APPLIED: tl.constexpr = False):
+    """y = acc [ROWS, N] * activation scale * weight scale (+ bias), stored in y's dtype (W_APPLIED: acc already
+    holds the weight's block scales)."""
     acc = acc * sx[:, None]
-    if W_PER_CHANNEL:
+    if W_PER_CHANNEL and not W_APPLIED:
         acc = acc * tl.load(ws_ptr + offs_n, mask=n_valid, other=0.0)[None, :]
-    else:
+    elif not W_APPLIED:
         acc = acc * tl.load(ws_ptr)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]

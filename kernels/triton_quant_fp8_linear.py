@@ -75,6 +75,11 @@ BLOCKWISE_ROWS_MULTIPLE = 4
 # defaults 11.6 / 10.1 / 35.8 / 20.3; at 4 rows 10.0 / 7.6 / 31.4 / 20.3 against 10.7 / 8.7 / 33.6 / 19.1; at one
 # row the GEMV wins everywhere.
 BLOCKWISE_MIN_ROWS = 4
+# FP8 block weights (one scale per 128 x 128 tile) from this many rows take cuBLASLt's 1 x 128 x 128 x 128 GEMM on
+# the compact block scales; fewer take the 1 x 128 one with the blocks repeated over their rows. H200 (BENCHMARKS.md
+# session 20, benchmarks/fp8_block_gemm_bench.py): at 8,192 rows the 128 x 128 kernel 0.80x the 1 x 128 one's time
+# on the 8B shapes, at 64 rows 1.4-2x slower. The crossover between them is not measured yet.
+BLOCK_WEIGHT_ROWS = 1024
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (64, 4, 4), (True, False): (64, 4, 6),
@@ -98,7 +103,7 @@ def _skinny_fp8_kernel(
     ACT: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
     X_GROUP: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, part_ptr=None, count_ptr=None,
-    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0, W_BLOCK: tl.constexpr = False, stride_wsn=0,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,6 +128,9 @@ def _skinny_fp8_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if X_GROUP > 0:  # group scales load a step ahead: the pipeliner stages only the dot's operands
         sxg_next = tl.load(xs_rows + (k_start // X_GROUP) * stride_xsg, mask=m_valid, other=0.0)
+    if W_BLOCK:  # the weight's scales per X_GROUP x X_GROUP block: each output row's for the step's group
+        ws_rows = ws_ptr + (tl.where(n_valid, offs_n, 0) // X_GROUP) * stride_wsn
+        swg_next = tl.load(ws_rows + k_start // X_GROUP, mask=n_valid, other=0.0)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_valid = offs_k < k_end
@@ -139,9 +147,14 @@ def _skinny_fp8_kernel(
             next_group = tl.minimum((k0 + BLOCK_K) // X_GROUP, (K - 1) // X_GROUP)
             sxg_next = tl.load(xs_rows + next_group * stride_xsg, mask=m_valid, other=0.0)
             if SWAP:
-                acc += tl.dot(w, tl.trans(qx)) * sxg[None, :]
+                step = tl.dot(w, tl.trans(qx)) * sxg[None, :]
             else:
-                acc += tl.dot(qx, tl.trans(w)) * sxg[:, None]
+                step = tl.dot(qx, tl.trans(w)) * sxg[:, None]
+            if W_BLOCK:
+                swg = swg_next
+                swg_next = tl.load(ws_rows + next_group, mask=n_valid, other=0.0)
+                step = step * (swg[:, None] if SWAP else swg[None, :])
+            acc += step
         elif SWAP:
             acc = tl.dot(w, tl.trans(qx), acc)
         else:
@@ -152,10 +165,10 @@ def _skinny_fp8_kernel(
         acc, last = sum_splits(acc, part_ptr, count_ptr, offs_m, offs_n, m_valid[:, None] & n_valid[None, :], M, N,
                                SPLIT_K)
         store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid & last, n_valid, stride_ym,
-                     W_PER_CHANNEL, HAS_BIAS)
+                     W_PER_CHANNEL, HAS_BIAS, W_BLOCK)
     else:
         store_scaled(acc, sx, ws_ptr, b_ptr, y_ptr, offs_m, offs_n, m_valid, n_valid, stride_ym,
-                     W_PER_CHANNEL, HAS_BIAS)
+                     W_PER_CHANNEL, HAS_BIAS, W_BLOCK)
 
 
 def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_quant="token",
@@ -167,9 +180,13 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     already e4m3 (quantized by whoever produced it: per row, or per group of `x_group` columns, a power of two
     that the K tile is then cut to divide), `out_dtype` names y's dtype, and `block_m` rows per tile may tile
     many rows. `split_k` programs share each output tile's K (float32 partials, summed by the last to finish).
+    A 2-D weight_scale holds one scale per x_group x x_group block of the weight, applied per K step with x's.
     The knobs are for benchmarks/quant_knob_sweep.py."""
     if input_scale is None and act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, not {act_quant!r}")
+    w_block = weight_scale.dim() == 2
+    if w_block and (x_scale is None or x_group <= 0):
+        raise ValueError("FP8 block weight scales need x quantized beforehand in groups of the block's size")
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -180,7 +197,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
     launch = pdl_launch(x.device, enabled=FP8_DOT_PDL)
     prefetch = min(triton.next_power_of_2(PREFETCH_K * 2), triton.next_power_of_2(k)) if launch["USE_PDL"] else 0
     launch["PREFETCH_K"] = prefetch if prefetch >= 128 else 0
-    grouped = x_scale is not None and x_scale.shape[-1] > 1
+    grouped = x_scale is not None and (x_scale.shape[-1] > 1 or w_block)
     if x_scale is not None:
         act, xs = "given", x_scale.float().reshape(rows, -1)  # any strides (the producers' are group-major)
     else:
@@ -196,7 +213,7 @@ def skinny_fp8_linear(x, weight, weight_scale, input_scale=None, bias=None, act_
         ACT=_ACT_MODES[act], W_PER_CHANNEL=weight_scale.dim() == 1, HAS_BIAS=bias is not None,
         INTERPRET=not x.is_cuda, BLOCK_M=max(16, triton.next_power_of_2(block_m)), BLOCK_N=block_n,
         BLOCK_K=block_k, SWAP=swap, X_GROUP=x_group if grouped else 0, num_warps=num_warps, num_stages=num_stages,
-        **split, **launch,
+        **({"W_BLOCK": True, "stride_wsn": weight_scale.stride(0)} if w_block else {}), **split, **launch,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -233,7 +250,10 @@ def blockwise_scaled_mm(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Te
     them: x's as the quantizing kernels store them (quant_act.empty_scales; others are transposed here), the
     weight's expanded once (kernels/weight_scale_layout.py)."""
     scale_a = scale2.float().t().contiguous().t()  # [M, K/128], stride (1, M): a view of group-major scales
-    scale_b = weight_scale_layout(weight_scale, scale2.shape[-1], weight.shape[0])  # [K/128, N], stride (N, 1)
+    if weight_scale.dim() == 2 and q2.shape[0] >= BLOCK_WEIGHT_ROWS and weight_scale.shape[1] % 4 == 0:
+        scale_b = weight_scale.float().t()  # [K/128, N/128], stride (1, K/128): the 128 x 128 kernel
+    else:
+        scale_b = weight_scale_layout(weight_scale, scale2.shape[-1], weight.shape[0])  # [K/128, N], stride (N, 1)
     y = torch._scaled_mm(q2.contiguous(), weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
     if bias is not None:
         y = y.float() + bias.float()
@@ -260,10 +280,12 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     split K); with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows
     (H200, 2,048 rows: 532 us for gate_up against the Triton dot's 851), else the Triton dot in tiles of rows
     (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in
-    fp8_linear_quantized_input.)"""
+    fp8_linear_quantized_input.) Block weight scales ([N / G, K / G]) take the same routes but the GEMV: cuBLASLt
+    (BLOCK_WEIGHT_ROWS), else the dot applying them per K step."""
     rows, (n, k) = q2.shape[0], weight.shape
-    grouped = scale2.shape[-1] > 1
-    if rows <= FP8_GEMV_ROWS and fp8_gemv_supported(rows, k, group_size if grouped else -1):
+    w_block = weight_scale.dim() == 2  # block weights: x's groups are the blocks' columns, even a single one
+    grouped = scale2.shape[-1] > 1 or w_block
+    if rows <= FP8_GEMV_ROWS and not w_block and fp8_gemv_supported(rows, k, group_size if grouped else -1):
         return fp8_gemv(q2, scale2, weight, weight_scale, bias, out_dtype, group_size)
     if grouped and BLOCKWISE_MIN_ROWS <= rows and _blockwise_takes(q2, group_size, n, k):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)
@@ -311,7 +333,7 @@ def fp8_linear_quantized_input(q: torch.Tensor, scale: torch.Tensor, weight: tor
     q2, scale2 = q.reshape(-1, k), scale.reshape(-1, scale.shape[-1]).float()
     rows = q2.shape[0]
     if q.is_cuda and rows and kernel_groups(group_size, k):
-        per_row = scale2.shape[-1] == 1
+        per_row = scale2.shape[-1] == 1 and weight_scale.dim() < 2  # block weights: groups even when one
         if rows <= QUANTIZED_X_ROWS or not per_row:
             return given_fp8_linear(q2, scale2, weight, weight_scale, bias, out_dtype, group_size).view(*q.shape[:-1], n)
         if n % 16 == 0 and k % 16 == 0 and _has_fp8_gemm(q.device.index or 0):

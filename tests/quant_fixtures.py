@@ -85,6 +85,10 @@ def set_compressed_tensors_qparams(m: nn.Linear, args, input_amax: float) -> tor
         lo, hi = w.min().reshape(1), w.max().reshape(1)
     elif args.strategy == "channel":
         lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    elif args.strategy == "block":
+        rows, cols = args.block_structure
+        blocks = w.reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols)
+        lo, hi = blocks.amin((1, 3)), blocks.amax((1, 3))
     else:
         grouped = w.reshape(w.shape[0], -1, args.group_size)
         lo, hi = grouped.amin(-1), grouped.amax(-1)
@@ -106,6 +110,9 @@ def compress_linears(root: nn.Module, linears: dict[str, nn.Linear], preset: str
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if scheme.weights.strategy == "group":
         scheme.weights.group_size = group_size
+    if scheme.weights.strategy == "block":  # blocks (and activation groups) the tiny model's widths divide
+        scheme.weights.block_structure = [group_size, group_size]
+        scheme.input_activations.group_size = group_size
     apply_quantization_config(root, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
     dequantized = {name: set_compressed_tensors_qparams(m, scheme.weights, input_amax[name]) for name, m in linears.items()}
     fmt = "float-quantized" if preset.startswith("FP8") else "pack-quantized"
@@ -115,8 +122,9 @@ def compress_linears(root: nn.Module, linears: dict[str, nn.Linear], preset: str
 
 
 def write_compressed_tensors(path: Path, config, preset: str, group_size: int = 32) -> dict[str, torch.Tensor]:
-    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), W8A16, W4A16, W4A16_ASYM
-    (pack-quantized; ASYM: zero points too)."""
+    """preset: FP8 (static per-tensor), FP8_DYNAMIC (per-channel, per-token), FP8_BLOCK (group_size x group_size
+    weight blocks, dynamic activation groups as wide), W8A16, W4A16, W4A16_ASYM (pack-quantized; ASYM: zero points
+    too)."""
     model = _random_model(config)
     linears = _quantized_linears(model)
     compressor, dequantized = compress_linears(model, linears, preset, group_size, _input_amax(model, linears),
@@ -150,6 +158,26 @@ def write_modelopt_fp8(path: Path, config, kv_cache: bool = False) -> dict[str, 
     _save(model, path, state, None)
     quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_cache else None, "exclude_modules": ["lm_head"]}
     (path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": quant}))
+    return _dequantized_state(model, dequantized)
+
+
+def write_fine_grained_fp8(path: Path, config, block: int = 32) -> dict[str, torch.Tensor]:
+    """transformers' fine-grained FP8 (quant_method fp8): e4m3 weights with weight_scale_inv per block x block
+    tile (amax / 448, the dequantizing multiplier), dynamic activations; lm_head kept."""
+    model = _random_model(config)
+    linears = _quantized_linears(model)
+    state = _unquantized_state(model, linears)
+    dequantized = {}
+    for name, m in linears.items():
+        w = m.weight.detach().float()
+        n, k = w.shape
+        tiles = w.reshape(n // block, block, k // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)) / FP8_MAX  # [N / block, K / block]
+        q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        state[f"{name}.weight"], state[f"{name}.weight_scale_inv"] = q.reshape(n, k), scale
+        dequantized[name] = (q.float() * scale[:, None, :, None]).reshape(n, k)
+    _save(model, path, state, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                               "weight_block_size": [block, block], "modules_to_not_convert": ["lm_head"]})
     return _dequantized_state(model, dequantized)
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 
 import autodeploy.kernels  # noqa: F401
-from autodeploy.kernels.quant_format import quantize_fp8, quantize_int
+from autodeploy.kernels.quant_format import quantize_fp8, quantize_fp8_blocks, quantize_int
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="records the interpreter's launches (CPU runs)")
@@ -187,6 +187,12 @@ def _run_every_wrapper() -> None:
                                                   block_m=block_m, split_k=split)
         if rows <= triton_fp8_gemv.MAX_ROWS:  # K 256: one uneven K step; a bias
             triton_fp8_gemv.fp8_gemv(qx, sx, f8, f8_scale, w, bf16, group)
+    blocked, block_scales = quantize_fp8_blocks(weight, 128)  # the weight's 128 x 128 blocks, per K step
+    for rows, block_m in ((3, None), (70, 64)):
+        qx, sx = triton_fp8_act_quant.quantize_rows_fp8(torch.randn(rows, 256, generator=g).to(bf16), 128)
+        triton_quant_fp8_linear.skinny_fp8_linear(qx, blocked, block_scales, None, None, block_n=64, block_k=128,
+                                                  swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=128,
+                                                  block_m=block_m)
     for group, knobs in ((-1, triton_fp8_gemv.knobs_for(1)), (128, triton_fp8_gemv.knobs_for(10**6))):  # whole K
         qx, sx = triton_fp8_act_quant.quantize_rows_fp8(big[:1].to(bf16), group)  # steps at each default knob set
         triton_fp8_gemv.fp8_gemv(qx, sx, *quantize_fp8(big, True), None, bf16, group, *knobs)

@@ -9,14 +9,16 @@ reference does not, so those compare with a looser tolerance; weight-only scheme
 to float32 accumulation noise.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from autodeploy.errors import QuantizationError
 from autodeploy.optimizer import optimize_model
-from quant_fixtures import (dequantized_reference, write_awq, write_compressed_tensors, write_gptq,
-                                  write_modelopt_fp8)
+from quant_fixtures import (dequantized_reference, write_awq, write_compressed_tensors, write_fine_grained_fp8,
+                            write_gptq, write_modelopt_fp8)
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -65,7 +67,7 @@ def _compare(opt, reference, rel_tol: float) -> None:
 
 
 @pytest.mark.parametrize("preset,op,rel_tol", [
-    ("FP8", "fp8_linear", 0.05), ("FP8_DYNAMIC", "fp8_linear", 0.05),
+    ("FP8", "fp8_linear", 0.05), ("FP8_DYNAMIC", "fp8_linear", 0.05), ("FP8_BLOCK", "fp8_linear", 0.05),
     ("W8A16", "int_linear", 1e-4), ("W4A16", "int_linear", 1e-4), ("W4A16_ASYM", "int_linear", 1e-4),
 ])
 def test_compressed_tensors_matches_hf(tmp_path, preset, op, rel_tol):
@@ -108,6 +110,35 @@ def test_modelopt_fp8(tmp_path):
     state = write_modelopt_fp8(tmp_path, _config())
     opt = _against_dequantized(tmp_path, state, "modelopt_fp8_linear", "fp8_linear", 0.05)
     assert len(_params_ending(opt, "input_scale")) == 4 * CONFIG["num_hidden_layers"]  # static scales used, one per GEMM
+
+
+def test_fine_grained_fp8_matches_hf(tmp_path):
+    """transformers' own fp8 quantizer loading the checkpoint (on the CPU it dequantizes the blocks) and the
+    writer's dequantized weights: both references; the block scales stay as stored, one per 32 x 32 tile."""
+    from transformers import AutoModelForCausalLM
+
+    state = write_fine_grained_fp8(tmp_path, _config(), block=32)
+    opt, matched = _ours(tmp_path)
+    assert matched["fp8_fp8_linear"] == 14
+    _assert_quantized(opt, matched, "fp8_linear")
+    scales = dict(opt.gm.named_parameters())
+    assert scales["model.model.layers.0.mlp.down_proj.weight_scale"].shape == (2, 4)  # [64 / 32, 128 / 32]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref, explicit, ours = hf(PROMPT).logits, dequantized_reference(_config(), state)(PROMPT).logits, opt.logits(PROMPT)
+    torch.testing.assert_close(ref, explicit)  # HF reads the blocks as the writer made them
+    # activations rounded to e4m3 in groups of 32 too, which neither reference does (so no greedy equality here:
+    # this random model's top logits lie closer than that rounding)
+    assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_fine_grained_fp8_refuses_what_it_cannot_hold(tmp_path):
+    write_fine_grained_fp8(tmp_path, _config(), block=32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [32, 64]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"fp8 FP8 weight blocks \[32, 64\] \(square"):
+        optimize_model(tmp_path, overrides=NO_CACHE, progress=False)
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan")])

@@ -204,6 +204,25 @@ def test_online_int4_llama_at_tp2_matches_tp1(tiny_llama_dir):
 
 
 @pytest.mark.slow
+def test_online_fp8_blocks_at_tp2_give_tp1_tokens(tiny_llama_dir):
+    """FP8 weight blocks of 16 and activation groups as wide: every shard boundary falls on a block, so each rank's
+    weight blocks and its slice of each token's activation groups are TP 1's."""
+    quantization = ["quantization.algo=fp8", "quantization.weight_block_size=16", "quantization.act_group_size=16"]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    one = LLM(tiny_llama_dir, overrides=quantization, **RUNTIME)
+    want = [o.token_ids for o in one.generate(PROMPTS, params)]
+    scales = dict(one.model.gm.named_parameters())
+    llm = LLM(tiny_llama_dir, overrides=quantization, tensor_parallel_size=2, **RUNTIME)
+    try:
+        local = dict(llm.model.gm.named_parameters())
+        name = "model.model.layers.0.mlp.down_proj.weight_scale"  # row-parallel: rank 0's K blocks
+        assert local[name].shape == (4, 4) and torch.equal(local[name], scales[name][:, :4])
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == want
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow
 def test_online_fp8_llama_at_tp2_stays_within_fp8_error(tiny_llama_dir):
     """Online fp8 weight scales are the whole rows' (a row-parallel shard's amax and scale-search errors
     are combined over the ranks at load): rank 0's o_proj / down_proj scales are TP 1's. Activation

@@ -1,4 +1,4 @@
-"""GPTQ (with and without act-order) and AWQ checkpoints at tensor_parallel_size 2.
+"""GPTQ (with and without act-order), AWQ and fine-grained (block) FP8 checkpoints at tensor_parallel_size 2.
 
 References: the same checkpoint at TP 1 (each rank's canonical tensors are TP 1's, sliced; greedy
 tokens identical and logits within float32 noise over two gloo ranks). The Triton kernels on a
@@ -14,7 +14,7 @@ from autodeploy.errors import QuantizationError
 from autodeploy.llm import LLM, SamplingParams
 from autodeploy.optimizer import optimize_model
 from conftest import save_tiny_checkpoint
-from quant_fixtures import write_awq, write_gptq
+from quant_fixtures import write_awq, write_fine_grained_fp8, write_gptq
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -33,6 +33,8 @@ def _write(path, kind: str, config=None):
         return save_tiny_checkpoint(path, config)
     if kind == "awq":
         return write_awq(path, config, group_size=16)
+    if kind == "fine_grained_fp8":
+        return write_fine_grained_fp8(path, config, block=16)
     return write_gptq(path, config, group_size=16, act_order=kind == "gptq_act_order", symmetric=kind == "gptq")
 
 
@@ -111,6 +113,14 @@ def test_a_row_slice_inside_a_group_is_one_clear_error(tmp_path):
         _params(tmp_path, 2, 0)
 
 
+def test_a_slice_inside_an_fp8_block_is_one_clear_error(tmp_path):
+    """Blocks of 32 over 2 ranks: k_proj's 32 rows (2 KV heads of 16) split at 16, inside a block."""
+    write_fine_grained_fp8(tmp_path, LlamaConfig(**CONFIG), block=32)
+    with pytest.raises(QuantizationError, match=r"self_attn.k_proj: this rank's slice \[\(0, 16\)\] cuts FP8 "
+                                                r"weight blocks of 32"):
+        _params(tmp_path, 2, 0)
+
+
 def test_a_column_slice_inside_a_packed_word_is_one_clear_error(tmp_path):
     """AWQ packs 8 output columns a word: k_proj's 24 rows (2 KV heads of 12) split at 12."""
     write_awq(tmp_path, LlamaConfig(**{**CONFIG, "head_dim": 12}), group_size=8)
@@ -136,7 +146,8 @@ def _tp2_matches_tp1(path, overrides=()) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gptq_act_order", pytest.param("gptq", marks=pytest.mark.slow),
-                                  pytest.param("awq", marks=pytest.mark.slow)])
+                                  pytest.param("awq", marks=pytest.mark.slow),
+                                  pytest.param("fine_grained_fp8", marks=pytest.mark.slow)])
 def test_llm_at_tp2_matches_tp1(tmp_path, kind):
     _write(tmp_path, kind)
     _tp2_matches_tp1(tmp_path)

@@ -8,7 +8,7 @@ consumers see the same values, and `gated_act`'s Triton backend reads the gate/u
 Quantized linears fuse too, with their own op (fp8_linear with fp8_linear, int_linear with
 int_linear): every parameter with one row per output feature is stacked (weights, scales, zero
 points, bias; a per-tensor FP8 weight scale becomes that scale repeated over its rows, which is
-exact), and what the whole GEMM shares must be equal: the static FP8 input scale, GPTQ's act-order
+exact; FP8 block scales stack when every part fills whole blocks), and what the whole GEMM shares must be equal: the static FP8 input scale, GPTQ's act-order
 `g_idx` (by value), the op's other arguments (act_quant, bits, group_size). Linears that differ only
 there are left unfused and named in a warning. Running in the fusion stage, after weight loading,
 treats both quantization transforms alike (online ones quantized each weight on its own, checkpoint
@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map
 
 from autodeploy.graph_utils import add_parameter, graph_modules, is_op
+from autodeploy.kernels.quant_linear import ACT_GROUP_SIZE
 from autodeploy.patterns.helpers import bind_args, insert_call, val
 from autodeploy.quantization.rewrite import hf_path
 
@@ -110,7 +111,18 @@ def _signature(linear: Node, params: _Params) -> tuple | None:
             key.append((name, tensor.dtype, tensor.device, rest))
         else:
             key.append((name, arg))
+    if not _whole_blocks(linear, params):
+        return None
     return tuple(key)
+
+
+def _whole_blocks(linear: Node, params: _Params) -> bool:
+    """FP8 block weight scales ([N / G, K / G]) stack along N only when the linear's N fills whole blocks."""
+    args = bind_args(linear)
+    scale = params.tensor(args.get("weight_scale")) if isinstance(args.get("weight_scale"), Node) else None
+    if scale is None or scale.dim() != 2:
+        return True
+    return params.tensor(args["weight"]).shape[0] % args.get("act_group_size", ACT_GROUP_SIZE) == 0
 
 
 def _same_shared(a: Node, b: Node, params: _Params) -> bool:

@@ -27,6 +27,7 @@ from torch.fx import GraphModule
 
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import weight_bytes
+from autodeploy.parallel.quantized_slices import check_whole_blocks
 from autodeploy.parallel.rank_reduce import combine_over_ranks
 from autodeploy.parallel.slices import shards_of
 from autodeploy.quantization.checkpoint import checkpoint_format
@@ -106,6 +107,7 @@ class QuantizeLinear(Transform):
             scheme = self._sized(base, ctx.quantization, site.path, site.in_features)
             scheme.check(site.in_features)
             key = (site.prefix + site.node.args[1].target).removeprefix(WRAPPER_PREFIX)
+            check_whole_blocks(scheme, shards.get(key), site.path)
             params = swap_linear(site, scheme, ctx.dtype)
             shape = (site.out_features, site.in_features)
             combine = _row_combine(shards.get(key), 1)
@@ -117,6 +119,10 @@ class QuantizeLinear(Transform):
                                  "another op (tied word embeddings)")
 
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
+        if base.weight_block and any(True for _ in moe_nodes(gm)):
+            self.warnings.append("quantize_linear: MoE experts keep per-channel FP8 weight scales (fp8_moe takes no "
+                                 "weight blocks)")
+            base = replace(base, weight_block=0)
         loads = quantized_loads(gm)
         shards = shards_of(gm)
         for prefix, module, node in list(moe_nodes(gm)):

@@ -32,11 +32,24 @@ from .slices import ShardSlice
 _UNSUPPORTED = (".weight_g_idx",)  # compressed-tensors act-order: not sharded yet
 
 
+def check_whole_blocks(scheme: LinearScheme, weight: ShardSlice | None, path: str) -> None:
+    """A slice of FP8 block-scaled weights must cut them on block boundaries (the weight's short last block may end
+    it), so that each rank's blocks, and its slices of the block scales, are TP 1's."""
+    block = scheme.weight_block
+    if not block or weight is None:
+        return
+    if any(start % block or (stop % block and stop != weight.size) for start, stop in weight.ranges):
+        raise QuantizationError(f"{path}: this rank's slice {list(weight.ranges)} cuts FP8 weight blocks of {block}; "
+                                "use a tensor_parallel_size whose slices hold whole blocks")
+
+
 def sharded_scheme(scheme: LinearScheme, weight: ShardSlice | None, path: str) -> LinearScheme:
     """The scheme of this rank's slice of a checkpoint-quantized linear, checked before anything is read.
 
     A row-parallel slice must start and end on whole int32 words of codes and, without act-order, on
-    whole groups; with act-order its columns keep indexing the whole row's groups (`scheme.groups`)."""
+    whole groups; with act-order its columns keep indexing the whole row's groups (`scheme.groups`).
+    FP8 block scales: whole blocks (check_whole_blocks)."""
+    check_whole_blocks(scheme, weight, path)
     if weight is None or weight.dim != 1 or scheme.kind != "int":
         return scheme
     per_word = 32 // scheme.bits

@@ -19,8 +19,9 @@ from autodeploy.errors import QuantizationError
 from .loading import LayerLoad
 from .schemes import LinearScheme
 
-SUPPORTED = ("compressed-tensors (FP8 W8A8 static or dynamic, W4A16 / W8A16 pack-quantized, symmetric or not), "
-             "ModelOpt FP8, GPTQ 4/8-bit, AWQ 4-bit GEMM")
+SUPPORTED = ("compressed-tensors (FP8 W8A8 static or dynamic, per tensor, channel or block; W4A16 / W8A16 "
+             "pack-quantized, symmetric or not), ModelOpt FP8, transformers' fine-grained FP8 (128 x 128 blocks: "
+             "Qwen3-FP8, DeepSeek-V3), GPTQ 4/8-bit, AWQ 4-bit GEMM")
 
 
 class CheckpointFormat:
@@ -42,6 +43,7 @@ class CheckpointFormat:
     def describe(self, scheme: LinearScheme) -> str:
         """e.g. 'gptq int4 group 128', for messages."""
         detail = f" group {scheme.group_size}" if scheme.kind == "int" and scheme.group_size != -1 else ""
+        detail = f" blocks of {scheme.weight_block}" if scheme.weight_block else detail
         return f"{self.method} {scheme.name}{detail}"
 
 
@@ -73,13 +75,14 @@ def _quant_config(path: Path) -> dict | None:
 @lru_cache(maxsize=8)
 def _format_at(path: str, files: tuple[str, ...]) -> CheckpointFormat | None:
     from .compressed_tensors import CompressedTensorsFormat
+    from .fine_grained_fp8 import FineGrainedFp8Format
     from .gptq_awq import AwqFormat, GptqFormat
     from .modelopt import ModelOptFormat
 
     config = _quant_config(Path(path))
     if config is None:
         return None
-    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat)}
+    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat, FineGrainedFp8Format)}
     method = str(config.get("quant_method", "")).lower()
     if method not in formats:
         raise unsupported(method or "(no quant_method)", "checkpoints")

@@ -94,6 +94,9 @@ def block_scheme(fmt: CheckpointFormat, block: ExpertBlock) -> LinearScheme | No
     if scheme is not None and scheme.act_order:
         raise QuantizationError(f"{block.path}: act-order (g_idx) experts ({fmt.describe(scheme)}) are not supported: "
                                 "int_moe has no act-order; use a checkpoint quantized without actorder / desc_act")
+    if scheme is not None and scheme.weight_block:
+        raise QuantizationError(f"{block.path}: FP8 experts in {scheme.weight_block} x {scheme.weight_block} weight "
+                                "blocks are not supported yet: fp8_moe takes per-channel weight scales")
     if scheme is not None and scheme.kind == "fp8" and not scheme.static_input and scheme.act_quant != "token":
         raise QuantizationError(f"{block.path}: FP8 experts with dynamic per-{scheme.act_quant} activation scales are "
                                 "not supported: fp8_moe quantizes activations per token or with static scales")

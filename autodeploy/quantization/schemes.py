@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from autodeploy.kernels.quant_format import FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_int
+from autodeploy.kernels.quant_format import (FP8_DTYPE, check_bits, groups_of, quantize_fp8, quantize_fp8_blocks,
+                                             quantize_int)
 from autodeploy.kernels.quant_linear import ACT_GROUP_SIZE
 
 from .scale_search import quantize_fp8_search, quantize_int_search
@@ -30,6 +31,7 @@ class LinearScheme:
     act_order: bool = False  # int: GPTQ's g_idx (column -> group) is a parameter
     groups: int | None = None  # int act-order on a tensor-parallel slice of K: the whole row's groups (g_idx's range)
     scale_search: bool = False  # online: scales fitted to the weight (scale_search.py) instead of round-to-nearest
+    weight_block: int = 0  # fp8: one weight scale per weight_block x weight_block tile (== act_group_size), 0: none
 
     @property
     def name(self) -> str:
@@ -47,7 +49,9 @@ class LinearScheme:
         """Parameter name -> (shape, dtype) of one [out, in] weight in this scheme (the op's layout)."""
         n, k = out_features, in_features
         if self.kind == "fp8":
-            params = {"weight": ((n, k), FP8_DTYPE), "weight_scale": ((n,) if self.per_channel else (), torch.float32)}
+            b = self.weight_block
+            scale = (-(-n // b), -(-k // b)) if b else (n,) if self.per_channel else ()
+            params = {"weight": ((n, k), FP8_DTYPE), "weight_scale": (scale, torch.float32)}
             if self.static_input:
                 params["input_scale"] = ((), torch.float32)
             return params
@@ -74,6 +78,9 @@ class LinearScheme:
         """A full-precision [out, in] weight quantized into this scheme's params (round-to-nearest, or searched).
         `combine`: fp8 row statistics over every rank's slice of K (a row-parallel shard; int groups lie
         inside one shard and need none)."""
+        if self.kind == "fp8" and self.weight_block:
+            w, scale = quantize_fp8_blocks(weight, self.weight_block)
+            return {"weight": w, "weight_scale": scale}
         if self.kind == "fp8":
             searched = self.scale_search and self.per_channel
             w, scale = (quantize_fp8_search(weight, combine=combine) if searched
@@ -88,9 +95,10 @@ class LinearScheme:
 
 
 def online_scheme(settings) -> LinearScheme:
-    """The scheme `quantization.algo` asks for (fp8: per-channel weights, dynamic activations)."""
+    """The scheme `quantization.algo` asks for (fp8: per-channel or block weights, dynamic activations)."""
     if settings.algo == "fp8":
         return LinearScheme("fp8", act_quant=settings.act_quant, act_group_size=settings.act_group_size,
-                            scale_search=settings.scale_search)
+                            scale_search=settings.scale_search and not settings.weight_block_size,
+                            weight_block=settings.weight_block_size)
     return LinearScheme("int", bits=int(settings.algo.removeprefix("int")), group_size=settings.group_size,
                         symmetric=settings.symmetric, scale_search=settings.scale_search)

@@ -30,6 +30,10 @@ class QuantizationSettings:
     act_quant: str = "group"
     act_group_size: int = 128
     scale_search: bool = True  # online: scales fitted to each weight (scale_search.py), else round-to-nearest
+    # fp8 online: one weight scale per weight_block_size x weight_block_size tile (DeepSeek-V3 / Qwen3-FP8's
+    # weights; vLLM's `weight_block_size`; round-to-nearest) instead of one per output channel; 0: per channel.
+    # The activations' groups must be as wide (act_quant group, act_group_size the same).
+    weight_block_size: int = 0
 
     def __post_init__(self):
         for key, value, valid in (("algo", self.algo, ALGOS), ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
@@ -41,6 +45,10 @@ class QuantizationSettings:
         if self.act_group_size < 16 or self.act_group_size & (self.act_group_size - 1):
             raise QuantizationError(f"quantization act_group_size must be a power of two >= 16 (the kernels' K tiles "
                                     f"divide it), not {self.act_group_size}")
+        if self.weight_block_size and (self.act_quant != "group" or self.weight_block_size != self.act_group_size):
+            raise QuantizationError(f"quantization weight_block_size {self.weight_block_size} needs act_quant group "
+                                    f"with act_group_size {self.weight_block_size} (got {self.act_quant}, "
+                                    f"{self.act_group_size}): the GEMM applies both scales per K group")
 
     @property
     def online(self) -> bool:
