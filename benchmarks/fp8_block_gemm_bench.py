@@ -2,7 +2,8 @@
 x in 1 x 128 groups against the weight's per-channel scale repeated over K's groups (the default FP8 path), against
 128 x 128 weight blocks (DeepSeek-V3 / Qwen3-FP8's layout; max error against the dequantized reference printed),
 per-token row-wise scales, and bf16 cuBLAS. H200 figures: BENCHMARKS.md session 20.
-Usage (repository root, a CUDA 12.9+ sm_90 device): python3 benchmarks/fp8_block_gemm_bench.py"""
+Usage (repository root, a CUDA 12.9+ sm_90 device): python3 benchmarks/fp8_block_gemm_bench.py [--rows 64,8192]
+(rows between them place BLOCK_WEIGHT_ROWS, where the 128 x 128 GEMM starts to win)."""
 import sys
 sys.path.insert(0, "benchmarks")
 import torch
@@ -20,7 +21,8 @@ def block_quant(w):
     q = (b / s[:, None, :, None]).clamp(-448, 448).to(F8).reshape(n, k)
     return q, s
 
-for rows in (64, 8192):
+ROWS = sys.argv[sys.argv.index("--rows") + 1] if "--rows" in sys.argv else "64,8192"
+for rows in map(int, ROWS.split(",")):
     for name, (n, k) in qs.SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         f8 = quantize_fp8(w, True)
