@@ -8,8 +8,9 @@ two weights an instruction, then one per weight to float32: ~3.1 instructions pe
 sm_90 SASS) and sums the products in its registers: tiles are [blocks of 16 columns, rows of W, rows of x, column in
 block], laid out alike for every load (the layout of kernels/triton_int_gemv.py), so nothing changes register layout
 in the loop and K is reduced across threads once, at the end. A block never straddles an activation group (groups are
-multiples of 16 columns), so each block's sum is scaled by its row's group scale as it is added; the weight's scale
-(per channel or per tensor) and the bias come in the epilogue. The sums are those of the reference (e4m3 products in
+multiples of 16 columns), so each block's sum is scaled by its row's group scale as it is added, times the weight's
+scale for its (row block, group) when the weights come in B x B blocks (B the group); a per-channel or per-tensor
+weight scale and the bias come in the epilogue. The sums are those of the reference (e4m3 products in
 float32), in another order.
 """
 
@@ -36,14 +37,15 @@ def knobs_for(n: int) -> tuple[int, int]:
 
 def fp8_gemv_supported(rows: int, k: int, group_size: int) -> bool:
     """A few rows, K in whole 16-column blocks, activation groups of whole blocks (the last may be short) or one
-    scale per row."""
+    scale per row. Block weights need groups (their blocks')."""
     return 0 < rows <= MAX_ROWS and k % BLOCK_COLS == 0 and (group_size <= 0 or group_size % BLOCK_COLS == 0)
 
 
 @triton.jit
 def _fp8_gemv_kernel(
-    q_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_qm, stride_xsm, stride_xsg, stride_wn, stride_ym,
-    GROUP_BLOCKS: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    q_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_qm, stride_xsm, stride_xsg, stride_wn, stride_wsn,
+    stride_ym, GROUP_BLOCKS: tl.constexpr, W_PER_CHANNEL: tl.constexpr, W_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     COLS: tl.constexpr = 16  # BLOCK_COLS
@@ -62,6 +64,9 @@ def _fp8_gemv_kernel(
     m3 = tl.arange(0, ROWS)[None, None, :]
     xs_rows = xs_ptr + m3 * stride_xsm
     blk3 = tl.arange(0, BLOCKS)[:, None, None]
+    ws_rows = ws_ptr
+    if W_BLOCK > 0:
+        ws_rows = ws_ptr + (tl.reshape(rows, [1, BLOCK_N, 1]) // W_BLOCK) * stride_wsn
     acc = tl.zeros([BLOCKS, BLOCK_N, ROWS], tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = step * BLOCK_K
@@ -73,7 +78,10 @@ def _fp8_gemv_kernel(
         part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=3)
         if GROUP_BLOCKS > 0:  # this step's blocks each lie in one activation group
             group = (k0 // COLS + blk3) // GROUP_BLOCKS
-            acc += part * tl.load(xs_rows + group * stride_xsg, mask=(m3 < M) & (k0 + blk3 * COLS < K), other=0.0)
+            scale = tl.load(xs_rows + group * stride_xsg, mask=(m3 < M) & (k0 + blk3 * COLS < K), other=0.0)
+            if W_BLOCK > 0:  # the weight's block of these rows and this group
+                scale = scale * tl.load(ws_rows + group, mask=k0 + blk3 * COLS < K, other=0.0)
+            acc += part * scale
         else:
             acc += part
     y = tl.sum(acc, axis=0)  # [BLOCK_N, ROWS]
@@ -84,7 +92,7 @@ def _fp8_gemv_kernel(
         y *= tl.load(xs_ptr + offs_m2 * stride_xsm, mask=offs_m2 < M, other=0.0)
     if W_PER_CHANNEL:
         y *= tl.load(ws_ptr + offs_n2, mask=n_valid, other=0.0)
-    else:
+    elif W_BLOCK == 0:
         y *= tl.load(ws_ptr)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n2, mask=n_valid, other=0.0).to(tl.float32)
@@ -95,8 +103,8 @@ def fp8_gemv(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weigh
              bias: torch.Tensor | None, out_dtype: torch.dtype, group_size: int = -1, block_n: int | None = None,
              num_warps: int | None = None) -> torch.Tensor:
     """(q [..., K] e4m3 with float32 scales x_scale [..., G]: one per row, or per group of `group_size` columns)
-    @ (weight [N, K] e4m3 * weight_scale [N] or []).T (+ bias) in out_dtype (see `fp8_gemv_supported`). The
-    knobs are for benchmarks."""
+    @ (weight [N, K] e4m3 * weight_scale [N], [] or, in blocks of `group_size`, [N / group_size, G]).T (+ bias)
+    in out_dtype (see `fp8_gemv_supported`). The knobs are for benchmarks."""
     n, k = weight.shape
     default_n, default_warps = knobs_for(n)
     block_n, num_warps = block_n or default_n, num_warps or default_warps
@@ -108,11 +116,13 @@ def fp8_gemv(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weigh
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     y = torch.empty(rows, n, dtype=out_dtype, device=q.device)
     block_k = BLOCK_COLS * 32 * num_warps  # every warp along K: the loads' layout is the math's
-    grouped = xs.shape[-1] > 1
+    w_block = weight_scale.dim() == 2
+    grouped = xs.shape[-1] > 1 or w_block  # block weights: x's groups are the blocks' columns, even a single one
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         q2, xs, weight, ws, bias if bias is not None else ws, y, rows, n, k,
-        q2.stride(0), *xs.stride(), weight.stride(0), y.stride(0),
+        q2.stride(0), *xs.stride(), weight.stride(0), ws.stride(0) if w_block else 0, y.stride(0),
         GROUP_BLOCKS=group_size // BLOCK_COLS if grouped else 0, W_PER_CHANNEL=weight_scale.dim() == 1,
+        W_BLOCK=group_size if w_block else 0,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=num_warps, num_stages=1, **pdl_launch(q.device),
     )

@@ -77,9 +77,10 @@ BLOCKWISE_ROWS_MULTIPLE = 4
 BLOCKWISE_MIN_ROWS = 4
 # FP8 block weights (one scale per 128 x 128 tile) from this many rows take cuBLASLt's 1 x 128 x 128 x 128 GEMM on
 # the compact block scales; fewer take the 1 x 128 one with the blocks repeated over their rows. H200 (BENCHMARKS.md
-# session 20, benchmarks/fp8_block_gemm_bench.py): at 8,192 rows the 128 x 128 kernel 0.80x the 1 x 128 one's time
-# on the 8B shapes, at 64 rows 1.4-2x slower. The crossover between them is not measured yet.
-BLOCK_WEIGHT_ROWS = 1024
+# sessions 20-21, benchmarks/fp8_block_gemm_bench.py --rows): the 128 x 128 kernel takes 0.80-0.85x the 1 x 128
+# one's time on the 8B shapes at 1,024-8,192 rows, 0.65-1.0x at 256 (qkv 15.8 / 24.3 us, o 15.4 / 15.5, gate_up
+# 65.3 / 78.8, down 43.5 / 46.3), and 1.0-2.0x at 64 (slower everywhere).
+BLOCK_WEIGHT_ROWS = 256
 # The same up to QUANTIZED_X_ROWS with group activation scales (K steps of one group, so no block_k), and its
 # split-K (see split_k_for); from benchmarks/quant_knob_sweep.py --given --group 128 on an H200 (BENCHMARKS.md).
 GROUP_KNOBS = {(False, False): (64, 4, 6), (False, True): (64, 4, 4), (True, False): (64, 4, 6),
@@ -280,12 +281,12 @@ def given_fp8_linear(q2: torch.Tensor, scale2: torch.Tensor, weight: torch.Tenso
     split K); with groups of 128 cuBLASLt's 1 x 128 block-scaled GEMM where it exists from BLOCKWISE_MIN_ROWS rows
     (H200, 2,048 rows: 532 us for gate_up against the Triton dot's 851), else the Triton dot in tiles of rows
     (TILED_KNOBS). (Per-row scales past QUANTIZED_X_ROWS go to cuBLASLt's row-wise GEMM in
-    fp8_linear_quantized_input.) Block weight scales ([N / G, K / G]) take the same routes but the GEMV: cuBLASLt
-    (BLOCK_WEIGHT_ROWS), else the dot applying them per K step."""
+    fp8_linear_quantized_input.) Block weight scales ([N / G, K / G]) take the same routes, cuBLASLt's 128 x 128 GEMM
+    from BLOCK_WEIGHT_ROWS, and the dot and GEMV apply them per K group."""
     rows, (n, k) = q2.shape[0], weight.shape
     w_block = weight_scale.dim() == 2  # block weights: x's groups are the blocks' columns, even a single one
     grouped = scale2.shape[-1] > 1 or w_block
-    if rows <= FP8_GEMV_ROWS and not w_block and fp8_gemv_supported(rows, k, group_size if grouped else -1):
+    if rows <= FP8_GEMV_ROWS and fp8_gemv_supported(rows, k, group_size if grouped else -1):
         return fp8_gemv(q2, scale2, weight, weight_scale, bias, out_dtype, group_size)
     if grouped and BLOCKWISE_MIN_ROWS <= rows and _blockwise_takes(q2, group_size, n, k):
         return blockwise_scaled_mm(q2, scale2, weight, weight_scale, bias, out_dtype)

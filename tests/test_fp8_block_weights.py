@@ -73,7 +73,7 @@ def test_dot_applies_the_blocks_per_k_step(rows, n, k, block, swap, split_k, blo
 
 @pytest.mark.parametrize("rows", [1, 5, 70])
 def test_backend_routes_block_weights(rows, poisoned):
-    """One row (no GEMV for blocks), a few (the dot), past QUANTIZED_X_ROWS (the dot in tiles of rows)."""
+    """One row (the GEMV), a few (the dot), past QUANTIZED_X_ROWS (the dot in tiles of rows)."""
     torch.manual_seed(rows)
     x = torch.randn(rows, 256)
     w, scale = quantize_fp8_blocks(torch.randn(48, 256), 128)
@@ -113,11 +113,11 @@ def test_a_shard_that_cuts_blocks_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows", [1, 3, 4, 64, 65, 300, 2048])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 65, 300, 2048])
 def test_compiled_routes_on_gpu(rows):
-    """bf16 as decode and prefill run it: the dot (1-3 rows, 65), cuBLASLt's 1 x 128 GEMM on the blocks repeated
-    (4, 64, 300 rows) and its 128 x 128 one on the blocks as stored (2,048 rows, from BLOCK_WEIGHT_ROWS); a short
-    last block along N (N = 1,000) and K (K = 4,160: cuBLASLt takes only whole 128-column groups, so the dot)."""
+    """bf16 as decode and prefill run it: the GEMV (1 row), the dot (3, 5, 65), cuBLASLt's 1 x 128 GEMM on the blocks
+    repeated (4, 64) and its 128 x 128 one on the blocks as stored (300, 2,048 rows: BLOCK_WEIGHT_ROWS); a short last
+    block along N (N = 1,000) and K (K = 4,160: cuBLASLt takes only whole 128-column groups, so the dot)."""
     torch.manual_seed(rows)
     for n, k in ((1024, 4096), (1000, 4096), (1024, 4160)):
         w, scale = (t.cuda() for t in quantize_fp8_blocks(torch.randn(n, k) / k**0.5, 128))

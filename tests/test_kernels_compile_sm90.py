@@ -193,9 +193,14 @@ def _run_every_wrapper() -> None:
         triton_quant_fp8_linear.skinny_fp8_linear(qx, blocked, block_scales, None, None, block_n=64, block_k=128,
                                                   swap=block_m is None, x_scale=sx, out_dtype=bf16, x_group=128,
                                                   block_m=block_m)
+        if rows <= triton_fp8_gemv.MAX_ROWS:  # the GEMV with the blocks per group
+            triton_fp8_gemv.fp8_gemv(qx, sx, blocked, block_scales, None, bf16, 128)
     for group, knobs in ((-1, triton_fp8_gemv.knobs_for(1)), (128, triton_fp8_gemv.knobs_for(10**6))):  # whole K
         qx, sx = triton_fp8_act_quant.quantize_rows_fp8(big[:1].to(bf16), group)  # steps at each default knob set
         triton_fp8_gemv.fp8_gemv(qx, sx, *quantize_fp8(big, True), None, bf16, group, *knobs)
+    qx, sx = triton_fp8_act_quant.quantize_rows_fp8(big[:1].to(bf16), 128)  # block weights at the 8B knob sets
+    for knobs in (triton_fp8_gemv.knobs_for(1), triton_fp8_gemv.knobs_for(10**6)):
+        triton_fp8_gemv.fp8_gemv(qx, sx, *quantize_fp8_blocks(big, 128), None, bf16, 128, *knobs)
     for dtype in (bf16, torch.float8_e4m3fn):
         k_cache, v_cache = (torch.zeros(4, 16, 2, 64).to(dtype) for _ in range(2))
         slots = torch.tensor([0, 1, 17])
@@ -259,7 +264,7 @@ def test_gemv_k_loops_have_no_barrier(unique_launches):
     gemv = [launch for launch in unique_launches
             if launch["name"] in ("_int_gemv_kernel", "_fp8_gemv_kernel") and launch["constexprs"]["EVEN_K"]]
     assert {launch["constexprs"].get("BITS", 8) for launch in gemv} == {4, 8}
-    assert sum(launch["name"] == "_fp8_gemv_kernel" for launch in gemv) == 2
+    assert sum(launch["name"] == "_fp8_gemv_kernel" for launch in gemv) == 4  # per channel and blocks, two knob sets
     done = subprocess.run([sys.executable, "-c", COMPILE, "loop-barriers"], input=json.dumps(gemv),
                           capture_output=True, text=True, env=_compiler_env("gpu-image"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
