@@ -4,7 +4,9 @@ Same routing semantics as kernels/moe.py (the shared `route_to_experts`), each e
 being the quantized linears of kernels/quant_linear.py, so a quantized MoE model runs the same pipeline:
 - fp8_moe: e4m3 experts, w_gate_up [E, 2I, H] with scale [E] (per expert) or [E, 2I] (per channel),
   w_down [E, H, I] with [E] or [E, H]; activations quantized per token, as fp8_linear does, or with a
-  checkpoint's static scales [E] per GEMM (w_gate_up_input_scale, w_down_input_scale).
+  checkpoint's static scales [E] per GEMM (w_gate_up_input_scale, w_down_input_scale). With
+  `weight_block` B (DeepSeek-V3 / Qwen3-MoE-FP8's layout) the scales are per B x B block, [E, 2I / B, H / B]
+  and [E, H / B, I / B], and activations are quantized per token and group of B columns.
 - int_moe: weight-only INT4/INT8, w_gate_up int32 [E, 2I, H*bits/32] with scales / zeros [E, 2I, G1],
   w_down int32 [E, H, I*bits/32] with [E, H, G2], all in quant_format's packed layout.
 Reference only (plain torch, per expert in float32): the ground truth a grouped-GEMM backend would meet.
@@ -16,11 +18,12 @@ import torch
 
 from .gated_act import ACTIVATIONS
 from .moe import gated_mlp, route_to_experts
+from .quant_linear import check_weight_blocks, weight_blocks
 
 FP8_SCHEMA = (
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_gate_up_scale, Tensor w_down, "
     "Tensor w_down_scale, str activation, Tensor? b_gate_up=None, Tensor? b_down=None, "
-    "Tensor? w_gate_up_input_scale=None, Tensor? w_down_input_scale=None) -> Tensor"
+    "Tensor? w_gate_up_input_scale=None, Tensor? w_down_input_scale=None, int weight_block=0) -> Tensor"
 )
 INT_SCHEMA = (
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_gate_up_scales, "
@@ -47,17 +50,19 @@ def fp8_moe(
     b_down: torch.Tensor | None = None,
     w_gate_up_input_scale: torch.Tensor | None = None,
     w_down_input_scale: torch.Tensor | None = None,
+    weight_block: int = 0,
 ) -> torch.Tensor:
-    """Reference: each used expert as two fp8_linear calls around the gate (activation scales per token,
-    or a checkpoint's static ones per expert)."""
+    """Reference: each used expert as two fp8_linear calls around the gate (activation scales per token, per
+    token and block-wide group with block weights, or a checkpoint's static ones per expert)."""
     fp8_linear = torch.ops.autodeploy.fp8_linear
+    act = ("group", weight_block) if weight_block else ("token",)
 
     def expert_mlp(e: int, h: torch.Tensor) -> torch.Tensor:
         return gated_mlp(
             h.float(),
             lambda a: fp8_linear(a, w_gate_up[e], w_gate_up_scale[e], _pick(w_gate_up_input_scale, e),
-                                 _pick(b_gate_up, e), "token"),
-            lambda a: fp8_linear(a, w_down[e], w_down_scale[e], _pick(w_down_input_scale, e), _pick(b_down, e), "token"),
+                                 _pick(b_gate_up, e), *act),
+            lambda a: fp8_linear(a, w_down[e], w_down_scale[e], _pick(w_down_input_scale, e), _pick(b_down, e), *act),
             activation,
         )
 
@@ -106,8 +111,14 @@ def _check_experts(activation: str, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 @fp8_moe.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale, activation, b_gate_up=None,
-      b_down=None, w_gate_up_input_scale=None, w_down_input_scale=None):
+      b_down=None, w_gate_up_input_scale=None, w_down_input_scale=None, weight_block=0):
     _check_experts(activation, w_gate_up, w_down, 1)
+    if weight_block or weight_blocks(w_gate_up_scale[0]) or weight_blocks(w_down_scale[0]):
+        torch._check(w_gate_up_input_scale is None and w_down_input_scale is None,
+                     lambda: "FP8 block experts quantize activations dynamically (no static input scales)")
+        for w, scale in ((w_gate_up, w_gate_up_scale), (w_down, w_down_scale)):
+            torch._check(scale.dim() == 3, lambda: "FP8 block expert scales must be [E, N / B, K / B]")
+            check_weight_blocks(w[0], scale[0], weight_block if weight_block else -1)
     return torch.empty_like(x)
 
 

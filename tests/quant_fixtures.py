@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 FP8_MAX = 448.0
 
@@ -169,16 +170,28 @@ def write_fine_grained_fp8(path: Path, config, block: int = 32) -> dict[str, tor
     state = _unquantized_state(model, linears)
     dequantized = {}
     for name, m in linears.items():
-        w = m.weight.detach().float()
-        n, k = w.shape
-        tiles = w.reshape(n // block, block, k // block, block)
-        scale = tiles.abs().amax(dim=(1, 3)) / FP8_MAX  # [N / block, K / block]
-        q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        state[f"{name}.weight"], state[f"{name}.weight_scale_inv"] = q.reshape(n, k), scale
-        dequantized[name] = (q.float() * scale[:, None, :, None]).reshape(n, k)
-    _save(model, path, state, {"quant_method": "fp8", "activation_scheme": "dynamic",
-                               "weight_block_size": [block, block], "modules_to_not_convert": ["lm_head"]})
+        q, scale, dequantized[name] = fp8_blocks(m.weight, block)
+        state[f"{name}.weight"], state[f"{name}.weight_scale_inv"] = q, scale
+    _save(model, path, state, fine_grained_fp8_config(block, ["lm_head"]))
     return _dequantized_state(model, dequantized)
+
+
+def fp8_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight [N, K] -> e4m3 codes, weight_scale_inv [ceil(N / block), ceil(K / block)] (amax / 448 per tile;
+    the last tiles short) and the dequantized weight."""
+    w = weight.detach().float()
+    n, k = w.shape
+    rows, cols = -(-n // block) * block, -(-k // block) * block
+    tiles = F.pad(w, (0, cols - k, 0, rows - n)).reshape(rows // block, block, cols // block, block)
+    scale = tiles.abs().amax(dim=(1, 3)) / FP8_MAX
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    deq = (q.float() * scale[:, None, :, None]).reshape(rows, cols)[:n, :k]
+    return q.reshape(rows, cols)[:n, :k].contiguous(), scale, deq
+
+
+def fine_grained_fp8_config(block: int, keep: list[str]) -> dict:
+    return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [block, block],
+            "modules_to_not_convert": keep}
 
 
 # ---- GPTQ and AWQ (published layouts) ----

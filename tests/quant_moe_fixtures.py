@@ -10,6 +10,7 @@ llm-compressor's MoE recipes keep them (`ignore: [lm_head, re:.*gate$]`).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from quant_fixtures import FP8_MAX, _random_model, compress_linears, gptq_tensors
+from quant_fixtures import (FP8_MAX, _random_model, compress_linears, fine_grained_fp8_config, fp8_blocks,
+                            gptq_tensors)
 
 ROUTER_SUFFIXES = (".gate.weight",)  # Qwen3-MoE mlp.gate, Mixtral block_sparse_moe.gate
 
@@ -112,6 +114,28 @@ def write_compressed_tensors_moe(path: Path, config, preset: str, group_size: in
     model.config.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     compressor.update_config(str(path))
+    return model, dequantized
+
+
+def write_fine_grained_fp8_moe(path: Path, config, block: int = 16):
+    """transformers' fine-grained FP8 (Qwen3-30B-A3B-FP8's layout, written by hand as quant_fixtures'
+    dense writer): every linear but the routers and lm_head, experts included, in block x block tiles with
+    weight_scale_inv. Returns (model, {hub weight key: dequantized})."""
+    from safetensors.torch import save_file
+
+    model = _random_model(config)
+    state = _hub_state(model)
+    dequantized = {}
+    for key in _quantized_keys(state):
+        state[key], state[key.removesuffix("weight") + "weight_scale_inv"], dequantized[key] = fp8_blocks(
+            state[key], block)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    routers = sorted({k.removesuffix(".weight") for k in state if k.endswith(ROUTER_SUFFIXES)})
+    config["quantization_config"] = fine_grained_fp8_config(block, ["lm_head", *routers])
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
     return model, dequantized
 
 

@@ -192,8 +192,6 @@ def _dynamic_per_tensor_activations(groups: dict) -> None:
     ("W4A16", _layer1_expert0_int8, r"layers\.1\.mlp\.experts: the experts are stored in several schemes "
                                     r"\(compressed-tensors int4 group 16, compressed-tensors int8 group 16\)"),
     ("FP8_DYNAMIC", _dynamic_per_tensor_activations, r"dynamic per-tensor activation scales are not supported"),
-    ("FP8_BLOCK", lambda groups: None, r"layers\.0\.mlp\.experts: FP8 experts in 16 x 16 weight blocks are not "
-                                       r"supported yet"),
 ])
 def test_experts_the_ops_cannot_take_are_a_clear_error(tmp_path, preset, edit, message):
     write_compressed_tensors_moe(tmp_path, _config("qwen3_moe"), preset, GROUP)

@@ -119,10 +119,6 @@ class QuantizeLinear(Transform):
                                  "another op (tied word embeddings)")
 
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
-        if base.weight_block and any(True for _ in moe_nodes(gm)):
-            self.warnings.append("quantize_linear: MoE experts keep per-channel FP8 weight scales (fp8_moe takes no "
-                                 "weight blocks)")
-            base = replace(base, weight_block=0)
         loads = quantized_loads(gm)
         shards = shards_of(gm)
         for prefix, module, node in list(moe_nodes(gm)):
@@ -134,6 +130,9 @@ class QuantizeLinear(Transform):
                                  *(w.meta["val"].shape[-1] for w in (w_gate_up, w_down)))
             for weight in (w_gate_up, w_down):
                 scheme.check(weight.meta["val"].shape[-1])
+                shard = shards.get((prefix + weight.target).removeprefix(WRAPPER_PREFIX))
+                if shard is not None and shard.dim > 0:  # TP inside experts: rows or columns of each expert
+                    check_whole_blocks(scheme, shard, hf_path(weight.target))
             counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]
             for weight_name, (shape, params) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
                 key = weight_name.removeprefix(WRAPPER_PREFIX)

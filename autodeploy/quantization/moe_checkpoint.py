@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from autodeploy.errors import QuantizationError
+from autodeploy.parallel.quantized_slices import check_whole_blocks
 from autodeploy.parallel.slices import ShardSlice
 
 from .checkpoint import CheckpointFormat
@@ -84,7 +85,8 @@ def block_scheme(fmt: CheckpointFormat, block: ExpertBlock) -> LinearScheme | No
     """The one scheme all of the block's expert projections are stored in (None: stored unquantized).
 
     fp8_moe / int_moe take one layout for every expert; int_moe has no act-order indices, and fp8_moe
-    quantizes activations per token or with static scales (not per tensor, dynamically)."""
+    quantizes activations per token, per token and group with block weights, or with static scales (not per
+    tensor, dynamically)."""
     schemes = {fmt.scheme_for(block.linear(e, role)) for e in range(block.experts) for role in ROLES}
     if len(schemes) != 1:
         shown = ", ".join(sorted(fmt.describe(s) if s else "unquantized" for s in schemes))
@@ -94,18 +96,17 @@ def block_scheme(fmt: CheckpointFormat, block: ExpertBlock) -> LinearScheme | No
     if scheme is not None and scheme.act_order:
         raise QuantizationError(f"{block.path}: act-order (g_idx) experts ({fmt.describe(scheme)}) are not supported: "
                                 "int_moe has no act-order; use a checkpoint quantized without actorder / desc_act")
-    if scheme is not None and scheme.weight_block:
-        raise QuantizationError(f"{block.path}: FP8 experts in {scheme.weight_block} x {scheme.weight_block} weight "
-                                "blocks are not supported yet: fp8_moe takes per-channel weight scales")
-    if scheme is not None and scheme.kind == "fp8" and not scheme.static_input and scheme.act_quant != "token":
+    if (scheme is not None and scheme.kind == "fp8" and not scheme.static_input and not scheme.weight_block
+            and scheme.act_quant != "token"):
         raise QuantizationError(f"{block.path}: FP8 experts with dynamic per-{scheme.act_quant} activation scales are "
                                 "not supported: fp8_moe quantizes activations per token or with static scales")
     return scheme
 
 
 def stacked_scheme(scheme: LinearScheme) -> LinearScheme:
-    """The layout of the stacked params: FP8 weight scales always per channel (gate's and up's rows differ)."""
-    return replace(scheme, per_channel=True) if scheme.kind == "fp8" else scheme
+    """The layout of the stacked params: FP8 weight scales per channel (gate's and up's rows differ) unless
+    they are per block."""
+    return replace(scheme, per_channel=True) if scheme.kind == "fp8" and not scheme.weight_block else scheme
 
 
 def _part_slices(spec: ShardSlice | None, parts: int, rows: int) -> tuple[list[int], list[ShardSlice | None]]:
@@ -154,7 +155,7 @@ class _Stacker:
         return out
 
     def _per_channel(self, built: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.scheme.kind == "fp8":
+        if self.scheme.kind == "fp8" and not self.scheme.weight_block:
             rows = built["weight"].shape[0]
             built["weight_scale"] = built["weight_scale"].float().reshape(-1).expand(rows).contiguous()
         return built
@@ -184,6 +185,7 @@ def experts_load(fmt: CheckpointFormat, block: ExpertBlock, scheme: LinearScheme
         experts = owned or experts or list(range(block.experts))
         for role, part in zip(roles, slices):
             n, k = _sliced(full_rows // len(roles), shapes[weight][2], part)
+            _check_blocks(scheme, part, n, len(roles) > 1, block.linear(experts[0], role))
             for e in experts:
                 path = block.linear(e, role)
                 if part is not None:
@@ -191,6 +193,15 @@ def experts_load(fmt: CheckpointFormat, block: ExpertBlock, scheme: LinearScheme
                 loads[e, role] = fmt.layer_load(path, scheme, n, k, scale_dtype, {})
     sources = {key: shape for load in loads.values() for key, shape in load.sources.items()}
     return LayerLoad(sources, _Stacker(scheme, experts, loads, fused), params)
+
+
+def _check_blocks(scheme: LinearScheme, part: ShardSlice | None, rows: int, stacked: bool, path: str) -> None:
+    """FP8 block experts: a rank's slice holds whole blocks, and gate's rows end on a block boundary (gate and up
+    are stacked into one GEMM, whose scale rows are then gate's blocks followed by up's)."""
+    check_whole_blocks(scheme, part, path)
+    if scheme.weight_block and stacked and rows % scheme.weight_block:
+        raise QuantizationError(f"{path}: {rows} rows do not fill whole FP8 weight blocks of {scheme.weight_block}, "
+                                "so gate's and up's blocks cannot be stacked into one GEMM")
 
 
 def record_block_name(gm: GraphModule, graph_path: str, block: ExpertBlock) -> None:

@@ -151,9 +151,12 @@ def expert_params(scheme: LinearScheme, experts: int, out_features: int, in_feat
 
 def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.dtype,
                      combine=None) -> dict[str, torch.Tensor]:
-    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear;
-    `combine`: as LinearScheme.quantize's, for a slice of K)."""
+    """[E, N, K] expert weights -> param suffix -> [E, ...] tensors (each expert row-wise as a linear, or in its
+    own blocks; `combine`: as LinearScheme.quantize's, for a slice of K)."""
     e, n, k = w.shape
+    if scheme.weight_block:  # blocks of each expert's own rows
+        per_expert = [scheme.quantize(w[i], scale_dtype, combine) for i in range(e)]
+        return {EXPERT_SUFFIX[name]: torch.stack([q[name] for q in per_expert]) for name in per_expert[0]}
     flat = scheme.quantize(w.reshape(e * n, k), scale_dtype, combine)
     return {EXPERT_SUFFIX[name]: t.reshape(e, n, *t.shape[1:]) for name, t in flat.items()}
 
@@ -182,6 +185,8 @@ def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
         op_args = (*common, g[""], g["_scale"], d[""], d["_scale"], args["activation"])
         if scheme.static_input:  # a checkpoint's static activation scales, one per expert
             kwargs.update(w_gate_up_input_scale=g["_input_scale"], w_down_input_scale=d["_input_scale"])
+        if scheme.weight_block:
+            kwargs["weight_block"] = scheme.weight_block
     else:
         op = torch.ops.autodeploy.int_moe.default
         op_args = (*common, g[""], g["_scales"], g.get("_zeros"), d[""], d["_scales"], d.get("_zeros"),
