@@ -130,7 +130,7 @@ def _run_every_wrapper() -> None:
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
                                     triton_fp8_act_quant, triton_fp8_gemv, triton_gated_act, triton_int_dot,
                                     triton_int_gemv,
-                                    triton_linear,
+                                    triton_linear, triton_moe,
                                     triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
                                     triton_rms_norm, triton_rope)
 
@@ -220,6 +220,12 @@ def _run_every_wrapper() -> None:
         triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
                                                 seq_lens, tables, 0.125)
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
+    ids = torch.tensor([[0, 2], [2, 1], [0, 0]])  # routed experts: 16-pair tiles, then 64 with a bias
+    experts = [torch.randn(3, 2 * n, k, generator=g).to(bf16) for n, k in ((128, 256), (128, 256))]
+    triton_moe.moe(x, ids, torch.rand(3, 2).to(bf16), experts[0], experts[1][:, :256, :128], "silu")
+    many = torch.randint(0, 3, (40, 2), generator=g)
+    triton_moe.moe(torch.randn(40, 256, generator=g).to(bf16), many, torch.rand(40, 2).to(bf16), experts[0],
+                   experts[1][:, :256, :128], "silu", torch.zeros(3, 256, dtype=bf16), None)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +251,7 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
     unique, env = unique_launches, _compiler_env(compiler)
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
-        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel"}
+        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel", "_grouped_gemm_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),

@@ -1,0 +1,120 @@
+"""`autodeploy::moe_triton`: the routed experts as two grouped GEMMs over (token, slot) pairs sorted by expert.
+
+The reference loops over the used experts on the host (`ids.unique().tolist()`): a device sync per layer, so a
+MoE step can neither overlap nor be captured in a CUDA graph. Here nothing leaves the device and every shape
+follows from the inputs' shapes:
+
+1. `expert_tiles`: each of the T * K (token, slot) pairs sorted by expert (stable), every expert's run padded to
+   whole tiles of BLOCK_M pairs, in buffers sized for the worst case (at most P / BLOCK_M + min(P, E) tiles for
+   P pairs and E experts): the pair id of each tile row (padding = P) and the expert of each tile (E past the
+   used ones, whose programs return at once).
+2. `_grouped_gemm_kernel` for gate_up: a program is one tile of pairs x BLOCK_N outputs of its expert's weight,
+   its rows gathered from x (row = pair // K); out [P, 2I] in x's dtype, plus the expert's bias.
+3. the gated activation (kernels/triton_gated_act.py) on the [P, 2I] halves -> [P, I];
+4. the same GEMM for down on those rows (row = pair) -> [P, H] in x's dtype, then each pair times its routing
+   weight, summed over the K slots in float32: the reference's roundings (each expert's output in x's dtype,
+   the weighted sum in float32), in another order.
+
+float32 models keep the reference (tl.dot would round them to tf32). Tiles: 16 pairs while experts see few
+tokens each (decode), else 64; not tuned yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe import moe as moe_reference
+from .triton_gated_act import gated_act
+
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 64, 4, 3
+FEW_PAIRS_PER_EXPERT = 4  # at most this many pairs per expert on average: tiles of 16 pairs, else 64
+
+
+def expert_tiles(topk_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair id per tile row [tiles * block_m], P where padding; expert per tile [tiles], `experts` where unused),
+    int32, computed on topk_ids' device without a host sync."""
+    flat = topk_ids.reshape(-1).long()
+    pairs, device = flat.numel(), flat.device
+    tiles = pairs // block_m + min(pairs, experts)
+    counts = torch.zeros(experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    expert_tile_count = (counts + block_m - 1) // block_m
+    tile_end = expert_tile_count.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    by_expert = flat[order]
+    rank = torch.arange(pairs, device=device) - (counts.cumsum(0) - counts)[by_expert]
+    rows = torch.full((tiles * block_m,), pairs, dtype=torch.int32, device=device)
+    rows[(tile_end - expert_tile_count)[by_expert] * block_m + rank] = order.int()
+    tile_expert = torch.searchsorted(tile_end, torch.arange(tiles, device=device), right=True).int()
+    return rows, tile_expert
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, b_ptr, out_ptr, rows_ptr, tile_expert_ptr, pairs, experts, N, K,
+    stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[pair, n] = a[pair // TOP_K] . w[expert, n] (+ b[expert, n]) for one tile of pairs of one expert."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert >= experts:  # past the used experts' tiles
+        return
+    pair = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pair < pairs
+    a_rows = a_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_am
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + tl.minimum(offs_n, N - 1)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_rows + offs_k[None, :], mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=offs_k[:, None] < K, other=0.0)
+        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 holds bf16 / fp16 products exactly
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+                 tile_expert: torch.Tensor, pairs: int, top_k: int, block_m: int) -> torch.Tensor:
+    """[pairs, N] = a[pair // top_k] @ w[expert of the pair].T (+ bias[expert]), in a's dtype; w [E, N, K] in any
+    strides (a graph may hold the experts transposed)."""
+    experts, n, k = w.shape
+    out = torch.empty(pairs, n, dtype=a.dtype, device=a.device)
+    grid = (tile_expert.numel(), triton.cdiv(n, BLOCK_N))
+    _grouped_gemm_kernel[grid](
+        a, w, bias if bias is not None else w, out, rows, tile_expert, pairs, experts, n, k,
+        a.stride(0), *w.stride(), bias.stride(0) if bias is not None else 0, out.stride(0),
+        TOP_K=top_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        INTERPRET=not a.is_cuda, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return out
+
+
+def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
+        w_down: torch.Tensor, activation: str, b_gate_up: torch.Tensor | None = None,
+        b_down: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.moe`."""
+    dtypes = {x.dtype, w_gate_up.dtype, w_down.dtype}
+    if len(dtypes) > 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        return moe_reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down)
+    tokens = x.reshape(-1, x.shape[-1])
+    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    top_k = topk_ids.shape[-1]
+    pairs, experts = tokens.shape[0] * top_k, w_gate_up.shape[0]
+    if pairs == 0:
+        return torch.zeros_like(x)
+    block_m = 16 if pairs <= FEW_PAIRS_PER_EXPERT * experts else 64
+    rows, tile_expert = expert_tiles(topk_ids, experts, block_m)
+    gate_up = grouped_gemm(tokens, w_gate_up, b_gate_up, rows, tile_expert, pairs, top_k, block_m)
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = gated_act(gate, up, activation)
+    down = grouped_gemm(hidden, w_down, b_down, rows, tile_expert, pairs, 1, block_m)
+    weighted = down.view(tokens.shape[0], top_k, -1).float() * topk_weights.reshape(-1, top_k, 1).float()
+    return weighted.sum(1).to(x.dtype).view(x.shape)
