@@ -156,6 +156,32 @@ def test_bytes_read_per_token(tiny_llama_dir):
     assert bytes_read_per_token(opt.gm) == weight_bytes(opt.gm)
 
 
+@pytest.mark.parametrize("algo", ["none", "fp8"])
+def test_bytes_read_per_token_counts_the_routed_experts(tmp_path, algo):
+    """A MoE token reads k of E experts' slices of every stacked expert tensor (codes and scales alike)."""
+    from transformers import Qwen3MoeConfig
+
+    from autodeploy.bench.device import bytes_read_per_token
+    from autodeploy.graph_utils import weight_bytes
+    from autodeploy.optimizer import optimize_model
+    from conftest import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path, Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, head_dim=16,
+        max_position_embeddings=128))
+    opt = optimize_model(tmp_path, overrides=["model.device=cpu", SMALL_CACHE, f"quantization.algo={algo}"],
+                         progress=False)
+    params = dict(opt.gm.named_parameters())
+    experts = {n: p for n, p in params.items() if ".experts." in n}
+    assert experts and all(p.shape[0] == 8 for p in experts.values())
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts.values())
+    table = params["model.model.embed_tokens.weight"]
+    want = weight_bytes(opt.gm) - expert_bytes + expert_bytes * 2 // 8 - table.numel() * table.element_size() \
+        + table[0].numel() * table.element_size()
+    assert bytes_read_per_token(opt.gm) == want
+
+
 def test_quantized_bench_reports_scheme_and_ceiling(tiny_llama_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 

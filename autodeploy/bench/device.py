@@ -56,12 +56,30 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 20)
     return 2 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
-def _use(node: Node, user: Node) -> str:
+_MOE_OPS = ("moe", "fp8_moe", "int_moe")  # and their backends (<op>_triton)
+
+
+def _routed_experts(node: Node, user: Node) -> tuple[str, int] | None:
+    """("experts", k) when `user` is a MoE op reading `node` as stacked expert params: a token reads k of them."""
+    ops = torch.ops.autodeploy
+    moe_ops = {getattr(ops, name).default for base in _MOE_OPS for name in (base, f"{base}_triton") if hasattr(ops, name)}
+    if user.target not in moe_ops:
+        return None
+    args = bind_args(user)
+    if node in (args["x"], args["topk_ids"], args["topk_weights"]):
+        return None
+    return "experts", args["topk_ids"].meta["val"].shape[-1]
+
+
+def _use(node: Node, user: Node) -> str | tuple[str, int]:
     """How a batch-1 step reads the tensor of get_attr `node` in `user`: gather (one row), many_rows (not at
-    all: the copies of an int4_linear_tinygemm, the tensors of an int_linear_gemv, that one row does not read)
-    or other (whole)."""
+    all: the copies of an int4_linear_tinygemm, the tensors of an int_linear_gemv, that one row does not read),
+    ("experts", k) (the k routed experts' slices of a stacked expert tensor) or other (whole)."""
     if user.target is torch.ops.aten.embedding.default and user.args[0] is node:
         return "gather"
+    routed = _routed_experts(node, user)
+    if routed is not None:
+        return routed
     if user.target is torch.ops.autodeploy.int4_linear_tinygemm.default:
         args = bind_args(user)
         weight = [args[k] for k in ("qweight", "scales", "zeros", "packed", "scales_and_zeros", "gemv_words",
@@ -82,7 +100,8 @@ def _use(node: Node, user: Node) -> str:
 def bytes_read_per_token(gm: GraphModule) -> int:
     """Bytes one batch-1 decode step reads from weights: all of them (as stored), but one row of a
     table whose every use is an `aten.embedding` gather (a table tied to the LM head is read whole),
-    and none of the tensors only the many-row paths of int4_linear_tinygemm and int_linear_gemv read."""
+    k / E of stacked MoE experts (one token's routed experts), and none of the tensors only the many-row
+    paths of int4_linear_tinygemm and int_linear_gemv read."""
     uses: dict[int, set] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -91,8 +110,12 @@ def bytes_read_per_token(gm: GraphModule) -> int:
     total = 0
     for key, t in distinct_tensors(gm).items():
         nbytes = t.numel() * t.element_size()
-        if uses.get(key) == {"gather"}:
+        used = uses.get(key, set())
+        if used == {"gather"}:
             total += nbytes // t.shape[0]
+        elif len(used) == 1 and isinstance(next(iter(used)), tuple):  # stacked experts, k of E routed
+            experts = t.shape[0]
+            total += nbytes * min(next(iter(used))[1], experts) // experts
         elif uses.get(key) != {"many_rows"}:
             total += nbytes
     return total
