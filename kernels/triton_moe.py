@@ -7,7 +7,7 @@ follows from the inputs' shapes:
 1. `expert_tiles`: each of the T * K (token, slot) pairs sorted by expert (stable), every expert's run padded to
    whole tiles of BLOCK_M pairs, in buffers sized for the worst case (at most P / BLOCK_M + min(P, E) tiles for
    P pairs and E experts): the pair id of each tile row (padding = P) and the expert of each tile (E past the
-   used ones, whose programs return at once).
+   used ones, whose programs return at once). Decode's few pairs: one Triton program; a prompt's: torch's sort.
 2. `_grouped_gemm_kernel` for gate_up: a program is one tile of pairs x BLOCK_N outputs of its expert's weight,
    its rows gathered from x (row = pair // K); out [P, 2I] in x's dtype, plus the expert's bias.
 3. the gated activation (kernels/triton_gated_act.py) on the [P, 2I] halves -> [P, I];
@@ -29,15 +29,26 @@ from .moe import moe as moe_reference
 from .triton_gated_act import gated_act
 
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 64, 64, 4, 3
+# Up to this many pairs (and experts) one Triton program sorts them (decode: 1 launch instead of ~25 torch kernels);
+# its one-hot chunks hold ONE_HOT_ELEMENTS pair-expert entries.
+ONE_PROGRAM_PAIRS, ONE_PROGRAM_EXPERTS, ONE_HOT_ELEMENTS = 4096, 512, 16384
 FEW_PAIRS_PER_EXPERT = 4  # at most this many pairs per expert on average: tiles of 16 pairs, else 64
 
 
 def expert_tiles(topk_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(pair id per tile row [tiles * block_m], P where padding; expert per tile [tiles], `experts` where unused),
-    int32, computed on topk_ids' device without a host sync."""
-    flat = topk_ids.reshape(-1).long()
-    pairs, device = flat.numel(), flat.device
+    int32, computed on topk_ids' device without a host sync: by one program up to ONE_PROGRAM_PAIRS pairs
+    (decode), else by torch's sort."""
+    flat = topk_ids.reshape(-1)
+    pairs = flat.numel()
     tiles = pairs // block_m + min(pairs, experts)
+    if pairs <= ONE_PROGRAM_PAIRS and experts <= ONE_PROGRAM_EXPERTS:
+        return _expert_tiles_one_program(flat, experts, block_m, tiles)
+    return _expert_tiles_sorted(flat.long(), experts, block_m, tiles)
+
+
+def _expert_tiles_sorted(flat: torch.Tensor, experts: int, block_m: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs, device = flat.numel(), flat.device
     counts = torch.zeros(experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     expert_tile_count = (counts + block_m - 1) // block_m
     tile_end = expert_tile_count.cumsum(0)
@@ -48,6 +59,51 @@ def expert_tiles(topk_ids: torch.Tensor, experts: int, block_m: int) -> tuple[to
     rows[(tile_end - expert_tile_count)[by_expert] * block_m + rank] = order.int()
     tile_expert = torch.searchsorted(tile_end, torch.arange(tiles, device=device), right=True).int()
     return rows, tile_expert
+
+
+def _expert_tiles_one_program(flat: torch.Tensor, experts: int, block_m: int,
+                              tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.empty(tiles * block_m, dtype=torch.int32, device=flat.device)
+    tile_expert = torch.empty(tiles, dtype=torch.int32, device=flat.device)
+    block_e = triton.next_power_of_2(experts)
+    _expert_tiles_kernel[(1,)](flat, rows, tile_expert, flat.numel(), experts, tiles, BLOCK_M=block_m,
+                               BLOCK_P=max(16, ONE_HOT_ELEMENTS // block_e), BLOCK_E=block_e, num_warps=8)
+    return rows, tile_expert
+
+
+@triton.jit
+def _expert_tiles_kernel(ids_ptr, rows_ptr, tile_expert_ptr, pairs, experts, tiles, BLOCK_M: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """`expert_tiles` in one program, pairs in chunks of BLOCK_P as one-hot [BLOCK_P, BLOCK_E] tiles: counts per
+    expert, tiles per expert and their prefix sums, then each pair's slot (its rank among the earlier pairs of its
+    expert: the sort's stable order, without a sort)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, pairs, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + offs_p, mask=offs_p < pairs, other=-1)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    expert_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(expert_tiles, axis=0)
+    tile_end = tl.where(offs_e < experts, tile_end, 1 << 30)  # no tile lies in the padding experts
+    for t0 in range(0, tiles, BLOCK_P):
+        offs_t = t0 + tl.arange(0, BLOCK_P)
+        expert = tl.sum((tile_end[None, :] <= offs_t[:, None]).to(tl.int32), axis=1)  # experts ending before it
+        tl.store(tile_expert_ptr + offs_t, tl.minimum(expert, experts), mask=offs_t < tiles)
+    for r0 in range(0, tiles * BLOCK_M, BLOCK_P):
+        offs_r = r0 + tl.arange(0, BLOCK_P)
+        tl.store(rows_ptr + offs_r, tl.zeros([BLOCK_P], dtype=tl.int32) + pairs, mask=offs_r < tiles * BLOCK_M)
+    tl.debug_barrier()  # the padding is stored before the pairs overwrite their slots
+    first_row = (tile_end - expert_tiles) * BLOCK_M
+    seen = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, pairs, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + offs_p, mask=offs_p < pairs, other=-1)
+        one_hot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
+        rank = tl.sum((tl.cumsum(one_hot, axis=0) - 1 + seen[None, :]) * one_hot, axis=1)
+        slot = tl.sum(first_row[None, :] * one_hot, axis=1) + rank
+        tl.store(rows_ptr + slot, offs_p.to(tl.int32), mask=offs_p < pairs)
+        seen += tl.sum(one_hot, axis=0)
 
 
 @triton.jit

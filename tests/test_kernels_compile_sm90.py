@@ -251,7 +251,8 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
     unique, env = unique_launches, _compiler_env(compiler)
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
-        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel", "_grouped_gemm_kernel"}
+        "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel", "_grouped_gemm_kernel",
+        "_expert_tiles_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),

@@ -18,14 +18,28 @@ ops = torch.ops.autodeploy
 
 @pytest.fixture
 def poisoned(monkeypatch):
+    """Fresh tensors full of NaN (integer ones of -12345): whatever a kernel leaves unwritten shows."""
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+
+    def filled(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -12345)
+
+    monkeypatch.setattr(torch, "empty", filled)
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 8, 64, 16), (37, 2, 8, 16), (300, 4, 8, 64), (5, 1, 3, 16)])
-def test_expert_tiles_hold_every_pair_once_in_its_experts_tiles(tokens, top_k, experts, block_m):
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 8, 64, 16), (37, 2, 8, 16), (300, 4, 8, 64), (5, 1, 3, 16),
+                                                          (64, 8, 128, 16)])
+@pytest.mark.parametrize("one_program", [True, False])
+def test_expert_tiles_hold_every_pair_once_in_its_experts_tiles(tokens, top_k, experts, block_m, one_program,
+                                                                 monkeypatch, poisoned):
+    """Both forms (one Triton program for decode's few pairs, torch's sort past them): every pair once, in its
+    expert's tiles, in order; padding rows = P; unused tiles marked E."""
+    if not one_program:
+        monkeypatch.setattr(triton_moe, "ONE_PROGRAM_PAIRS", 0)
+    monkeypatch.setattr(triton_moe, "ONE_HOT_ELEMENTS", 512)  # several chunks of pairs even here
     g = torch.Generator().manual_seed(tokens)
-    ids = torch.randint(0, experts, (tokens, top_k), generator=g)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=g, dtype=torch.int32)
     ids[: tokens // 2, 0] = experts - 1  # one busy expert; others may see nobody
     rows, tile_expert = triton_moe.expert_tiles(ids, experts, block_m)
     pairs = tokens * top_k
