@@ -97,3 +97,31 @@ def test_export_patch_emits_moe_op_and_match_moe_counts_it(make_block):
 def test_match_moe_expects_one_op_per_experts_module():
     block, _ = mixtral_block("grouped_mm")
     assert MatchMoE().expected(None, _context(block)) == {"moe": 1}
+
+
+def test_a_float32_router_stays_float32_in_a_bf16_model(tmp_path):
+    """transformers keeps DeepSeek-V3's router weight in float32 in a bf16 model (`_keep_in_fp32_modules_strict`);
+    the exported graph then holds no cast for it (cleanup_noops drops the no-op), so loading must keep float32
+    too: a bf16 router weight met a float32 input (every bf16 / GPU run of DeepSeek-V2 / V3 failed so)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from autodeploy.optimizer import optimize_model
+    from conftest import save_tiny_checkpoint
+
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+                              num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                              topk_group=1, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=32,
+                              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=128)
+    save_tiny_checkpoint(tmp_path, config)
+    opt = optimize_model(tmp_path, overrides=["model.device=cpu", "model.dtype=bfloat16",
+                                              "transforms.insert_kv_cache.enabled=false"], progress=False)
+    params = dict(opt.gm.named_parameters())
+    assert params["model.model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert params["model.model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+    got = opt.logits(ids).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

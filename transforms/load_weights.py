@@ -149,8 +149,10 @@ class LoadWeights(Transform):
         if not old.is_meta:  # constants a pattern transform computed (ALiBi slopes): not in the checkpoint
             counts["moved"] += 1
             return old.to(ctx.device)
-        # Parameters take the model dtype; buffers keep the dtype the model gave them (e.g. fp32 biases).
-        dtype = ctx.dtype if isinstance(old, torch.nn.Parameter) and old.is_floating_point() else old.dtype
+        # Every tensor takes the dtype the meta model gave it: the model dtype, or float32 where transformers keeps a
+        # module in float32 (`_keep_in_fp32_modules(_strict)`: DeepSeek-V3's router weight, whose float32 casts the
+        # graph no longer holds), and buffers' own dtypes (e.g. fp32 biases).
+        dtype = old.dtype
         if source is None:
             counts["random_init"] += 1
             return _random_like(old, name, dtype, ctx.device, gen)
