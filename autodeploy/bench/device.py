@@ -116,7 +116,7 @@ def bytes_read_per_token(gm: GraphModule) -> int:
         elif len(used) == 1 and isinstance(next(iter(used)), tuple):  # stacked experts, k of E routed
             experts = t.shape[0]
             total += nbytes * min(next(iter(used))[1], experts) // experts
-        elif uses.get(key) != {"many_rows"}:
+        elif used != {"many_rows"}:
             total += nbytes
     return total
 
