@@ -18,42 +18,40 @@ from .cached_attention import _MUTATES, triton_attention
 from .quant_act import empty_quantized
 
 
-@torch.library.custom_op("autodeploy::cached_attention_quant_fp8", mutates_args=_MUTATES)
-def cached_attention_quant_fp8(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
-    scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
-    alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
-    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
-    group_size: int = -1,
-) -> tuple[Tensor, Tensor]:
+_ATTENTION_SCHEMA = str(torch.ops.autodeploy.cached_attention.default._schema)
+# the attention's arguments, then the groups: results as quantize_fp8_per_token's
+SCHEMA = _ATTENTION_SCHEMA[_ATTENTION_SCHEMA.index("("):_ATTENTION_SCHEMA.rindex(") ->")] + \
+    ", SymInt group_size=-1) -> (Tensor, Tensor)"
+
+
+def _full(args: tuple) -> tuple:
+    """A call's arguments with the schema's defaults for the trailing ones the dispatcher leaves out."""
+    return (*args, *(a.default_value for a in _ARGUMENTS[len(args):]))
+
+
+def _reference(*args) -> tuple[Tensor, Tensor]:
     """Reference: the reference attention, then the reference quantization of its [1, T, n_heads * d] view."""
-    out = torch.ops.autodeploy.cached_attention(q, k, v, k_cache, v_cache, cu_seqlens, seq_lens, block_tables,
-                                                slot_mapping, scale, sliding_window, logit_cap, alibi_slopes, k_scale,
-                                                v_scale, rope_cos, rope_sin, rope_interleaved)
+    *attention_args, group_size = _full(args)
+    out = torch.ops.autodeploy.cached_attention(*attention_args)
     return torch.ops.autodeploy.quantize_fp8_per_token(out.transpose(1, 2).reshape(1, out.shape[2], -1), group_size)
 
 
 def _triton(*args) -> tuple[Tensor, Tensor]:
-    """Triton backend (same contract; the reference's schema): decode steps quantize in the decode kernel's
-    epilogue."""
-    *attention_args, group_size = args
+    """Triton backend (same contract): decode steps quantize in the decode kernel's epilogue."""
+    *attention_args, group_size = _full(args)
     return triton_attention(*attention_args, quant_group=group_size)
 
 
-_schema = str(torch.ops.autodeploy.cached_attention_quant_fp8.default._schema)
-cached_attention_quant_fp8_triton = torch.library.custom_op(
-    "autodeploy::cached_attention_quant_fp8_triton", _triton, mutates_args=_MUTATES, schema=_schema[_schema.index("("):])
-
-
-def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens: Tensor, seq_lens: Tensor,
-          block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
-          logit_cap: float | None = None, alibi_slopes: Tensor | None = None, k_scale: float = 1.0,
-          v_scale: float = 1.0, rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-          rope_interleaved: bool = False, group_size: int = -1) -> tuple[Tensor, Tensor]:
+def _fake(*args) -> tuple[Tensor, Tensor]:
+    q, _, v, *_, group_size = _full(args)
     return empty_quantized(q.new_empty(1, q.shape[2], q.shape[1] * v.shape[-1]), group_size)
 
 
+cached_attention_quant_fp8 = torch.library.custom_op("autodeploy::cached_attention_quant_fp8", _reference,
+                                                     mutates_args=_MUTATES, schema=SCHEMA)
+cached_attention_quant_fp8_triton = torch.library.custom_op("autodeploy::cached_attention_quant_fp8_triton", _triton,
+                                                            mutates_args=_MUTATES, schema=SCHEMA)
+_ARGUMENTS = torch.ops.autodeploy.cached_attention_quant_fp8.default._schema.arguments
 cached_attention_quant_fp8.register_fake(_fake)
 cached_attention_quant_fp8_triton.register_fake(_fake)
 

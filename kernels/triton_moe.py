@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .moe import moe as moe_reference
 from .triton_gated_act import gated_act
+from .triton_layout import as_rows
 
 # (BLOCK_N, BLOCK_K, warps, stages): the best of a sweep on an H200 for Qwen3-30B-A3B's experts (BENCHMARKS.md,
 # session 21: per layer 48.9 us at one token, 337.2 at 64, against 54.0 / 346.4 with (64, 64, 4, 3)).
@@ -163,8 +164,7 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     dtypes = {x.dtype, w_gate_up.dtype, w_down.dtype}
     if len(dtypes) > 1 or x.dtype not in (torch.bfloat16, torch.float16):
         return moe_reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down)
-    tokens = x.reshape(-1, x.shape[-1])
-    tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
+    tokens = as_rows(x)
     top_k = topk_ids.shape[-1]
     pairs, experts = tokens.shape[0] * top_k, w_gate_up.shape[0]
     if pairs == 0:

@@ -64,6 +64,24 @@ def test_epilogue_takes_only_one_group_per_head():
         mod.decode_attention(q, k_cache, v_cache, lens, tables, 0.3, quant_group=16)
 
 
+def test_ops_fill_the_defaults_the_dispatcher_leaves_out():
+    """Called without the trailing arguments (the dispatcher then hands fewer to the Python impls), the op takes
+    the schema's defaults: group_size -1 (one scale per token), in fake mode too. (The Triton backend quantizes
+    per head only, which fuse_attention_quant_fp8 always passes.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, k_cache, v_cache, cu, lens, tables, slots = _fused_case([9], 4, 2, 32, 16, 0, torch.float32, False, 1.0,
+                                                                     1.0, "cpu")
+    args = (q, k, v, k_cache, v_cache, cu, lens, tables, slots, 0.3)
+    ops = torch.ops.autodeploy
+    want = ops.quantize_fp8_per_token(ops.cached_attention(*(a.clone() if isinstance(a, torch.Tensor) else a
+                                                               for a in args)).transpose(1, 2).reshape(1, 1, -1))
+    got = ops.cached_attention_quant_fp8(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    assert torch.equal(got[1], want[1]) and got[1].shape == (1, 1, 1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert ops.cached_attention_quant_fp8(*args)[1].shape == (1, 1, 1)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_fp8(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_fp8")  # head dim 16: activation groups of 16 are the heads

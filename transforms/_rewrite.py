@@ -1,4 +1,5 @@
-"""The loop every pattern transform runs: find matches, replace each output with a canonical op."""
+"""The loops the rewriting transforms share: find matches and replace each output with a canonical op, or try a
+rewrite on every call of some ops."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable, TypeVar
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from autodeploy.graph_utils import replace_with_call
+from autodeploy.graph_utils import graph_modules, is_op, replace_with_call
 from autodeploy.patterns.helpers import find_matches
 
 M = TypeVar("M")
@@ -49,3 +50,9 @@ def replace_matches(
             erase_dead_subgraph(module.graph, match.output)
             count += 1
     return count
+
+
+def rewrite_each(gm: GraphModule, ops: tuple, rewrite: Callable[[Graph, Node], bool]) -> int:
+    """`rewrite(graph, node)` on every node calling one of `ops`, in every (sub)graph; how many it rewrote."""
+    return sum(rewrite(module.graph, node) for module in graph_modules(gm) for node in list(module.graph.nodes)
+               if is_op(node, ops))

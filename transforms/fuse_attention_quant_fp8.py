@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, inherit_meta, is_op
+from autodeploy.graph_utils import inherit_meta, is_op
 from autodeploy.kernels.cached_attention_quant import QUANTIZING_BACKENDS
 from autodeploy.kernels.triton_backends import BACKENDS
 from autodeploy.patterns.helpers import bind_args
 
+from ._rewrite import rewrite_each
 from .registry import Stage, Transform, TransformContext, register
 
 aten = torch.ops.aten
@@ -74,9 +75,4 @@ class FuseAttentionQuantFp8(Transform):
     stage = Stage.CACHE
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        fused = 0
-        for module in graph_modules(gm):
-            for node in list(module.graph.nodes):
-                if is_op(node, QUANTIZE) and _fuse(module.graph, node):
-                    fused += 1
-        return {"attention_quant": fused}
+        return {"attention_quant": rewrite_each(gm, QUANTIZE, _fuse)}

@@ -16,9 +16,10 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from autodeploy.graph_utils import graph_modules, is_op
+from autodeploy.graph_utils import is_op
 from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
 
+from ._rewrite import rewrite_each
 from .registry import Stage, Transform, TransformContext, register
 
 PAIRS = (torch.ops.autodeploy.rope_pair.default, torch.ops.autodeploy.rope_pair_triton.default)
@@ -54,10 +55,4 @@ class FuseRopeAttention(Transform):
     stage = Stage.CACHE
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
-        attention_ops = tuple(CACHED_ATTENTION_BACKENDS.values())
-        folded = 0
-        for module in graph_modules(gm):
-            for node in list(module.graph.nodes):
-                if is_op(node, attention_ops) and _fold(module.graph, node):
-                    folded += 1
-        return {"rope_in_attention": folded}
+        return {"rope_in_attention": rewrite_each(gm, tuple(CACHED_ATTENTION_BACKENDS.values()), _fold)}
