@@ -22,12 +22,16 @@ a long K loop, and 15 of the tile's 16 rows padding): a GEMV form for decode is 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
 from .moe import moe as moe_reference
-from .triton_gated_act import gated_act
+from .quant_moe import fp8_moe as fp8_moe_reference
+from .triton_fp8_act_quant import quantize_fp8_per_token
+from .triton_gated_act import gated_act, gated_act_quant_fp8
 from .triton_layout import as_rows
 
 # (BLOCK_N, BLOCK_K, warps, stages): the best of a sweep on an H200 for Qwen3-30B-A3B's experts (BENCHMARKS.md,
@@ -114,27 +118,49 @@ def _expert_tiles_kernel(ids_ptr, rows_ptr, tile_expert_ptr, pairs, experts, til
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, b_ptr, out_ptr, rows_ptr, tile_expert_ptr, pairs, experts, N, K,
     stride_am, stride_we, stride_wn, stride_wk, stride_be, stride_om,
+    a_scale_ptr, stride_asm, stride_asg, w_scale_ptr, stride_wse, stride_wsn, stride_wsg,
     TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, FP8: tl.constexpr = False, GROUPED: tl.constexpr = False,
+    W_SCALE: tl.constexpr = 0,
 ):
-    """out[pair, n] = a[pair // TOP_K] . w[expert, n] (+ b[expert, n]) for one tile of pairs of one expert."""
+    """out[pair, n] = a[pair // TOP_K] . w[expert, n] (+ b[expert, n]) for one tile of pairs of one expert.
+
+    FP8: a and w e4m3, a's scale per row (or, GROUPED, per row and K step of BLOCK_K columns: each step's product
+    scaled as it is added), w's per expert (W_SCALE 1), per output channel (2) or per BLOCK_K x BLOCK_K block (3,
+    with GROUPED), all float32."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= experts:  # past the used experts' tiles
         return
     pair = tl.load(rows_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pair < pairs
-    a_rows = a_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_am
+    a_row = (pair // TOP_K).to(tl.int64)
+    a_rows = a_ptr + a_row[:, None] * stride_am
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_cols = w_ptr + expert.to(tl.int64) * stride_we + tl.minimum(offs_n, N - 1)[None, :] * stride_wn
+    n_safe = tl.minimum(offs_n, N - 1)
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + n_safe[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_rows + offs_k[None, :], mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
         w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=offs_k[:, None] < K, other=0.0)
-        if INTERPRET:  # the interpreter's bf16 dot is wrong; float32 holds bf16 / fp16 products exactly
+        if INTERPRET:  # the interpreter's bf16 / e4m3 dots are wrong; float32 holds their products exactly
             a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc)
+        if GROUPED:
+            group = k0 // BLOCK_K
+            scale = tl.load(a_scale_ptr + a_row * stride_asm + group * stride_asg, mask=valid, other=0.0)[:, None]
+            if W_SCALE == 3:
+                block = w_scale_ptr + expert * stride_wse + (n_safe // BLOCK_K) * stride_wsn + group * stride_wsg
+                scale = scale * tl.load(block)[None, :]
+            acc += tl.dot(a, w) * scale
+        else:
+            acc = tl.dot(a, w, acc)
+    if FP8 and not GROUPED:
+        acc *= tl.load(a_scale_ptr + a_row * stride_asm, mask=valid, other=0.0)[:, None]
+    if W_SCALE == 1:
+        acc *= tl.load(w_scale_ptr + expert * stride_wse)
+    elif W_SCALE == 2:
+        acc *= tl.load(w_scale_ptr + expert * stride_wse + n_safe * stride_wsn)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -142,19 +168,49 @@ def _grouped_gemm_kernel(
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                 tile_expert: torch.Tensor, pairs: int, top_k: int, block_m: int) -> torch.Tensor:
-    """[pairs, N] = a[pair // top_k] @ w[expert of the pair].T (+ bias[expert]), in a's dtype; w [E, N, K] in any
-    strides (a graph may hold the experts transposed)."""
+                 tile_expert: torch.Tensor, pairs: int, top_k: int, block_m: int, a_scale: torch.Tensor | None = None,
+                 w_scale: torch.Tensor | None = None, group: int = 0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[pairs, N] = a[pair // top_k] @ w[expert of the pair].T (+ bias[expert]), in out_dtype (a's by default); w
+    [E, N, K] in any strides (a graph may hold the experts transposed). With `a_scale` (e4m3 a and w): a's float32
+    scales [rows, 1] or, with `group`, [rows, K / group]; w_scale [E], [E, N] or, with `group`, [E, N / group,
+    K / group]."""
     experts, n, k = w.shape
-    out = torch.empty(pairs, n, dtype=a.dtype, device=a.device)
+    out = torch.empty(pairs, n, dtype=out_dtype or a.dtype, device=a.device)
     grid = (tile_expert.numel(), triton.cdiv(n, BLOCK_N))
+    fp8 = a_scale is not None
+    scales = {}
+    if fp8:
+        w_scale = w_scale.float()
+        scales = dict(a_scale_ptr=a_scale, stride_asm=a_scale.stride(0), stride_asg=a_scale.stride(1),
+                      w_scale_ptr=w_scale, stride_wse=w_scale.stride(0) if w_scale.dim() else 0,
+                      stride_wsn=w_scale.stride(1) if w_scale.dim() > 1 else 0,
+                      stride_wsg=w_scale.stride(2) if w_scale.dim() > 2 else 0)
+    else:
+        scales = dict(a_scale_ptr=a, stride_asm=0, stride_asg=0, w_scale_ptr=a, stride_wse=0, stride_wsn=0,
+                      stride_wsg=0)
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, out, rows, tile_expert, pairs, experts, n, k,
-        a.stride(0), *w.stride(), bias.stride(0) if bias is not None else 0, out.stride(0),
-        TOP_K=top_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        INTERPRET=not a.is_cuda, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        a.stride(0), *w.stride(), bias.stride(0) if bias is not None else 0, out.stride(0), **scales,
+        TOP_K=top_k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=group or BLOCK_K,
+        INTERPRET=not a.is_cuda, FP8=fp8, GROUPED=group > 0, W_SCALE=w_scale.dim() if fp8 else 0,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
+
+
+def _tiles(topk_ids: torch.Tensor, tokens: int, experts: int) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """(top_k, pairs, block_m, rows, tile_expert) of one MoE call."""
+    top_k = topk_ids.shape[-1]
+    pairs = tokens * top_k
+    block_m = 16 if pairs <= FEW_PAIRS_PER_EXPERT * experts else 64
+    return top_k, pairs, block_m, *expert_tiles(topk_ids, experts, block_m)
+
+
+def _weighted_sum(down: torch.Tensor, topk_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each pair's expert output times its routing weight, summed over the slots in float32; x's dtype and shape."""
+    top_k = topk_weights.shape[-1]
+    weighted = down.view(-1, top_k, down.shape[-1]).float() * topk_weights.reshape(-1, top_k, 1).float()
+    return weighted.sum(1).to(x.dtype).view(x.shape)
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
@@ -162,18 +218,35 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
         b_down: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `torch.ops.autodeploy.moe`."""
     dtypes = {x.dtype, w_gate_up.dtype, w_down.dtype}
-    if len(dtypes) > 1 or x.dtype not in (torch.bfloat16, torch.float16):
+    if len(dtypes) > 1 or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() == 0:
         return moe_reference(x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up, b_down)
     tokens = as_rows(x)
-    top_k = topk_ids.shape[-1]
-    pairs, experts = tokens.shape[0] * top_k, w_gate_up.shape[0]
-    if pairs == 0:
-        return torch.zeros_like(x)
-    block_m = 16 if pairs <= FEW_PAIRS_PER_EXPERT * experts else 64
-    rows, tile_expert = expert_tiles(topk_ids, experts, block_m)
+    top_k, pairs, block_m, rows, tile_expert = _tiles(topk_ids, tokens.shape[0], w_gate_up.shape[0])
     gate_up = grouped_gemm(tokens, w_gate_up, b_gate_up, rows, tile_expert, pairs, top_k, block_m)
-    gate, up = gate_up.chunk(2, dim=-1)
-    hidden = gated_act(gate, up, activation)
+    hidden = gated_act(*gate_up.chunk(2, dim=-1), activation)
     down = grouped_gemm(hidden, w_down, b_down, rows, tile_expert, pairs, 1, block_m)
-    weighted = down.view(tokens.shape[0], top_k, -1).float() * topk_weights.reshape(-1, top_k, 1).float()
-    return weighted.sum(1).to(x.dtype).view(x.shape)
+    return _weighted_sum(down, topk_weights, x)
+
+
+def fp8_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
+            w_gate_up_scale: torch.Tensor, w_down: torch.Tensor, w_down_scale: torch.Tensor, activation: str,
+            b_gate_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
+            w_gate_up_input_scale: torch.Tensor | None = None, w_down_input_scale: torch.Tensor | None = None,
+            weight_block: int = 0) -> torch.Tensor:
+    """Same contract as `torch.ops.autodeploy.fp8_moe`: x quantized per token (and group of `weight_block`) once,
+    the grouped e4m3 GEMMs, the activation quantized as it is formed; float32 in between, as the reference.
+    Static input scales (one per expert: a token's quantization differs per expert) keep the reference."""
+    if (w_gate_up_input_scale is not None or w_down_input_scale is not None or x.numel() == 0
+            or x.dtype not in (torch.bfloat16, torch.float16)):
+        return fp8_moe_reference(x, topk_ids, topk_weights, w_gate_up, w_gate_up_scale, w_down, w_down_scale,
+                                 activation, b_gate_up, b_down, w_gate_up_input_scale, w_down_input_scale,
+                                 weight_block)
+    group = weight_block or -1
+    q, scale = quantize_fp8_per_token(as_rows(x), group)
+    top_k, pairs, block_m, rows, tile_expert = _tiles(topk_ids, q.shape[0], w_gate_up.shape[0])
+    gemm = partial(grouped_gemm, rows=rows, tile_expert=tile_expert, pairs=pairs, block_m=block_m,
+                   group=weight_block, out_dtype=torch.float32)
+    gate_up = gemm(q, w_gate_up, b_gate_up, top_k=top_k, a_scale=scale, w_scale=w_gate_up_scale)
+    hidden, hidden_scale = gated_act_quant_fp8(*gate_up.chunk(2, dim=-1), activation, group)
+    down = gemm(hidden, w_down, b_down, top_k=1, a_scale=hidden_scale, w_scale=w_down_scale)
+    return _weighted_sum(down, topk_weights, x)

@@ -226,6 +226,12 @@ def _run_every_wrapper() -> None:
     many = torch.randint(0, 3, (40, 2), generator=g)
     triton_moe.moe(torch.randn(40, 256, generator=g).to(bf16), many, torch.rand(40, 2).to(bf16), experts[0],
                    experts[1][:, :256, :128], "silu", torch.zeros(3, 256, dtype=bf16), None)
+    for ids_, block in ((ids, 0), (many, 128)):  # e4m3 experts: per-channel scales, then 128 x 128 blocks
+        quantized = [[quantize_fp8_blocks(e, 128) if block else quantize_fp8(e, True) for e in w.float()]
+                     for w in (experts[0], experts[1][:, :256, :128])]
+        (q_gu, s_gu), (q_d, s_d) = ((torch.stack([p[0] for p in w]), torch.stack([p[1] for p in w])) for w in quantized)
+        triton_moe.fp8_moe(torch.randn(ids_.shape[0], 256, generator=g).to(bf16), ids_, torch.rand(*ids_.shape).to(bf16),
+                           q_gu, s_gu, q_d, s_d, "silu", weight_block=block)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The Triton MoE backend (kernels/triton_moe.py) against `autodeploy::moe`'s reference: the sync-free sort of
+"""The Triton MoE backends (kernels/triton_moe.py) against `autodeploy::moe`'s and `fp8_moe`'s references: the sync-free sort of
 (token, slot) pairs into per-expert tiles, the grouped GEMMs in the interpreter (odd widths, biases, unused
 experts, one expert taking every token, top-k 1 / 2 / 4, bf16 and fp16; fresh outputs poisoned with NaN), the
 float32 fallback, a tiny Qwen3-MoE through `select_backends` (bf16, logits of the reference backend), and on a GPU
@@ -95,7 +95,10 @@ def test_transposed_expert_weights_and_leading_dims():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def test_qwen3_moe_through_the_backend(tmp_path):
+@pytest.mark.parametrize("op,overrides", [("moe", []), ("fp8_moe", ["quantization.algo=fp8"]),
+                                           ("fp8_moe", ["quantization.algo=fp8", "quantization.weight_block_size=16",
+                                                        "quantization.act_group_size=16"])])
+def test_qwen3_moe_through_the_backend(tmp_path, op, overrides):
     from transformers import Qwen3MoeConfig
 
     from conftest import save_tiny_checkpoint
@@ -108,10 +111,10 @@ def test_qwen3_moe_through_the_backend(tmp_path):
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0))
     logits = {}
     for backend in ("torch", "triton"):
-        opt = optimize_model(tmp_path, overrides=["model.device=cpu", "model.dtype=bfloat16", NO_CACHE,
-                                                  f"transforms.select_backends.backends.moe={backend}"], progress=False)
-        assert sum(n.target == getattr(ops, "moe" if backend == "torch" else "moe_triton").default
-                   for n in opt.gm.graph.nodes) == 2
+        opt = optimize_model(tmp_path, overrides=["model.device=cpu", "model.dtype=bfloat16", NO_CACHE, *overrides,
+                                                  f"transforms.select_backends.backends.{op}={backend}"], progress=False)
+        target = getattr(ops, op if backend == "torch" else f"{op}_triton").default
+        assert sum(n.target == target for n in opt.gm.graph.nodes) == 2
         logits[backend] = opt.logits(ids).float()
     want = logits["torch"]
     torch.testing.assert_close(logits["triton"], want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
@@ -152,3 +155,50 @@ def test_cuda_graph_replays_new_routing():
         graph.replay()
         want = ops.moe(*static, w_gate_up, w_down, "silu", b_gate_up, b_down)
         torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def _fp8_experts(w: torch.Tensor, scheme: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> e4m3 codes and scales per expert ([E]), per channel ([E, N]) or per block ([E, N/B, K/B])."""
+    from autodeploy.kernels.quant_format import quantize_fp8, quantize_fp8_blocks
+
+    parts = [quantize_fp8_blocks(e, block) if scheme == "block" else quantize_fp8(e, scheme == "channel") for e in w]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+FP8_CASES = [(1, 2, 4, 64, 32, "channel", 0, False), (9, 2, 5, 80, 48, "expert", 0, True),
+             (37, 4, 6, 64, 32, "block", 16, False), (70, 2, 3, 80, 48, "block", 32, True)]
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,hidden,inner,scheme,block,bias", FP8_CASES)
+def test_fp8_experts_match_reference(tokens, top_k, experts, hidden, inner, scheme, block, bias, poisoned):
+    """fp8_moe_triton: per-expert, per-channel and block weight scales (blocks of 32 over 80 / 48-wide experts: short
+    last blocks along N and K), activations per token or group, biases; against fp8_moe's float32 reference."""
+    x, ids, weights, w_gate_up, w_down, b_gate_up, b_down = _inputs(tokens, top_k, experts, hidden, inner,
+                                                                    torch.bfloat16, bias, tokens)
+    (q_gu, s_gu), (q_d, s_d) = _fp8_experts(w_gate_up.float(), scheme, block), _fp8_experts(w_down.float(), scheme, block)
+    want = ops.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "silu", b_gate_up, b_down, weight_block=block)
+    got = triton_moe.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "silu", b_gate_up, b_down, weight_block=block)
+    assert got.dtype == x.dtype and not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_fp8_static_input_scales_keep_the_reference():
+    x, ids, weights, w_gate_up, w_down, _, _ = _inputs(5, 2, 4, 64, 32, torch.bfloat16, False, 2)
+    (q_gu, s_gu), (q_d, s_d) = _fp8_experts(w_gate_up.float(), "channel", 0), _fp8_experts(w_down.float(), "channel", 0)
+    statics = (torch.full((4,), 0.02), torch.full((4,), 0.05))
+    assert torch.equal(triton_moe.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "silu", None, None, *statics),
+                       ops.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "silu", None, None, *statics))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme,block", [("channel", 0), ("block", 128)])
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_fp8_experts_on_gpu(tokens, scheme, block):
+    """Qwen3-30B-A3B's expert shapes in FP8 (per channel, or its FP8 checkpoint's 128 x 128 blocks)."""
+    x, ids, weights, w_gate_up, w_down, _, _ = _inputs(tokens, 8, 128, 2048, 768, torch.bfloat16, False, tokens)
+    (q_gu, s_gu), (q_d, s_d) = _fp8_experts(w_gate_up.float(), scheme, block), _fp8_experts(w_down.float(), scheme, block)
+    args = [t.cuda() for t in (x, ids, weights, q_gu, s_gu, q_d, s_d)]
+    want = ops.fp8_moe(*args, "silu", weight_block=block)
+    got = torch.ops.autodeploy.fp8_moe_triton(*args, "silu", weight_block=block)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
