@@ -1,9 +1,10 @@
 """INT4 g128 (asymmetric) linears on the Llama-3.1-8B shapes: PyTorch's tinygemm against our Triton int_linear
-backend, our GEMV on its interleaved copy (up to 4 rows) and bf16 F.linear, us per call at 1-64 rows, timed as quant_knob_sweep.py times (CUDA graph over a pool
+backend, our CUDA-core GEMV on its interleaved copy (up to 4 rows), the tensor-core GEMV on the same words (up to
+8 rows) and bf16 F.linear, us per call at 1-64 rows, timed as quant_knob_sweep.py times (CUDA graph over a pool
 of weight copies larger than L2). Settles use_int4_tinygemm's max_rows: the last row count where tinygemm wins
 on every shape. Every path is first checked against the int_linear reference; --check stops there; --knobs
-sweeps the GEMV's (block_n, num_warps) instead.
-Usage: python3 benchmarks/int4_tinygemm_bench.py [--check | --knobs]"""
+sweeps the CUDA-core GEMV's (block_n, num_warps), --mma-knobs the tensor-core GEMV's (tiles, split, unroll).
+Usage: python3 benchmarks/int4_tinygemm_bench.py [--check | --knobs | --mma-knobs]"""
 
 import sys
 
@@ -13,12 +14,15 @@ import torch.nn.functional as F
 import autodeploy.kernels  # noqa: F401  (registers the ops)
 from autodeploy.kernels.int4_tinygemm import tinygemm_weights
 from autodeploy.kernels.quant_format import quantize_int
+from autodeploy.kernels.triton_int4_mma_gemv import MAX_ROWS as MMA_ROWS
+from autodeploy.kernels.triton_int4_mma_gemv import int4_mma_gemv
 from autodeploy.kernels.triton_int_gemv import MAX_ROWS, gemv_coefficients, int_gemv, interleave_codes
 from quant_knob_sweep import shape_weights, sweep, timed
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 GROUP = 128
 GEMV_KNOBS = [(4, 1), (8, 1), (4, 2), (8, 2), (16, 2), (4, 4), (8, 4)]  # (block_n, num_warps)
+MMA_KNOBS = [(t, sp, u) for t in (1, 2) for sp in (4, 8, 16) for u in (2, 4, 8) if t * sp <= 16]  # tiles, split, unroll
 
 
 def paths(x: torch.Tensor) -> dict:
@@ -28,6 +32,8 @@ def paths(x: torch.Tensor) -> dict:
              "bf16": (lambda p: F.linear(x, p[0]), "bf16")}
     if x.shape[0] <= MAX_ROWS:
         found["gemv"] = (lambda p: int_gemv(x, *p, None, GROUP, 4), "gemv")
+    if x.shape[0] <= MMA_ROWS:
+        found["mma"] = (lambda p: int4_mma_gemv(x, *p, None, GROUP), "gemv")
     return found
 
 
@@ -47,7 +53,7 @@ def check(tensors: dict, k: int) -> bool:
 
 
 def main() -> int:
-    only_check, knobs = "--check" in sys.argv, "--knobs" in sys.argv
+    only_check, knobs, mma_knobs = "--check" in sys.argv, "--knobs" in sys.argv, "--mma-knobs" in sys.argv
     wins: dict[int, bool] = dict.fromkeys(ROWS, True)
     ok = True
     for name, n, k, w in shape_weights():
@@ -58,6 +64,13 @@ def main() -> int:
         print(f"{name} {n}x{k}: checked", flush=True)
         if only_check:
             continue
+        if mma_knobs:
+            for rows in (1, 8):
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                ref = torch.ops.autodeploy.int_linear(x, *q4, None, None, 4, GROUP).float()
+                sweep(f"mma {rows} rows", lambda p, *kn: int4_mma_gemv(x, *p, None, GROUP, *kn), tensors["gemv"],
+                      MMA_KNOBS, ref)
+            continue
         if knobs:
             for rows in (1, 2):
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -65,14 +78,15 @@ def main() -> int:
                 sweep(f"gemv {rows} rows", lambda p, bn, nw: int_gemv(x, *p, None, GROUP, 4, bn, nw), tensors["gemv"],
                       GEMV_KNOBS, ref)
             continue
-        print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("tinygemm", "triton", "bf16", "gemv")) + "  (us)",
-              flush=True)
+        print(f"  {'rows':>4s} " + " ".join(f"{p:>9s}" for p in ("tinygemm", "triton", "bf16", "gemv", "mma"))
+              + "  (us)", flush=True)
         for rows in ROWS:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             us = {p: timed(call, tensors[params]) for p, (call, params) in paths(x).items()}
             wins[rows] &= us["tinygemm"] < us["triton"]
-            print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" for p in us), flush=True)
-    if not (only_check or knobs):
+            print(f"  {rows:4d} " + " ".join(f"{us[p]:9.1f}" if p in us else f"{'-':>9s}"
+                                            for p in ("tinygemm", "triton", "bf16", "gemv", "mma")), flush=True)
+    if not (only_check or knobs or mma_knobs):
         faster = [r for r in ROWS if all(wins[s] for s in ROWS if s <= r)]
         print(f"tinygemm faster on every shape up to {faster[-1] if faster else 0} rows "
               "(use_int4_tinygemm.max_rows)", flush=True)

@@ -24,10 +24,16 @@ import torch
 
 from .quant_format import unpack_int
 from .int_gemv_linear import interleaved_int_linear
+from .triton_int4_mma_gemv import MAX_ROWS as MMA_ROWS
+from .triton_int4_mma_gemv import int4_mma_gemv, mma_gemv_supported
 from .triton_int_gemv import int_gemv
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = (8, 4, 2)  # K tiles of 16 columns per inner step; the largest that divides K is the fastest
+# From this many rows up to MMA_ROWS the tensor-core GEMV on the GEMV's words beats tinygemm: the 8B layer's four
+# linears at 8 rows ~105 against 157 us, INT4 batch 8 1,714 against 1,317 tok/s; at 4 rows tinygemm is ahead (96
+# against 103 us) (H200, BENCHMARKS.md session 22)
+MMA_FROM_ROWS = 5
 SCHEMA = ("(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor packed, Tensor scales_and_zeros, "
           "Tensor? bias=None, int group_size=128, int max_rows=16, Tensor? gemv_words=None, Tensor? gemv_coeffs=None, "
           "int gemv_rows=0, Tensor? columns=None) -> Tensor")
@@ -91,13 +97,17 @@ def int4_linear_tinygemm(
     columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int_linear(x, qweight, scales, zeros, bits=4) through our GEMV up to gemv_rows rows (when its copy is
-    given), tinygemm up to max_rows rows, else the Triton backend. `columns`: qweight holds the GEMV's re-packed
-    codes (the canonical packing of the weight with its columns in this order): past max_rows they go to
-    `interleaved_int_linear` (the tensor-core dot for decode batches, else the backend on x's gathered columns)."""
+    given; 5-8 rows of bf16 x on CUDA: the tensor-core GEMV on the same words), tinygemm up to max_rows rows, else
+    the Triton backend. `columns`: qweight holds the GEMV's re-packed codes (the canonical packing of the weight
+    with its columns in this order): past max_rows they go to `interleaved_int_linear` (the tensor-core dot for
+    decode batches, else the backend on x's gathered columns)."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if gemv_words is not None and 0 < rows <= gemv_rows:
         return int_gemv(x, gemv_words, gemv_coeffs, bias, group_size, 4)
+    if (gemv_words is not None and MMA_FROM_ROWS <= rows <= MMA_ROWS and x.is_cuda
+            and mma_gemv_supported(rows, k, group_size, x.dtype)):
+        return int4_mma_gemv(x, gemv_words, gemv_coeffs, bias, group_size)
     if not 0 < rows <= max_rows:
         if columns is not None:
             return interleaved_int_linear(x, qweight, columns, scales, zeros, bias, 4, group_size)

@@ -19,6 +19,7 @@ from autodeploy.errors import RecipeError
 from autodeploy.graph_utils import finalize, weight_bytes
 from autodeploy.kernels.int4_tinygemm import ineligible, nibble_swapped, tinygemm_weights
 from autodeploy.kernels.quant_format import pack_int, quantize_int, unpack_int
+from autodeploy.kernels.triton_int_gemv import gemv_coefficients, interleave_codes
 from autodeploy.optimizer import optimize_model
 from autodeploy.patterns.helpers import bind_args
 from autodeploy.recipe import load_recipe
@@ -198,6 +199,24 @@ def test_op_on_gpu(rows, n, k, group_size, symmetric, poisoned):
         packed, scales_and_zeros = packed.zero_(), scales_and_zeros.zero_()
     x = torch.randn(rows, k, generator=_gen("x", rows, n)).bfloat16().cuda()
     got = ops.int4_linear_tinygemm(x, qweight, scales, zeros, packed, scales_and_zeros, bias, group_size, 16)
+    _assert_close(got, ops.int_linear(x, qweight, scales, zeros, None, bias, 4, group_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [1, 4, 5, 8])
+def test_op_with_the_gemv_copy_on_gpu(rows, poisoned):
+    """One row on the CUDA-core GEMV, 5-8 on the tensor-core GEMV (the tinygemm copy zeroed to show it is not
+    read there), 4 on tinygemm: all against the reference."""
+    n, k, group_size = 6144 + 16, 4096, 128
+    qweight, scales, zeros, bias = _weights(n, k, group_size, False, "cuda")
+    packed, scales_and_zeros = tinygemm_weights(qweight, scales, zeros, group_size)
+    if rows >= 5:
+        packed, scales_and_zeros = packed.zero_(), scales_and_zeros.zero_()
+    words, coeffs = interleave_codes(qweight, 4), gemv_coefficients(scales, zeros, 4)
+    x = torch.randn(rows, k, generator=_gen("x", rows, n)).bfloat16().cuda()
+    got = ops.int4_linear_tinygemm(x, qweight, scales, zeros, packed, scales_and_zeros, bias, group_size, 8, words,
+                                   coeffs, 1)
     _assert_close(got, ops.int_linear(x, qweight, scales, zeros, None, bias, 4, group_size))
 
 

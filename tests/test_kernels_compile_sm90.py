@@ -55,10 +55,19 @@ def loop_barriers(ptx):
                if labels.get(target, i) < i for j in range(labels[target], i))
 
 
+def mma_layouts(ttgir):
+    # the blocked layout of each inline-asm mma.sync's result
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
+    return [layouts.get(m, m) for m in re.findall(r'elementwise_inline_asm "mma\.sync.*-> .*?tensor<[^,]*, (#\w+)>', ttgir)]
+
+
 failures = []
 for launch in json.load(sys.stdin):
     if sys.argv[1:] == ["loop-barriers"]:
         failures.append(loop_barriers(compiled(launch, launch["constexprs"]).asm["ptx"]))
+        continue
+    if sys.argv[1:] == ["mma-layouts"]:
+        failures.append(mma_layouts(compiled(launch, launch["constexprs"]).asm["ttgir"]))
         continue
     for pdl in ([False, True] if "USE_PDL" in launch["constexprs"] else [False]):
         try:
@@ -129,7 +138,7 @@ def _run_every_wrapper() -> None:
     """Each kernel wrapper once per form worth compiling (dtypes, flags that change the code)."""
     from autodeploy.kernels import (triton_argmax, triton_cached_attention, triton_decode_attention,
                                     triton_fp8_act_quant, triton_fp8_gemv, triton_gated_act, triton_int_dot,
-                                    triton_int_gemv,
+                                    triton_int4_mma_gemv, triton_int_gemv,
                                     triton_linear, triton_moe,
                                     triton_quant_fp8_linear, triton_quant_gemv, triton_quant_int_linear,
                                     triton_rms_norm, triton_rope)
@@ -171,6 +180,10 @@ def _run_every_wrapper() -> None:
         q_big, s_big, _ = quantize_int(big, bits, group, True)
         triton_int_gemv.int_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q_big, bits),
                                  triton_int_gemv.gemv_coefficients(s_big, None, bits), None, group, bits)
+        if bits == 4:  # the tensor-core GEMV: one and several rows of x, 1-D and stacked tiles
+            triton_int4_mma_gemv.int4_mma_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q_big, bits),
+                                               triton_int_gemv.gemv_coefficients(s_big, None, bits), None, group)
+            triton_int4_mma_gemv.int4_mma_gemv(x[:5].to(bf16), words, coeffs, w, group, 2, 1, 2)
         for swap, splat, split in ((True, True, 1), (True, False, 2), (False, False, 1)):  # operand orders, loads
             triton_int_dot.int_dot(x, words, s, z, None, bits, group, True, swap=swap, splat=splat, split_k=split)
         triton_int_dot.int_dot(x, codes, s, z, w.float()[:48], bits, group)  # canonical words, a bias
@@ -258,7 +271,7 @@ def test_every_kernel_compiles_for_sm90(unique_launches, compiler):
     assert {launch["name"] for launch in unique} >= {
         "_rope_kernel", "_skinny_fp8_kernel", "_gemv_int_kernel", "_int_gemv_kernel", "_decode_attention_kernel",
         "_kv_write_kernel", "_decode_reduce_kernel", "_int_dot_kernel", "_fp8_gemv_kernel", "_grouped_gemm_kernel",
-        "_expert_tiles_kernel"}
+        "_expert_tiles_kernel", "_int4_mma_gemv_kernel"}
     for prologue in ("GATED", "NORM"):
         assert any(launch["name"] == "_skinny_linear_kernel" and launch["constexprs"][prologue] for launch in unique)
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(unique),
@@ -283,3 +296,20 @@ def test_gemv_k_loops_have_no_barrier(unique_launches):
     assert done.returncode == 0, done.stderr[-3000:]
     barriers = json.loads(done.stdout.strip().splitlines()[-1])
     assert barriers == [0] * len(gemv), barriers
+
+
+def test_mma_gemv_hands_each_lane_its_fragment(unique_launches):
+    """`_int4_mma_gemv_kernel` relies on thread i holding row i of its [warps * 32, stack] tiles (one warp's MMA
+    per asm instance); Triton picks the layouts, so the compiled one is checked: one element per thread along
+    axis 0, 32 lanes then the warps there, the stack in each thread's registers."""
+    mma = [launch for launch in unique_launches if launch["name"] == "_int4_mma_gemv_kernel"]
+    assert len(mma) >= 2
+    done = subprocess.run([sys.executable, "-c", COMPILE, "mma-layouts"], input=json.dumps(mma),
+                          capture_output=True, text=True, env=_compiler_env("gpu-image"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for launch, layouts in zip(mma, json.loads(done.stdout.strip().splitlines()[-1])):
+        warps = launch["options"]["num_warps"]
+        assert layouts, launch["constexprs"]
+        for layout in layouts:
+            assert "sizePerThread = [1, 1]" in layout and "threadsPerWarp = [32, 1]" in layout \
+                and f"warpsPerCTA = [{warps}, 1]" in layout, layout
