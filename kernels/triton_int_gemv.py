@@ -36,13 +36,16 @@ PRODUCT_SHIFT = tl.constexpr(48)  # code * x products are formed at 2**-48: norm
 NARROW = 4096  # outputs up to which INT4 programs take 16 rows and 4 warps, past which 8 rows and 2 warps
 
 
-def knobs_for(n: int, bits: int) -> tuple[int, int]:
+def knobs_for(n: int, bits: int, rows: int = 1) -> tuple[int, int]:
     """(block_n, num_warps), the best of benchmarks/int4_tinygemm_bench.py / int8_gemv_bench.py --knobs on an
     H200 at one row (BENCHMARKS.md, session 14): INT4 (16, 4) for Llama-3.1-8B's o and down (N 4096), (8, 2) for
-    qkv and gate_up; INT8 (8, 4) everywhere (within 4 % of each shape's best)."""
+    qkv and gate_up; INT8 (8, 4) everywhere (within 4 % of each shape's best). Each row of x adds a thread's
+    accumulators, and past 16 INT4 rows of W times rows of x ptxas spills them to local memory (sm_90 SASS; the
+    8B o / down at 4 rows took 376 / 1,106 us, session 22), so INT4 takes fewer rows of W as x's rows grow."""
     if bits == 8:
         return 8, 4
-    return (16, 4) if n <= NARROW else (8, 2)
+    block_n, num_warps = (16, 4) if n <= NARROW else (8, 2)
+    return max(4, min(block_n, 16 // triton.next_power_of_2(rows))), num_warps
 
 
 def block_columns(bits: int) -> int:
@@ -187,11 +190,11 @@ def int_gemv(x: torch.Tensor, words: torch.Tensor, coeffs: torch.Tensor, bias: t
     """x [..., K] @ dequantize(weight).T (+ bias) from `interleave_codes` words and `gemv_coefficients`
     (see `int_gemv_supported`). The knobs are for benchmarks/int4_tinygemm_bench.py."""
     n, k = words.shape[0], x.shape[-1]
-    default_n, default_warps = knobs_for(n, bits)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     rows = x2.shape[0]
+    default_n, default_warps = knobs_for(n, bits, rows)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     block_w = WORDS_PER_THREAD * 32 * num_warps  # every warp along K: the loads' layout is the math's
     per_word = 32 // bits

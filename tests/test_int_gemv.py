@@ -13,7 +13,8 @@ import torch
 
 import autodeploy.kernels  # noqa: F401
 from autodeploy.kernels.quant_format import pack_int, quantize_int, unpack_int
-from autodeploy.kernels.triton_int_gemv import gemv_coefficients, int_gemv, int_gemv_supported, interleave_codes
+from autodeploy.kernels.triton_int_gemv import (gemv_coefficients, int_gemv, int_gemv_supported, interleave_codes,
+                                                 knobs_for)
 
 ops = torch.ops.autodeploy
 
@@ -133,3 +134,10 @@ def test_gemv_on_gpu(n, k, bits, rows):
     for block_n, num_warps in ((8, 4), (4, 2)):
         got = _gemv(x, qweight, scales, zeros, None, group, bits, block_n, num_warps)
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 * want.float().abs().max().item())
+
+
+@pytest.mark.parametrize("n,bits,rows,knobs", [(4096, 4, 1, (16, 4)), (28672, 4, 1, (8, 2)), (4096, 4, 2, (8, 4)),
+                                              (4096, 4, 4, (4, 4)), (28672, 4, 3, (4, 2)), (4096, 8, 4, (8, 4))])
+def test_knobs_shrink_with_rows(n, bits, rows, knobs):
+    """INT4 programs take fewer rows of W as x's rows grow (past 16 of W times x's ptxas spills)."""
+    assert knobs_for(n, bits, rows) == knobs
