@@ -194,7 +194,7 @@ def _run_every_wrapper() -> None:
         q_big, s_big, _ = quantize_int(big, bits, group, True)
         triton_int_gemv.int_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q_big, bits),
                                  triton_int_gemv.gemv_coefficients(s_big, None, bits), None, group, bits)
-        if bits == 4:  # the tensor-core GEMV: one and several rows of x, 1-D and stacked tiles
+        if bits == 4:  # the tensor-core GEMV: one row and five, one group a step and two
             triton_int4_mma_gemv.int4_mma_gemv(big[:1].to(bf16), triton_int_gemv.interleave_codes(q_big, bits),
                                                triton_int_gemv.gemv_coefficients(s_big, None, bits), None, group)
             triton_int4_mma_gemv.int4_mma_gemv(x[:5].to(bf16), words, coeffs, w, group, 2, 1, 2)
@@ -313,9 +313,9 @@ def test_gemv_k_loops_have_no_barrier(unique_launches):
 
 
 def test_mma_gemv_hands_each_lane_its_fragment(unique_launches):
-    """`_int4_mma_gemv_kernel` relies on thread i holding row i of its [warps * 32, stack] tiles (one warp's MMA
+    """`_int4_mma_gemv_kernel` relies on thread i holding row i of its [warps * 32, unroll] tiles (one warp's MMA
     per asm instance); Triton picks the layouts, so the compiled one is checked: one element per thread along
-    axis 0, 32 lanes then the warps there, the stack in each thread's registers."""
+    axis 0, 32 lanes then the warps there, the units in each thread's registers."""
     mma = [launch for launch in unique_launches if launch["name"] == "_int4_mma_gemv_kernel"]
     assert len(mma) >= 2
     done = subprocess.run([sys.executable, "-c", COMPILE, "mma-layouts"], input=json.dumps(mma),
