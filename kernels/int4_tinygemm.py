@@ -4,8 +4,9 @@ tinygemm (`aten._weight_int4pack_mm`, bf16 activations, tensor-core tiles) runs 
 linear 3-4x faster than our Triton backend at a few rows (H200), but past a few tens of rows it falls far
 behind dequantize + cuBLAS. So the op takes the weight copies and picks per call (the row count is fixed
 per captured graph): our INT4 GEMV on its interleaved copy up to `gemv_rows` rows when given
-(kernels/triton_int_gemv.py, faster than tinygemm at one row), tinygemm up to `max_rows` rows, the
-Triton `int_linear` backend (which reads our layout) beyond.
+(kernels/triton_int_gemv.py, faster than tinygemm at one row), 5-8 rows on the tensor-core GEMV over the
+same copy (kernels/triton_int4_mma_gemv.py, faster than tinygemm there), tinygemm up to `max_rows` rows
+otherwise, the Triton `int_linear` backend (which reads our layout) beyond.
 
 tinygemm's layout, made once at load time by `tinygemm_weights`:
 - codes: uint8 [N, K / 2] with (code of even column << 4) | code of odd column, then

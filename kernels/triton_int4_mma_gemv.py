@@ -38,7 +38,7 @@ BF16_128 = tl.constexpr(0x43004300)  # bf16 128.0 in both halves; its last manti
 BF16_ONES = tl.constexpr(0x3F803F80)
 
 
-def knobs_for(n: int, k: int) -> tuple[int, int, int]:
+def knobs_for(k: int) -> tuple[int, int, int]:
     """(tiles, split, unroll): warps along N (a 16-row tile each), warps along K, units (groups) a K step. From
     benchmarks/int4_tinygemm_bench.py --mma-knobs on an H200 at 8 rows (BENCHMARKS.md, session 22): (1, 4, 4) the
     best for Llama-3.1-8B's qkv and gate_up (o's best, (1, 4, 8), 3 % ahead), (1, 8, 2) for down (K 14,336)."""
@@ -271,7 +271,7 @@ def int4_mma_gemv(x: torch.Tensor, words: torch.Tensor, coeffs: torch.Tensor, bi
     """x [..., K] (bf16, 1-8 rows) @ dequantize(weight).T (+ bias) from INT4 `interleave_codes` words and
     `gemv_coefficients` (see `mma_gemv_supported`). The knobs are for benchmarks/int4_tinygemm_bench.py."""
     n, k = words.shape[0], x.shape[-1]
-    tiles, split, unroll = [given or default for given, default in zip((tiles, split, unroll), knobs_for(n, k))]
+    tiles, split, unroll = [given or default for given, default in zip((tiles, split, unroll), knobs_for(k))]
     x2 = x.reshape(-1, k)
     pairs_ok = x2.stride(-1) == 1 and x2.stride(0) % 2 == 0 and x2.storage_offset() % 2 == 0  # viewable as int32
     x2 = x2 if pairs_ok else x2.contiguous()

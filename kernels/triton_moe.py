@@ -178,7 +178,6 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ro
     out = torch.empty(pairs, n, dtype=out_dtype or a.dtype, device=a.device)
     grid = (tile_expert.numel(), triton.cdiv(n, BLOCK_N))
     fp8 = a_scale is not None
-    scales = {}
     if fp8:
         w_scale = w_scale.float()
         scales = dict(a_scale_ptr=a_scale, stride_asm=a_scale.stride(0), stride_asg=a_scale.stride(1),
