@@ -5,7 +5,9 @@ Anchored on the rotation, which no other common subgraph produces:
   rotate_every_two (GPT-J, Cohere):   stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
 then forward to mul(rotated, sin) and add(mul(x, cos), .). cos/sin are whatever graph tensors are
 multiplied in (RoPE scaling variants only change how those are computed). Partial rotary works
-because x is then the rotary slice of the head.
+because x is then the rotary slice of the head. Where cos is wider than x (OLMo 2 keeps float32 cos / sin
+for bf16 q / k) the sum comes out in cos's dtype and one cast takes it back to x's: the match ends at that
+cast, as the canonical op computes in the promoted dtype and casts.
 
 Two forms compute the pairwise rotation without a rotation node; they have no x/cos/sin tensors of
 the canonical op's layout in the graph, so their matches say what to build them from:
@@ -30,6 +32,7 @@ from .helpers import bind_args, binary_operands, is_last_dim, same_tensor, val
 aten = torch.ops.aten
 _TO_END = 2**62  # slice ends at or past this (HF writes `x[..., h:]`, export stores INT64_MAX)
 _RESHAPES = (aten.flatten, aten.view, aten.reshape, aten._unsafe_view)
+_CASTS = (aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default)
 
 
 @dataclass
@@ -178,10 +181,25 @@ def _rotation_rope(node: Node) -> RopeMatch | None:
             cos_mul = operands[1] if operands[0] is sin_mul else operands[0]
             for x, cos in _factor_orders(cos_mul):
                 if same_tensor(x, source) and isinstance(cos, Node):
-                    out = val(add)
-                    if out.shape == val(x).shape and out.dtype == val(x).dtype:
-                        return RopeMatch(add, x, cos, sin, interleaved)
+                    output = _rotation_output(add, x, cos)
+                    if output is not None:
+                        return RopeMatch(output, x, cos, sin, interleaved)
     return None
+
+
+def _rotation_output(add: Node, x: Node, cos: Node) -> Node | None:
+    """The node holding rope(x, cos, sin): the sum itself when it is in x's dtype, else its only user when that
+    casts the sum from the promoted dtype of x and cos back to x's (what the canonical op computes), else None."""
+    out, x_val = val(add), val(x)
+    if out is None or out.shape != x_val.shape:
+        return None
+    if out.dtype == x_val.dtype:
+        return add
+    cast = next(iter(add.users)) if len(add.users) == 1 else None
+    if (cast is None or not is_op(cast, _CASTS) or val(cast) is None or val(cast).dtype != x_val.dtype
+            or out.dtype != torch.promote_types(x_val.dtype, val(cos).dtype)):
+        return None
+    return cast
 
 
 def _complex_pairs_source(pairs: Any) -> Node | None:

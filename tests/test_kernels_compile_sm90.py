@@ -172,8 +172,9 @@ def _run_every_wrapper() -> None:
     triton_gated_act.gated_act(x, residual, "silu")
     q = torch.randn(1, 4, 3, 64, generator=g).to(bf16)
     k, cos = torch.randn(1, 2, 3, 64, generator=g).to(bf16), torch.randn(1, 1, 3, 64, generator=g).to(bf16)
-    triton_rope.rope(q, cos, cos)
-    triton_rope.rope_pair(q, k, cos, cos, True)
+    for rotation in (cos, cos.float()):  # products rounded to bf16, or not (OLMo 2: float32 cos / sin)
+        triton_rope.rope(q, rotation, rotation)
+        triton_rope.rope_pair(q, k, rotation, rotation, True)
     weight = torch.randn(48, 256, generator=g)
     triton_linear.skinny_linear(x, weight.to(bf16))
     gate, up = torch.randn(1, 512, generator=g).to(bf16).chunk(2, dim=-1)  # strided halves of one gate_up output
@@ -239,8 +240,9 @@ def _run_every_wrapper() -> None:
                                                      num_splits=splits, k=k[:, :, :2], v=k[:, :, :2],
                                                      slot_mapping=slots[:2], merge_in_kernel=merge)
         cos = torch.randn(1, 1, 2, 64, generator=g).to(bf16)
-        for interleaved in (False, True):  # RoPE inside (fuse_rope_attention), products rounded to bf16
-            rope = triton_decode_attention.rope_rows(q[:, :, :2], cos, cos, interleaved)
+        for interleaved, rotation in ((False, cos), (True, cos), (False, cos.float())):  # RoPE inside
+            # (fuse_rope_attention), products rounded to bf16, then not (float32 cos / sin)
+            rope = triton_decode_attention.rope_rows(q[:, :, :2], rotation, rotation, interleaved)
             triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
                                                      k=k[:, :, :2], v=k[:, :, :2], slot_mapping=slots[:2], rope=rope)
         triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),

@@ -23,6 +23,7 @@ from transformers.models.falcon.modeling_falcon import FalconLinear
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm, eager_attention_forward
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb as llama_rope
+from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb as olmo2_rope
 from transformers.models.llama.modeling_llama import repeat_kv
 from transformers.models.phi3.modeling_phi3 import Phi3MLP
 from transformers.pytorch_utils import Conv1D
@@ -132,6 +133,25 @@ def test_rope_on_q_and_k(case: str) -> None:
     assert matched == {"rope": 2}
     ropes = [n for n in gm.graph.nodes if is_op(n, ops.rope)]
     assert all(n.args[3] is interleaved for n in ropes)
+
+
+def test_rope_in_float32_on_bf16_heads() -> None:
+    """OLMo 2: float32 cos / sin on bf16 q / k, the sum in float32 cast back to bf16 (what the canonical op
+    computes): the match ends at the cast, bit for bit."""
+    q, k = torch.randn(B, H, S, D).bfloat16(), torch.randn(B, H_KV, S, D).bfloat16()
+    gm, matched = rewrite(Fn(lambda self, q, k, c, s: olmo2_rope(q, k, c, s)), (q, k, *_cos_sin(D, False)),
+                          "match_rope")
+    assert matched == {"rope": 2} and _count(gm, torch.ops.aten.cat) == 0
+
+
+def test_rope_in_float32_without_the_cast_back_is_not_matched() -> None:
+    """The float32 sum left in float32 is not the canonical op (which returns x's dtype)."""
+    def float32_rope(self, x, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return x * cos + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin
+
+    inputs = (torch.randn(B, H, S, D).bfloat16(), *_cos_sin(D, False))
+    assert rewrite(Fn(float32_rope), inputs, "match_rope")[1] == {"rope": 0}
 
 
 def test_rope_gptj_layout() -> None:

@@ -112,6 +112,14 @@ def test_rope(n_heads, head_dim, fused_qkv, tokens, dtype, interleaved, poisoned
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_rope_bf16_heads_float32_rotation(tokens, interleaved, poisoned):
+    """OLMo 2's form (match_rope takes it): bf16 q with float32 cos / sin, products not rounded to bf16."""
+    q, cos, sin = rope_inputs(tokens, 9, 64, torch.float32, fused_qkv=True)
+    assert_matches(ops.rope_triton, ops.rope, q.bfloat16(), cos, sin, interleaved)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_heads,k_heads,head_dim,tokens", [(9, 3, 64, 7), (32, 8, 128, 1), (5, 5, 32, 3)])
 def test_rope_pair(q_heads, k_heads, head_dim, tokens, dtype, interleaved, poisoned):
