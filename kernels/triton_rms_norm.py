@@ -53,7 +53,7 @@ def rounds_normed(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, sum_out_ptr, scale_ptr,
-    stride_x, stride_r, stride_o, stride_s, stride_scale_m, stride_scale_g, n_cols, eps,
+    stride_x, stride_r, stride_o, stride_s, stride_scale_m, stride_scale_g, n_cols, eps, heads, stride_xh,
     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK: tl.constexpr,
     QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1, NUM_GROUPS: tl.constexpr = 1,
     INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False, static_ptr=None, STATIC: tl.constexpr = False,
@@ -64,7 +64,8 @@ def _rms_norm_kernel(
     # group, else one tile row): per-group amaxes need no reshape, which costs a trip through shared memory
     cols = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
+    # x's row: (row // heads, row % heads) of x viewed as [rows / heads, heads, n_cols] (heads 1: plain rows)
+    x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_xh + cols, mask=valid, other=0.0)
     if HAS_RESIDUAL:
         x = rounded_sum(x, tl.load(residual_ptr + row * stride_r + cols, mask=valid, other=0.0))
         tl.store(sum_out_ptr + row * stride_s + cols, x, mask=valid)
@@ -81,18 +82,37 @@ def _rms_norm_kernel(
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+def _view(x: torch.Tensor, *shape: int) -> torch.Tensor | None:
+    try:
+        return x.view(*shape)
+    except RuntimeError:
+        return None
+
+
+def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(x's rows as a [rows / heads, n] view strided by its outer rows, heads, the stride between heads): the
+    per-head q / k norms of Qwen3, Gemma 3 or OLMo 2 read [..., heads, head_dim] slices of a fused qkv output,
+    whose rows no single stride reaches; they are read in place instead of through a copy kernel (as_rows
+    would copy). Rows one stride reaches stay plain rows (heads 1)."""
+    if x.dim() >= 3 and x.stride(-1) == 1 and _view(x, -1, x.shape[-1]) is None:
+        by_head = _view(x, -1, *x.shape[-2:])
+        if by_head is not None:
+            return by_head[:, 0, :], x.shape[-2], by_head.stride(1)
+    return as_rows(x), 1, 0
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
             scale: torch.Tensor | None = None, group_size: int = -1, input_scale: torch.Tensor | None = None):
     """(normed, x + residual); without a residual the second result is the first (nothing to add).
     With `scale` (float32 [..., G]) normed comes out as e4m3, quantized per row (G = 1) or per group of
     group_size columns (a power of two), or with the static `input_scale`, its scales in `scale`."""
-    x2 = as_rows(x)
+    x2, heads, stride_xh = _head_rows(x) if residual is None else (as_rows(x), 1, 0)
     out = torch.empty(x.shape, dtype=x.dtype if scale is None else FP8_DTYPE, device=x.device)
     out2 = out.view(-1, x.shape[-1])
     residual2 = as_rows(residual) if residual is not None else x2
     added = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     added2 = added.view(-1, x.shape[-1])
-    n_rows, n_cols = x2.shape
+    n_rows, n_cols = out2.shape
     if n_rows == 0:
         return out, added
     block = triton.next_power_of_2(n_cols)
@@ -100,8 +120,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     scale2 = scale.view(n_rows, groups) if scale is not None else weight.view(1, -1)
     _rms_norm_kernel[(n_rows,)](
         x2, residual2, weight.contiguous(), out2, added2, scale2,
-        x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), *scale2.stride(), n_cols, eps,
-        HAS_RESIDUAL=residual is not None,
+        x2.stride(0), residual2.stride(0), out2.stride(0), added2.stride(0), *scale2.stride(), n_cols, eps, heads,
+        stride_xh, HAS_RESIDUAL=residual is not None,
         ROUND_NORMED=rounds_normed(x, weight),
         BLOCK=block, QUANT_FP8=scale is not None, GROUP=block if groups == 1 else group_size, NUM_GROUPS=groups,
         INTERPRET=not x.is_cuda, static_ptr=input_scale, STATIC=input_scale is not None,

@@ -161,6 +161,8 @@ def _run_every_wrapper() -> None:
     x, residual = (torch.randn(3, 256, generator=g).to(bf16) for _ in range(2))
     w = torch.ones(256, dtype=bf16)
     triton_rms_norm.rms_norm(x, w, 1e-6)
+    qkv = torch.randn(1, 3, 4 * 128, generator=g).to(bf16)  # per-head norms read in place from a fused qkv
+    triton_rms_norm.rms_norm(qkv[..., :256].view(1, 3, 2, 128), torch.ones(128, dtype=bf16), 1e-6)
     triton_rms_norm.fused_add_rms_norm(x, residual, w, 1e-6)
     for group in (-1, 128):
         triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, group)

@@ -55,6 +55,26 @@ def test_rms_norm(hidden, tokens, dtype, poisoned):
     assert_matches(ops.rms_norm_triton, ops.rms_norm, x, w, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_rms_norm_of_heads_in_a_fused_projection(tokens, dtype, poisoned, monkeypatch):
+    """Qwen3's per-head q / k norms: [1, T, heads, 128] slices of the fused qkv output (rows 128 apart within a
+    token, 1,280 between tokens) are read in place; nothing copies them first."""
+    qkv, w = randn(1, tokens, 1280, dtype=dtype), randn(128, dtype=dtype)
+    q, k = qkv[..., :1024].view(1, tokens, 8, 128), qkv[..., 1024:1152].view(1, tokens, 1, 128)
+    from autodeploy.kernels import triton_rms_norm
+
+    def rows_in_place(t):
+        rows = as_rows(t)
+        assert rows.untyped_storage().data_ptr() == t.untyped_storage().data_ptr(), "rows copied"
+        return rows
+
+    as_rows = triton_rms_norm.as_rows
+    monkeypatch.setattr(triton_rms_norm, "as_rows", rows_in_place)
+    for x in (q, k):
+        assert_matches(ops.rms_norm_triton, ops.rms_norm, x, w, 1e-6)
+
+
 def test_rms_norm_float32_weight_on_bf16(poisoned):
     """Gemma's form: a float32 weight expression scales the unrounded normalized row."""
     x, w = randn(5, 576, dtype=torch.bfloat16), 1 + randn(576)
