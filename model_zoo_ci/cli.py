@@ -42,7 +42,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r.entry.passed for r in runnable) else 1
 
 
+def _overrides_after_only(args: argparse.Namespace) -> None:
+    """`--only NAME ... key=value`: argparse gives `--only` every word after it; no entry name holds "=", so
+    those words are the recipe overrides the user meant."""
+    if args.only:
+        args.overrides = [*args.overrides, *(w for w in args.only if "=" in w)]
+        args.only = [w for w in args.only if "=" not in w]
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
+    _overrides_after_only(args)
+    if args.only == []:
+        print("autodeploy zoo: error: --only needs at least one entry name (key=value words are overrides)")
+        return 2
     if args.all_architectures:
         return cmd_sweep(args)
     from .report import summary_line, to_markdown, write_reports

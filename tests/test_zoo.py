@@ -24,6 +24,21 @@ def test_zoo_definition():
         select(entries, only=["no-such-model"])
 
 
+def test_overrides_written_after_only_are_overrides(monkeypatch, capsys):
+    """`autodeploy zoo --only olmo-2 model.dtype=bfloat16`: argparse hands `--only` both words; the entry runs with
+    the override, and `--only` given only overrides is a one-line error."""
+    from autodeploy.cli import main
+    from autodeploy.model_zoo_ci import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_zoo", lambda entries, overrides, **_: seen.update(
+        names=[e.name for e in entries], overrides=overrides) or [])
+    assert main(["zoo", "--only", "olmo-2", "model.dtype=bfloat16"]) == 0
+    assert seen == {"names": ["olmo-2"], "overrides": ["model.dtype=bfloat16"]}
+    assert main(["zoo", "--only", "model.dtype=bfloat16"]) == 2
+    assert "--only needs at least one entry name" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def ci_results():
     return run_zoo(select(load_zoo(), "ci"))
