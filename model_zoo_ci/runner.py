@@ -25,6 +25,7 @@ from .zoo import ZooEntry
 # Report columns, in pipeline order. Transform stages fold into them: everything before weight
 # loading is "patterns", weight loading is "load", the fusion stage "fusion", everything after it "cache".
 STAGES = ("build", "export", "patterns", "load", "fusion", "cache", "generate")
+HALF_PRECISION_TOLERANCE = 3e-2  # max |logit diff| / max |HF logit| for bf16 / fp16 runs against HF float32
 _TRANSFORM_COLUMN = {
     "pattern": "patterns", "sharding": "patterns", "quantization": "patterns",
     "weight_loading": "load", "fusion": "fusion", "cache": "cache", "compile": "cache",
@@ -155,12 +156,19 @@ def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult
     from autodeploy.agreement import compare
 
     agreement = compare(opt, hf_model, list(entry.prompt), entry.max_new_tokens)
-    return judge(agreement, opt.logits, hf_model, entry, result)
+    return judge(agreement, opt.logits, hf_model, entry, result, opt.ctx.dtype)
 
 
-def judge(agreement, logits, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult:
+def logit_tolerance(entry: ZooEntry, dtype: torch.dtype) -> float:
+    """The entry's bound, set for float32 runs, widened to HALF_PRECISION_TOLERANCE when the model runs in a
+    16-bit float against HF's float32 (the GPU's dtype: `autodeploy zoo model.dtype=bfloat16`)."""
+    return entry.tolerance if dtype.itemsize >= 4 else max(entry.tolerance, HALF_PRECISION_TOLERANCE)
+
+
+def judge(agreement, logits, hf_model, entry: ZooEntry, result: EntryResult, dtype: torch.dtype) -> StageResult:
     """Record `agreement` on `result`; mismatch when tokens part (outside the entry's top-k rule) or
-    the logits differ by more than its tolerance. `logits(ids)` is our model's, for the top-k rule."""
+    the logits differ by more than the tolerance for `dtype`. `logits(ids)` is our model's, for the top-k rule."""
+    result.tolerance = logit_tolerance(entry, dtype)
     result.hf_tokens, result.ours_tokens = agreement.hf_tokens, agreement.ours_tokens
     result.tokens_equal = agreement.tokens_equal
     result.max_abs_logit_diff = agreement.max_abs_logit_diff
@@ -169,8 +177,8 @@ def judge(agreement, logits, hf_model, entry: ZooEntry, result: EntryResult) -> 
     if not agreement.tokens_equal and not (entry.top_k and _within_top_k(logits, hf_model, entry, agreement)):
         rule = f" (outside each other's top-{entry.top_k} where they part)" if entry.top_k else ""
         problems.append(f"greedy tokens differ{rule}: HF {agreement.hf_tokens} vs ours {agreement.ours_tokens}")
-    if not agreement.max_rel_logit_diff <= entry.tolerance:
-        problems.append(f"logit diff {agreement.max_rel_logit_diff:.1e} of max logit > {entry.tolerance:.0e}")
+    if not agreement.max_rel_logit_diff <= result.tolerance:
+        problems.append(f"logit diff {agreement.max_rel_logit_diff:.1e} of max logit > {result.tolerance:.0e}")
     return StageResult(MISMATCH if problems else OK, "; ".join(problems))
 
 

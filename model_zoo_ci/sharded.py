@@ -63,7 +63,7 @@ def run_sharded(entry: ZooEntry, folder: str | Path, overrides: list[str], world
             ref = hf_model(full, use_cache=False).logits.float()
             diff = (logits(full).float() - ref).abs().max().item()
             agreement = Agreement(hf_tokens, ours, diff, diff / max(ref.abs().max().item(), 1e-12))
-            result.stages["generate"] = judge(agreement, logits, hf_model, entry, result)
+            result.stages["generate"] = judge(agreement, logits, hf_model, entry, result, llm.model.ctx.dtype)
     except Exception as e:
         result.stages["generate"] = StageResult(FAILED, first_line(e))
     finally:
