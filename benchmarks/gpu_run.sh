@@ -25,7 +25,10 @@
 #         22 = read-only vs copy bandwidth (is a GEMM past 100 % of the copy possible?), then INT8 GEMV vs tensor-core
 #              dot at 1-8 rows (settles use_int_gemv.rows; GPU only),
 #         23 = FP8 and INT4 batch 1 with the LM head quantized too (`quantization.exclude` without lm_head),
-#         24 = the kernels of batch 64's prompts alone (`--profile-prefill 3`), bf16 then FP8.
+#         24 = the kernels of batch 64's prompts alone (`--profile-prefill 3`), bf16 then FP8,
+#         25 = what sessions 22-23 landed without a GPU: the GPU tests of the kernels they changed (per-head norms
+#              read in place, RoPE with float32 cos on bf16 x, INT4 GEMV knobs at 2-4 rows, the GEMV copy), the zoo
+#              entries they touch in bf16 on the GPU, INT4 linears at 1-64 rows, Qwen3-30B-A3B batch 1 and 64.
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -35,11 +38,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=benchmarks/llama-3.1-8b
 # Shapes of stages 12-18 (issue 14: prompt 128, 128 new tokens, batches 1 and 64, a 4096-token prompt, 512 requests).
 IN=128 NEW=128 BATCHES=1,64 B64=64 LONG=4096 NREQ=512 REQ_IN=64,1024 REQ_OUT=64,512 REPEATS=2 PPL_WINDOW=2048 PPL_DTYPE=bfloat16 SMOL_LIMIT=90
-SERVE_CLIENTS=64 SERVE_S=40 SERVE_REQ=256 SERVE_DEVICE=cuda
+SERVE_CLIENTS=64 SERVE_S=40 SERVE_REQ=256 SERVE_DEVICE=cuda MOE_CFG=benchmarks/qwen3-30b-a3b
 TEXT=tests/data/shakespeare_coriolanus.txt SMOL=${SMOL:-}  # SMOL empty: the embedded default model (SmolLM2)
 if [ "${TINY:-0}" = 1 ]; then
   CFG=benchmarks/tiny-llama IN=16 NEW=8 BATCHES=1,4 B64=4 LONG=256 NREQ=6 REQ_IN=8,64 REQ_OUT=4,16 REPEATS=1 PPL_WINDOW=128 PPL_DTYPE=float32 SMOL_LIMIT=600
-  SERVE_CLIENTS=2 SERVE_S=6 SERVE_REQ=4 SERVE_DEVICE=cpu
+  SERVE_CLIENTS=2 SERVE_S=6 SERVE_REQ=4 SERVE_DEVICE=cpu MOE_CFG=benchmarks/tiny-llama
   TEXT=$OUT/short_text.txt; head -c 1500 tests/data/shakespeare_coriolanus.txt > "$TEXT"
 fi
 Q_FP8="quantization.algo=fp8" Q_INT8="quantization.algo=int8 quantization.group_size=-1"
@@ -119,4 +122,13 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
 24) for q in "" "$Q_FP8"; do name=prefill_profile${q:+_fp8}  # where batch 64's prompts go, kernel by kernel
       bench $name 100 --batch $B64 --input-len $IN --output-len 1 --repeats 1 --profile-prefill 3 $q
     done ;;
+25) [ "${TINY:-0}" = 1 ] || timeout "$(limit 150)" python3 -m pytest -q -m gpu tests/test_triton_kernels_gpu.py \
+      tests/test_int4_tinygemm.py tests/test_int4_mma_gemv.py tests/test_int_gemv.py 2>&1 | tail -15 \
+      | tee "$OUT/landed_unrun_tests.log"
+    timeout "$(limit 120)" autodeploy zoo --only olmo-2 qwen3 gemma-3-text qwen3-moe model.device=$SERVE_DEVICE \
+      model.dtype=bfloat16 2>&1 | tail -12 | tee "$OUT/landed_unrun_zoo.log"
+    [ "${TINY:-0}" = 1 ] || (cd benchmarks && timeout "$(limit 150)" python3 int4_tinygemm_bench.py) 2>&1 \
+      | tee "$OUT/int4_rows.log"
+    timeout "$(limit 150)" autodeploy bench $MOE_CFG --config-only --batch $BATCHES --input-len $IN \
+      --output-len $NEW --repeats $REPEATS --json "$OUT/qwen3_moe.json" 2>&1 | grep -v USDT | tee "$OUT/qwen3_moe.log" ;;
 esac; done

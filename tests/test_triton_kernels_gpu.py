@@ -36,6 +36,8 @@ def _cases(tokens: int) -> dict[str, tuple[Callable, Callable, tuple]]:
     k = qkv[..., HIDDEN:HIDDEN + HIDDEN // 4].view(1, tokens, N_HEADS // 4, HEAD_DIM).transpose(1, 2)
     angles = torch.rand(1, 1, tokens, HEAD_DIM // 2, device=dev) * 6.28
     cos, sin = (torch.cat([f(angles)] * 2, -1).to(bf16) for f in (torch.cos, torch.sin))
+    heads = qkv[..., :HIDDEN].view(1, tokens, N_HEADS, HEAD_DIM)  # Qwen3's per-head norm input, read in place
+    head_w = w[:HEAD_DIM]
 
     def add_then_norm(a, b, weight, eps):
         added = a + b
@@ -50,6 +52,8 @@ def _cases(tokens: int) -> dict[str, tuple[Callable, Callable, tuple]]:
         "rope": (ops.rope_triton, ops.rope, (q, cos, sin, False)),
         "rope_interleaved": (ops.rope_triton, ops.rope, (q, cos, sin, True)),
         "rope_pair": (ops.rope_pair_triton, ops.rope_pair, (q, k, cos, sin, False)),
+        "rms_norm_per_head": (ops.rms_norm_triton, ops.rms_norm, (heads, head_w, 1e-6)),
+        "rope_float32_rotation": (ops.rope_triton, ops.rope, (q, cos.float(), sin.float(), False)),  # OLMo 2
     }
 
 
