@@ -150,6 +150,17 @@ def _record_transforms(opt, entry: ZooEntry, result: EntryResult) -> None:
     for column, stage in (("fusion", "fusion"), ("cache", "cache")):
         if column not in columns_run:
             result.stages[column] = StageResult(NOT_APPLICABLE, f"the recipe has no {stage} stage")
+    if result.stages["cache"].status == OK and not _has_cache(result.matched):
+        result.stages["cache"] = StageResult(MISMATCH, "no KV or state cache (attention matched "
+                                             f"{result.matched.get('match_attention', {}).get('attention', 0)}): "
+                                             "every step recomputes the whole sequence", result.stages["cache"].seconds)
+
+
+def _has_cache(matched: dict[str, dict[str, int]]) -> bool:
+    """Whether the cache stage gave the model a paged KV cache or state slots (a model with neither still
+    generates, by recomputing its whole sequence each step: right tokens, none of the speed)."""
+    return (matched.get("insert_kv_cache", {}).get("cached_attention", 0) > 0
+            or matched.get("insert_state_cache", {}).get("state_cache", 0) > 0)
 
 
 def _compare(opt, hf_model, entry: ZooEntry, result: EntryResult) -> StageResult:
