@@ -2,7 +2,8 @@
 
 The canonical form every attention pattern is rewritten to. Inputs are in HF's layout after the
 head transpose, with K/V *not* repeated for GQA: later transforms (paged KV cache, sharding) must
-see the real number of KV heads.
+see the real number of KV heads. Attention sinks (GPT-OSS, Granite-MoE SWA): one learned logit per head
+that joins every row's softmax denominator and attends to nothing (`sinks` [n_heads]).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, float scale, int? sliding_window=None, float? logit_cap=None, "
-    "Tensor? alibi_slopes=None) -> Tensor"
+    "Tensor? alibi_slopes=None, Tensor? sinks=None) -> Tensor"
 )
 
 
@@ -42,6 +43,15 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -
     return slopes.float()[:, None, None] * distance
 
 
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores [..., n_heads, s_q, s_k]; with sinks [n_heads] each row's denominator
+    also holds exp(sink of its head) (GPT-OSS concatenates the sink as a last key column and drops it after)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float()[:, None, None].expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
 @torch.library.custom_op("autodeploy::attention", mutates_args=(), schema=SCHEMA)
 def attention(
     q: torch.Tensor,
@@ -51,6 +61,7 @@ def attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: q [b, h, s, d], k [b, h_kv, s, d], v [b, h_kv, s, d_v] -> [b, h, s, d_v].
 
@@ -71,11 +82,11 @@ def attention(
         scores = scores + alibi_bias(alibi_slopes, positions[s_k - s_q:], positions)
     mask = causal_mask(q.shape[2], k.shape[2], sliding_window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
+    return torch.matmul(softmax_with_sinks(scores, sinks), vf).to(q.dtype)
 
 
 @attention.register_fake
-def _(q, k, v, scale, sliding_window=None, logit_cap=None, alibi_slopes=None):
+def _(q, k, v, scale, sliding_window=None, logit_cap=None, alibi_slopes=None, sinks=None):
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "n_heads must be a multiple of n_kv_heads")
     torch._check(sliding_window is None or sliding_window >= 1, lambda: "sliding_window must be >= 1")
     return q.new_empty(*q.shape[:-1], v.shape[-1])

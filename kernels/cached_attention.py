@@ -15,7 +15,8 @@ Layout (HF layout after the transpose, batch dim 1 because the batch is packed):
   slot_mapping int64 [T]       flat cache slot (block * block_size + offset) of each new token
 Query token i of sequence b (local index j) sits at context position seq_lens[b] - q_len_b + j and
 sees keys at positions <= that one (and, with a sliding window W, > that one - W, as in HF); with
-ALiBi slopes [n_heads], score += slope_h * (key position - query position).
+ALiBi slopes [n_heads], score += slope_h * (key position - query position); with sinks [n_heads] each
+row's softmax denominator also holds exp(sink of its head) (`attention`'s `softmax_with_sinks`).
 Output: [1, n_heads, T, d], like the canonical `attention` op it replaces.
 
 FP8 KV cache: a float8_e4m3fn cache stores k / k_scale and v / v_scale, saturated to +-448, and is
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .quant_format import FP8_DTYPE, FP8_MAX
-from .attention import alibi_bias
+from .attention import alibi_bias, softmax_with_sinks
 from .rope import rope
 
 _MUTATES = ("k_cache", "v_cache")
@@ -94,6 +95,7 @@ def cached_attention(
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
     alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Reference: rotate q and k (with rope_cos), write the cache, then per sequence gather its context and
     attend in float32."""
@@ -118,7 +120,7 @@ def cached_attention(
         if alibi_slopes is not None:
             scores = scores + alibi_bias(alibi_slopes, q_pos, torch.arange(ctx, device=q.device))
         scores = scores.masked_fill(~allowed_keys(q_pos, ctx, sliding_window), float("-inf"))
-        out[0, :, start:end] = (scores.softmax(-1) @ values).to(q.dtype)
+        out[0, :, start:end] = (softmax_with_sinks(scores, sinks) @ values).to(q.dtype)
     return out
 
 
@@ -129,12 +131,13 @@ def cached_attention_triton(
     scale: float, sliding_window: int | None = None, logit_cap: float | None = None,
     alibi_slopes: Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_interleaved: bool = False,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Triton backend (same contract). The kernel module is imported on first use, because
     `triton.jit` decides at decoration time whether to interpret (TRITON_INTERPRET=1 on CPU)."""
     return triton_attention(q, k, v, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, slot_mapping, scale,
                             sliding_window, logit_cap, alibi_slopes, k_scale, v_scale, rope_cos, rope_sin,
-                            rope_interleaved)
+                            rope_interleaved, sinks)
 
 
 def triton_attention(
@@ -142,7 +145,7 @@ def triton_attention(
     cu_seqlens: Tensor, seq_lens: Tensor, block_tables: Tensor, slot_mapping: Tensor,
     scale: float, sliding_window: int | None, logit_cap: float | None, alibi_slopes: Tensor | None,
     k_scale: float, v_scale: float, rope_cos: Tensor | None, rope_sin: Tensor | None, rope_interleaved: bool,
-    quant_group: int | None = None,
+    sinks: Tensor | None = None, quant_group: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`cached_attention_triton`'s work; with `quant_group` the output [1, T, n_heads * d] quantized per token and
     group (quantize_fp8_per_token's (e4m3, scales)): in the decode kernel's epilogue, else by the quantize kernel."""
@@ -159,12 +162,13 @@ def triton_attention(
         # kernel also rotates q and k and writes the new k/v into the cache.
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, logit_cap,
                                 alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
-                                k=k, v=v, slot_mapping=slot_mapping, rope=rotation, quant_group=quant_group)
+                                k=k, v=v, slot_mapping=slot_mapping, rope=rotation, quant_group=quant_group,
+                                sinks=sinks)
     if rope_cos is not None:
         q, k = rope_pair(q, k, rope_cos, rope_sin, rope_interleaved)
     triton_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     out = paged_attention(q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, scale, sliding_window, logit_cap,
-                          alibi_slopes, k_scale, v_scale)
+                          alibi_slopes, k_scale, v_scale, sinks=sinks)
     if quant_group is None:
         return out
     from .triton_fp8_act_quant import quantize_fp8_per_token
@@ -176,7 +180,7 @@ def _fake(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_
           block_tables: Tensor, slot_mapping: Tensor, scale: float, sliding_window: int | None = None,
           logit_cap: float | None = None, alibi_slopes: Tensor | None = None, k_scale: float = 1.0,
           v_scale: float = 1.0, rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
-          rope_interleaved: bool = False) -> Tensor:
+          rope_interleaved: bool = False, sinks: Tensor | None = None) -> Tensor:
     return _output_like(q, v)
 
 

@@ -93,11 +93,12 @@ def _paged_attention_kernel(
     q_ptr, out_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qh, stride_qt, stride_qd, stride_oh, stride_ot, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
-    num_seqs, page_size, scale, sliding_window, logit_cap, alibi_ptr, v_scale,
+    num_seqs, page_size, scale, sliding_window, logit_cap, alibi_ptr, v_scale, sinks_ptr,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, HAS_SINKS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     TOKENS: tl.constexpr = BLOCK_M // PACK  # a tile's rows: PACK query heads x TOKENS tokens
     wait_for_inputs(USE_PDL)
@@ -137,6 +138,9 @@ def _paged_attention_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_SINKS:  # the sink: a logit with no value, in every row's denominator from the start
+            m_i = tl.load(sinks_ptr + head).to(tl.float32)
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         kv = (k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, key_end, kv_head, page_size, offs_d, d_valid,
               offs_dv, dv_valid, stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd)
@@ -167,10 +171,10 @@ def paged_attention(
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
     sliding_window: int | None = None, logit_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     k_scale: float = 1.0, v_scale: float = 1.0, knobs: tuple[int, int, int, int] | None = None,
-    pack: int | None = None,
+    pack: int | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, T, d] over the paged cache (already holding this step's k/v; an fp8
-    cache's scales as in kernels/cached_attention.py). `knobs` (BLOCK_M, BLOCK_N, warps, stages) and `pack`
+    cache's scales and sinks [n_heads] as in kernels/cached_attention.py). `knobs` (BLOCK_M, BLOCK_N, warps, stages) and `pack`
     (query heads per tile) are for benchmarks."""
     _, n_heads, num_tokens, head_dim = q.shape
     n_kv = k_cache.shape[2]
@@ -190,11 +194,12 @@ def paged_attention(
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         num_seqs, k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
         alibi_slopes.contiguous() if alibi_slopes is not None else q, v_scale,  # slopes [n_heads]
+        sinks.contiguous() if sinks is not None else q,
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
         BLOCK_B=triton.next_power_of_2(num_seqs), BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, num_warps=warps, num_stages=stages,
-        **pdl_launch(q.device),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, HAS_SINKS=sinks is not None,
+        num_warps=warps, num_stages=stages, **pdl_launch(q.device),
     )
     return out

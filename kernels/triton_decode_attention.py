@@ -222,12 +222,13 @@ def _decode_attention_kernel(
     stride_nkh, stride_nkt, stride_nkd, stride_nvh, stride_nvt, stride_nvd,  # this step's k/v
     stride_cb, stride_cs, stride_ch, stride_cd, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
     stride_cos_t, stride_cos_d, stride_sin_t, stride_sin_d,
-    page_size, scale, sliding_window, logit_cap, alibi_ptr, k_scale, v_scale,
+    page_size, scale, sliding_window, logit_cap, alibi_ptr, k_scale, v_scale, sinks_ptr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr, WRITE_KV: tl.constexpr, MERGE: tl.constexpr, INTERPRET: tl.constexpr,
-    ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr, QUANT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    ROPE: tl.constexpr, ROUND_ROPE: tl.constexpr, QUANT: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)
     b = tl.program_id(0)  # sequence == its one query token (T == B)
@@ -274,6 +275,10 @@ def _decode_attention_kernel(
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_SINKS:  # the sink (a logit with no value) joins the first split's denominator; the merge carries it
+        sink = tl.load(sinks_ptr + heads, mask=g_valid, other=0.0).to(tl.float32)
+        m_i = tl.where(split == 0, sink, m_i)
+        l_i = tl.where(split == 0, 1.0, l_i)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for n_start in range(start, end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -388,12 +393,13 @@ def decode_attention(
     num_warps: int = 4, alibi_slopes: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     k: torch.Tensor | None = None, v: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
     merge_in_kernel: bool | None = None, rope: RopeRows | None = None, num_stages: int | None = None,
-    quant_group: int | None = None,
+    quant_group: int | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [1, n_heads, B, d] (one token per sequence, at position seq_lens[b] - 1)
     over the paged cache. With k, v ([1, n_kv, B, d], any strides) and slot_mapping the kernel also
     stores this step's keys/values into their slots (as `write_kv_cache` would); without them the
-    cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first.
+    cache already holds them. With `rope` (`rope_rows`) q and this step's k are rotated first; with `sinks`
+    [n_heads] each head's softmax denominator also holds exp(its sink) (kernels/cached_attention.py).
     `merge_in_kernel` (None: IN_KERNEL_MERGE) picks how splits merge; `num_splits`, `block_n`, `num_warps` and
     `num_stages` override the defaults (benchmarks/decode_attention_bench.py sweeps them); the scales are an fp8 cache's
     (kernels/cached_attention.py). With `quant_group` (the value head dim: one scale per head and token) the output
@@ -442,13 +448,13 @@ def decode_attention(
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *rope_strides,
         k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
         alibi_slopes.contiguous() if alibi_slopes is not None else q, k_scale, v_scale,  # slopes [n_heads]
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        sinks.contiguous() if sinks is not None else q, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
         MERGE=counters is not None, INTERPRET=not q.is_cuda,
         ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
-        QUANT=quant, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        QUANT=quant, HAS_SINKS=sinks is not None, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
     )
     if splits > 1 and counters is None:

@@ -5,7 +5,12 @@ eager: matmul(q, repeat_kv(k).transpose(2, 3)) * scale [-> cap * tanh(. / cap)] 
        [masked_fill] -> softmax(-1, fp32) -> .to(q.dtype) -> dropout(p=0) -> matmul(., repeat_kv(v))
        (or the same with q/k/v flattened to [b * h, s, d]: baddbmm(bias, q, k^T, alpha=scale) and bmm, as Bloom)
 
-Both give the un-repeated k/v (GQA stays visible), the scale, the eager soft cap, and the terms added
+Attention sinks (one learned logit per head in every row's softmax denominator) come in two eager forms:
+  GPT-OSS:     cat([scores, sinks.reshape(1, -1, 1, 1).expand(..., 1)], -1) [- its row max] -> softmax
+               -> [..., :-1] -> @ v
+  Granite SWA: (softmax(scores) @ v) * sigmoid(logsumexp(scores, -1) - sinks.view(1, -1, 1)).unsqueeze(-1)
+               (exp(lse) / (exp(lse) + exp(sink)): the same denominator)
+Both give the un-repeated k/v (GQA stays visible), the scale, the eager soft cap, the sinks, and the terms added
 to the scores (masks and position biases; `patterns/position_bias.py` reads what they encode). A
 masked_fill's boolean mask is not interpreted: whether the attention is causal and which sliding
 window it has is module-level knowledge the transform reads from the HF module.
@@ -13,6 +18,7 @@ window it has is module-level knowledge the transform reads from the HF module.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,8 @@ from torch.fx import Node
 
 from autodeploy.graph_utils import is_op
 
-from .helpers import advance, bind_args, is_last_dim, sole_user, split_scalar, strip, val
+from .helpers import (advance, binary_operands, bind_args, is_last_dim, is_value_preserving, sole_user, split_scalar,
+                      strip, val)
 
 aten = torch.ops.aten
 
@@ -35,6 +42,7 @@ class AttentionMatch:
     logit_cap: float | None  # from the graph: eager only (HF's sdpa path refuses soft caps)
     form: str  # "sdpa" or "eager"
     additive_terms: tuple[Node, ...] = ()  # added to the scores besides q k^T: masks, position biases
+    sinks: Node | None = None  # [n_heads]: one logit per head in every row's softmax denominator
 
 
 def strip_repeat_kv(node: Node) -> Node:
@@ -186,6 +194,85 @@ def _attend_values(probs: Node) -> tuple[Node, Node] | None:
     return output, v
 
 
+_SHAPE_OPS = (aten.expand, aten.reshape, aten.view, aten._unsafe_view, aten.unsqueeze)
+
+
+def _per_head_vector(node: Node, n_heads: int) -> Node | None:
+    """The [n_heads] tensor that `node` ([..., n_heads, s_q, 1] or [b, n_heads, s_q]) broadcasts, one value per
+    head (every other dim 1 before the broadcast), else None."""
+    while isinstance(node, Node):
+        shape = tuple(val(node).shape) if val(node) is not None else None
+        if shape is None:
+            return None
+        if shape == (n_heads,):
+            return node
+        if not (is_value_preserving(node) or is_op(node, _SHAPE_OPS)):
+            return None
+        if not is_op(node, aten.expand) and sum(d != 1 for d in shape) > 1:
+            return None  # only broadcasts may widen a per-head vector
+        node = node.args[0]
+    return None
+
+
+def _without_row_max(logits: Node) -> Node:
+    """x - max(x, -1, keepdim) -> x (the softmax does not see a per-row shift; GPT-OSS writes it)."""
+    if not is_op(logits, aten.sub) or not isinstance(logits.args[1], Node) or val(logits.args[1]).shape[-1] != 1:
+        return logits
+    row_max = strip(logits.args[1])
+    if row_max.target is operator.getitem and row_max.args[1] == 0:
+        row_max = row_max.args[0]
+    if not is_op(row_max, (aten.max, aten.amax)) or strip(row_max.args[0]) is not strip(logits.args[0]):
+        return logits
+    dims = row_max.args[1] if len(row_max.args) > 1 else None
+    dims = [dims] if isinstance(dims, int) else dims
+    return strip(logits.args[0]) if dims is not None and len(dims) == 1 and is_last_dim(dims[0], logits) else logits
+
+
+def _sink_column_dropped(probs: Node) -> Node | None:
+    """probs[..., :-1] (GPT-OSS drops the sink's column after the softmax): that slice, else None."""
+    user = sole_user(probs)
+    if user is None or not is_op(user, aten.slice) or user.args[0] is not probs:
+        return None
+    args = bind_args(user)
+    width = val(probs).shape[-1]
+    end = args["end"]
+    if not is_last_dim(args["dim"], probs) or args["start"] not in (0, None) or args["step"] != 1:
+        return None
+    return user if end == -1 or (isinstance(end, int) and end == width - 1) else None
+
+
+def _sink_concat(logits: Node, n_heads: int) -> tuple[Node, Node] | None:
+    """cat([scores, sinks broadcast to [..., n_heads, s_q, 1]], -1) -> (scores, sinks [n_heads]), else None."""
+    if not is_op(logits, aten.cat) or len(logits.args[0]) != 2:
+        return None
+    dim = logits.args[1] if len(logits.args) > 1 else 0
+    scores, column = logits.args[0]
+    if not is_last_dim(dim, logits) or val(column) is None or val(column).shape[-1] != 1:
+        return None
+    sinks = _per_head_vector(column, n_heads)
+    return (strip(scores), sinks) if sinks is not None else None
+
+
+def _lse_sink_scale(out: Node, logits: Node, n_heads: int) -> tuple[Node, Node] | None:
+    """Granite SWA's out * sigmoid(logsumexp(logits, -1) - sinks).unsqueeze(-1) -> (that product, sinks)."""
+    product = sole_user(out)
+    operands = binary_operands(product, aten.mul) if product is not None else None
+    if operands is None or out not in operands:
+        return None
+    scale = strip(operands[1] if operands[0] is out else operands[0])
+    if not is_op(scale, aten.unsqueeze):
+        return None
+    sigmoid = strip(scale.args[0])
+    difference = strip(sigmoid.args[0]) if is_op(sigmoid, aten.sigmoid) else None
+    if difference is None or not is_op(difference, aten.sub):
+        return None
+    lse, sink_view = (strip(a) for a in difference.args[:2])
+    if not (is_op(lse, aten.logsumexp) and strip(lse.args[0]) is logits and is_last_dim(lse.args[1][0], lse.args[0])):
+        return None
+    sinks = _per_head_vector(sink_view, n_heads)
+    return (product, sinks) if sinks is not None else None
+
+
 def match_eager(node: Node) -> AttentionMatch | None:
     """Anchor: softmax over the last dim of (scores + terms), optionally masked_fill'ed, whose
     probabilities feed probs @ v.
@@ -195,11 +282,21 @@ def match_eager(node: Node) -> AttentionMatch | None:
     """
     if not is_op(node, (aten.softmax, aten._softmax)) or not is_last_dim(node.args[1], node):
         return None
-    attended = _attend_values(advance(node))
+    probs = advance(node)
+    dropped = _sink_column_dropped(probs)
+    attended = _attend_values(advance(dropped) if dropped is not None else probs)
     if attended is None:
         return None
     out, v_rep = attended
-    logits, masked = strip(node.args[0]), False
+    logits, masked, sinks = _without_row_max(strip(node.args[0])), False, None
+    n_heads = val(out).shape[1]
+    if dropped is not None:
+        concat = _sink_concat(logits, n_heads)
+        if concat is None:
+            return None
+        logits, sinks = concat
+    elif (scaled := _lse_sink_scale(out, logits, n_heads)) is not None:
+        out, sinks = scaled
     while is_op(logits, aten.masked_fill):
         logits, masked = strip(logits.args[0]), True
     summands = _summands(logits)
@@ -213,7 +310,7 @@ def match_eager(node: Node) -> AttentionMatch | None:
             if not _gqa_compatible(q, k, v):
                 return None
             terms = tuple(inner_terms) + tuple(summands[:i] + summands[i + 1:])
-            return AttentionMatch(out, q, k, v, scale, cap, "eager", terms)
+            return AttentionMatch(out, q, k, v, scale, cap, "eager", terms, sinks)
     return None
 
 

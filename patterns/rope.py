@@ -15,10 +15,13 @@ the canonical op's layout in the graph, so their matches say what to build them 
       view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * freqs_cis).flatten(-2)    -> ComplexRopeMatch
   split pairs  (DeepSeek-V3, rope_interleave):  with x1, x2 = x[..., 0::2], x[..., 1::2]
       cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)                               -> SplitPairsRopeMatch
+The same sum on x's halves (GPT-OSS: x1, x2 = chunk(x, 2, -1), cos / sin [..., d/2]) is rotate-half RoPE of x
+with cos / sin repeated: SplitHalvesRopeMatch.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +75,17 @@ class SplitPairsRopeMatch:
     sin: Node
 
 
+@dataclass
+class SplitHalvesRopeMatch:
+    """Rotate-half RoPE written on x's halves with half-size cos / sin: the canonical op on x with
+    cos / sin = cat([cos, cos], -1)."""
+
+    output: Node
+    x: Node
+    cos: Node  # [..., d/2]
+    sin: Node
+
+
 def _slice(node: Node, source: Node | None = None) -> tuple[Node, int, int, int] | None:
     """A last-dim slice -> (sliced tensor, start, end, step); end is clamped to the dim size."""
     if not is_op(node, aten.slice) or (source is not None and not same_tensor(node.args[0], source)):
@@ -114,6 +128,31 @@ def _strided_pairs_source(even: Any, odd: Any) -> Node | None:
     odd_slice = _slice(odd, x)
     size = val(x).shape[-1]
     if odd_slice is None or even_slice[1:] != (0, size, 2) or odd_slice[1:] != (1, size, 2):
+        return None
+    return x
+
+
+def _chunked_halves_source(first: Any, second: Any) -> Node | None:
+    """x[..., :d/2] and x[..., d/2:] of one x, as chunk(x, 2, -1)'s two parts or as slices -> x."""
+    if not isinstance(first, Node) or not isinstance(second, Node):
+        return None
+    if first.target is operator.getitem and second.target is operator.getitem:
+        parts = first.args[0]
+        if (second.args[0] is not parts or (first.args[1], second.args[1]) != (0, 1)
+                or not is_op(parts, (aten.chunk, aten.split)) or len(parts.users) != 2):
+            return None
+        x = parts.args[0]
+        dim = bind_args(parts)["dim"]
+        half = val(x).shape[-1] // 2
+        same_halves = all(val(t).shape[-1] == half for t in (first, second)) and 2 * half == val(x).shape[-1]
+        return x if is_last_dim(dim, x) and same_halves else None
+    low = _slice(first)
+    if low is None:
+        return None
+    x = low[0]
+    high = _slice(second, x)
+    half = val(x).shape[-1] // 2
+    if high is None or 2 * half != val(x).shape[-1] or (low[1:], high[1:]) != ((0, half, 1), (half, 2 * half, 1)):
         return None
     return x
 
@@ -244,8 +283,8 @@ def _products(node: Any, op) -> set[frozenset] | None:
     return {frozenset(t.args[:2]) for t in operands}
 
 
-def _split_pairs_rope(cat: Node) -> SplitPairsRopeMatch | None:
-    """Anchor: cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1) (see module doc)."""
+def _split_pairs_rope(cat: Node) -> SplitPairsRopeMatch | SplitHalvesRopeMatch | None:
+    """Anchor: cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1) on x's strided pairs or halves (module doc)."""
     if not is_op(cat, aten.cat) or not _is_last_dim_cat(cat):
         return None
     difference, total = cat.args[0]
@@ -253,20 +292,25 @@ def _split_pairs_rope(cat: Node) -> SplitPairsRopeMatch | None:
     total = _products(total, aten.add)
     if operands is None or total is None:
         return None
-    for even, cos in _factor_orders(operands[0]):
-        for odd, sin in _factor_orders(operands[1]):
-            x = _strided_pairs_source(even, odd)
-            if x is None or total != {frozenset((odd, cos)), frozenset((even, sin))}:
+    for first, cos in _factor_orders(operands[0]):
+        for second, sin in _factor_orders(operands[1]):
+            if total != {frozenset((second, cos)), frozenset((first, sin))}:
+                continue
+            pairs_of = _strided_pairs_source(first, second)
+            x = pairs_of if pairs_of is not None else _chunked_halves_source(first, second)
+            if x is None:
                 continue
             half = val(x).shape[-1] // 2
             halves = all(isinstance(t, Node) and val(t).shape[-1] == half for t in (cos, sin))
             out = val(cat)
             if halves and out.shape == val(x).shape and out.dtype == val(x).dtype:
-                return SplitPairsRopeMatch(cat, even, odd, cos, sin)
+                if pairs_of is not None:
+                    return SplitPairsRopeMatch(cat, first, second, cos, sin)
+                return SplitHalvesRopeMatch(cat, x, cos, sin)
     return None
 
 
-AnyRopeMatch = RopeMatch | ComplexRopeMatch | SplitPairsRopeMatch
+AnyRopeMatch = RopeMatch | ComplexRopeMatch | SplitPairsRopeMatch | SplitHalvesRopeMatch
 
 
 def match_rope(node: Node) -> AnyRopeMatch | None:

@@ -247,8 +247,14 @@ def _run_every_wrapper() -> None:
             rope = triton_decode_attention.rope_rows(q[:, :, :2], rotation, rotation, interleaved)
             triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
                                                      k=k[:, :, :2], v=k[:, :, :2], slot_mapping=slots[:2], rope=rope)
-        triton_cached_attention.paged_attention(q, k_cache, v_cache, torch.tensor([0, 2, 3], dtype=torch.int32),
-                                                seq_lens, tables, 0.125)
+        cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+        triton_cached_attention.paged_attention(q, k_cache, v_cache, cu, seq_lens, tables, 0.125)
+        sinks = torch.randn(4, generator=g).to(bf16)  # GPT-OSS's attention sinks: prefill, then decode (split or not)
+        triton_cached_attention.paged_attention(q, k_cache, v_cache, cu, seq_lens, tables, 0.125, sinks=sinks)
+        for splits in (1, None):
+            triton_decode_attention.decode_attention(q[:, :, :2], k_cache, v_cache, seq_lens, tables, 0.125,
+                                                     num_splits=splits, k=k[:, :, :2], v=k[:, :, :2],
+                                                     slot_mapping=slots[:2], sinks=sinks)
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
     ids = torch.tensor([[0, 2], [2, 1], [0, 0]])  # routed experts: 16-pair tiles, then 64 with a bias
     experts = [torch.randn(3, 2 * n, k, generator=g).to(bf16) for n, k in ((128, 256), (128, 256))]

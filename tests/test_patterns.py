@@ -23,6 +23,9 @@ from transformers.models.falcon.modeling_falcon import FalconLinear
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm, eager_attention_forward
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb as llama_rope
+from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb as gpt_oss_rope
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_attention
+from transformers.models.granitemoe_swa.modeling_granitemoe_swa import eager_attention_forward as granite_swa_attention
 from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb as olmo2_rope
 from transformers.models.llama.modeling_llama import repeat_kv
 from transformers.models.phi3.modeling_phi3 import Phi3MLP
@@ -142,6 +145,19 @@ def test_rope_in_float32_on_bf16_heads() -> None:
     gm, matched = rewrite(Fn(lambda self, q, k, c, s: olmo2_rope(q, k, c, s)), (q, k, *_cos_sin(D, False)),
                           "match_rope")
     assert matched == {"rope": 2} and _count(gm, torch.ops.aten.cat) == 0
+
+
+def test_rope_on_chunked_halves() -> None:
+    """GPT-OSS: x's halves from chunk(x, 2, -1) times half-size cos / sin, concatenated: rotate-half RoPE of x itself
+    (no de-interleaving cat), with q and k sharing the repeated cos / sin so fuse_rope_pairs can pair them."""
+    q, k = torch.randn(B, H, S, D), torch.randn(B, H_KV, S, D)
+    freqs = torch.randn(B, S, D // 2)
+    gm, matched = rewrite(Fn(lambda self, q, k, c, s: gpt_oss_rope(q, k, c, s)), (q, k, freqs.cos(), freqs.sin()),
+                          "match_rope")
+    assert matched == {"rope": 2}
+    ropes = [n for n in gm.graph.nodes if is_op(n, ops.rope)]
+    assert ropes[0].args[1] is ropes[1].args[1] and ropes[0].args[2] is ropes[1].args[2]
+    assert [n.args[0].op for n in ropes] == ["placeholder", "placeholder"]  # x itself, not a cat of its halves
 
 
 def test_rope_in_float32_without_the_cast_back_is_not_matched() -> None:
@@ -269,6 +285,47 @@ def test_attention_eager_divided_scale_without_repeat() -> None:
     gm, matched = rewrite(module, (*_qkv(H), _causal()), "match_attention")
     assert matched == {"attention": 1}
     assert [n.args[3] for n in gm.graph.nodes if is_op(n, ops.attention)] == [pytest.approx(D**-0.5)]
+
+
+def _with_sinks(fn):
+    """Attention(fn) holding GPT-OSS's per-head sink logits as a parameter."""
+    attn = Attention(fn)
+    attn.sinks, attn.training = nn.Parameter(torch.randn(H) * 2), False
+    return Fn(lambda self, *a: self.attn(*a), attn=attn)
+
+
+def _gpt_oss_eager(self, q, k, v, mask):
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return gpt_oss_attention(self, q, k, v, additive, scaling=0.3)[0].transpose(1, 2)
+
+
+def _granite_swa_eager(self, q, k, v, mask):
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return granite_swa_attention(self, q, k, v, additive, scaling=0.3)[0].transpose(1, 2)
+
+
+@pytest.mark.parametrize("form", [_gpt_oss_eager, _granite_swa_eager], ids=["gpt-oss", "granite-swa"])
+def test_attention_sinks(form) -> None:
+    """GPT-OSS's sink column (cat, row max, softmax, drop) and Granite SWA's logsumexp scale: the model's [H]
+    parameter becomes the op's sinks, and nothing of either form is left."""
+    module = _with_sinks(form)
+    gm, matched = rewrite(module, (*_qkv(), _causal()), "match_attention")
+    assert matched == {"attention": 1}
+    (node,) = [n for n in gm.graph.nodes if is_op(n, ops.attention)]
+    sinks = node.args[7]
+    assert sinks.op == "get_attr" and sinks.target.endswith("sinks")
+    assert _count(gm, (torch.ops.aten.cat, torch.ops.aten.logsumexp, torch.ops.aten.softmax)) == 0
+
+
+def test_attention_sink_column_that_is_not_per_head_is_not_matched() -> None:
+    """A last column that differs per query (not one logit per head) is no sink: left alone."""
+    def per_query_column(self, q, k, v, mask):
+        scores = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * 0.3 + torch.where(mask, 0.0, -1e9)
+        probs = torch.cat([scores, scores[..., :1]], -1).softmax(-1)[..., :-1]
+        return torch.matmul(probs, repeat_kv(v, 2))
+
+    assert rewrite(Fn(lambda self, *a: self.attn(*a), attn=Attention(per_query_column)), (*_qkv(), _causal()),
+                   "match_attention")[1] == {"attention": 0}
 
 
 def test_attention_eager_without_mask_is_not_matched() -> None:

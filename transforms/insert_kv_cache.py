@@ -141,8 +141,10 @@ class InsertKVCache(Transform):
             sliding_window = rest[0] if len(rest) > 0 else node.kwargs.get("sliding_window")
             logit_cap = rest[1] if len(rest) > 1 else node.kwargs.get("logit_cap")
             alibi_slopes = rest[2] if len(rest) > 2 else node.kwargs.get("alibi_slopes")
+            sinks = rest[3] if len(rest) > 3 else node.kwargs.get("sinks")
             args = (q, k, v, k_cache, v_cache, *meta.values(), scale, sliding_window, logit_cap, alibi_slopes)
-            replace_with_call(gm, node, op, args + (kv_scales[i] if kv_scales else ()))
+            replace_with_call(gm, node, op, args + (kv_scales[i] if kv_scales else ()),
+                              {"sinks": sinks} if sinks is not None else None)
         gm.meta[KV_CACHE_KEY] = KVCachePool.allocate(shapes, cfg.block_size, num_blocks, dtype, ctx.device)
         return {"cached_attention": len(attention), "cache_blocks": num_blocks}
 

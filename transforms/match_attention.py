@@ -6,7 +6,8 @@ causal at all (`is_causal`; non-causal modules are left alone) and its sliding w
 and the soft cap come from the graph, which is what the model computes (HF's sdpa path refuses a
 soft cap, so only the eager form has one). Terms added to the scores are evaluated
 (`patterns/position_bias.py`): ALiBi becomes the op's `alibi_slopes` (a constant buffer of the
-graph); an attention with another kind of additive bias is left alone (and counted as unmatched).
+graph); an attention with another kind of additive bias is left alone (and counted as unmatched). Attention
+sinks (GPT-OSS, Granite-MoE SWA) become the op's `sinks`: the model's own [n_heads] parameter.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class MatchAttention(Transform):
             except UnsupportedBias:
                 return None
             operands = (match.q, match.k, match.v, match.scale, window, match.logit_cap)
+            if match.sinks is not None:
+                return (*operands, slopes, match.sinks)
             return operands if slopes is None else (*operands, slopes)
 
         count = replace_matches(gm, match_attention, torch.ops.autodeploy.attention.default, operands)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from autodeploy.graph_utils import is_op
 from autodeploy.patterns.helpers import insert_call
-from autodeploy.patterns.rope import AnyRopeMatch, ComplexRopeMatch, SplitPairsRopeMatch, match_rope
+from autodeploy.patterns.rope import (AnyRopeMatch, ComplexRopeMatch, SplitHalvesRopeMatch, SplitPairsRopeMatch,
+                                      match_rope)
 
 from ._rewrite import replace_matches
 from .registry import Stage, Transform, TransformContext, register
@@ -33,23 +35,30 @@ def _complex_operands(match: ComplexRopeMatch) -> tuple[Node, Node, Node, bool]:
         return match.x, _repeated_part(parts, 0), _repeated_part(parts, 1), True
 
 
-def _split_pairs_operands(match: SplitPairsRopeMatch) -> tuple[Node, Node, Node, bool]:
-    """Rotate-half RoPE of the de-interleaved x, with cos/sin in the rotate-half layout (see the match)."""
+def _split_operands(match: SplitPairsRopeMatch | SplitHalvesRopeMatch) -> tuple[Node, Node, Node, bool]:
+    """Rotate-half RoPE of x (the de-interleaved x for strided pairs), with cos/sin in the rotate-half layout (see
+    the matches)."""
     graph = match.output.graph
 
     def cat(a: Node, b: Node) -> Node:
+        """cat([a, b], -1), the one the graph already has ahead of this match when there is one: q and k of a layer
+        then share cos / sin, which fuse_rope_pairs needs."""
+        for user in a.users:
+            if is_op(user, aten.cat) and user.args == ([a, b], -1) and user < match.output:
+                return user
         return insert_call(graph, aten.cat.default, ([a, b], -1))
 
     with graph.inserting_before(match.output):
-        return cat(match.even, match.odd), cat(match.cos, match.cos), cat(match.sin, match.sin), False
+        x = match.x if isinstance(match, SplitHalvesRopeMatch) else cat(match.even, match.odd)
+        return x, cat(match.cos, match.cos), cat(match.sin, match.sin), False
 
 
 def _operands(match: AnyRopeMatch) -> tuple[Node, Node, Node, bool]:
     """(x, cos, sin, interleaved) of the canonical op for any form of match."""
     if isinstance(match, ComplexRopeMatch):
         return _complex_operands(match)
-    if isinstance(match, SplitPairsRopeMatch):
-        return _split_pairs_operands(match)
+    if isinstance(match, (SplitPairsRopeMatch, SplitHalvesRopeMatch)):
+        return _split_operands(match)
     return match.x, match.cos, match.sin, match.interleaved
 
 

@@ -132,9 +132,12 @@ class _Sharder:
         for node, local in sizes.items():
             node.args = (node.args[0], local, *node.args[2:])
         for attention in [n for n in region.dims if is_op(n, ad.attention)]:
-            slopes = bind_args(attention).get("alibi_slopes")
+            args = bind_args(attention)
+            slopes, sinks = args.get("alibi_slopes"), args.get("sinks")
             if isinstance(slopes, Node) and slopes.op == "get_attr":
                 self.slice_constant(slopes, self.fraction_ranges(shape(slopes)[0], *part[attention]))
+            if isinstance(sinks, Node):  # the model's [n_heads] parameter: this rank's heads
+                self.slice_param(sinks, 0, self.fraction_ranges(shape(sinks)[0], *part[attention]))
         for closer, ranges in cols.items():
             self.styles[_weight_owner(closer)] = "rowwise"
             self.close(closer, ranges)
