@@ -188,11 +188,32 @@ def tiny_config_fields(model_type: str) -> dict:
 def sweep_entry(model_type: str) -> ZooEntry:
     """A zoo entry for `model_type`'s tiny config, with the zoo's defaults (recipe, prompt, seed)."""
     template = load_zoo(ZOO_FILE)[0]
-    return ZooEntry(
+    entry = ZooEntry(
         name=model_type, hub_id=f"defaults of the {model_type} config class", config=tiny_config_fields(model_type),
         recipe=template.recipe, seed=template.seed, prompt=[t % _VOCAB for t in template.prompt], max_new_tokens=4,
         tolerance=SWEEP_TOLERANCE, attn_implementation="auto", checkpoint_format="hub",
     )
+    if entry.config.get("is_decoder") is False and _sees_later_tokens(entry):
+        entry.config["is_decoder"] = True  # what HF asks of an encoder class used as a causal LM (BertGeneration)
+    return entry
+
+
+def _sees_later_tokens(entry: ZooEntry) -> bool:
+    """Whether HF's model of the tiny config lets a token see later ones (an encoder left bidirectional): its
+    logits for the prompt's first tokens change when the last token changes. False when HF cannot run it."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    try:
+        fields = dict(entry.config)
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[fields.pop("model_type")](**fields)).eval()
+        ids = torch.tensor([entry.prompt])
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % _VOCAB
+        with torch.inference_mode():
+            first, second = (model(t, use_cache=False).logits[0, :-1] for t in (ids, changed))
+        return not torch.allclose(first, second)
+    except Exception:
+        return False
 
 
 def hf_runs(entry: ZooEntry) -> str:

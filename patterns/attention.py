@@ -43,6 +43,7 @@ class AttentionMatch:
     form: str  # "sdpa" or "eager"
     additive_terms: tuple[Node, ...] = ()  # added to the scores besides q k^T: masks, position biases
     sinks: Node | None = None  # [n_heads]: one logit per head in every row's softmax denominator
+    kept_where: tuple[Node, ...] = ()  # boolean conditions of where(cond, scores, constant): True keeps a score
 
 
 def strip_repeat_kv(node: Node) -> Node:
@@ -274,8 +275,8 @@ def _lse_sink_scale(out: Node, logits: Node, n_heads: int) -> tuple[Node, Node] 
 
 
 def match_eager(node: Node) -> AttentionMatch | None:
-    """Anchor: softmax over the last dim of (scores + terms), optionally masked_fill'ed, whose
-    probabilities feed probs @ v.
+    """Anchor: softmax over the last dim of (scores + terms), optionally masked (masked_fill, or where with a
+    constant), whose probabilities feed probs @ v.
 
     A mask (an added term or a masked_fill) is required: without one the attention is not causal,
     and the canonical op is.
@@ -297,21 +298,35 @@ def match_eager(node: Node) -> AttentionMatch | None:
         logits, sinks = concat
     elif (scaled := _lse_sink_scale(out, logits, n_heads)) is not None:
         out, sinks = scaled
-    while is_op(logits, aten.masked_fill):
-        logits, masked = strip(logits.args[0]), True
+    masked_logits = logits
+    logits, kept = _unmasked(masked_logits)
     summands = _summands(logits)
-    if len(summands) < 2 and not masked:
-        return None
-    for i, scores in enumerate(summands):
+    for i, summand in enumerate(summands):
+        scores, kept_here = _unmasked(summand) if isinstance(summand, Node) else (summand, ())
         parsed = _parse_scores(scores) if isinstance(scores, Node) else None
         if parsed is not None:
             q, k_rep, scale, cap, inner_terms = parsed
             k, v = strip_repeat_kv(k_rep), strip_repeat_kv(v_rep)
-            if not _gqa_compatible(q, k, v):
+            has_mask = logits is not masked_logits or scores is not summand or len(summands) > 1
+            if not has_mask or not _gqa_compatible(q, k, v):
                 return None
             terms = tuple(inner_terms) + tuple(summands[:i] + summands[i + 1:])
-            return AttentionMatch(out, q, k, v, scale, cap, "eager", terms, sinks)
+            return AttentionMatch(out, q, k, v, scale, cap, "eager", terms, sinks, kept + kept_here)
     return None
+
+
+def _unmasked(node: Node) -> tuple[Node, tuple[Node, ...]]:
+    """Scores under masked_fill(scores, mask, c) or where(keep, scores, c) (c a constant; GPT-Neo's
+    where(bias, scores, min)) -> (scores, the where's keep conditions)."""
+    kept = ()
+    while True:
+        if is_op(node, aten.masked_fill):
+            node = strip(node.args[0])
+        elif (is_op(node, aten.where) and len(node.args) == 3 and isinstance(node.args[1], Node)
+              and (not isinstance(node.args[2], Node) or val(node.args[2]) is not None and val(node.args[2]).numel() == 1)):
+            node, kept = strip(node.args[1]), kept + (node.args[0],)
+        else:
+            return node, kept
 
 
 def match_attention(node: Node) -> AttentionMatch | None:

@@ -46,3 +46,18 @@ def test_sample_of_the_sweep_matches_hf(model_type):
     assert result.entry.passed, result.entry.first_failure()
     assert result.entry.tokens_equal
     assert sweep_markdown([result]).startswith("1/1 text causal-LM types pass")
+
+
+def test_gpt_neo_local_layers_take_their_window_from_the_mask_buffer():
+    """GPT-Neo masks scores with where(bias, scores, min), its local layers' `bias` a causal band of window_size
+    keys: match_attention reads the window from that buffer. With a window of 3 under an 8-token prompt the
+    local layer sees fewer keys than a causal one would (without the window: logits 0.29 of the max apart)."""
+    import dataclasses
+
+    from autodeploy.model_zoo_ci.runner import run_entry
+
+    entry = sweep_entry("gpt_neo")
+    entry = dataclasses.replace(entry, config={**entry.config, "window_size": 3}, max_new_tokens=8)
+    result = run_entry(entry)
+    assert result.passed, result.first_failure()
+    assert result.matched["match_attention"] == {"attention": 2} and result.max_rel_logit_diff < 1e-5

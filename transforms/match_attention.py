@@ -2,7 +2,8 @@
 
 The graph gives q, un-repeated k/v and the scale. The HF mask is dropped (the canonical op is causal
 by definition), so what the mask encoded is read from the HF attention module instead: whether it is
-causal at all (`is_causal`; non-causal modules are left alone) and its sliding window. The scale
+causal at all (`is_causal`; non-causal modules are left alone) and its sliding window (or, for a module without
+one, from a constant causal-band mask buffer the scores are masked with: GPT-Neo's local layers). The scale
 and the soft cap come from the graph, which is what the model computes (HF's sdpa path refuses a
 soft cap, so only the eager form has one). Terms added to the scores are evaluated
 (`patterns/position_bias.py`): ALiBi becomes the op's `alibi_slopes` (a constant buffer of the
@@ -19,7 +20,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from autodeploy.export import WRAPPER_PREFIX
-from autodeploy.graph_utils import get_submodule_or_none, module_path
+from autodeploy.loading import initial_buffers
+from autodeploy.graph_utils import get_submodule_or_none, is_op, module_path
 from autodeploy.patterns.attention import AttentionMatch, match_attention
 from autodeploy.patterns.helpers import val
 from autodeploy.patterns.position_bias import UnsupportedBias, alibi_slopes
@@ -50,6 +52,27 @@ def sliding_window(module: nn.Module | None, path: str | None, config) -> int | 
     return getattr(config, "sliding_window", None)
 
 
+def band_window(match: AttentionMatch, buffers: dict[str, torch.Tensor]) -> int | None:
+    """The sliding window a constant mask buffer of the module encodes (GPT-Neo's per-layer `bias`, sliced by
+    where(bias[..., k - q:k, :k], scores, min)): a causal band [.., P, P] whose rows keep at most W keys gives
+    W; a plain causal buffer, or none, gives None. `buffers`: the values of the model's computed buffers."""
+    for keep in match.kept_where:
+        while is_op(keep, torch.ops.aten.slice):
+            keep = keep.args[0]
+        if not (isinstance(keep, Node) and keep.op == "get_attr"):
+            continue
+        mask = buffers.get(keep.target.removeprefix(WRAPPER_PREFIX))
+        if mask is None or mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+            continue
+        mask = mask.reshape(-1, *mask.shape[-2:])[0]
+        width = int(mask[-1].sum())
+        size = mask.shape[-1]
+        band = torch.ones(size, size, dtype=torch.bool).tril() & ~torch.ones(size, size, dtype=torch.bool).tril(-width)
+        if width < size and torch.equal(mask.cpu(), band):
+            return width
+    return None
+
+
 def slopes_node(match: AttentionMatch) -> Node | None:
     """The ALiBi slopes of `match` as a graph constant (None without ALiBi); UnsupportedBias for other biases."""
     slopes = alibi_slopes(match.additive_terms, val(match.q).shape[1])
@@ -72,13 +95,14 @@ class MatchAttention(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         config = ctx.source.config.get_text_config()
+        buffers = initial_buffers(ctx.meta_model)
 
         def operands(match: AttentionMatch) -> tuple | None:
             path = module_path(match.output)
             hf_attention = get_submodule_or_none(ctx.meta_model, path, prefix=WRAPPER_PREFIX)
             if not getattr(hf_attention, "is_causal", True):
                 return None
-            window = sliding_window(hf_attention, path, config)
+            window = sliding_window(hf_attention, path, config) or band_window(match, buffers)
             try:
                 slopes = slopes_node(match)
             except UnsupportedBias:
