@@ -11,9 +11,10 @@ Design choices (and why):
   renormalise; Qwen3-MoE: optional renormalise; DeepSeek-V3: sigmoid + correction bias +
   group-limited top-k + scaling factor; GPT-OSS: top-k -> softmax) and are cheap, so they stay
   ordinary graph ops. The op is the expensive, data-dependent part every family shares.
-- Expert weights are stacked 3D tensors in HF's fused layout (gate rows first, then up rows), as
-  transformers 5 stores them: the graph keeps the checkpoint's parameters unchanged, a grouped-GEMM
-  backend consumes them as is, and expert parallelism is a slice of dim 0.
+- Expert weights are stacked 3D tensors in HF's fused layout (gate rows first, then up rows; alternating
+  rows for an interleaved activation, GPT-OSS's `swigluoai`), as transformers 5 stores them: the graph keeps
+  the checkpoint's parameters unchanged, a grouped-GEMM backend consumes them as is, and expert parallelism is
+  a slice of dim 0.
 - `x` may have leading dims ([..., H]); the output has x's shape and dtype. Accumulation is float32.
 Shared experts are not part of the op: they stay ordinary MLPs in the graph.
 """
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .gated_act import ACTIVATIONS
+from .gated_act import GATED_ACTIVATIONS, gated, split_gate_up
 
 SCHEMA = (
     "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_gate_up, Tensor w_down, str activation, "
@@ -60,9 +61,9 @@ def moe(
 
 
 def gated_mlp(h: torch.Tensor, gate_up: Callable, down: Callable, activation: str) -> torch.Tensor:
-    """down(act(gate) * up) with [gate; up] = gate_up(h): one expert, whatever its weights' format."""
-    gate, up = gate_up(h).chunk(2, dim=-1)
-    return down(ACTIVATIONS[activation](gate) * up)
+    """down(act(gate) * up) with [gate; up] = gate_up(h) (alternating for an interleaved activation): one
+    expert, whatever its weights' format."""
+    return down(gated(*split_gate_up(gate_up(h), activation), activation))
 
 
 def route_to_experts(
@@ -86,7 +87,7 @@ def route_to_experts(
 
 @moe.register_fake
 def _(x, topk_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up=None, b_down=None):
-    torch._check(activation in ACTIVATIONS, lambda: f"unknown activation {activation!r}")
+    torch._check(activation in GATED_ACTIVATIONS, lambda: f"unknown activation {activation!r}")
     torch._check(w_gate_up.dim() == 3 and w_down.dim() == 3, lambda: "expert weights must be [E, out, in]")
     torch._check(w_gate_up.shape[1] == 2 * w_down.shape[2], lambda: "w_gate_up must be [E, 2I, H], w_down [E, H, I]")
     return torch.empty_like(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .gated_act import ACTIVATIONS
+from .gated_act import GATED_ACTIVATIONS
 from .moe import gated_mlp, route_to_experts
 from .quant_linear import check_weight_blocks, weight_blocks
 
@@ -103,7 +103,7 @@ def int_moe(
 
 
 def _check_experts(activation: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, packing: int) -> None:
-    torch._check(activation in ACTIVATIONS, lambda: f"unknown activation {activation!r}")
+    torch._check(activation in GATED_ACTIVATIONS, lambda: f"unknown activation {activation!r}")
     torch._check(w_gate_up.dim() == 3 and w_down.dim() == 3, lambda: "expert weights must be [E, out, in]")
     torch._check(w_gate_up.shape[1] == 2 * w_down.shape[2] * packing,
                  lambda: "w_gate_up must be [E, 2I, H], w_down [E, H, I] (packed along the last dim)")

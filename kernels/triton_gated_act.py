@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gated_act import ACTIVATIONS
+from .gated_act import gated
 from .quant_act import empty_quantized, kernel_groups
 from .quant_linear import activation_groups
 from .triton_activation import ACTIVATION_IDS, gated_product
@@ -83,7 +83,7 @@ def _fused(gate: torch.Tensor, up: torch.Tensor) -> bool:
 def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Same contract as `torch.ops.autodeploy.gated_act`, for gate and up of one shape and dtype."""
     if not _fused(gate, up):
-        return ACTIVATIONS[activation](gate) * up
+        return gated(gate, up, activation)
     return _launch(gate, up, activation)
 
 

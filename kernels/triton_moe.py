@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .moe import moe as moe_reference
+from .gated_act import split_gate_up
 from .quant_moe import fp8_moe as fp8_moe_reference
 from .triton_fp8_act_quant import quantize_fp8_per_token
 from .triton_gated_act import gated_act, gated_act_quant_fp8
@@ -222,7 +223,7 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     tokens = as_rows(x)
     top_k, pairs, block_m, rows, tile_expert = _tiles(topk_ids, tokens.shape[0], w_gate_up.shape[0])
     gate_up = grouped_gemm(tokens, w_gate_up, b_gate_up, rows, tile_expert, pairs, top_k, block_m)
-    hidden = gated_act(*gate_up.chunk(2, dim=-1), activation)
+    hidden = gated_act(*split_gate_up(gate_up, activation), activation)
     down = grouped_gemm(hidden, w_down, b_down, rows, tile_expert, pairs, 1, block_m)
     return _weighted_sum(down, topk_weights, x)
 
@@ -246,6 +247,6 @@ def fp8_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     gemm = partial(grouped_gemm, rows=rows, tile_expert=tile_expert, pairs=pairs, block_m=block_m,
                    group=weight_block, out_dtype=torch.float32)
     gate_up = gemm(q, w_gate_up, b_gate_up, top_k=top_k, a_scale=scale, w_scale=w_gate_up_scale)
-    hidden, hidden_scale = gated_act_quant_fp8(*gate_up.chunk(2, dim=-1), activation, group)
+    hidden, hidden_scale = gated_act_quant_fp8(*split_gate_up(gate_up, activation), activation, group)
     down = gemm(hidden, w_down, b_down, top_k=1, a_scale=hidden_scale, w_scale=w_down_scale)
     return _weighted_sum(down, topk_weights, x)

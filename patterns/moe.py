@@ -13,6 +13,7 @@ that module and stays ordinary graph ops.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,22 +51,57 @@ def is_experts_module(module: nn.Module) -> bool:
         and down.dim() == 3
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, ExpertsLayout | str]" = weakref.WeakKeyDictionary()
+
+
 def experts_layout(module: nn.Module) -> ExpertsLayout | str:
-    """The module's layout, or why autodeploy::moe cannot express it (a one-line reason)."""
+    """The module's layout, or why autodeploy::moe cannot express it (a one-line reason). Remembered per module:
+    a custom gate is evaluated once, before export traces the forward that asks again."""
+    if module not in _LAYOUTS:
+        _LAYOUTS[module] = _layout(module)
+    return _LAYOUTS[module]
+
+
+def _layout(module: nn.Module) -> ExpertsLayout | str:
     from transformers.integrations.moe import _default_apply_gate
 
     if not getattr(module, "has_gate", False):
         return "experts without a gate projection"
-    if not getattr(module, "is_concatenated", True):
-        return "interleaved gate/up layout"
     if getattr(module, "has_post_expert_norm", False):
         return "post-expert norm"
     if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return f"custom gating in {type(module).__name__}._apply_gate"
+        activation = custom_gate_activation(module)
+        if activation is None:
+            return f"custom gating in {type(module).__name__}._apply_gate"
+        return ExpertsLayout(activation, bool(module.is_transposed), bool(module.has_bias))
+    if not getattr(module, "is_concatenated", True):
+        return "interleaved gate/up layout"
     hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
     if hidden_act not in HF_ACTIVATIONS:
         return f"activation {hidden_act!r}"
     return ExpertsLayout(HF_ACTIVATIONS[hidden_act], bool(module.is_transposed), bool(module.has_bias))
+
+
+def custom_gate_activation(module: nn.Module) -> str | None:
+    """The canonical gated activation a module's own `_apply_gate` computes, found by evaluating it (GPT-OSS's
+    clamped SwiGLU on alternating gate / up columns is `swigluoai`), or None. The probe's values reach past
+    the clamps such gates apply; the layout (`is_concatenated`) must agree with the activation's."""
+    from autodeploy.kernels.gated_act import GATED_ACTIVATIONS, INTERLEAVED, gated, split_gate_up
+
+    probe = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 6
+    try:
+        with torch.no_grad():
+            got = module._apply_gate(probe)
+    except Exception:
+        return None
+    concatenated = getattr(module, "is_concatenated", True)
+    for name in GATED_ACTIVATIONS:
+        if (name in INTERLEAVED) == concatenated:
+            continue
+        want = gated(*split_gate_up(probe, name), name)
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            return name
+    return None
 
 
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -171,7 +171,8 @@ def _run_every_wrapper() -> None:
     static = torch.tensor(0.5)  # a static input scale
     triton_rms_norm.fused_add_rms_norm_quant_fp8(x, residual, w, 1e-6, -1, static)
     triton_gated_act.gated_act_quant_fp8(x, residual, "silu", -1, static)
-    triton_gated_act.gated_act(x, residual, "silu")
+    for activation in ("silu", "swigluoai"):  # Llama's, GPT-OSS's clamped SwiGLU
+        triton_gated_act.gated_act(x, residual, activation)
     q = torch.randn(1, 4, 3, 64, generator=g).to(bf16)
     k, cos = torch.randn(1, 2, 3, 64, generator=g).to(bf16), torch.randn(1, 1, 3, 64, generator=g).to(bf16)
     for rotation in (cos, cos.float()):  # products rounded to bf16, or not (OLMo 2: float32 cos / sin)
@@ -258,7 +259,8 @@ def _run_every_wrapper() -> None:
     triton_argmax.argmax_rows(torch.randn(2, 300, generator=g))
     ids = torch.tensor([[0, 2], [2, 1], [0, 0]])  # routed experts: 16-pair tiles, then 64 with a bias
     experts = [torch.randn(3, 2 * n, k, generator=g).to(bf16) for n, k in ((128, 256), (128, 256))]
-    triton_moe.moe(x, ids, torch.rand(3, 2).to(bf16), experts[0], experts[1][:, :256, :128], "silu")
+    for activation in ("silu", "swigluoai"):
+        triton_moe.moe(x, ids, torch.rand(3, 2).to(bf16), experts[0], experts[1][:, :256, :128], activation)
     many = torch.randint(0, 3, (40, 2), generator=g)
     triton_moe.moe(torch.randn(40, 256, generator=g).to(bf16), many, torch.rand(40, 2).to(bf16), experts[0],
                    experts[1][:, :256, :128], "silu", torch.zeros(3, 256, dtype=bf16), None)

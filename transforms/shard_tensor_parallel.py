@@ -21,6 +21,7 @@ from torch.fx import GraphModule, Node
 from autodeploy.errors import ShardingError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import is_op, module_path
+from autodeploy.kernels.gated_act import INTERLEAVED
 from autodeploy.parallel.filled_buffers import fills_to_cat
 from autodeploy.parallel.regions import EXPANDS, SAME_DIM, Region, find_regions, refresh, shape, weight_param
 from autodeploy.parallel.settings import check_head_counts, head_counts
@@ -170,7 +171,8 @@ class _Sharder:
                 raise ValueError(f"expert width {inner} does not split over {self.world} ranks")
             part = inner // self.world
             start = self.rank * part
-            rows = [(start, start + part), (inner + start, inner + start + part)]  # gate rows, then up rows
+            rows = ([(2 * start, 2 * (start + part))] if activation in INTERLEAVED  # alternating gate / up rows
+                    else [(start, start + part), (inner + start, inner + start + part)])  # gate rows, then up rows
             self.slice_param(gate_up, 2 if gate_up_t else 1, rows)
             self.slice_param(down, 1 if down_t else 2, [(start, start + part)])
             if b_gate_up is not None:

@@ -67,6 +67,8 @@ def _select_autodeploy_experts(model: nn.Module):
     configs = {id(m.config): m.config for m in experts_modules(model).values() if getattr(m, "config", None)}
     saved = {key: cfg._experts_implementation for key, cfg in configs.items()}
     registry.register(IMPLEMENTATION, autodeploy_experts_forward)
+    for module in experts_modules(model).values():
+        experts_layout(module)  # decided now, outside the trace (a custom gate is evaluated on real tensors)
     try:
         for cfg in configs.values():
             cfg._experts_implementation = IMPLEMENTATION
