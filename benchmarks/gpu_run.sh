@@ -28,7 +28,9 @@
 #         24 = the kernels of batch 64's prompts alone (`--profile-prefill 3`), bf16 then FP8,
 #         25 = what sessions 22-23 landed without a GPU: the GPU tests of the kernels they changed (per-head norms
 #              read in place, RoPE with float32 cos on bf16 x, INT4 GEMV knobs at 2-4 rows, the GEMV copy), the zoo
-#              entries they touch in bf16 on the GPU, INT4 linears at 1-64 rows, Qwen3-30B-A3B batch 1 and 64.
+#              entries they touch in bf16 on the GPU (gpt-oss in float32: attention sinks, swigluoai experts; its
+#              bf16 logits move as much as HF's own bf16 model's), INT4 linears at 1-64 rows, Qwen3-30B-A3B
+#              batch 1 and 64.
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -127,6 +129,8 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
       | tee "$OUT/landed_unrun_tests.log"
     timeout "$(limit 120)" autodeploy zoo --only olmo-2 qwen3 gemma-3-text qwen3-moe model.device=$SERVE_DEVICE \
       model.dtype=bfloat16 2>&1 | tail -12 | tee "$OUT/landed_unrun_zoo.log"
+    timeout "$(limit 60)" autodeploy zoo --only gpt-oss model.device=$SERVE_DEVICE 2>&1 | tail -6 \
+      | tee -a "$OUT/landed_unrun_zoo.log"
     [ "${TINY:-0}" = 1 ] || (cd benchmarks && timeout "$(limit 150)" python3 int4_tinygemm_bench.py) 2>&1 \
       | tee "$OUT/int4_rows.log"
     timeout "$(limit 150)" autodeploy bench $MOE_CFG --config-only --batch $BATCHES --input-len $IN \
