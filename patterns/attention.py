@@ -179,15 +179,19 @@ def _summands(node: Node) -> list:
     return [node]
 
 
+_VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
+
+
 def _attend_values(probs: Node) -> tuple[Node, Node] | None:
-    """probs @ v -> (output [b, h, s, d_v], repeated v), directly or through Bloom's [b * h, s, .] bmm."""
+    """probs @ v -> (output [b, h, s, d_v], repeated v), directly or through the [b * h, s, .] bmm of Bloom and
+    XGLM (probs viewed there, through any views and inactive dropouts each read once)."""
     out = sole_user(probs)
     if out is not None and is_op(out, aten.matmul) and out.args[0] is probs:
         return out, out.args[1]
-    if out is None or not is_op(out, (aten.view, aten.reshape)) or val(out).dim() != 3:
-        return None
-    bmm = sole_user(out)
-    if bmm is None or not is_op(bmm, aten.bmm) or bmm.args[0] is not out:
+    while out is not None and (is_op(out, _VIEWS) or is_value_preserving(out)) and out.args[0] is probs:
+        probs, out = out, sole_user(out)
+    bmm = out
+    if bmm is None or not is_op(bmm, aten.bmm) or bmm.args[0] is not probs or val(probs).dim() != 3:
         return None
     output, v = sole_user(bmm), _unflatten_heads(bmm.args[1])
     if output is None or v is None or not is_op(output, (aten.view, aten.reshape)) or val(output).dim() != 4:
@@ -274,6 +278,16 @@ def _lse_sink_scale(out: Node, logits: Node, n_heads: int) -> tuple[Node, Node] 
     return (product, sinks) if sinks is not None else None
 
 
+def _is_lowest_floor(node: Node) -> bool:
+    """max(x, c) for a constant c at or below float16's lowest value: nothing a finite score can fall under."""
+    if not is_op(node, (aten.max, aten.maximum)) or len(node.args) != 2:
+        return False
+    floor = node.args[1]
+    if isinstance(floor, Node) and is_op(floor, aten.full):
+        floor = floor.args[1]
+    return isinstance(floor, (int, float)) and floor <= torch.finfo(torch.float16).min
+
+
 def match_eager(node: Node) -> AttentionMatch | None:
     """Anchor: softmax over the last dim of (scores + terms), optionally masked (masked_fill, or where with a
     constant), whose probabilities feed probs @ v.
@@ -317,10 +331,16 @@ def match_eager(node: Node) -> AttentionMatch | None:
 
 def _unmasked(node: Node) -> tuple[Node, tuple[Node, ...]]:
     """Scores under masked_fill(scores, mask, c) or where(keep, scores, c) (c a constant; GPT-Neo's
-    where(bias, scores, min)) -> (scores, the where's keep conditions)."""
+    where(bias, scores, min)), a floor at the dtype's lowest value (XGLM's max(scores, min)), or a view between
+    [b, h, s, k] and [b * h, s, k] -> (scores, the where's keep conditions)."""
     kept = ()
     while True:
-        if is_op(node, aten.masked_fill):
+        heads = _unflatten_heads(node) if val(node) is not None and val(node).dim() == 3 else None
+        if heads is not None:
+            node = strip(heads)
+        elif _is_lowest_floor(node):
+            node = strip(node.args[0])
+        elif is_op(node, aten.masked_fill):
             node = strip(node.args[0])
         elif (is_op(node, aten.where) and len(node.args) == 3 and isinstance(node.args[1], Node)
               and (not isinstance(node.args[2], Node) or val(node.args[2]) is not None and val(node.args[2]).numel() == 1)):

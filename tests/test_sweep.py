@@ -39,7 +39,7 @@ def test_derived_sizes_are_consistent_for_hf(model_type):
     assert hf_runs(sweep_entry(model_type)) == ""
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "bloom", "gpt_neox", "gpt_neo", "mamba"])
+@pytest.mark.parametrize("model_type", ["qwen2", "bloom", "gpt_neox", "gpt_neo", "mamba", "xglm", "granitemoe_swa"])
 def test_sample_of_the_sweep_matches_hf(model_type):
     (result,) = run_sweep([model_type])
     assert result.hf_unsupported == ""
