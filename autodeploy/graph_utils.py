@@ -37,11 +37,28 @@ def count_nodes(gm: GraphModule) -> int:
 
 def finalize(gm: GraphModule) -> None:
     """Drop dead code, lint, recompile: what every transform does after rewriting."""
+    for module in graph_modules(gm):  # all first: dead-code elimination lints the nested graphs too
+        _unique_names(module.graph)
     for module in graph_modules(gm):
         module.graph.eliminate_dead_code()
         module.graph.lint()
         module.recompile()
     gm.delete_all_unused_submodules()
+
+
+def _unique_names(graph: torch.fx.Graph) -> None:
+    """Give each node a name of its own. A nested graph whose placeholders were named outside the graph's
+    namespace (HRM's loop bodies hold `getitem_9`) lets a node a transform adds take a name a placeholder has."""
+    names = {node.name for node in graph.nodes}
+    seen: set[str] = set()
+    for node in graph.nodes:
+        if node.name in seen:
+            suffix = 1
+            while f"{node.name}_{suffix}" in names:
+                suffix += 1
+            node.name = f"{node.name}_{suffix}"
+            names.add(node.name)
+        seen.add(node.name)
 
 
 def inherit_meta(new: Node, old: Node, with_val: bool = False) -> None:

@@ -61,3 +61,24 @@ def test_gpt_neo_local_layers_take_their_window_from_the_mask_buffer():
     result = run_entry(entry)
     assert result.passed, result.first_failure()
     assert result.matched["match_attention"] == {"attention": 2} and result.max_rel_logit_diff < 1e-5
+
+
+def test_nodes_added_next_to_placeholders_named_outside_the_namespace_get_names_of_their_own():
+    """HRM's nested loop bodies hold placeholders (`getitem_9`) their graph's namespace never issued, so a node a
+    transform adds can come out with the same name: finalize renames it (lint refused the graph before)."""
+    import operator
+
+    import torch
+    from torch.fx import Graph, GraphModule
+
+    from autodeploy.graph_utils import finalize
+
+    graph = Graph()
+    x = graph.placeholder("x")
+    x.name = "getitem"  # named outside the namespace
+    first = graph.call_function(operator.getitem, (x, 0))
+    graph.output(first)
+    gm = GraphModule(torch.nn.Module(), graph)
+    assert first.name == "getitem"
+    finalize(gm)
+    assert len({n.name for n in gm.graph.nodes}) == 3 and gm(torch.tensor([5, 6])) == 5
