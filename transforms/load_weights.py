@@ -16,6 +16,7 @@ from autodeploy.errors import UnsupportedModelError, WeightLoadingError
 from autodeploy.export import WRAPPER_PREFIX, dataless_constants
 from autodeploy.graph_utils import graph_modules
 from autodeploy.loading import initial_buffers
+from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import quantized_loads
 from autodeploy.quantization.moe_checkpoint import checkpoint_aliases
 from autodeploy.parallel.quantized_slices import quantized_slices
@@ -191,8 +192,14 @@ def _converted_by_transformers(ctx: TransformContext) -> dict[str, torch.Tensor]
     """
     from transformers import AutoModelForCausalLM
 
+    fmt = checkpoint_format(ctx.source)
+    dequantize = {}
+    if fmt is not None and fmt.dequantized_on_load:  # MXFP4 experts: transformers' CPU dequantization
+        from transformers import Mxfp4Config
+
+        dequantize = {"quantization_config": Mxfp4Config(dequantize=True)}
     model = AutoModelForCausalLM.from_pretrained(
-        ctx.source.path, dtype=ctx.dtype, trust_remote_code=ctx.source.trust_remote_code
+        ctx.source.path, dtype=ctx.dtype, trust_remote_code=ctx.source.trust_remote_code, **dequantize
     )
     return dict(model.state_dict(keep_vars=False))
 

@@ -25,6 +25,7 @@ from functools import partial
 from torch import nn
 from torch.fx import GraphModule
 
+from autodeploy.errors import QuantizationError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import weight_bytes
 from autodeploy.parallel.quantized_slices import check_whole_blocks
@@ -64,7 +65,11 @@ class QuantizeLinear(Transform):
 
     def apply(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         settings = ctx.quantization
-        if not settings.online or checkpoint_format(ctx.source) is not None:
+        fmt = checkpoint_format(ctx.source)
+        if settings.online and fmt is not None and fmt.dequantized_on_load:
+            raise QuantizationError(f"quantization '{settings.algo}' on a {fmt.method} checkpoint is not supported: "
+                                    "its experts are dequantized as they load; leave quantization.algo at auto")
+        if not settings.online or fmt is not None:
             return {}
         scheme = online_scheme(settings)
         counts = {f"{scheme.name}_linear": 0, f"{scheme.name}_experts": 0, "excluded": 0,

@@ -21,13 +21,14 @@ from .schemes import LinearScheme
 
 SUPPORTED = ("compressed-tensors (FP8 W8A8 static or dynamic, per tensor, channel or block; W4A16 / W8A16 "
              "pack-quantized, symmetric or not), ModelOpt FP8, transformers' fine-grained FP8 (128 x 128 blocks: "
-             "Qwen3-FP8, DeepSeek-V3), GPTQ 4/8-bit, AWQ 4-bit GEMM")
+             "Qwen3-FP8, DeepSeek-V3), GPTQ 4/8-bit, AWQ 4-bit GEMM, MXFP4 experts (GPT-OSS; dequantized on load)")
 
 
 class CheckpointFormat:
     """A pre-quantized checkpoint: subclasses know one format's config and tensor layout."""
 
     method: str = ""
+    dequantized_on_load = False  # transformers dequantizes its quantized tensors as it loads them (MXFP4)
 
     def __init__(self, config: dict, keys: frozenset[str]):
         self.config = config
@@ -78,11 +79,13 @@ def _format_at(path: str, files: tuple[str, ...]) -> CheckpointFormat | None:
     from .fine_grained_fp8 import FineGrainedFp8Format
     from .gptq_awq import AwqFormat, GptqFormat
     from .modelopt import ModelOptFormat
+    from .mxfp4 import Mxfp4Format
 
     config = _quant_config(Path(path))
     if config is None:
         return None
-    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat, FineGrainedFp8Format)}
+    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat, FineGrainedFp8Format,
+                                       Mxfp4Format)}
     method = str(config.get("quant_method", "")).lower()
     if method not in formats:
         raise unsupported(method or "(no quant_method)", "checkpoints")
