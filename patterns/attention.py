@@ -3,7 +3,9 @@
 sdpa:  aten.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask, scale=...)
 eager: matmul(q, repeat_kv(k).transpose(2, 3)) * scale [-> cap * tanh(. / cap)] [+ bias] + mask
        [masked_fill] -> softmax(-1, fp32) -> .to(q.dtype) -> dropout(p=0) -> matmul(., repeat_kv(v))
-       (or the same with q/k/v flattened to [b * h, s, d]: baddbmm(bias, q, k^T, alpha=scale) and bmm, as Bloom)
+       (or the same with q/k/v flattened to [b * h, s, d]: baddbmm(bias, q, k^T, alpha=scale) and bmm, as Bloom;
+       XGLM's bmm, its scores floored at the dtype's lowest value and viewed between [b, h, s, k] and [b * h, s, k];
+       masks as masked_fill or where(keep, scores, constant), as GPT-Neo)
 
 Attention sinks (one learned logit per head in every row's softmax denominator) come in two eager forms:
   GPT-OSS:     cat([scores, sinks.reshape(1, -1, 1, 1).expand(..., 1)], -1) [- its row max] -> softmax
@@ -12,8 +14,9 @@ Attention sinks (one learned logit per head in every row's softmax denominator) 
                (exp(lse) / (exp(lse) + exp(sink)): the same denominator)
 Both give the un-repeated k/v (GQA stays visible), the scale, the eager soft cap, the sinks, and the terms added
 to the scores (masks and position biases; `patterns/position_bias.py` reads what they encode). A
-masked_fill's boolean mask is not interpreted: whether the attention is causal and which sliding
-window it has is module-level knowledge the transform reads from the HF module.
+boolean mask is not interpreted here: whether the attention is causal and which sliding window it has is
+module-level knowledge the transform reads from the HF module (the where's conditions go along, for a module
+that keeps its window only in a constant mask buffer).
 """
 
 from __future__ import annotations
