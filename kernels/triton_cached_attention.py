@@ -174,8 +174,8 @@ def paged_attention(
     pack: int | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [1, n_heads, T, d] over the paged cache (already holding this step's k/v; an fp8
-    cache's scales and sinks [n_heads] as in kernels/cached_attention.py). `knobs` (BLOCK_M, BLOCK_N, warps, stages) and `pack`
-    (query heads per tile) are for benchmarks."""
+    cache's scales and sinks [n_heads] as in kernels/cached_attention.py). `knobs` (BLOCK_M, BLOCK_N, warps,
+    stages) and `pack` (query heads per tile) are for benchmarks."""
     _, n_heads, num_tokens, head_dim = q.shape
     n_kv = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]

@@ -448,13 +448,15 @@ def decode_attention(
         *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *rope_strides,
         k_cache.shape[1], scale * k_scale if fp8 else scale, sliding_window or 0, logit_cap or 0.0,
         alibi_slopes.contiguous() if alibi_slopes is not None else q, k_scale, v_scale,  # slopes [n_heads]
-        sinks.contiguous() if sinks is not None else q, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        sinks.contiguous() if sinks is not None else q,  # sinks [n_heads]
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         V_DIM=v_dim, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_CAP=logit_cap is not None, HAS_ALIBI=alibi_slopes is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, WRITE_KV=write_kv,
         MERGE=counters is not None, INTERPRET=not q.is_cuda,
         ROPE=0 if rope is None else 2 if rope.interleaved else 1, ROUND_ROPE=rope is not None and rope.round_products,
-        QUANT=quant, HAS_SINKS=sinks is not None, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        QUANT=quant, HAS_SINKS=sinks is not None, num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
         enable_fp_fusion=rope is None, **pdl,  # RoPE's products rounded: kernels/triton_rope.py
     )
     if splits > 1 and counters is None:

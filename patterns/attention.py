@@ -281,6 +281,11 @@ def _lse_sink_scale(out: Node, logits: Node, n_heads: int) -> tuple[Node, Node] 
     return (product, sinks) if sinks is not None else None
 
 
+def _is_scalar(arg) -> bool:
+    """A Python number or a one-element tensor (the constant a mask fills in)."""
+    return not isinstance(arg, Node) or (val(arg) is not None and val(arg).numel() == 1)
+
+
 def _is_lowest_floor(node: Node) -> bool:
     """max(x, c) for a constant c at or below float16's lowest value: nothing a finite score can fall under."""
     if not is_op(node, (aten.max, aten.maximum)) or len(node.args) != 2:
@@ -345,8 +350,8 @@ def _unmasked(node: Node) -> tuple[Node, tuple[Node, ...]]:
             node = strip(node.args[0])
         elif is_op(node, aten.masked_fill):
             node = strip(node.args[0])
-        elif (is_op(node, aten.where) and len(node.args) == 3 and isinstance(node.args[1], Node)
-              and (not isinstance(node.args[2], Node) or val(node.args[2]) is not None and val(node.args[2]).numel() == 1)):
+        elif is_op(node, aten.where) and len(node.args) == 3 and isinstance(node.args[1], Node) \
+                and _is_scalar(node.args[2]):
             node, kept = strip(node.args[1]), kept + (node.args[0],)
         else:
             return node, kept

@@ -70,7 +70,8 @@ def test_triton_moe(tokens, top_k, poisoned):
 
 def test_triton_fp8_moe(poisoned):
     x, ids, weights, w_gate_up, w_down, b_gate_up, b_down = _inputs(9, 2, 5, 64, 32, torch.bfloat16, True, 5)
-    (q_gu, s_gu), (q_d, s_d) = _fp8_experts(w_gate_up.float() * 6, "channel", 0), _fp8_experts(w_down.float(), "channel", 0)
+    q_gu, s_gu = _fp8_experts(w_gate_up.float() * 6, "channel", 0)
+    q_d, s_d = _fp8_experts(w_down.float(), "channel", 0)
     want = ops.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "swigluoai", b_gate_up, b_down)
     got = triton_moe.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "swigluoai", b_gate_up, b_down)
     assert not got.isnan().any()

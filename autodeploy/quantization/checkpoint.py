@@ -84,8 +84,8 @@ def _format_at(path: str, files: tuple[str, ...]) -> CheckpointFormat | None:
     config = _quant_config(Path(path))
     if config is None:
         return None
-    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat, FineGrainedFp8Format,
-                                       Mxfp4Format)}
+    formats = {f.method: f for f in (CompressedTensorsFormat, ModelOptFormat, GptqFormat, AwqFormat,
+                                     FineGrainedFp8Format, Mxfp4Format)}
     method = str(config.get("quant_method", "")).lower()
     if method not in formats:
         raise unsupported(method or "(no quant_method)", "checkpoints")
