@@ -46,7 +46,10 @@ def _round_trip_online(model: nn.Module, settings: QuantizationSettings) -> int:
         for name in ("gate_up_proj", "down_proj"):  # fused experts [E, out, in] (transformers 5 layout)
             weight = getattr(module, name, None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 3:
-                weight.copy_(torch.stack([_dequantized(scheme, w) for w in weight]))
+                transposed = getattr(module, "is_transposed", False)  # stored [E, in, out] (GPT-OSS)
+                banks = weight.transpose(1, 2) if transposed else weight
+                weight.copy_(torch.stack([_dequantized(scheme, w) for w in banks]).transpose(1, 2) if transposed
+                             else torch.stack([_dequantized(scheme, w) for w in banks]))
                 count += weight.shape[0]
     return count
 

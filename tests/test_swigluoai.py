@@ -76,3 +76,31 @@ def test_triton_fp8_moe(poisoned):
     got = triton_moe.fp8_moe(x, ids, weights, q_gu, s_gu, q_d, s_d, "swigluoai", b_gate_up, b_down)
     assert not got.isnan().any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", [
+    ["quantization.algo=fp8", "quantization.weight_block_size=16", "quantization.act_group_size=16"],
+    ["quantization.algo=int4", "quantization.group_size=32"],
+], ids=["fp8-blocks", "int4-g32"])
+def test_online_quantized_transposed_experts_at_tp2_give_tp1_tokens(tmp_path, quantization):
+    """GPT-OSS's expert banks are stored [E, in, out] (gate / up alternating along out) and quantized online in
+    [E, out, in]; inside-expert tensor parallelism slices them as stored. Blocks and groups that every shard
+    boundary respects: TP 2's tokens are TP 1's."""
+    from autodeploy.llm import LLM, SamplingParams
+    from autodeploy.model_zoo_ci.runner import build_checkpoint
+    from autodeploy.model_zoo_ci.zoo import load_zoo, select
+
+    build_checkpoint(select(load_zoo(), only=["gpt-oss"])[0], tmp_path)
+    runtime = dict(max_batch_size=4, max_num_tokens=64,
+                   overrides=["model.dtype=float32", "transforms.insert_kv_cache.num_blocks=32", *quantization])
+    prompts = [[17, 301, 42, 7, 250, 99, 5, 128], [4, 8, 15, 16, 23, 42]]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    one = LLM(tmp_path, **runtime)
+    assert {r.name: r.matched for r in one.model.reports}["quantize_linear"][f"{quantization[0][18:]}_experts"] == 16
+    want = [o.token_ids for o in one.generate(prompts, params)]
+    two = LLM(tmp_path, tensor_parallel_size=2, **runtime)
+    try:
+        assert [o.token_ids for o in two.generate(prompts, params)] == want
+    finally:
+        two.shutdown()

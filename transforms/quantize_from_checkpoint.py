@@ -90,7 +90,7 @@ class QuantizeFromCheckpoint(Transform):
             weight_shards = {arg: shards[name] for arg, name in names.items() if name in shards}
             stacked = stacked_scheme(scheme)
             params = {}
-            for arg, (_, suffixes) in zip(names, swap_moe(prefix, module, node, stacked, ctx.dtype).values()):
+            for arg, (_, suffixes, _) in zip(names, swap_moe(prefix, module, node, stacked, ctx.dtype).values()):
                 params.update({param: arg + suffix for param, suffix in suffixes.items()})
             loads.add(experts_load(fmt, block, scheme, shapes, weight_shards, ctx.dtype, params, shards))
             record_block_name(gm, path, block)

@@ -33,7 +33,8 @@ from autodeploy.parallel.rank_reduce import combine_over_ranks
 from autodeploy.parallel.slices import shards_of
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
-from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
+from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, stored_expert_weight,
+                                             swap_linear,
                                              swap_moe)
 from autodeploy.quantization.schemes import LinearScheme, online_scheme
 
@@ -44,8 +45,9 @@ def _build_linear(scheme, key: str, scale_dtype, combine, tensors: dict) -> dict
     return scheme.quantize(tensors[key], scale_dtype, combine)
 
 
-def _build_experts(scheme, key: str, scale_dtype, combine, tensors: dict) -> dict:
-    return quantize_experts(scheme, tensors[key], scale_dtype, combine)
+def _build_experts(scheme, key: str, scale_dtype, combine, transposed: bool, tensors: dict) -> dict:
+    w = tensors[key]
+    return quantize_experts(scheme, w.transpose(1, 2) if transposed else w, scale_dtype, combine)
 
 
 def _row_combine(shard, in_dim: int):
@@ -126,23 +128,26 @@ class QuantizeLinear(Transform):
     def _experts(self, gm: GraphModule, ctx: TransformContext, base: LinearScheme, counts: dict[str, int]) -> None:
         loads = quantized_loads(gm)
         shards = shards_of(gm)
-        for prefix, module, node in list(moe_nodes(gm)):
+        for prefix, module, node in list(moe_nodes(gm, transposed=True)):
             w_gate_up, w_down = node.args[3], node.args[4]
-            if ctx.quantization.excluded(hf_path(w_gate_up.target)):
+            path = hf_path(stored_expert_weight(w_gate_up)[0].target)
+            if ctx.quantization.excluded(path):
                 counts["excluded"] += 1
                 continue
-            scheme = self._sized(base, ctx.quantization, hf_path(w_gate_up.target),
-                                 *(w.meta["val"].shape[-1] for w in (w_gate_up, w_down)))
+            scheme = self._sized(base, ctx.quantization, path, *(w.meta["val"].shape[-1] for w in (w_gate_up, w_down)))
             for weight in (w_gate_up, w_down):
                 scheme.check(weight.meta["val"].shape[-1])
-                shard = shards.get((prefix + weight.target).removeprefix(WRAPPER_PREFIX))
+                stored = stored_expert_weight(weight)[0]
+                shard = shards.get((prefix + stored.target).removeprefix(WRAPPER_PREFIX))
                 if shard is not None and shard.dim > 0:  # TP inside experts: rows or columns of each expert
-                    check_whole_blocks(scheme, shard, hf_path(weight.target))
+                    check_whole_blocks(scheme, shard, hf_path(stored.target))
             counts[f"{scheme.name}_experts"] += w_gate_up.meta["val"].shape[0]
-            for weight_name, (shape, params) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
+            for weight_name, (shape, params, transposed) in swap_moe(prefix, module, node, scheme, ctx.dtype).items():
                 key = weight_name.removeprefix(WRAPPER_PREFIX)
-                combine = _row_combine(shards.get(key), 2)
-                loads.add(LayerLoad({key: shape}, partial(_build_experts, scheme, key, ctx.dtype, combine), params))
+                combine = _row_combine(shards.get(key), 1 if transposed else 2)
+                stored_shape = (shape[0], shape[2], shape[1]) if transposed else shape
+                loads.add(LayerLoad({key: stored_shape}, partial(_build_experts, scheme, key, ctx.dtype, combine,
+                                                                 transposed), params))
 
     def expected(self, gm: GraphModule, ctx: TransformContext) -> dict[str, int]:
         """Every nn.Linear not excluded whose weight no other module shares (tied embeddings stay unquantized;

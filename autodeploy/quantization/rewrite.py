@@ -82,13 +82,28 @@ def _graphs(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
             yield (f"{name}." if name else ""), module
 
 
-def moe_nodes(gm: GraphModule) -> Iterator[tuple[str, GraphModule, Node]]:
-    """Every autodeploy::moe whose expert weights are plain, untied [E, out, in] parameters."""
+def stored_expert_weight(node: Node) -> tuple[Node, bool]:
+    """(the get_attr an autodeploy::moe weight argument reads, whether the graph transposes it from [E, in, out])."""
+    if is_op(node, torch.ops.aten.transpose.int) and sorted(node.args[1:]) == [1, 2]:
+        return node.args[0], True
+    return node, False
+
+
+def moe_nodes(gm: GraphModule, transposed: bool = False) -> Iterator[tuple[str, GraphModule, Node]]:
+    """Every autodeploy::moe whose expert weights are plain, untied [E, out, in] parameters; with `transposed` also
+    [E, in, out] ones the graph transposes for it alone (GPT-OSS's)."""
     names = _single_name_params(gm)
     for prefix, module in _graphs(gm):
         for node in list(module.graph.nodes):
-            if is_op(node, MOE) and all(_plain_param(module, node.args[i], names) is not None for i in (3, 4)):
+            if is_op(node, MOE) and all(_expert_bank(module, node.args[i], names, transposed) for i in (3, 4)):
                 yield prefix, module, node
+
+
+def _expert_bank(module: GraphModule, node: Node, names: Counter, transposed: bool) -> bool:
+    stored, is_transposed = stored_expert_weight(node)
+    if is_transposed and not (transposed and len(node.users) == 1 and len(stored.users) == 1):
+        return False
+    return _plain_param(module, stored, names) is not None
 
 
 def replace_params(module: GraphModule, anchor: Node, old: list[Node], owner_path: str,
@@ -163,20 +178,22 @@ def quantize_experts(scheme: LinearScheme, w: torch.Tensor, scale_dtype: torch.d
 
 def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
              scale_dtype: torch.dtype) -> dict[str, tuple[tuple, dict[str, str]]]:
-    """Replace an autodeploy::moe with fp8_moe / int_moe over quantized expert weights.
+    """Replace an autodeploy::moe with fp8_moe / int_moe over quantized expert weights (in [E, N, K], also where
+    the graph transposed stored [E, K, N] banks).
 
-    Returns, per replaced weight (graph name), its [E, N, K] shape and {graph param name: param suffix}.
+    Returns, per replaced weight (graph name), its [E, N, K] shape, {graph param name: param suffix} and whether
+    the stored tensor is [E, K, N].
     """
     args = bind_args(node)
     quantized, loads = {}, {}
     for arg in ("w_gate_up", "w_down"):
-        weight = args[arg]
+        weight, transposed = stored_expert_weight(args[arg])
         owner_path, _, attr = weight.target.rpartition(".")
-        shape = tuple(val(weight).shape)
+        shape = tuple(val(args[arg]).shape)
         params = expert_params(scheme, *shape, scale_dtype)
         nodes = replace_params(module, node, [weight], owner_path, {attr + s: p for s, p in params.items()})
         quantized[arg] = {s: nodes[attr + s] for s in params}
-        loads[f"{prefix}{weight.target}"] = (shape, {f"{prefix}{owner_path}.{attr}{s}": s for s in params})
+        loads[f"{prefix}{weight.target}"] = (shape, {f"{prefix}{owner_path}.{attr}{s}": s for s in params}, transposed)
     g, d = quantized["w_gate_up"], quantized["w_down"]
     common = (args["x"], args["topk_ids"], args["topk_weights"])
     kwargs = {"b_gate_up": args["b_gate_up"], "b_down": args["b_down"]}
@@ -198,6 +215,8 @@ def swap_moe(prefix: str, module: GraphModule, node: Node, scheme: LinearScheme,
     old_weights = [args["w_gate_up"], args["w_down"]]
     module.graph.erase_node(node)
     for weight in old_weights:
-        if not weight.users:
-            module.graph.erase_node(weight)
+        stored = stored_expert_weight(weight)[0]
+        for dead in dict.fromkeys((weight, stored)):  # the transpose, then what it read
+            if not dead.users:
+                module.graph.erase_node(dead)
     return loads
