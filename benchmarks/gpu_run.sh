@@ -30,7 +30,9 @@
 #              read in place, RoPE with float32 cos on bf16 x, INT4 GEMV knobs at 2-4 rows, the GEMV copy), the zoo
 #              entries they touch in bf16 on the GPU (gpt-oss in float32: attention sinks, swigluoai experts; its
 #              bf16 logits move as much as HF's own bf16 model's), INT4 linears at 1-64 rows, Qwen3-30B-A3B
-#              batch 1 and 64.
+#              batch 1 and 64,
+#         26 = the GPT-OSS-20B shape (benchmarks/gpt-oss-20b: 21B parameters, 3.6B active; attention sinks, swigluoai
+#              experts) at batch 1 and 64, bf16 then FP8 online (experts included).
 # BUDGET=S: stages 12-20 end by S seconds after the script started (each one's timeout is cut to what is left),
 # so a device call never overruns; order STAGES by priority.
 # TINY=1 tries any stage on the CPU: tiny config, few tokens, a short text (no figures: only that it runs).
@@ -40,11 +42,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CFG=benchmarks/llama-3.1-8b
 # Shapes of stages 12-18 (issue 14: prompt 128, 128 new tokens, batches 1 and 64, a 4096-token prompt, 512 requests).
 IN=128 NEW=128 BATCHES=1,64 B64=64 LONG=4096 NREQ=512 REQ_IN=64,1024 REQ_OUT=64,512 REPEATS=2 PPL_WINDOW=2048 PPL_DTYPE=bfloat16 SMOL_LIMIT=90
-SERVE_CLIENTS=64 SERVE_S=40 SERVE_REQ=256 SERVE_DEVICE=cuda MOE_CFG=benchmarks/qwen3-30b-a3b
+SERVE_CLIENTS=64 SERVE_S=40 SERVE_REQ=256 SERVE_DEVICE=cuda MOE_CFG=benchmarks/qwen3-30b-a3b OSS_CFG=benchmarks/gpt-oss-20b
 TEXT=tests/data/shakespeare_coriolanus.txt SMOL=${SMOL:-}  # SMOL empty: the embedded default model (SmolLM2)
 if [ "${TINY:-0}" = 1 ]; then
   CFG=benchmarks/tiny-llama IN=16 NEW=8 BATCHES=1,4 B64=4 LONG=256 NREQ=6 REQ_IN=8,64 REQ_OUT=4,16 REPEATS=1 PPL_WINDOW=128 PPL_DTYPE=float32 SMOL_LIMIT=600
-  SERVE_CLIENTS=2 SERVE_S=6 SERVE_REQ=4 SERVE_DEVICE=cpu MOE_CFG=benchmarks/tiny-llama
+  SERVE_CLIENTS=2 SERVE_S=6 SERVE_REQ=4 SERVE_DEVICE=cpu MOE_CFG=benchmarks/tiny-llama OSS_CFG=benchmarks/tiny-llama
   TEXT=$OUT/short_text.txt; head -c 1500 tests/data/shakespeare_coriolanus.txt > "$TEXT"
 fi
 Q_FP8="quantization.algo=fp8" Q_INT8="quantization.algo=int8 quantization.group_size=-1"
@@ -135,4 +137,8 @@ for stage in ${STAGES:-1 2 3}; do case $stage in
       | tee "$OUT/int4_rows.log"
     timeout "$(limit 150)" autodeploy bench $MOE_CFG --config-only --batch $BATCHES --input-len $IN \
       --output-len $NEW --repeats $REPEATS --json "$OUT/qwen3_moe.json" 2>&1 | grep -v USDT | tee "$OUT/qwen3_moe.log" ;;
+26) for q in "" "$Q_FP8"; do name=gpt_oss${q:+_fp8}
+      timeout "$(limit 180)" autodeploy bench $OSS_CFG --config-only --batch $BATCHES --input-len $IN --output-len $NEW \
+        --repeats $REPEATS --json "$OUT/$name.json" $q 2>&1 | grep -v USDT | tee "$OUT/$name.log"
+    done ;;
 esac; done
