@@ -138,6 +138,9 @@ class _Sharder:
             if isinstance(slopes, Node) and slopes.op == "get_attr":
                 self.slice_constant(slopes, self.fraction_ranges(shape(slopes)[0], *part[attention]))
             if isinstance(sinks, Node):  # the model's [n_heads] parameter: this rank's heads
+                if sinks.op != "get_attr":
+                    raise ShardingError(f"{module_path(attention)}: attention sinks the graph computes (not a "
+                                        "parameter) do not shard yet")
                 self.slice_param(sinks, 0, self.fraction_ranges(shape(sinks)[0], *part[attention]))
         for closer, ranges in cols.items():
             self.styles[_weight_owner(closer)] = "rowwise"
