@@ -29,7 +29,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             verdict = f"FAIL at {stage}: {detail.detail[:120]}"
         print(f"  {result.model_type:<28} {result.seconds:6.1f} s  {verdict}", flush=True)
 
-    results = run_sweep(types, on_result=show, time_limit=args.time_limit)
+    results = run_sweep(types, on_result=show, time_limit=args.time_limit, memory_limit=args.memory_limit)
     report = sweep_markdown(results, selection)
     print()
     print(report.splitlines()[0])
@@ -103,6 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "from a tiny config derived from its config class (slow; writes sweep.md with --report)")
     p.add_argument("--time-limit", type=int, default=120, metavar="S",
                    help="with --all-architectures: seconds per type before it counts as failed (0: none)")
+    p.add_argument("--memory-limit", type=float, default=8.0, metavar="GB",
+                   help="with --all-architectures: memory a type may take beyond what the sweep holds before it "
+                        "counts as failed instead of the system killing the run (0: none)")
     p.add_argument("--report", metavar="DIR", default=None, help="write zoo.md, zoo.json and zoo.html to DIR")
     p.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default=None,
                    help="force every entry's checkpoint layout (hub: as save_pretrained writes; native: "

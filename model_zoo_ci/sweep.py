@@ -258,20 +258,44 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextlib.contextmanager
+def _memory_limit(gigabytes: float):
+    """Allocations past `gigabytes` more address space than the process holds now fail (MemoryError or torch's
+    "can't allocate memory", reported as the type's failure) instead of the kernel killing the whole sweep (blt's
+    tiny config took over 18 GB in HF's own forward). No limit for 0, or where RLIMIT_AS is unavailable."""
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if gigabytes <= 0 or resource is None or not hasattr(resource, "RLIMIT_AS"):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        held = int(statm.read().split()[0]) * resource.getpagesize()
+    limit = held + int(gigabytes * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def run_sweep(types: list[str], on_result: Callable[[SweepResult], None] | None = None,
-              time_limit: int = 0) -> list[SweepResult]:
+              time_limit: int = 0, memory_limit: float = 0) -> list[SweepResult]:
     """Every type in order: HF's own check first, then the zoo runner (never raises for a model problem).
-    `time_limit` > 0 bounds each type's seconds; a type over it fails at the stage it was in."""
+    `time_limit` > 0 bounds each type's seconds; a type over it fails at the stage it was in; `memory_limit` > 0
+    bounds the memory (GB) a type may take beyond what the sweep holds."""
     results = []
     for model_type in types:
         start = time.perf_counter()
         result = SweepResult(model_type)
-        try:
-            entry = sweep_entry(model_type)
-        except Exception as e:
-            result.hf_unsupported = f"no tiny config: {first_line(e)}"
-        else:
-            with _time_limit(time_limit):
+        with _time_limit(time_limit), _memory_limit(memory_limit):  # sweep_entry runs HF's model too
+            try:
+                entry = sweep_entry(model_type)
+            except Exception as e:
+                result.hf_unsupported = f"no tiny config: {first_line(e)}"
+            else:
                 result.hf_unsupported = hf_runs(entry)
                 if not result.hf_unsupported:
                     result.entry = run_entry(entry)

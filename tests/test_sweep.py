@@ -82,3 +82,24 @@ def test_nodes_added_next_to_placeholders_named_outside_the_namespace_get_names_
     assert first.name == "getitem"
     finalize(gm)
     assert len({n.name for n in gm.graph.nodes}) == 3 and gm(torch.tensor([5, 6])) == 5
+
+
+def test_a_type_past_the_memory_limit_fails_alone(monkeypatch):
+    """A type whose HF model takes more memory than `memory_limit` allows (blt's tiny config: over 18 GB in HF's
+    forward) is reported as one HF cannot run, and the next type still runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.model_zoo_ci import sweep
+
+    build = AutoModelForCausalLM.from_config
+
+    def greedy(config, **kwargs):
+        if config.model_type == "qwen2":
+            torch.empty(2 * 2**30, dtype=torch.uint8)  # 2 GB: past a 1 GB limit
+        return build(config, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", greedy)
+    monkeypatch.setattr(sweep, "run_entry", lambda entry: None)
+    first, second = run_sweep(["qwen2", "llama"], memory_limit=1.0)
+    assert "allocate memory" in first.hf_unsupported and second.hf_unsupported == ""
