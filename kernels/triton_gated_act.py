@@ -2,7 +2,8 @@
 
 After `fuse_shared_input_linears` the gate and up projections are one linear whose output
 [..., 2I] is sliced into two views with row stride 2I; the kernel reads them in place, so the
-fused projection's output never needs a copy. Separate, contiguous gate and up work the same way.
+fused projection's output never needs a copy. Separate, contiguous gate and up work the same way, and so do
+alternating columns (GPT-OSS's `swigluoai` experts: column stride 2, which Triton does not specialize as it does 1).
 The arithmetic (the activation rounded to the input dtype before the product, as the eager `act(gate) * up`
 does) is `triton_activation.gated_product`, shared with the gated_linear prologue of the skinny GEMM.
 Imported lazily: `triton.jit` fixes interpreter vs compiled mode when it decorates.
@@ -19,7 +20,6 @@ from .quant_act import empty_quantized, kernel_groups
 from .quant_linear import activation_groups
 from .triton_activation import ACTIVATION_IDS, gated_product
 from .triton_fp8 import store_tile_quantized
-from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
@@ -29,7 +29,7 @@ MAX_ROW_COLUMNS = 16384  # per-token scales: one program holds the whole row
 @triton.jit
 def _gated_act_kernel(
     gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, n_cols, scale_ptr, stride_scale_m, stride_scale_g,
-    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1,
+    stride_gc, stride_uc, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, QUANT_FP8: tl.constexpr = False, GROUP: tl.constexpr = 1,
     NUM_GROUPS: tl.constexpr = 1, INTERPRET: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     static_ptr=None, STATIC: tl.constexpr = False,
 ):
@@ -40,8 +40,8 @@ def _gated_act_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = cols < n_cols
-    gate = tl.load(gate_ptr + row * stride_g + cols, mask=valid, other=0.0)
-    up = tl.load(up_ptr + row * stride_u + cols, mask=valid, other=0.0)
+    gate = tl.load(gate_ptr + row * stride_g + cols * stride_gc, mask=valid, other=0.0)
+    up = tl.load(up_ptr + row * stride_u + cols * stride_uc, mask=valid, other=0.0)
     y = gated_product(gate, up, ACTIVATION).to(gate.dtype)
     if QUANT_FP8:
         groups = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
@@ -59,7 +59,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     quant = group_size is not None
     out, scale = (empty_quantized(gate, group_size) if quant
                   else (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), None))
-    gate2, up2, out2 = as_rows(gate), as_rows(up), out.view(-1, gate.shape[-1])
+    gate2, up2, out2 = _rows(gate), _rows(up), out.view(-1, gate.shape[-1])
     n_rows, n_cols = out2.shape
     if out.numel() == 0:
         return out if not quant else (out, scale)
@@ -69,11 +69,18 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     group = block if not quant or groups == 1 else group_size
     _gated_act_kernel[(n_rows, triton.cdiv(n_cols, block))](
         gate2, up2, out2, gate2.stride(0), up2.stride(0), out2.stride(0), n_cols, scale2, *scale2.stride(),
+        gate2.stride(1), up2.stride(1),
         ACTIVATION=ACTIVATION_IDS[activation], BLOCK=block, QUANT_FP8=quant, GROUP=group, NUM_GROUPS=groups,
         INTERPRET=not gate.is_cuda, num_warps=min(max(block // 512, 4), 16), static_ptr=input_scale,
         STATIC=input_scale is not None, **pdl_launch(gate.device),
     )
     return out if not quant else (out, scale)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, n], a view wherever one exists (any column stride: alternating gate / up columns stay in place)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) > 0 else rows.contiguous()
 
 
 def _fused(gate: torch.Tensor, up: torch.Tensor) -> bool:
