@@ -9,7 +9,9 @@ weights). The matcher splits sums into their terms, so a bias added to a mask bu
 is still seen. Where the sum of the evaluable terms is finite (the allowed keys), it must be slope_h * key position plus a
 per-row constant, which softmax ignores: that is ALiBi with slopes [n_heads]. All-zero means a plain
 mask. Terms that cannot be evaluated are treated as masks (what the canonical op's causal mask and
-sliding window already express); an evaluable bias of another form is reported as unsupported.
+sliding window already express), unless they are computed from the model's parameters: a learned bias (Inkling's
+relative position logits from a projection of the hidden states) is reported as unsupported, as is an evaluable
+bias of another form.
 """
 
 from __future__ import annotations
@@ -94,10 +96,19 @@ def _as_heads(term: torch.Tensor, n_heads: int) -> torch.Tensor:
     return term
 
 
+def _reads_parameters(term: Node) -> bool:
+    """Whether `term` is computed from a parameter of the model (weights: learned, not a mask)."""
+    module = term.graph.owning_module
+    return any(node.op == "get_attr" and isinstance(_attr(module, node.target), torch.nn.Parameter)
+               for node in _ancestors([term]))
+
+
 def alibi_slopes(terms: Sequence[Node], n_heads: int) -> torch.Tensor | None:
     """The ALiBi slopes [n_heads] that `terms` add to the scores, None when they only mask."""
     if not terms:
         return None
+    if any(_reads_parameters(t) for t in terms):
+        raise UnsupportedBias("an additive score bias computed from the model's weights (a learned bias)")
     values = [v[0] for v in (_evaluate([t], _EXAMPLE_SEQ) for t in terms) if v is not None]
     if not values:
         return None

@@ -62,3 +62,23 @@ def test_plain_mask_has_no_slopes():
 def test_other_bias_is_left_alone():
     module = Fn(lambda self, *a: self.attn(*a), attn=Attention(_eager_quadratic_bias))
     assert rewrite(module, (*_qkv(), _causal()), "match_attention")[1] == {"attention": 0}
+
+
+def test_a_bias_learned_from_the_hidden_states_is_not_taken_for_a_mask():
+    """Inkling's relative position logits come from a projection of the model's activations: the weights make the
+    term impossible to evaluate, which used to count as a mask, dropped from the scores (logits 3.2e-3 of the max
+    apart, decode otherwise right). A term computed from a parameter is a learned bias: the attention stays HF's,
+    and the reason is recorded for insert_kv_cache, which then refuses a cache."""
+    from autodeploy.transforms.match_attention import UNMATCHED_KEY
+
+    def eager_learned_bias(self, q, k, v, mask):
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        bias = self.relative(q.transpose(1, 2)).permute(0, 2, 1, 3)[..., :q.shape[2]]  # [b, h, s, s] from weights
+        scores = torch.matmul(q, k.transpose(-1, -2)) * 0.3 + bias
+        return torch.matmul(F.softmax(scores.masked_fill(~mask, torch.finfo(torch.float32).min), dim=-1), v)
+
+    attention = Attention(eager_learned_bias)
+    attention.relative = torch.nn.Linear(D, 16)
+    gm, matched = rewrite(Fn(lambda self, *a: self.attn(*a), attn=attention), (*_qkv(), _causal()), "match_attention")
+    assert matched == {"attention": 0}
+    assert "learned bias" in gm.meta[UNMATCHED_KEY][0]

@@ -103,3 +103,12 @@ def test_a_type_past_the_memory_limit_fails_alone(monkeypatch):
     monkeypatch.setattr(sweep, "run_entry", lambda entry: None)
     first, second = run_sweep(["qwen2", "llama"], memory_limit=1.0)
     assert "allocate memory" in first.hf_unsupported and second.hf_unsupported == ""
+
+
+def test_an_attention_left_as_hf_wrote_it_refuses_a_cache():
+    """inkling_text's attentions add a learned relative bias (left unmatched) beside state-space layers that get
+    state slots: with any cache each step would give those attentions only its own tokens, so the cache stage
+    fails with the reason instead of generating wrong tokens."""
+    (result,) = run_sweep(["inkling_text"])
+    stage, detail = result.entry.first_failure()
+    assert stage == "cache" and "learned bias" in detail.detail

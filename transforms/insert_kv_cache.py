@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen
 
-from autodeploy.errors import RecipeError, WeightLoadingError
+from autodeploy.errors import RecipeError, UnsupportedModelError, WeightLoadingError
 from autodeploy.graph_utils import is_op, replace_with_call
 from autodeploy.kernels.cached_attention import CACHED_ATTENTION_BACKENDS
 from autodeploy.kernels.quant_format import FP8_DTYPE
@@ -30,6 +30,7 @@ from autodeploy.runtime.kv_cache import (
 )
 
 from .insert_state_cache import state_slot_bytes
+from .match_attention import UNMATCHED_KEY
 from .registry import Stage, Transform, TransformConfig, TransformContext, register
 
 
@@ -127,6 +128,10 @@ class InsertKVCache(Transform):
         state_bytes = state_slot_bytes(gm)  # each block also names a state slot (insert_state_cache)
         if not attention and not state_bytes:
             return {"cached_attention": 0}
+        left = gm.meta.get(UNMATCHED_KEY, [])
+        if left:  # with a cache every step runs only its new tokens: an attention left as HF's would see no others
+            raise UnsupportedModelError(f"{len(left)} attention layer(s) could not become autodeploy::attention, "
+                                        f"so no cache can serve the model ({left[0]})")
         cfg = self.config
         shapes = [_layer_shape(n) for n in attention]
         dtype = _cache_dtype(cfg.dtype, ctx)

@@ -30,6 +30,9 @@ from ._rewrite import replace_matches
 from .registry import Stage, Transform, TransformContext, register
 
 
+UNMATCHED_KEY = "autodeploy_unmatched_attention"  # gm.meta: attentions seen and left alone, with why
+
+
 def _layer_index(module: nn.Module | None, path: str | None) -> int | None:
     index = getattr(module, "layer_idx", None)
     if index is None and path is not None:
@@ -97,15 +100,19 @@ class MatchAttention(Transform):
         config = ctx.source.config.get_text_config()
         buffers = initial_buffers(ctx.meta_model)
 
+        left: list[str] = gm.meta.setdefault(UNMATCHED_KEY, [])
+
         def operands(match: AttentionMatch) -> tuple | None:
             path = module_path(match.output)
             hf_attention = get_submodule_or_none(ctx.meta_model, path, prefix=WRAPPER_PREFIX)
             if not getattr(hf_attention, "is_causal", True):
+                left.append(f"{path}: not causal")
                 return None
             window = sliding_window(hf_attention, path, config) or band_window(match, buffers)
             try:
                 slopes = slopes_node(match)
-            except UnsupportedBias:
+            except UnsupportedBias as e:
+                left.append(f"{path}: {e}")
                 return None
             operands = (match.q, match.k, match.v, match.scale, window, match.logit_cap)
             if match.sinks is not None:
