@@ -96,11 +96,23 @@ def _as_heads(term: torch.Tensor, n_heads: int) -> torch.Tensor:
     return term
 
 
+_SHAPE_ONLY = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
+
+
 def _reads_parameters(term: Node) -> bool:
-    """Whether `term` is computed from a parameter of the model (weights: learned, not a mask)."""
+    """Whether `term`'s values are computed from a parameter of the model (weights: learned, not a mask). A size
+    read off an activation (a mask as long as the hidden states) does not count."""
     module = term.graph.owning_module
-    return any(node.op == "get_attr" and isinstance(_attr(module, node.target), torch.nn.Parameter)
-               for node in _ancestors([term]))
+    seen, stack = set(), [term]
+    while stack:
+        node = stack.pop()
+        if node in seen or (node.op == "call_function" and node.target in _SHAPE_ONLY):
+            continue
+        seen.add(node)
+        if node.op == "get_attr" and isinstance(_attr(module, node.target), torch.nn.Parameter):
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
 
 
 def alibi_slopes(terms: Sequence[Node], n_heads: int) -> torch.Tensor | None:
