@@ -20,6 +20,7 @@ from .quant_act import empty_quantized, kernel_groups
 from .quant_linear import activation_groups
 from .triton_activation import ACTIVATION_IDS, gated_product
 from .triton_fp8 import store_tile_quantized
+from .triton_layout import as_rows
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 BLOCK = 1024
@@ -59,7 +60,8 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
     quant = group_size is not None
     out, scale = (empty_quantized(gate, group_size) if quant
                   else (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device), None))
-    gate2, up2, out2 = _rows(gate), _rows(up), out.view(-1, gate.shape[-1])
+    gate2, up2 = as_rows(gate, unit_columns=False), as_rows(up, unit_columns=False)
+    out2 = out.view(-1, gate.shape[-1])
     n_rows, n_cols = out2.shape
     if out.numel() == 0:
         return out if not quant else (out, scale)
@@ -75,12 +77,6 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, activation: str, group_size: i
         STATIC=input_scale is not None, **pdl_launch(gate.device),
     )
     return out if not quant else (out, scale)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, n], a view wherever one exists (any column stride: alternating gate / up columns stay in place)."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) > 0 else rows.contiguous()
 
 
 def _fused(gate: torch.Tensor, up: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ import triton.language as tl
 from .quant_act import empty_quantized, kernel_groups
 from .quant_format import FP8_DTYPE
 from .triton_fp8 import store_tile_quantized
-from .triton_layout import as_rows
+from .triton_layout import as_rows, merged_stride
 from .triton_pdl import pdl_launch, wait_for_inputs
 
 
@@ -82,22 +82,14 @@ def _rms_norm_kernel(
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _view(x: torch.Tensor, *shape: int) -> torch.Tensor | None:
-    try:
-        return x.view(*shape)
-    except RuntimeError:
-        return None
-
-
 def _head_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(x's rows as a [rows / heads, n] view strided by its outer rows, heads, the stride between heads): the
     per-head q / k norms of Qwen3, Gemma 3 or OLMo 2 read [..., heads, head_dim] slices of a fused qkv output,
     whose rows no single stride reaches; they are read in place instead of through a copy kernel (as_rows
     would copy). Rows one stride reaches stay plain rows (heads 1)."""
-    if x.dim() >= 3 and x.stride(-1) == 1 and _view(x, -1, x.shape[-1]) is None:
-        by_head = _view(x, -1, *x.shape[-2:])
-        if by_head is not None:
-            return by_head[:, 0, :], x.shape[-2], by_head.stride(1)
+    if x.dim() >= 3 and x.stride(-1) == 1 and merged_stride(x, x.dim() - 1) is None \
+            and merged_stride(x, x.dim() - 2) is not None:
+        return x.select(-2, 0).reshape(-1, x.shape[-1]), x.shape[-2], x.stride(-2)
     return as_rows(x), 1, 0
 
 

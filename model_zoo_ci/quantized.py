@@ -47,9 +47,8 @@ def _round_trip_online(model: nn.Module, settings: QuantizationSettings) -> int:
             weight = getattr(module, name, None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 3:
                 transposed = getattr(module, "is_transposed", False)  # stored [E, in, out] (GPT-OSS)
-                banks = weight.transpose(1, 2) if transposed else weight
-                weight.copy_(torch.stack([_dequantized(scheme, w) for w in banks]).transpose(1, 2) if transposed
-                             else torch.stack([_dequantized(scheme, w) for w in banks]))
+                rounded = torch.stack([_dequantized(scheme, w) for w in (weight.mT if transposed else weight)])
+                weight.copy_(rounded.mT if transposed else rounded)
                 count += weight.shape[0]
     return count
 

@@ -201,11 +201,8 @@ def sweep_entry(model_type: str) -> ZooEntry:
 def _sees_later_tokens(entry: ZooEntry) -> bool:
     """Whether HF's model of the tiny config lets a token see later ones (an encoder left bidirectional): its
     logits for the prompt's first tokens change when the last token changes. False when HF cannot run it."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
     try:
-        fields = dict(entry.config)
-        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[fields.pop("model_type")](**fields)).eval()
+        model = _hf_model(entry)
         ids = torch.tensor([entry.prompt])
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % _VOCAB
@@ -216,18 +213,23 @@ def _sees_later_tokens(entry: ZooEntry) -> bool:
         return False
 
 
-def hf_runs(entry: ZooEntry) -> str:
-    """'' when transformers builds the tiny config and runs a forward on the prompt; else why not."""
+def _hf_model(entry: ZooEntry) -> torch.nn.Module:
+    """transformers' model of the entry's tiny config (random weights, the attention it picks itself)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from autodeploy.loading import hf_attn_implementation
 
+    fields = dict(entry.config)
+    config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=hf_attn_implementation("auto")).eval()
+
+
+def hf_runs(entry: ZooEntry) -> str:
+    """'' when transformers builds the tiny config and runs a forward on the prompt; else why not."""
     try:
-        fields = dict(entry.config)
-        config = CONFIG_MAPPING[fields.pop("model_type")](**fields)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=hf_attn_implementation("auto"))
+        model = _hf_model(entry)
         with torch.inference_mode():
-            logits = model.eval()(torch.tensor([entry.prompt]), use_cache=False).logits
+            logits = model(torch.tensor([entry.prompt]), use_cache=False).logits
         if not torch.isfinite(logits).all():
             return "HF's logits are not finite"
     except Exception as e:

@@ -29,8 +29,8 @@ from torch.fx import Node
 
 from autodeploy.graph_utils import is_op
 
-from .helpers import (advance, binary_operands, bind_args, is_last_dim, is_value_preserving, sole_user, split_scalar,
-                      strip, val)
+from .helpers import (VIEWS, advance, binary_operands, bind_args, is_last_dim, is_value_preserving, sole_user,
+                      split_scalar, strip, val)
 
 aten = torch.ops.aten
 
@@ -55,7 +55,7 @@ def strip_repeat_kv(node: Node) -> Node:
     Returns `node` unchanged when it is not a repeat (n_rep == 1 makes repeat_kv the identity).
     """
     reshape = strip(node)
-    if not is_op(reshape, (aten.reshape, aten.view, aten._unsafe_view)):
+    if not is_op(reshape, VIEWS):
         return node
     expand = strip(reshape.args[0])
     if not is_op(expand, aten.expand):
@@ -113,7 +113,7 @@ def _as_division(node: Node) -> tuple[Node, float] | None:
 def _unflatten_heads(node: Node) -> Node | None:
     """x [b, h, s, d] from reshape(x, [b * h, s, d]) (Bloom's batched-matmul layout), else None."""
     node = strip(node)
-    if not is_op(node, (aten.reshape, aten.view, aten._unsafe_view)):
+    if not is_op(node, VIEWS):
         return None
     source, flat = node.args[0], val(node)
     shape = val(source).shape if val(source) is not None else ()
@@ -128,7 +128,7 @@ def _parse_product(node: Node) -> tuple[Node, Node, float, tuple[Node, ...]] | N
     if is_op(node, aten.matmul):
         q, k_t, scale, terms = node.args[0], strip(node.args[1]), 1.0, ()
     else:
-        if not is_op(node, (aten.view, aten.reshape, aten._unsafe_view)) or val(node).dim() != 4:
+        if not is_op(node, VIEWS) or val(node).dim() != 4:
             return None
         product = strip(node.args[0])
         if is_op(product, aten.bmm):
@@ -182,16 +182,13 @@ def _summands(node: Node) -> list:
     return [node]
 
 
-_VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
-
-
 def _attend_values(probs: Node) -> tuple[Node, Node] | None:
     """probs @ v -> (output [b, h, s, d_v], repeated v), directly or through the [b * h, s, .] bmm of Bloom and
     XGLM (probs viewed there, through any views and inactive dropouts each read once)."""
     out = sole_user(probs)
     if out is not None and is_op(out, aten.matmul) and out.args[0] is probs:
         return out, out.args[1]
-    while out is not None and (is_op(out, _VIEWS) or is_value_preserving(out)) and out.args[0] is probs:
+    while out is not None and (is_op(out, VIEWS) or is_value_preserving(out)) and out.args[0] is probs:
         probs, out = out, sole_user(out)
     bmm = out
     if bmm is None or not is_op(bmm, aten.bmm) or bmm.args[0] is not probs or val(probs).dim() != 3:
@@ -202,7 +199,7 @@ def _attend_values(probs: Node) -> tuple[Node, Node] | None:
     return output, v
 
 
-_SHAPE_OPS = (aten.expand, aten.reshape, aten.view, aten._unsafe_view, aten.unsqueeze)
+_SHAPE_OPS = (aten.expand, aten.unsqueeze, *VIEWS)
 
 
 def _per_head_vector(node: Node, n_heads: int) -> Node | None:

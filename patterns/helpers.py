@@ -23,6 +23,7 @@ aten = torch.ops.aten
 _VALUE_PRESERVING = (aten.to, aten._to_copy, aten.type_as, aten.contiguous, aten.clone, aten.alias, aten.detach)
 # Matchers that look for a projection accept the linear both before and after match_linear.
 LINEAR_OPS = (aten.linear, torch.ops.autodeploy.linear)
+VIEWS = (aten.view, aten.reshape, aten._unsafe_view)  # the same elements in another shape
 
 M = TypeVar("M")
 

@@ -19,10 +19,9 @@ from torch.fx import Node
 
 from autodeploy.graph_utils import is_op
 
-from .helpers import bind_args, sole_user, val
+from .helpers import VIEWS, bind_args, sole_user, val
 
 aten = torch.ops.aten
-_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
 _TRANSPOSES = (aten.t, aten.numpy_T, aten.mT, aten.transpose, aten.permute)
 
 
@@ -97,7 +96,7 @@ def _unflattened(x: Any, output: Node) -> tuple[Any, Node]:
     linear on x (any rank) gives the same values in the final shape.
     """
     back = sole_user(output)
-    if not is_op(x, _RESHAPES) or back is None or not is_op(back, _RESHAPES):
+    if not is_op(x, VIEWS) or back is None or not is_op(back, VIEWS):
         return x, output
     source = x.args[0]
     if val(source).shape[-1] == val(x).shape[-1] and val(back).shape[:-1] == val(source).shape[:-1]:

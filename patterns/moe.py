@@ -104,6 +104,13 @@ def custom_gate_activation(module: nn.Module) -> str | None:
     return None
 
 
+def stored_expert_weight(node: Node) -> tuple[Node, bool]:
+    """(the get_attr an autodeploy::moe weight argument reads, whether the graph transposes it from [E, in, out])."""
+    if is_op(node, torch.ops.aten.transpose.int) and sorted(node.args[1:]) == [1, 2]:
+        return node.args[0], True
+    return node, False
+
+
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module path -> experts module, for every routed-experts module in `model`."""
     return {name: m for name, m in model.named_modules() if is_experts_module(m)}

@@ -46,12 +46,14 @@ def test_reference_matches_gpt_oss_experts():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_gated_act(dtype, poisoned):
-    from autodeploy.kernels.triton_gated_act import _launch, _rows
+    from autodeploy.kernels.triton_gated_act import _launch
+    from autodeploy.kernels.triton_layout import as_rows
 
     g = torch.Generator().manual_seed(2)
     gate_up = (torch.randn(5, 2 * 48, generator=g) * 6).to(dtype)  # past the clamps at +-7
     gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-    assert _rows(gate).data_ptr() == gate.data_ptr() and _rows(up).stride() == (96, 2)  # read in place, no copy
+    rows = [as_rows(t, unit_columns=False) for t in (gate, up)]
+    assert rows[0].data_ptr() == gate.data_ptr() and rows[1].stride() == (96, 2)  # read in place, no copy
     assert (gate.float() > SWIGLUOAI_LIMIT).any() and (up.float().abs() > SWIGLUOAI_LIMIT).any()
     want = ops.gated_act(gate, up, "swigluoai")
     got = _launch(gate, up, "swigluoai")

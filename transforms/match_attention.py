@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.loading import initial_buffers
 from autodeploy.graph_utils import get_submodule_or_none, is_op, module_path
+from autodeploy.kernels.attention import causal_mask
 from autodeploy.patterns.attention import AttentionMatch, match_attention
 from autodeploy.patterns.helpers import val
 from autodeploy.patterns.position_bias import UnsupportedBias, alibi_slopes
@@ -70,8 +71,7 @@ def band_window(match: AttentionMatch, buffers: dict[str, torch.Tensor]) -> int 
         mask = mask.reshape(-1, *mask.shape[-2:])[0]
         width = int(mask[-1].sum())
         size = mask.shape[-1]
-        band = torch.ones(size, size, dtype=torch.bool).tril() & ~torch.ones(size, size, dtype=torch.bool).tril(-width)
-        if width < size and torch.equal(mask.cpu(), band):
+        if width < size and torch.equal(mask.cpu(), causal_mask(size, size, width, torch.device("cpu"))):
             return width
     return None
 

@@ -31,10 +31,10 @@ from autodeploy.graph_utils import weight_bytes
 from autodeploy.parallel.quantized_slices import check_whole_blocks
 from autodeploy.parallel.rank_reduce import combine_over_ranks
 from autodeploy.parallel.slices import shards_of
+from autodeploy.patterns.moe import stored_expert_weight
 from autodeploy.quantization.checkpoint import checkpoint_format
 from autodeploy.quantization.loading import LayerLoad, quantized_loads
-from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, stored_expert_weight,
-                                             swap_linear,
+from autodeploy.quantization.rewrite import (hf_path, linear_sites, moe_nodes, quantize_experts, swap_linear,
                                              swap_moe)
 from autodeploy.quantization.schemes import LinearScheme, online_scheme
 

@@ -30,6 +30,7 @@ from autodeploy.parallel.tp_plan import compare_with_plan
 from autodeploy.parallel.unfuse import split_fused_linears
 from autodeploy.parallel.vocab import local_ids, reaches_output, shard_vocab
 from autodeploy.patterns.helpers import bind_args, insert_call
+from autodeploy.patterns.moe import stored_expert_weight
 
 from .registry import Stage, Transform, TransformContext, register
 
@@ -155,8 +156,8 @@ class _Sharder:
     def shard_experts(self, moe: Node, expert_parallel: bool) -> None:
         """Whole experts per rank (routing masked to them) or a slice of every expert; then all_reduce."""
         x, ids, weights, w_gate_up, w_down, activation, *biases = moe.args
-        gate_up, gate_up_t = _expert_weight(w_gate_up)
-        down, down_t = _expert_weight(w_down)
+        gate_up, gate_up_t = stored_expert_weight(w_gate_up)
+        down, down_t = stored_expert_weight(w_down)
         experts, inner = shape(w_gate_up)[0], shape(w_down)[2]
         b_gate_up, b_down = (list(biases) + [None, None])[:2]
         if expert_parallel:
@@ -237,13 +238,6 @@ def _low_rank(linear: Node) -> bool:
     features_in, features_out = shape(linear.args[0]), shape(linear)
     siblings = [u for u in linear.args[0].users if u is not linear and is_op(u, ad.linear)]
     return bool(siblings) and features_in is not None and features_out[-1] < features_in[-1]
-
-
-def _expert_weight(node: Node) -> tuple[Node, bool]:
-    """The get_attr of a stacked expert weight and whether the graph transposes it (dims 1 and 2)."""
-    if is_op(node, aten.transpose):
-        return node.args[0], True
-    return node, False
 
 
 def _attention_operands(opener: Node, region: Region) -> set[int]:

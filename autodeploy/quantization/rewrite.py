@@ -20,6 +20,7 @@ from autodeploy.errors import QuantizationError
 from autodeploy.export import WRAPPER_PREFIX
 from autodeploy.graph_utils import inherit_meta, is_op
 from autodeploy.patterns.helpers import bind_args, val
+from autodeploy.patterns.moe import stored_expert_weight
 
 from .schemes import LinearScheme
 
@@ -80,13 +81,6 @@ def _graphs(gm: GraphModule) -> Iterator[tuple[str, GraphModule]]:
     for name, module in gm.named_modules():
         if isinstance(module, GraphModule):
             yield (f"{name}." if name else ""), module
-
-
-def stored_expert_weight(node: Node) -> tuple[Node, bool]:
-    """(the get_attr an autodeploy::moe weight argument reads, whether the graph transposes it from [E, in, out])."""
-    if is_op(node, torch.ops.aten.transpose.int) and sorted(node.args[1:]) == [1, 2]:
-        return node.args[0], True
-    return node, False
 
 
 def moe_nodes(gm: GraphModule, transposed: bool = False) -> Iterator[tuple[str, GraphModule, Node]]:
