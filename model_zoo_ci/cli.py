@@ -55,6 +55,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.only == []:
         print("autodeploy zoo: error: --only needs at least one entry name (key=value words are overrides)")
         return 2
+    if args.memory_limit < 0:
+        print(f"autodeploy zoo: error: --memory-limit must be >= 0 GB (0: none), not {args.memory_limit}")
+        return 2
     if args.all_architectures:
         return cmd_sweep(args)
     from .report import summary_line, to_markdown, write_reports

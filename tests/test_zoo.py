@@ -37,6 +37,8 @@ def test_overrides_written_after_only_are_overrides(monkeypatch, capsys):
     assert seen == {"names": ["olmo-2"], "overrides": ["model.dtype=bfloat16"]}
     assert main(["zoo", "--only", "model.dtype=bfloat16"]) == 2
     assert "--only needs at least one entry name" in capsys.readouterr().out
+    assert main(["zoo", "--all-architectures", "--memory-limit", "-1"]) == 2
+    assert "--memory-limit must be >= 0 GB" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
